@@ -1,0 +1,186 @@
+#!/usr/bin/env bash
+# The one command that runs every roomcast check on a fresh machine:
+#
+#     scripts/test.sh                    # everything (what CI runs via .ci/run)
+#     scripts/test.sh -- room_history    # extra args go to `cargo test`
+#     scripts/test.sh -- --test api -- --nocapture
+#
+# Steps: install PostgreSQL + Redis if missing (apt), start private instances
+# on free loopback ports, then
+#     cargo fmt --all -- --check
+#     cargo clippy --all-targets -- -D warnings
+#     cargo test --no-fail-fast --all-targets [EXTRA...] -- --test-threads=4
+#     cargo test --doc            (only when there is a library and no EXTRA)
+# with ROOMCAST_TEST_POSTGRES_URL and ROOMCAST_TEST_REDIS_URL exported, so the
+# tests run against SQLite and PostgreSQL (and Redis). Every step runs even if
+# an earlier one failed; the summary at the end lists each one, and the exit
+# status is non-zero if any failed. The services are stopped on any exit.
+#
+# Environment knobs:
+#     ROOMCAST_TEST_THREADS=N     --test-threads for cargo test (default 4)
+#     ROOMCAST_TEST_SKIP_LINT=1   skip fmt and clippy (local iteration only)
+set -euo pipefail
+
+repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$repo_root"
+
+# ---------------------------------------------------------------- arguments
+extra=()
+if (($# > 0)); then
+    case $1 in
+    --) shift ;;
+    -h | --help)
+        sed -n '2,21p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+        exit 0
+        ;;
+    esac
+    extra=("$@")
+fi
+
+# shellcheck source=scripts/test-services.sh
+source "$repo_root/scripts/test-services.sh"
+
+say() { printf '\n==> %s\n' "$*"; }
+
+# shellcheck disable=SC2317  # invoked from the EXIT trap
+cleanup() {
+    local rc=$?
+    stop_services
+    [[ -n ${cargo_test_log:-} ]] && rm -f "$cargo_test_log"
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+trap 'exit 129' HUP
+
+# ---------------------------------------------------------------- toolchain + services
+say "checking the Rust toolchain"
+if ! command -v cargo >/dev/null 2>&1; then
+    echo "ERROR: cargo not found on PATH; install a Rust toolchain (https://rustup.rs)" >&2
+    exit 1
+fi
+cargo --version
+for comp in fmt clippy; do
+    if ! cargo "$comp" --version >/dev/null 2>&1; then
+        if command -v rustup >/dev/null 2>&1; then
+            tool=$([[ $comp == fmt ]] && echo rustfmt || echo clippy)
+            echo "cargo $comp missing; rustup component add $tool" >&2
+            rustup component add "$tool"
+        else
+            echo "ERROR: cargo $comp is missing and rustup is not available" >&2
+            exit 1
+        fi
+    fi
+done
+
+say "ensuring PostgreSQL and Redis are installed"
+ensure_packages
+
+say "starting PostgreSQL and Redis for the tests"
+start_postgres
+start_redis
+export ROOMCAST_TEST_POSTGRES_URL ROOMCAST_TEST_REDIS_URL
+echo "ROOMCAST_TEST_POSTGRES_URL=$ROOMCAST_TEST_POSTGRES_URL"
+echo "ROOMCAST_TEST_REDIS_URL=$ROOMCAST_TEST_REDIS_URL"
+
+# ---------------------------------------------------------------- steps
+step_names=()
+step_results=()
+step_secs=()
+
+# run_step NAME CMD... : run, record PASS/FAIL and duration, never abort.
+run_step() {
+    local name=$1 start rc=0 shown
+    shift
+    shown=$*
+    say "$name: ${shown#cargo_test }"
+    start=$SECONDS
+    "$@" || rc=$?
+    step_names+=("$name")
+    step_secs+=($((SECONDS - start)))
+    if ((rc == 0)); then
+        step_results+=(PASS)
+    else
+        step_results+=("FAIL (exit $rc)")
+    fi
+    return 0
+}
+
+threads=${ROOMCAST_TEST_THREADS:-4}
+
+# cargo test args: --all-targets unless the caller picked targets; EXTRA go
+# before the `--` (cargo options / test-name filter) or after it if they
+# already contain one; --test-threads unless the caller set it.
+test_cmd=(cargo test --no-fail-fast)
+has_target_flag=0 has_sep=0 has_threads=0
+for a in "${extra[@]}"; do
+    case $a in
+    --lib | --bins | --bin | --bin=* | --tests | --test | --test=* | --benches | --bench | --bench=* | \
+        --examples | --example | --example=* | --doc | --all-targets) ((has_sep)) || has_target_flag=1 ;;
+    --) has_sep=1 ;;
+    --test-threads | --test-threads=*) ((has_sep)) && has_threads=1 ;;
+    esac
+done
+((has_target_flag)) || test_cmd+=(--all-targets)
+test_cmd+=("${extra[@]}")
+if ((!has_threads)); then
+    ((has_sep)) || test_cmd+=(--)
+    test_cmd+=("--test-threads=$threads")
+fi
+
+# shellcheck disable=SC2317  # invoked through run_step
+cargo_test() {
+    # tee keeps cargo's own output (incl. "test result:" lines) on the console
+    # and lets the summary count them; pipefail keeps cargo's exit status.
+    "$@" 2>&1 | tee -a "$cargo_test_log"
+}
+cargo_test_log=$(mktemp /tmp/roomcast-cargo-test.XXXXXX.log)
+
+if [[ ${ROOMCAST_TEST_SKIP_LINT:-0} == 1 ]]; then
+    echo "ROOMCAST_TEST_SKIP_LINT=1: skipping cargo fmt and cargo clippy" >&2
+else
+    run_step "fmt" cargo fmt --all -- --check
+    run_step "clippy" cargo clippy --all-targets -- -D warnings
+fi
+run_step "test" cargo_test "${test_cmd[@]}"
+if ((${#extra[@]} == 0)) && [[ -f src/lib.rs ]]; then
+    run_step "doctest" cargo_test cargo test --doc -- "--test-threads=$threads"
+fi
+
+# ---------------------------------------------------------------- summary
+passed=0 failed=0 ignored=0 suites=0
+while IFS= read -r line; do
+    if [[ $line =~ test\ result:\ [A-Za-z]+\.\ ([0-9]+)\ passed\;\ ([0-9]+)\ failed\;\ ([0-9]+)\ ignored ]]; then
+        passed=$((passed + BASH_REMATCH[1]))
+        failed=$((failed + BASH_REMATCH[2]))
+        ignored=$((ignored + BASH_REMATCH[3]))
+        suites=$((suites + 1))
+    fi
+done <"$cargo_test_log"
+
+overall=0
+{
+    printf '\n==================== roomcast test summary ====================\n'
+    for i in "${!step_names[@]}"; do
+        printf '  %-8s %-16s %5ss\n' "${step_names[$i]}" "${step_results[$i]}" "${step_secs[$i]}"
+        [[ ${step_results[$i]} == PASS ]] || overall=1
+    done
+    printf '  tests:   %d passed, %d failed, %d ignored (%d test binaries)\n' \
+        "$passed" "$failed" "$ignored" "$suites"
+    if grep -q '^failures:$' "$cargo_test_log"; then
+        printf '  failing tests:\n'
+        # The "failures:" list that libtest prints last in each failed binary.
+        awk '/^failures:$/ {inlist=1; next} inlist && /^    [^ ]/ {print "    " $1; next} inlist && /^$/ {next} {inlist=0}' \
+            "$cargo_test_log" | sort -u
+    fi
+    printf '  postgres: %s\n  redis:    %s\n' "$ROOMCAST_TEST_POSTGRES_URL" "$ROOMCAST_TEST_REDIS_URL"
+    if ((overall == 0)); then
+        printf '  RESULT: ALL PASSED\n'
+    else
+        printf '  RESULT: FAILED\n'
+    fi
+    printf '===============================================================\n'
+}
+
+exit "$overall"
