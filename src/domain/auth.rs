@@ -1,0 +1,141 @@
+//! AuthService: sign-up, sign-in, refresh, sign-out and API keys. Each function maps
+//! the request onto a message of the [`Authenticator`](crate::actors::authenticator)
+//! pool, which validates and decides, and maps the answer back to protobuf.
+
+use super::{
+    convert::{api_key_to_proto, tokens_to_proto, user_to_proto},
+    validate, AppState, Principal,
+};
+use crate::{
+    actors::authenticator::{
+        CreateApiKey, ListApiKeys, Refresh, RevokeApiKey, SignIn, SignOut, SignUp,
+    },
+    error::ApiError,
+    ids::ApiKeyId,
+    proto::v1 as pb,
+};
+
+/// Creates an account and signs it in.
+pub async fn sign_up(
+    state: &AppState,
+    req: pb::SignUpRequest,
+) -> Result<pb::SignUpResponse, ApiError> {
+    let signed_in = state
+        .auth
+        .send(SignUp {
+            username: req.username,
+            password: req.password,
+            display_name: req.display_name,
+        })
+        .await?;
+    Ok(pb::SignUpResponse {
+        user: Some(user_to_proto(&signed_in.user)),
+        tokens: Some(tokens_to_proto(&signed_in.tokens)),
+    })
+}
+
+/// Exchanges a username and password for a token pair.
+pub async fn sign_in(
+    state: &AppState,
+    req: pb::SignInRequest,
+) -> Result<pb::SignInResponse, ApiError> {
+    let signed_in = state
+        .auth
+        .send(SignIn {
+            username: req.username,
+            password: req.password,
+        })
+        .await?;
+    Ok(pb::SignInResponse {
+        user: Some(user_to_proto(&signed_in.user)),
+        tokens: Some(tokens_to_proto(&signed_in.tokens)),
+    })
+}
+
+/// Exchanges a refresh token for the next token pair.
+pub async fn refresh(
+    state: &AppState,
+    req: pb::RefreshRequest,
+) -> Result<pb::RefreshResponse, ApiError> {
+    let tokens = state
+        .auth
+        .send(Refresh {
+            refresh_token: req.refresh_token,
+        })
+        .await?;
+    Ok(pb::RefreshResponse {
+        tokens: Some(tokens_to_proto(&tokens)),
+    })
+}
+
+/// Ends the caller's session, or all of its sessions.
+pub async fn sign_out(
+    state: &AppState,
+    principal: &Principal,
+    req: pb::SignOutRequest,
+) -> Result<pb::SignOutResponse, ApiError> {
+    let ended = state
+        .auth
+        .send(SignOut {
+            principal: principal.clone(),
+            all_sessions: req.all_sessions,
+        })
+        .await?;
+    Ok(pb::SignOutResponse {
+        sessions_ended: u32::try_from(ended).unwrap_or(u32::MAX),
+    })
+}
+
+/// Admin only: creates an API key; the secret is in this response only.
+pub async fn create_api_key(
+    state: &AppState,
+    principal: &Principal,
+    req: pb::CreateApiKeyRequest,
+) -> Result<pb::CreateApiKeyResponse, ApiError> {
+    let created = state
+        .auth
+        .send(CreateApiKey {
+            principal: principal.clone(),
+            name: req.name,
+        })
+        .await?;
+    Ok(pb::CreateApiKeyResponse {
+        key: Some(api_key_to_proto(&created.key)),
+        secret: created.secret,
+    })
+}
+
+/// Admin only: lists API keys.
+pub async fn list_api_keys(
+    state: &AppState,
+    principal: &Principal,
+    req: pb::ListApiKeysRequest,
+) -> Result<pb::ListApiKeysResponse, ApiError> {
+    let keys = state
+        .auth
+        .send(ListApiKeys {
+            principal: principal.clone(),
+            include_revoked: req.include_revoked,
+        })
+        .await?;
+    Ok(pb::ListApiKeysResponse {
+        keys: keys.iter().map(api_key_to_proto).collect(),
+    })
+}
+
+/// Admin only: revokes an API key.
+pub async fn revoke_api_key(
+    state: &AppState,
+    principal: &Principal,
+    req: pb::RevokeApiKeyRequest,
+) -> Result<pb::RevokeApiKeyResponse, ApiError> {
+    let id = validate::id("id", &req.id)?;
+    state
+        .auth
+        .send(RevokeApiKey {
+            principal: principal.clone(),
+            id: ApiKeyId::from(id),
+        })
+        .await?;
+    Ok(pb::RevokeApiKeyResponse {})
+}

@@ -1,0 +1,87 @@
+//! Records (store rows, auth results) to protobuf messages. Only what a client may
+//! see crosses here: password hashes, secret hashes and external subjects stay out.
+
+use crate::{
+    actors::authenticator::IssuedTokens,
+    model::{opt_timestamp, timestamp},
+    proto::v1 as pb,
+    store::{ApiKeyRecord, UserRecord},
+};
+
+/// A user's public profile. External users have no username and `external: true`.
+pub fn user_to_proto(user: &UserRecord) -> pb::User {
+    let external = user.external_subject.is_some();
+    pb::User {
+        id: user.id.0.clone(),
+        username: if external {
+            String::new()
+        } else {
+            user.username.clone().unwrap_or_default()
+        },
+        display_name: user.display_name.clone(),
+        avatar_url: user.avatar_url.clone(),
+        bio: user.bio.clone(),
+        role: user.role.to_proto(),
+        created_at: Some(timestamp(user.created_at)),
+        external,
+    }
+}
+
+/// A token pair as returned by SignUp, SignIn and Refresh.
+pub fn tokens_to_proto(tokens: &IssuedTokens) -> pb::TokenPair {
+    pb::TokenPair {
+        access_token: tokens.access_token.clone(),
+        access_expires_at: Some(timestamp(tokens.access_expires_at)),
+        refresh_token: tokens.refresh_token.clone(),
+        refresh_expires_at: Some(timestamp(tokens.refresh_expires_at)),
+    }
+}
+
+/// An API key as listed (never its secret).
+pub fn api_key_to_proto(key: &ApiKeyRecord) -> pb::ApiKey {
+    pb::ApiKey {
+        id: key.id.clone(),
+        name: key.name.clone(),
+        prefix: key.prefix.clone(),
+        created_at: Some(timestamp(key.created_at)),
+        last_used_at: opt_timestamp(key.last_used_at),
+        revoked_at: opt_timestamp(key.revoked_at),
+        created_by: key.created_by.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{ids::UserId, model::Role};
+
+    fn record(external_subject: Option<&str>) -> UserRecord {
+        UserRecord {
+            id: UserId("u_1".into()),
+            username: external_subject.is_none().then(|| "alice".to_owned()),
+            display_name: "Alice".into(),
+            avatar_url: String::new(),
+            bio: String::new(),
+            role: Role::Member,
+            password_hash: Some("$argon2id$secret".into()),
+            external_subject: external_subject.map(str::to_owned),
+            created_at: 1_500,
+        }
+    }
+
+    #[test]
+    fn accounts_and_external_users() {
+        let account = user_to_proto(&record(None));
+        assert_eq!(
+            (account.username.as_str(), account.external),
+            ("alice", false)
+        );
+        assert_eq!(account.role, pb::Role::Member as i32);
+        assert_eq!(
+            account.created_at.map(|t| (t.seconds, t.nanos)),
+            Some((1, 500_000_000))
+        );
+        let external = user_to_proto(&record(Some("42")));
+        assert_eq!((external.username.as_str(), external.external), ("", true));
+    }
+}

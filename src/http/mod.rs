@@ -1,0 +1,49 @@
+//! The HTTP surface: the RPC route table over the Connect codec, health checks, the
+//! WebSocket upgrade. Handlers stay thin: extract, call [`crate::domain`], encode.
+//! [`configure`] is used by the server and by the tests alike.
+
+pub mod connect;
+mod health;
+mod request_context;
+mod routes;
+
+use actix_cors::Cors;
+use actix_web::{http::header, web};
+
+use crate::settings::CorsSettings;
+
+pub use request_context::request_context;
+pub use routes::configure as rpc_routes;
+
+/// Mounts every route. The [`crate::domain::AppState`] must be in the app data.
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.route("/healthz", web::get().to(health::healthz));
+    cfg.route("/readyz", web::get().to(health::readyz));
+    routes::configure(cfg);
+    cfg.default_service(web::to(routes::unknown_rpc));
+}
+
+/// CORS for browser clients on other origins; permissive only where configured.
+pub fn cors(settings: &CorsSettings) -> Cors {
+    let mut cors = Cors::default()
+        .allowed_methods(["GET", "POST", "OPTIONS"])
+        .allowed_headers([
+            header::CONTENT_TYPE,
+            header::AUTHORIZATION,
+            header::ACCEPT,
+            header::HeaderName::from_static("connect-protocol-version"),
+            header::HeaderName::from_static("connect-timeout-ms"),
+            header::HeaderName::from_static("x-user-agent"),
+            header::HeaderName::from_static("x-request-id"),
+        ])
+        .expose_headers([header::HeaderName::from_static("x-request-id")])
+        .max_age(settings.max_age_secs);
+    for origin in &settings.allowed_origins {
+        cors = if origin == "*" {
+            cors.allow_any_origin()
+        } else {
+            cors.allowed_origin(origin)
+        };
+    }
+    cors
+}

@@ -1,0 +1,134 @@
+//! The route table: every unary RPC of the protos, mapped one to one onto
+//! `POST /roomcast.v1.<Service>/<Method>`, each a thin call into [`crate::domain`].
+
+use std::future::Future;
+
+use actix_web::{web, HttpRequest, HttpResponse};
+use serde::{de::DeserializeOwned, Serialize};
+
+use super::connect::{error_response, unary, RpcContext};
+use crate::{
+    domain,
+    error::{ApiError, Code},
+    proto::v1::{auth_service, user_service},
+};
+
+/// Registers every RPC route; returns the `Service/Method` names it registered.
+pub fn configure(cfg: &mut web::ServiceConfig) -> Vec<String> {
+    let mut table = Table {
+        cfg,
+        routed: Vec::new(),
+    };
+    auth_routes(&mut table);
+    user_routes(&mut table);
+    table.routed
+}
+
+struct Table<'a> {
+    cfg: &'a mut web::ServiceConfig,
+    routed: Vec<String>,
+}
+
+impl Table<'_> {
+    fn add<Req, Resp, F, Fut>(&mut self, service: &str, method: &str, handler: F)
+    where
+        Req: prost::Message + DeserializeOwned + Default + 'static,
+        Resp: prost::Message + Serialize + 'static,
+        F: Fn(RpcContext, Req) -> Fut + Clone + 'static,
+        Fut: Future<Output = Result<Resp, ApiError>> + 'static,
+    {
+        let path = format!("/{service}/{method}");
+        self.routed.push(format!("{service}/{method}"));
+        self.cfg.service(
+            web::resource(path)
+                .route(
+                    web::post().to(move |req: HttpRequest, payload: web::Payload| {
+                        unary(req, payload, handler.clone())
+                    }),
+                )
+                .default_service(web::to(method_not_allowed)),
+        );
+    }
+}
+
+async fn method_not_allowed() -> HttpResponse {
+    let error = ApiError::new(Code::Unimplemented, "RPCs are called with POST");
+    error_response(&error, Some(405))
+}
+
+/// Any other path under an RPC prefix: Connect's `unimplemented`.
+pub async fn unknown_rpc(req: HttpRequest) -> HttpResponse {
+    error_response(
+        &ApiError::new(Code::Unimplemented, format!("no such RPC: {}", req.path())),
+        None,
+    )
+}
+
+fn auth_routes(t: &mut Table<'_>) {
+    use domain::auth;
+    let s = auth_service::NAME;
+    t.add(s, "SignUp", |c: RpcContext, r| async move {
+        auth::sign_up(&c.state, r).await
+    });
+    t.add(s, "SignIn", |c: RpcContext, r| async move {
+        auth::sign_in(&c.state, r).await
+    });
+    t.add(s, "Refresh", |c: RpcContext, r| async move {
+        auth::refresh(&c.state, r).await
+    });
+    t.add(s, "SignOut", |c: RpcContext, r| async move {
+        auth::sign_out(&c.state, &c.principal().await?, r).await
+    });
+    t.add(s, "CreateApiKey", |c: RpcContext, r| async move {
+        auth::create_api_key(&c.state, &c.principal().await?, r).await
+    });
+    t.add(s, "ListApiKeys", |c: RpcContext, r| async move {
+        auth::list_api_keys(&c.state, &c.principal().await?, r).await
+    });
+    t.add(s, "RevokeApiKey", |c: RpcContext, r| async move {
+        auth::revoke_api_key(&c.state, &c.principal().await?, r).await
+    });
+}
+
+fn user_routes(t: &mut Table<'_>) {
+    use domain::users;
+    let s = user_service::NAME;
+    t.add(s, "GetMe", |c: RpcContext, r| async move {
+        users::get_me(&c.state, &c.principal().await?, r).await
+    });
+    t.add(s, "GetUser", |c: RpcContext, r| async move {
+        users::get_user(&c.state, &c.principal().await?, r).await
+    });
+    t.add(s, "BatchGetUsers", |c: RpcContext, r| async move {
+        users::batch_get_users(&c.state, &c.principal().await?, r).await
+    });
+    t.add(s, "UpdateProfile", |c: RpcContext, r| async move {
+        users::update_profile(&c.state, &c.principal().await?, r).await
+    });
+    t.add(s, "SearchUsers", |c: RpcContext, r| async move {
+        users::search_users(&c.state, &c.principal().await?, r).await
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every unary method of every served service has a route, and nothing else does.
+    #[test]
+    fn every_proto_method_is_routed() {
+        let mut expected: Vec<String> = Vec::new();
+        for (name, methods) in [
+            (auth_service::NAME, auth_service::UNARY_METHODS),
+            (user_service::NAME, user_service::UNARY_METHODS),
+        ] {
+            expected.extend(methods.iter().map(|m| format!("{name}/{m}")));
+        }
+        let mut routed = Vec::new();
+        let app = actix_web::App::new().configure(|cfg| routed = configure(cfg));
+        drop(app);
+        expected.sort();
+        routed.sort();
+        assert_eq!(routed, expected);
+    }
+}

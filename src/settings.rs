@@ -1,0 +1,505 @@
+//! The one configuration tree. Values come from the built-in defaults (the constants
+//! below, mirrored key for key in `config/default.toml`), then the `--config` file,
+//! then `ROOMCAST_SECTION__KEY` environment variables. Unknown keys and bad values
+//! are errors that name the key and where it came from.
+
+use std::{net::SocketAddr, path::Path};
+
+use figment::{
+    providers::{Env, Format, Serialized, Toml},
+    Figment,
+};
+use serde::{Deserialize, Serialize};
+
+/// Environment variables with this prefix (and a `__` between section and key)
+/// override the file.
+pub const ENV_PREFIX: &str = "ROOMCAST_";
+
+/// Everything roomcast can be configured with.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    pub server: ServerSettings,
+    pub cors: CorsSettings,
+    pub store: StoreSettings,
+    pub auth: AuthSettings,
+    pub rooms: RoomSettings,
+    pub realtime: RealtimeSettings,
+    pub log: LogSettings,
+}
+
+/// The HTTP listener.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerSettings {
+    /// Address and port to listen on.
+    pub listen: SocketAddr,
+    /// HTTP worker threads; 0 means one per CPU core.
+    pub workers: usize,
+    /// Largest accepted request body, in bytes.
+    pub max_request_bytes: usize,
+    /// Upper bound for `Connect-Timeout-Ms`, and the deadline of requests without one.
+    pub request_timeout_ms: u64,
+    /// How long a graceful shutdown waits for in-flight requests, in seconds.
+    pub shutdown_timeout_secs: u64,
+    /// Serve the bundled web client at `/`.
+    pub web_client: bool,
+}
+
+/// The listen address of the embedded default.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+/// Largest accepted request body: 1 MiB.
+pub const DEFAULT_MAX_REQUEST_BYTES: usize = 1024 * 1024;
+/// Requests without `Connect-Timeout-Ms` get 30 s.
+pub const DEFAULT_REQUEST_TIMEOUT_MS: u64 = 30_000;
+/// Graceful shutdown waits 30 s for in-flight requests.
+pub const DEFAULT_SHUTDOWN_TIMEOUT_SECS: u64 = 30;
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        Self {
+            listen: DEFAULT_LISTEN
+                .parse()
+                .expect("DEFAULT_LISTEN is a valid address"),
+            workers: 0,
+            max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
+            request_timeout_ms: DEFAULT_REQUEST_TIMEOUT_MS,
+            shutdown_timeout_secs: DEFAULT_SHUTDOWN_TIMEOUT_SECS,
+            web_client: true,
+        }
+    }
+}
+
+/// Cross-origin access for browser clients served from another origin.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CorsSettings {
+    /// Origins allowed to call the API, e.g. `["https://chat.example.com"]`;
+    /// `["*"]` allows any origin; empty disables CORS.
+    pub allowed_origins: Vec<String>,
+    /// How long browsers may cache a preflight answer, in seconds.
+    pub max_age_secs: usize,
+}
+
+impl Default for CorsSettings {
+    fn default() -> Self {
+        Self {
+            allowed_origins: Vec::new(),
+            max_age_secs: 3600,
+        }
+    }
+}
+
+/// The database.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreSettings {
+    /// `sqlite://path/to/file.db` (created when missing) or `postgres://user:pass@host/db`.
+    pub url: String,
+    /// Pool size.
+    pub max_connections: u32,
+    /// Apply pending migrations when `serve` starts.
+    pub migrate_on_start: bool,
+    /// SQLite `synchronous` pragma: `full` (durable on power loss) or `normal`.
+    pub sqlite_synchronous: String,
+    /// How long a query waits for a pool connection, in milliseconds.
+    pub acquire_timeout_ms: u64,
+}
+
+/// The embedded default database.
+pub const DEFAULT_STORE_URL: &str = "sqlite://data/roomcast.db";
+
+impl Default for StoreSettings {
+    fn default() -> Self {
+        Self {
+            url: DEFAULT_STORE_URL.into(),
+            max_connections: 8,
+            migrate_on_start: true,
+            sqlite_synchronous: "full".into(),
+            acquire_timeout_ms: 10_000,
+        }
+    }
+}
+
+/// Accounts, tokens and external applications.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthSettings {
+    /// Secret that signs access tokens (at least 32 bytes). Empty: one is generated
+    /// on first start and kept in the store, so every node sharing the store uses it.
+    pub token_secret: String,
+    /// Access token lifetime, in seconds.
+    pub access_token_ttl_secs: u64,
+    /// Refresh token (session) lifetime, in seconds.
+    pub refresh_token_ttl_secs: u64,
+    /// Whether anyone may call SignUp.
+    pub allow_sign_up: bool,
+    /// Role of accounts created by SignUp: `member` or `guest`.
+    pub sign_up_role: String,
+    /// Threads of the password-hashing actor pool.
+    pub hasher_threads: usize,
+    /// argon2id memory cost in KiB.
+    pub argon2_memory_kib: u32,
+    /// argon2id iterations.
+    pub argon2_iterations: u32,
+    /// Create this admin account at start when it does not exist (with `admin_password`).
+    pub admin_username: String,
+    /// Password of `admin_username`; only used to create the account.
+    pub admin_password: String,
+    /// Tokens signed by an external application.
+    pub external: ExternalAuthSettings,
+}
+
+/// Access tokens live 15 minutes.
+pub const DEFAULT_ACCESS_TOKEN_TTL_SECS: u64 = 15 * 60;
+/// Refresh tokens live 30 days.
+pub const DEFAULT_REFRESH_TOKEN_TTL_SECS: u64 = 30 * 24 * 3600;
+
+impl Default for AuthSettings {
+    fn default() -> Self {
+        Self {
+            token_secret: String::new(),
+            access_token_ttl_secs: DEFAULT_ACCESS_TOKEN_TTL_SECS,
+            refresh_token_ttl_secs: DEFAULT_REFRESH_TOKEN_TTL_SECS,
+            allow_sign_up: true,
+            sign_up_role: "member".into(),
+            hasher_threads: 2,
+            argon2_memory_kib: 19 * 1024,
+            argon2_iterations: 2,
+            admin_username: String::new(),
+            admin_password: String::new(),
+            external: ExternalAuthSettings::default(),
+        }
+    }
+}
+
+/// Tokens that an application's backend signs for its own users.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExternalAuthSettings {
+    /// Accept external tokens.
+    pub enabled: bool,
+    /// `HS256`, `RS256` or `ES256`.
+    pub algorithm: String,
+    /// HS256 shared secret.
+    pub secret: String,
+    /// RS256 / ES256 public key, PEM.
+    pub public_key_pem: String,
+    /// Required `iss`, when not empty.
+    pub issuer: String,
+    /// Required `aud`, when not empty.
+    pub audience: String,
+    /// Claim holding the application's user id.
+    pub user_id_claim: String,
+    /// Claim holding the display name.
+    pub name_claim: String,
+    /// Claim holding a list of roles (`admin`, `member`, `guest`); the highest wins.
+    pub roles_claim: String,
+    /// Role when the token names none.
+    pub default_role: String,
+}
+
+impl Default for ExternalAuthSettings {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            algorithm: "HS256".into(),
+            secret: String::new(),
+            public_key_pem: String::new(),
+            issuer: String::new(),
+            audience: String::new(),
+            user_id_claim: "sub".into(),
+            name_claim: "name".into(),
+            roles_claim: "roles".into(),
+            default_role: "member".into(),
+        }
+    }
+}
+
+/// Rooms and messages.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoomSettings {
+    /// Largest message text, in bytes.
+    pub max_message_bytes: usize,
+    /// Recent events each room actor keeps in memory for fast resume.
+    pub ring_size: usize,
+    /// A room actor with no subscribers stops after this many seconds.
+    pub idle_stop_secs: u64,
+    /// Most events a history page returns.
+    pub history_page_max: u32,
+    /// Most messages stored in one group commit.
+    pub max_batch: usize,
+}
+
+impl Default for RoomSettings {
+    fn default() -> Self {
+        Self {
+            max_message_bytes: 4096,
+            ring_size: 512,
+            idle_stop_secs: 300,
+            history_page_max: 200,
+            max_batch: 256,
+        }
+    }
+}
+
+/// WebSocket connections.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RealtimeSettings {
+    /// How often the server pings each connection, in milliseconds.
+    pub heartbeat_interval_ms: u64,
+    /// A connection that sent nothing (not even a pong) for this long is closed.
+    pub idle_timeout_ms: u64,
+    /// A connection must authenticate within this many milliseconds.
+    pub auth_deadline_ms: u64,
+    /// Largest accepted client frame, in bytes.
+    pub max_frame_bytes: usize,
+    /// Most rooms one connection may subscribe to.
+    pub max_subscriptions: usize,
+    /// Most frames waiting to be written to one connection before it lags.
+    pub outbound_queue_frames: usize,
+    /// Most bytes waiting to be written to one connection before it lags.
+    pub outbound_queue_bytes: usize,
+    /// Catch-ups a lagging connection may need in a row before it is closed.
+    pub max_catch_up_rounds: u32,
+    /// Sends per second each user may make (token bucket refill rate).
+    pub send_rate_per_sec: u32,
+    /// Sends a user may burst above the rate.
+    pub send_burst: u32,
+}
+
+impl Default for RealtimeSettings {
+    fn default() -> Self {
+        Self {
+            heartbeat_interval_ms: 15_000,
+            idle_timeout_ms: 45_000,
+            auth_deadline_ms: 10_000,
+            max_frame_bytes: 64 * 1024,
+            max_subscriptions: 256,
+            outbound_queue_frames: 1024,
+            outbound_queue_bytes: 4 * 1024 * 1024,
+            max_catch_up_rounds: 8,
+            send_rate_per_sec: 20,
+            send_burst: 40,
+        }
+    }
+}
+
+/// Logging.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSettings {
+    /// `tracing` filter, e.g. `info` or `roomcast=debug,actix_web=info`.
+    pub level: String,
+    /// `text` or `json`.
+    pub format: String,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+            format: "text".into(),
+        }
+    }
+}
+
+/// Why settings could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error("configuration file {0} does not exist")]
+    MissingFile(String),
+    #[error("invalid configuration: {0}")]
+    Parse(String),
+    #[error("invalid configuration: {key}: {reason}")]
+    Invalid { key: &'static str, reason: String },
+}
+
+impl Settings {
+    /// Defaults, then `file` (when given), then `ROOMCAST_SECTION__KEY` variables.
+    pub fn load(file: Option<&Path>) -> Result<Self, SettingsError> {
+        Self::load_from(file, Env::prefixed(ENV_PREFIX))
+    }
+
+    /// Like [`Settings::load`] with the environment provider given, for tests.
+    pub fn load_from(file: Option<&Path>, env: Env) -> Result<Self, SettingsError> {
+        let mut figment = Figment::from(Serialized::defaults(Settings::default()));
+        if let Some(path) = file {
+            if !path.exists() {
+                return Err(SettingsError::MissingFile(path.display().to_string()));
+            }
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        // Only `SECTION__KEY` variables are configuration; others with the prefix
+        // (e.g. ROOMCAST_TEST_POSTGRES_URL) belong to tooling.
+        let env = env.filter(|key| key.as_str().contains("__")).split("__");
+        figment = figment.merge(env);
+        let settings: Settings = figment
+            .extract()
+            .map_err(|e| SettingsError::Parse(describe_figment_error(e)))?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Checks that cannot be expressed in types.
+    pub fn validate(&self) -> Result<(), SettingsError> {
+        fn bad(key: &'static str, reason: impl Into<String>) -> Result<(), SettingsError> {
+            Err(SettingsError::Invalid {
+                key,
+                reason: reason.into(),
+            })
+        }
+        let url = &self.store.url;
+        if !(url.starts_with("sqlite:")
+            || url.starts_with("postgres://")
+            || url.starts_with("postgresql://"))
+        {
+            return bad(
+                "store.url",
+                format!("`{url}` is neither sqlite: nor postgres://"),
+            );
+        }
+        if !matches!(self.store.sqlite_synchronous.as_str(), "full" | "normal") {
+            return bad("store.sqlite_synchronous", "must be `full` or `normal`");
+        }
+        if self.store.max_connections == 0 {
+            return bad("store.max_connections", "must be at least 1");
+        }
+        if !self.auth.token_secret.is_empty() && self.auth.token_secret.len() < 32 {
+            return bad(
+                "auth.token_secret",
+                "must be at least 32 bytes (or empty to generate one)",
+            );
+        }
+        if self.auth.access_token_ttl_secs == 0 || self.auth.refresh_token_ttl_secs == 0 {
+            return bad(
+                "auth.access_token_ttl_secs",
+                "token lifetimes must be positive",
+            );
+        }
+        if !matches!(self.auth.sign_up_role.as_str(), "member" | "guest") {
+            return bad("auth.sign_up_role", "must be `member` or `guest`");
+        }
+        if self.auth.hasher_threads == 0 {
+            return bad("auth.hasher_threads", "must be at least 1");
+        }
+        if self.auth.admin_username.is_empty() != self.auth.admin_password.is_empty() {
+            return bad(
+                "auth.admin_password",
+                "admin_username and admin_password go together",
+            );
+        }
+        let ext = &self.auth.external;
+        if ext.enabled {
+            match ext.algorithm.as_str() {
+                "HS256" if ext.secret.len() < 32 => {
+                    return bad(
+                        "auth.external.secret",
+                        "HS256 needs a secret of at least 32 bytes",
+                    )
+                }
+                "RS256" | "ES256" if ext.public_key_pem.trim().is_empty() => {
+                    return bad(
+                        "auth.external.public_key_pem",
+                        "RS256 and ES256 need a public key",
+                    )
+                }
+                "HS256" | "RS256" | "ES256" => {}
+                other => {
+                    return bad(
+                        "auth.external.algorithm",
+                        format!("`{other}` is not HS256, RS256 or ES256"),
+                    )
+                }
+            }
+            if !matches!(ext.default_role.as_str(), "admin" | "member" | "guest") {
+                return bad(
+                    "auth.external.default_role",
+                    "must be `admin`, `member` or `guest`",
+                );
+            }
+        }
+        if self.rooms.max_message_bytes == 0
+            || self.rooms.ring_size == 0
+            || self.rooms.max_batch == 0
+        {
+            return bad("rooms.max_message_bytes", "rooms limits must be positive");
+        }
+        let rt = &self.realtime;
+        if rt.heartbeat_interval_ms == 0 || rt.idle_timeout_ms <= rt.heartbeat_interval_ms {
+            return bad(
+                "realtime.idle_timeout_ms",
+                "must be greater than heartbeat_interval_ms (> 0)",
+            );
+        }
+        if rt.outbound_queue_frames == 0 || rt.outbound_queue_bytes == 0 {
+            return bad(
+                "realtime.outbound_queue_frames",
+                "queue limits must be positive",
+            );
+        }
+        if rt.send_rate_per_sec == 0 || rt.send_burst == 0 {
+            return bad("realtime.send_rate_per_sec", "rate limits must be positive");
+        }
+        if !matches!(self.log.format.as_str(), "text" | "json") {
+            return bad("log.format", "must be `text` or `json`");
+        }
+        Ok(())
+    }
+
+    /// The effective settings as TOML, with secrets masked.
+    pub fn to_masked_toml(&self) -> String {
+        let mut masked = self.clone();
+        for secret in [
+            &mut masked.auth.token_secret,
+            &mut masked.auth.admin_password,
+            &mut masked.auth.external.secret,
+        ] {
+            if !secret.is_empty() {
+                *secret = "********".into();
+            }
+        }
+        masked.store.url = mask_url_password(&masked.store.url);
+        toml::to_string_pretty(&masked).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+    }
+}
+
+/// `postgres://user:secret@host/db` → `postgres://user:********@host/db`.
+fn mask_url_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let Some((creds, host)) = rest.rsplit_once('@') else {
+        return url.to_owned();
+    };
+    match creds.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:********@{host}"),
+        None => url.to_owned(),
+    }
+}
+
+/// Figment's messages name the key and the provider; flatten them into one line each.
+fn describe_figment_error(error: figment::Error) -> String {
+    error
+        .into_iter()
+        .map(|e| {
+            let key = if e.path.is_empty() {
+                String::new()
+            } else {
+                format!("key `{}`: ", e.path.join("."))
+            };
+            let source = match (
+                &e.metadata,
+                &e.metadata.as_ref().and_then(|m| m.source.as_ref()),
+            ) {
+                (Some(_), Some(src)) => format!(" (from {src})"),
+                (Some(meta), None) => format!(" (from {})", meta.name),
+                _ => String::new(),
+            };
+            format!("{key}{}{source}", e.kind)
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}

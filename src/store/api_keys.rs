@@ -1,0 +1,96 @@
+//! API keys for server-to-server calls. Only a SHA-256 of the secret is stored;
+//! the secret is high-entropy, so a fast hash is enough and lookups are by hash.
+
+use sqlx::FromRow;
+
+use super::{Store, StoreError, StoreResult};
+use crate::ids::{hash_secret, now_ms, ApiKeyId, UserId};
+
+/// A stored API key (without its secret).
+#[derive(Debug, Clone, FromRow)]
+pub struct ApiKeyRecord {
+    pub id: String,
+    pub name: String,
+    pub prefix: String,
+    pub created_by: String,
+    pub created_at: i64,
+    pub last_used_at: Option<i64>,
+    pub revoked_at: Option<i64>,
+}
+
+const KEY_COLUMNS: &str = "id, name, prefix, created_by, created_at, last_used_at, revoked_at";
+
+/// How many characters of the secret are kept as its visible prefix.
+const VISIBLE_PREFIX_LEN: usize = 10;
+
+impl Store {
+    /// Stores a new key for `secret`.
+    pub async fn create_api_key(
+        &self,
+        name: &str,
+        secret: &str,
+        created_by: &UserId,
+    ) -> StoreResult<ApiKeyRecord> {
+        let id = ApiKeyId::generate();
+        let prefix: String = secret.chars().take(VISIBLE_PREFIX_LEN).collect();
+        sqlx::query(
+            "INSERT INTO api_keys (id, name, prefix, secret_hash, created_by, created_at) VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(id.as_str())
+        .bind(name)
+        .bind(&prefix)
+        .bind(hash_secret(secret))
+        .bind(created_by.as_str())
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?;
+        let sql = format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE id = $1");
+        Ok(sqlx::query_as(&sql)
+            .bind(id.as_str())
+            .fetch_one(&self.pool)
+            .await?)
+    }
+
+    /// The active key whose secret this is, marking it used.
+    pub async fn use_api_key(&self, secret: &str) -> StoreResult<ApiKeyRecord> {
+        let sql = format!(
+            "SELECT {KEY_COLUMNS} FROM api_keys WHERE secret_hash = $1 AND revoked_at IS NULL"
+        );
+        let key: ApiKeyRecord = sqlx::query_as(&sql)
+            .bind(hash_secret(secret))
+            .fetch_one(&self.pool)
+            .await?;
+        sqlx::query("UPDATE api_keys SET last_used_at = $1 WHERE id = $2")
+            .bind(now_ms())
+            .bind(&key.id)
+            .execute(&self.pool)
+            .await?;
+        Ok(key)
+    }
+
+    /// All keys, newest first.
+    pub async fn list_api_keys(&self, include_revoked: bool) -> StoreResult<Vec<ApiKeyRecord>> {
+        let filter = if include_revoked {
+            ""
+        } else {
+            "WHERE revoked_at IS NULL"
+        };
+        let sql =
+            format!("SELECT {KEY_COLUMNS} FROM api_keys {filter} ORDER BY created_at DESC, id");
+        Ok(sqlx::query_as(&sql).fetch_all(&self.pool).await?)
+    }
+
+    /// Revokes a key; `NotFound` when no active key has this id.
+    pub async fn revoke_api_key(&self, id: &ApiKeyId) -> StoreResult<()> {
+        let done =
+            sqlx::query("UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL")
+                .bind(now_ms())
+                .bind(id.as_str())
+                .execute(&self.pool)
+                .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,340 @@
+//! Room history. Every event (a message, an edit, a deletion) gets the room's next
+//! sequence number inside the transaction that stores it, so the sequence is gapless
+//! and its order is the commit order, whichever node or connection sent it.
+
+use std::collections::BTreeMap;
+
+use sqlx::FromRow;
+
+use super::{parse_enum, Store, StoreError, StoreResult};
+use crate::{
+    ids::{now_ms, MessageId, RoomId, UserId},
+    model::MessageKind,
+};
+
+/// An event to append.
+#[derive(Debug, Clone)]
+pub struct NewMessage {
+    pub kind: MessageKind,
+    pub sender_id: UserId,
+    /// Text for TEXT and EDIT; empty for DELETE.
+    pub text: String,
+    pub metadata: BTreeMap<String, String>,
+    pub reply_to_seq: u64,
+    /// The message an EDIT or DELETE changes.
+    pub target_seq: u64,
+    pub client_message_id: Option<String>,
+    /// A DELETE by a moderator may remove someone else's message.
+    pub moderator: bool,
+}
+
+/// A stored event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MessageRecord {
+    pub room_id: RoomId,
+    pub seq: u64,
+    pub id: String,
+    pub kind: MessageKind,
+    pub sender_id: UserId,
+    pub text: String,
+    pub metadata: BTreeMap<String, String>,
+    pub reply_to_seq: u64,
+    pub target_seq: u64,
+    pub client_message_id: Option<String>,
+    pub created_at: i64,
+    pub edited_at: Option<i64>,
+    pub deleted: bool,
+}
+
+/// The outcome of one event of a batch.
+#[derive(Debug, Clone)]
+pub enum Appended {
+    /// Stored with a new sequence number.
+    Stored(MessageRecord),
+    /// A retry: the event stored the first time with this client message id.
+    Duplicate(MessageRecord),
+    /// Not stored, and no sequence number used.
+    Rejected(AppendRejection),
+}
+
+/// Why an event of a batch was not stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AppendRejection {
+    /// The EDIT/DELETE target, or the reply-to message, does not exist.
+    TargetNotFound,
+    /// Only the author may edit; only the author or a moderator may delete.
+    NotAuthor,
+    /// The target was deleted, or is not a TEXT message.
+    NotEditable,
+}
+
+#[derive(FromRow)]
+struct MessageRow {
+    room_id: String,
+    seq: i64,
+    id: String,
+    kind: String,
+    sender_id: String,
+    text: String,
+    metadata: String,
+    reply_to_seq: i64,
+    target_seq: i64,
+    client_message_id: Option<String>,
+    created_at: i64,
+    edited_at: Option<i64>,
+    deleted_at: Option<i64>,
+}
+
+impl TryFrom<MessageRow> for MessageRecord {
+    type Error = StoreError;
+    fn try_from(r: MessageRow) -> StoreResult<Self> {
+        Ok(Self {
+            room_id: RoomId(r.room_id),
+            seq: r.seq as u64,
+            id: r.id,
+            kind: parse_enum(&r.kind, MessageKind::parse)?,
+            sender_id: UserId(r.sender_id),
+            text: r.text,
+            metadata: serde_json::from_str(&r.metadata)
+                .map_err(|e| StoreError::Corrupt(e.to_string()))?,
+            reply_to_seq: r.reply_to_seq as u64,
+            target_seq: r.target_seq as u64,
+            client_message_id: r.client_message_id,
+            created_at: r.created_at,
+            edited_at: r.edited_at,
+            deleted: r.deleted_at.is_some(),
+        })
+    }
+}
+
+const MESSAGE_COLUMNS: &str =
+    "room_id, seq, id, kind, sender_id, text, metadata, reply_to_seq, target_seq, \
+     client_message_id, created_at, edited_at, deleted_at";
+
+impl Store {
+    /// Appends `batch` to the room's history in one transaction (group commit).
+    /// Results are in batch order. Nothing is visible before the commit, and a
+    /// failed commit stores nothing of the batch.
+    pub async fn append_messages(
+        &self,
+        room: &RoomId,
+        batch: &[NewMessage],
+    ) -> StoreResult<Vec<Appended>> {
+        let mut tx = self.pool.begin().await?;
+        // The no-op update takes the room's row lock (PostgreSQL) or the write lock
+        // (SQLite) first, so concurrent appenders to this room queue here and the
+        // sequence stays gapless and in commit order.
+        let (mut last_seq,): (i64,) =
+            sqlx::query_as("UPDATE rooms SET last_seq = last_seq WHERE id = $1 RETURNING last_seq")
+                .bind(room.as_str())
+                .fetch_one(&mut *tx)
+                .await?;
+        let now = now_ms();
+        let mut results: Vec<Appended> = Vec::with_capacity(batch.len());
+        for new in batch {
+            if let Some(cmid) = &new.client_message_id {
+                if let Some(original) =
+                    find_by_client_id(&mut tx, room, &new.sender_id, cmid).await?
+                {
+                    results.push(Appended::Duplicate(original));
+                    continue;
+                }
+            }
+            if let Some(rejection) = check_target(&mut tx, room, new).await? {
+                results.push(Appended::Rejected(rejection));
+                continue;
+            }
+            last_seq += 1;
+            let record = MessageRecord {
+                room_id: room.clone(),
+                seq: last_seq as u64,
+                id: MessageId::generate().0,
+                kind: new.kind,
+                sender_id: new.sender_id.clone(),
+                text: new.text.clone(),
+                metadata: new.metadata.clone(),
+                reply_to_seq: new.reply_to_seq,
+                target_seq: new.target_seq,
+                client_message_id: new.client_message_id.clone(),
+                created_at: now,
+                edited_at: None,
+                deleted: false,
+            };
+            insert_message(&mut tx, &record).await?;
+            apply_to_target(&mut tx, room, &record).await?;
+            results.push(Appended::Stored(record));
+        }
+        sqlx::query("UPDATE rooms SET last_seq = $1 WHERE id = $2")
+            .bind(last_seq)
+            .bind(room.as_str())
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(results)
+    }
+
+    /// Events with `after < seq <= upto`, ascending, at most `limit`.
+    pub async fn messages_after(
+        &self,
+        room: &RoomId,
+        after: u64,
+        upto: u64,
+        limit: u32,
+    ) -> StoreResult<Vec<MessageRecord>> {
+        let sql = format!(
+            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE room_id = $1 AND seq > $2 AND seq <= $3 ORDER BY seq LIMIT $4"
+        );
+        let rows: Vec<MessageRow> = sqlx::query_as(&sql)
+            .bind(room.as_str())
+            .bind(after as i64)
+            .bind(upto.min(i64::MAX as u64) as i64)
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.into_iter().map(TryInto::try_into).collect()
+    }
+
+    /// The `limit` newest events with `seq < before`, returned ascending.
+    pub async fn messages_before(
+        &self,
+        room: &RoomId,
+        before: u64,
+        limit: u32,
+    ) -> StoreResult<Vec<MessageRecord>> {
+        let sql = format!(
+            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE room_id = $1 AND seq < $2 ORDER BY seq DESC LIMIT $3"
+        );
+        let rows: Vec<MessageRow> = sqlx::query_as(&sql)
+            .bind(room.as_str())
+            .bind(before.min(i64::MAX as u64) as i64)
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?;
+        let mut out: Vec<MessageRecord> = rows
+            .into_iter()
+            .map(TryInto::try_into)
+            .collect::<StoreResult<_>>()?;
+        out.reverse();
+        Ok(out)
+    }
+
+    /// One event.
+    pub async fn get_message(&self, room: &RoomId, seq: u64) -> StoreResult<MessageRecord> {
+        let sql = format!("SELECT {MESSAGE_COLUMNS} FROM messages WHERE room_id = $1 AND seq = $2");
+        let row: MessageRow = sqlx::query_as(&sql)
+            .bind(room.as_str())
+            .bind(seq as i64)
+            .fetch_one(&self.pool)
+            .await?;
+        row.try_into()
+    }
+
+    /// Removes events older than each room's retention; returns how many.
+    pub async fn prune_expired_messages(&self) -> StoreResult<u64> {
+        let now = now_ms();
+        let done = sqlx::query(
+            "DELETE FROM messages WHERE room_id IN (SELECT id FROM rooms WHERE retention_seconds > 0) \
+             AND created_at < $1 - 1000 * (SELECT retention_seconds FROM rooms WHERE rooms.id = messages.room_id)",
+        )
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+}
+
+type Tx<'a> = sqlx::Transaction<'a, sqlx::Any>;
+
+async fn find_by_client_id(
+    tx: &mut Tx<'_>,
+    room: &RoomId,
+    sender: &UserId,
+    cmid: &str,
+) -> StoreResult<Option<MessageRecord>> {
+    let sql = format!(
+        "SELECT {MESSAGE_COLUMNS} FROM messages WHERE room_id = $1 AND sender_id = $2 AND client_message_id = $3"
+    );
+    let row: Option<MessageRow> = sqlx::query_as(&sql)
+        .bind(room.as_str())
+        .bind(sender.as_str())
+        .bind(cmid)
+        .fetch_optional(&mut **tx)
+        .await?;
+    row.map(TryInto::try_into).transpose()
+}
+
+async fn check_target(
+    tx: &mut Tx<'_>,
+    room: &RoomId,
+    new: &NewMessage,
+) -> StoreResult<Option<AppendRejection>> {
+    let target = match new.kind {
+        MessageKind::Text if new.reply_to_seq > 0 => new.reply_to_seq,
+        MessageKind::Text => return Ok(None),
+        MessageKind::Edit | MessageKind::Delete => new.target_seq,
+    };
+    let found: Option<(String, String, Option<i64>)> = sqlx::query_as(
+        "SELECT kind, sender_id, deleted_at FROM messages WHERE room_id = $1 AND seq = $2",
+    )
+    .bind(room.as_str())
+    .bind(target.min(i64::MAX as u64) as i64)
+    .fetch_optional(&mut **tx)
+    .await?;
+    let Some((kind, sender, deleted_at)) = found else {
+        return Ok(Some(AppendRejection::TargetNotFound));
+    };
+    if new.kind == MessageKind::Text {
+        return Ok(None);
+    }
+    if kind != MessageKind::Text.as_str() || deleted_at.is_some() {
+        return Ok(Some(AppendRejection::NotEditable));
+    }
+    let is_author = sender == new.sender_id.0;
+    let allowed = match new.kind {
+        MessageKind::Edit => is_author,
+        _ => is_author || new.moderator,
+    };
+    Ok((!allowed).then_some(AppendRejection::NotAuthor))
+}
+
+async fn insert_message(tx: &mut Tx<'_>, m: &MessageRecord) -> StoreResult<()> {
+    let metadata =
+        serde_json::to_string(&m.metadata).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    sqlx::query(
+        "INSERT INTO messages (room_id, seq, id, kind, sender_id, text, metadata, reply_to_seq, target_seq, \
+         client_message_id, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+    )
+    .bind(m.room_id.as_str())
+    .bind(m.seq as i64)
+    .bind(&m.id)
+    .bind(m.kind.as_str())
+    .bind(m.sender_id.as_str())
+    .bind(&m.text)
+    .bind(metadata)
+    .bind(m.reply_to_seq as i64)
+    .bind(m.target_seq as i64)
+    .bind(m.client_message_id.as_deref())
+    .bind(m.created_at)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// Makes the original message show its edit or deletion in history.
+async fn apply_to_target(tx: &mut Tx<'_>, room: &RoomId, event: &MessageRecord) -> StoreResult<()> {
+    let sql = match event.kind {
+        MessageKind::Text => return Ok(()),
+        MessageKind::Edit => "UPDATE messages SET text = $1, edited_at = $2 WHERE room_id = $3 AND seq = $4",
+        MessageKind::Delete => {
+            "UPDATE messages SET text = $1, metadata = '{}', deleted_at = $2 WHERE room_id = $3 AND seq = $4"
+        }
+    };
+    sqlx::query(sql)
+        .bind(&event.text)
+        .bind(event.created_at)
+        .bind(room.as_str())
+        .bind(event.target_seq as i64)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,526 @@
+//! Rooms, memberships, invitations and bans.
+
+use sqlx::FromRow;
+
+use super::{parse_enum, Store, StoreError, StoreResult};
+use crate::{
+    ids::{now_ms, RoomId, UserId},
+    model::{MemberRole, RoomKind},
+};
+
+/// A stored room.
+#[derive(Debug, Clone)]
+pub struct RoomRecord {
+    pub id: RoomId,
+    pub kind: RoomKind,
+    pub title: String,
+    pub topic: String,
+    pub created_by: UserId,
+    pub created_at: i64,
+    pub last_seq: u64,
+    pub retention_seconds: u64,
+}
+
+#[derive(FromRow)]
+struct RoomRow {
+    id: String,
+    kind: String,
+    title: String,
+    topic: String,
+    created_by: String,
+    created_at: i64,
+    last_seq: i64,
+    retention_seconds: i64,
+}
+
+impl TryFrom<RoomRow> for RoomRecord {
+    type Error = StoreError;
+    fn try_from(r: RoomRow) -> StoreResult<Self> {
+        Ok(Self {
+            id: RoomId(r.id),
+            kind: parse_enum(&r.kind, RoomKind::parse)?,
+            title: r.title,
+            topic: r.topic,
+            created_by: UserId(r.created_by),
+            created_at: r.created_at,
+            last_seq: r.last_seq as u64,
+            retention_seconds: r.retention_seconds as u64,
+        })
+    }
+}
+
+const ROOM_COLUMNS: &str =
+    "id, kind, title, topic, created_by, created_at, last_seq, retention_seconds";
+
+/// A member of a room.
+#[derive(Debug, Clone)]
+pub struct MemberRecord {
+    pub room_id: RoomId,
+    pub user_id: UserId,
+    pub role: MemberRole,
+    pub joined_at: i64,
+    pub last_read_seq: u64,
+    /// Muted until this time; `i64::MAX` for a mute without expiry.
+    pub muted_until: Option<i64>,
+}
+
+impl MemberRecord {
+    /// Whether the member may not send at `now`.
+    pub fn is_muted(&self, now: i64) -> bool {
+        self.muted_until.is_some_and(|until| until > now)
+    }
+}
+
+#[derive(FromRow)]
+struct MemberRow {
+    room_id: String,
+    user_id: String,
+    role: String,
+    joined_at: i64,
+    last_read_seq: i64,
+    muted_until: Option<i64>,
+}
+
+impl TryFrom<MemberRow> for MemberRecord {
+    type Error = StoreError;
+    fn try_from(r: MemberRow) -> StoreResult<Self> {
+        Ok(Self {
+            room_id: RoomId(r.room_id),
+            user_id: UserId(r.user_id),
+            role: parse_enum(&r.role, MemberRole::parse)?,
+            joined_at: r.joined_at,
+            last_read_seq: r.last_read_seq as u64,
+            muted_until: r.muted_until,
+        })
+    }
+}
+
+const MEMBER_COLUMNS: &str = "room_id, user_id, role, joined_at, last_read_seq, muted_until";
+
+/// A ban of a user from a room.
+#[derive(Debug, Clone, FromRow)]
+pub struct BanRecord {
+    pub banned_by: String,
+    pub reason: String,
+    pub created_at: i64,
+    /// `None` until lifted.
+    pub expires_at: Option<i64>,
+}
+
+/// Room fields to change; `None` leaves a field as it is.
+#[derive(Debug, Clone, Default)]
+pub struct RoomUpdate {
+    pub title: Option<String>,
+    pub topic: Option<String>,
+    pub retention_seconds: Option<u64>,
+}
+
+/// A room to create.
+#[derive(Debug, Clone)]
+pub struct NewRoom {
+    pub kind: RoomKind,
+    pub title: String,
+    pub topic: String,
+    pub retention_seconds: u64,
+    pub created_by: UserId,
+    /// For direct rooms: both user ids, sorted and joined, unique across rooms.
+    pub direct_key: Option<String>,
+    /// Members besides the creator (who becomes owner).
+    pub members: Vec<(UserId, MemberRole)>,
+    /// Users invited at creation.
+    pub invites: Vec<UserId>,
+}
+
+impl Store {
+    /// Creates a room with its owner, members and invitations in one transaction.
+    /// `Conflict` when a direct room for the same pair exists.
+    pub async fn create_room(&self, new: NewRoom) -> StoreResult<RoomRecord> {
+        let id = RoomId::generate();
+        let now = now_ms();
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO rooms (id, kind, title, topic, created_by, created_at, last_seq, retention_seconds, direct_key) \
+             VALUES ($1, $2, $3, $4, $5, $6, 0, $7, $8)",
+        )
+        .bind(id.as_str())
+        .bind(new.kind.as_str())
+        .bind(&new.title)
+        .bind(&new.topic)
+        .bind(new.created_by.as_str())
+        .bind(now)
+        .bind(new.retention_seconds.min(i64::MAX as u64) as i64)
+        .bind(new.direct_key.as_deref())
+        .execute(&mut *tx)
+        .await?;
+        let owner = std::iter::once((new.created_by.clone(), MemberRole::Owner));
+        for (user, role) in owner.chain(new.members.iter().cloned()) {
+            sqlx::query(
+                "INSERT INTO memberships (room_id, user_id, role, joined_at, last_read_seq) VALUES ($1, $2, $3, $4, 0) \
+                 ON CONFLICT (room_id, user_id) DO NOTHING",
+            )
+            .bind(id.as_str())
+            .bind(user.as_str())
+            .bind(role.as_str())
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        }
+        for user in &new.invites {
+            sqlx::query(
+                "INSERT INTO invites (room_id, user_id, invited_by, created_at) VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (room_id, user_id) DO NOTHING",
+            )
+            .bind(id.as_str())
+            .bind(user.as_str())
+            .bind(new.created_by.as_str())
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        self.get_room(&id).await
+    }
+
+    /// The room with this id.
+    pub async fn get_room(&self, id: &RoomId) -> StoreResult<RoomRecord> {
+        let sql = format!("SELECT {ROOM_COLUMNS} FROM rooms WHERE id = $1");
+        let row: RoomRow = sqlx::query_as(&sql)
+            .bind(id.as_str())
+            .fetch_one(&self.pool)
+            .await?;
+        row.try_into()
+    }
+
+    /// The direct room of a pair, by its key.
+    pub async fn find_direct_room(&self, direct_key: &str) -> StoreResult<Option<RoomRecord>> {
+        let sql = format!("SELECT {ROOM_COLUMNS} FROM rooms WHERE direct_key = $1");
+        let row: Option<RoomRow> = sqlx::query_as(&sql)
+            .bind(direct_key)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(TryInto::try_into).transpose()
+    }
+
+    /// Changes the fields of `update` that are set.
+    pub async fn update_room(&self, id: &RoomId, update: RoomUpdate) -> StoreResult<RoomRecord> {
+        let current = self.get_room(id).await?;
+        sqlx::query(
+            "UPDATE rooms SET title = $1, topic = $2, retention_seconds = $3 WHERE id = $4",
+        )
+        .bind(update.title.unwrap_or(current.title))
+        .bind(update.topic.unwrap_or(current.topic))
+        .bind(
+            update
+                .retention_seconds
+                .unwrap_or(current.retention_seconds)
+                .min(i64::MAX as u64) as i64,
+        )
+        .bind(id.as_str())
+        .execute(&self.pool)
+        .await?;
+        self.get_room(id).await
+    }
+
+    /// The rooms `user` is a member of, with the membership, ordered by room id
+    /// after `after_id`.
+    pub async fn list_user_rooms(
+        &self,
+        user: &UserId,
+        after_id: &str,
+        limit: u32,
+    ) -> StoreResult<Vec<(RoomRecord, MemberRecord)>> {
+        let sql = format!(
+            "SELECT {ROOM_COLUMNS} FROM rooms WHERE id IN (SELECT room_id FROM memberships WHERE user_id = $1) \
+             AND id > $2 ORDER BY id LIMIT $3"
+        );
+        let rows: Vec<RoomRow> = sqlx::query_as(&sql)
+            .bind(user.as_str())
+            .bind(after_id)
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in rows {
+            let room: RoomRecord = row.try_into()?;
+            if let Some(member) = self.get_member(&room.id, user).await? {
+                out.push((room, member));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Public and broadcast rooms, ordered by id after `after_id`.
+    pub async fn list_public_rooms(
+        &self,
+        after_id: &str,
+        limit: u32,
+    ) -> StoreResult<Vec<RoomRecord>> {
+        let sql = format!(
+            "SELECT {ROOM_COLUMNS} FROM rooms WHERE kind IN ('public', 'broadcast') AND id > $1 ORDER BY id LIMIT $2"
+        );
+        let rows: Vec<RoomRow> = sqlx::query_as(&sql)
+            .bind(after_id)
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.into_iter().map(TryInto::try_into).collect()
+    }
+
+    /// How many members a room has.
+    pub async fn member_count(&self, room: &RoomId) -> StoreResult<u64> {
+        let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM memberships WHERE room_id = $1")
+            .bind(room.as_str())
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(n as u64)
+    }
+
+    /// How many owners a room has.
+    pub async fn owner_count(&self, room: &RoomId) -> StoreResult<u64> {
+        let (n,): (i64,) = sqlx::query_as(
+            "SELECT COUNT(*) FROM memberships WHERE room_id = $1 AND role = 'owner'",
+        )
+        .bind(room.as_str())
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(n as u64)
+    }
+
+    /// The membership of `user` in `room`, if any.
+    pub async fn get_member(
+        &self,
+        room: &RoomId,
+        user: &UserId,
+    ) -> StoreResult<Option<MemberRecord>> {
+        let sql =
+            format!("SELECT {MEMBER_COLUMNS} FROM memberships WHERE room_id = $1 AND user_id = $2");
+        let row: Option<MemberRow> = sqlx::query_as(&sql)
+            .bind(room.as_str())
+            .bind(user.as_str())
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(TryInto::try_into).transpose()
+    }
+
+    /// Members ordered by user id after `after_user`.
+    pub async fn list_members(
+        &self,
+        room: &RoomId,
+        after_user: &str,
+        limit: u32,
+    ) -> StoreResult<Vec<MemberRecord>> {
+        let sql = format!(
+            "SELECT {MEMBER_COLUMNS} FROM memberships WHERE room_id = $1 AND user_id > $2 ORDER BY user_id LIMIT $3"
+        );
+        let rows: Vec<MemberRow> = sqlx::query_as(&sql)
+            .bind(room.as_str())
+            .bind(after_user)
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.into_iter().map(TryInto::try_into).collect()
+    }
+
+    /// Every member's user id (for presence and fan-out decisions).
+    pub async fn member_ids(&self, room: &RoomId) -> StoreResult<Vec<UserId>> {
+        let rows: Vec<(String,)> =
+            sqlx::query_as("SELECT user_id FROM memberships WHERE room_id = $1")
+                .bind(room.as_str())
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(rows.into_iter().map(|(id,)| UserId(id)).collect())
+    }
+
+    /// Adds a member and consumes a pending invitation; `Conflict` when already a member.
+    pub async fn add_member(
+        &self,
+        room: &RoomId,
+        user: &UserId,
+        role: MemberRole,
+    ) -> StoreResult<MemberRecord> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO memberships (room_id, user_id, role, joined_at, last_read_seq) VALUES ($1, $2, $3, $4, 0)",
+        )
+        .bind(room.as_str())
+        .bind(user.as_str())
+        .bind(role.as_str())
+        .bind(now_ms())
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("DELETE FROM invites WHERE room_id = $1 AND user_id = $2")
+            .bind(room.as_str())
+            .bind(user.as_str())
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        self.get_member(room, user)
+            .await?
+            .ok_or(StoreError::NotFound)
+    }
+
+    /// Removes a membership; `NotFound` when there was none.
+    pub async fn remove_member(&self, room: &RoomId, user: &UserId) -> StoreResult<()> {
+        let done = sqlx::query("DELETE FROM memberships WHERE room_id = $1 AND user_id = $2")
+            .bind(room.as_str())
+            .bind(user.as_str())
+            .execute(&self.pool)
+            .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound);
+        }
+        Ok(())
+    }
+
+    /// Changes a member's role; `NotFound` when not a member.
+    pub async fn set_member_role(
+        &self,
+        room: &RoomId,
+        user: &UserId,
+        role: MemberRole,
+    ) -> StoreResult<()> {
+        let done =
+            sqlx::query("UPDATE memberships SET role = $1 WHERE room_id = $2 AND user_id = $3")
+                .bind(role.as_str())
+                .bind(room.as_str())
+                .bind(user.as_str())
+                .execute(&self.pool)
+                .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound);
+        }
+        Ok(())
+    }
+
+    /// Mutes until a time (`i64::MAX`: until lifted) or, with `None`, unmutes.
+    pub async fn set_member_mute(
+        &self,
+        room: &RoomId,
+        user: &UserId,
+        until: Option<i64>,
+    ) -> StoreResult<()> {
+        let done = sqlx::query(
+            "UPDATE memberships SET muted_until = $1 WHERE room_id = $2 AND user_id = $3",
+        )
+        .bind(until)
+        .bind(room.as_str())
+        .bind(user.as_str())
+        .execute(&self.pool)
+        .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound);
+        }
+        Ok(())
+    }
+
+    /// Moves the read cursor forward (never back, never past the room's last
+    /// sequence); returns the cursor afterwards.
+    pub async fn mark_read(&self, room: &RoomId, user: &UserId, seq: u64) -> StoreResult<u64> {
+        sqlx::query(
+            "UPDATE memberships SET last_read_seq = $1 WHERE room_id = $2 AND user_id = $3 AND last_read_seq < $1",
+        )
+        .bind(seq.min(i64::MAX as u64) as i64)
+        .bind(room.as_str())
+        .bind(user.as_str())
+        .execute(&self.pool)
+        .await?;
+        let member = self
+            .get_member(room, user)
+            .await?
+            .ok_or(StoreError::NotFound)?;
+        Ok(member.last_read_seq)
+    }
+
+    /// Records an invitation (idempotent).
+    pub async fn invite(&self, room: &RoomId, user: &UserId, by: &UserId) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO invites (room_id, user_id, invited_by, created_at) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (room_id, user_id) DO NOTHING",
+        )
+        .bind(room.as_str())
+        .bind(user.as_str())
+        .bind(by.as_str())
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Whether `user` has a pending invitation to `room`.
+    pub async fn has_invite(&self, room: &RoomId, user: &UserId) -> StoreResult<bool> {
+        let row: Option<(String,)> =
+            sqlx::query_as("SELECT user_id FROM invites WHERE room_id = $1 AND user_id = $2")
+                .bind(room.as_str())
+                .bind(user.as_str())
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(row.is_some())
+    }
+
+    /// Bans a user (until `expires_at`, or until lifted) and ends their membership
+    /// and invitation, in one transaction.
+    pub async fn ban(
+        &self,
+        room: &RoomId,
+        user: &UserId,
+        by: &UserId,
+        reason: &str,
+        expires_at: Option<i64>,
+    ) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO bans (room_id, user_id, banned_by, reason, created_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6) \
+             ON CONFLICT (room_id, user_id) DO UPDATE SET banned_by = excluded.banned_by, reason = excluded.reason, \
+             created_at = excluded.created_at, expires_at = excluded.expires_at",
+        )
+        .bind(room.as_str())
+        .bind(user.as_str())
+        .bind(by.as_str())
+        .bind(reason)
+        .bind(now_ms())
+        .bind(expires_at)
+        .execute(&mut *tx)
+        .await?;
+        for table in ["memberships", "invites"] {
+            sqlx::query(&format!(
+                "DELETE FROM {table} WHERE room_id = $1 AND user_id = $2"
+            ))
+            .bind(room.as_str())
+            .bind(user.as_str())
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Lifts a ban; `NotFound` when there was none.
+    pub async fn unban(&self, room: &RoomId, user: &UserId) -> StoreResult<()> {
+        let done = sqlx::query("DELETE FROM bans WHERE room_id = $1 AND user_id = $2")
+            .bind(room.as_str())
+            .bind(user.as_str())
+            .execute(&self.pool)
+            .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound);
+        }
+        Ok(())
+    }
+
+    /// The ban of `user` in `room` that is in force at `now`, if any.
+    pub async fn active_ban(
+        &self,
+        room: &RoomId,
+        user: &UserId,
+        now: i64,
+    ) -> StoreResult<Option<BanRecord>> {
+        let ban: Option<BanRecord> = sqlx::query_as(
+            "SELECT banned_by, reason, created_at, expires_at FROM bans WHERE room_id = $1 AND user_id = $2",
+        )
+        .bind(room.as_str())
+        .bind(user.as_str())
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(ban.filter(|b| b.expires_at.is_none_or(|t| t > now)))
+    }
+}
