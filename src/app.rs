@@ -4,15 +4,17 @@
 
 use std::{net::TcpListener, sync::Arc, time::Duration};
 
-use actix::SyncArbiter;
+use actix::{Supervisor, SyncArbiter};
 use actix_web::{middleware::from_fn, web, App, HttpServer};
 
 use crate::{
     actors::{
         authenticator::{AuthPool, EnsureAdmin},
         password_hasher::PasswordHasher,
+        room_registry::RoomRegistry,
+        session_registry::SessionRegistry,
     },
-    domain::AppState,
+    domain::{AppState, SendLimiter},
     error::ApiError,
     http,
     settings::Settings,
@@ -61,10 +63,22 @@ pub async fn start_state(settings: Arc<Settings>, store: Store) -> Result<AppSta
         })
         .await?;
     }
+    let room_threads = std::thread::available_parallelism().map_or(2, usize::from);
+    let rooms = RoomRegistry::new(store.clone(), settings.clone(), room_threads).start_supervised();
+    let sessions_store = store.clone();
+    let sessions_rooms = rooms.clone();
+    let sessions = Supervisor::start(move |_| SessionRegistry::new(sessions_store, sessions_rooms));
+    let send_limiter = Arc::new(SendLimiter::new(
+        settings.realtime.send_rate_per_sec,
+        settings.realtime.send_burst,
+    ));
     Ok(AppState {
         settings,
         store,
         auth,
+        rooms,
+        sessions,
+        send_limiter,
     })
 }
 

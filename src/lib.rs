@@ -26,6 +26,7 @@ pub mod http;
 pub mod ids;
 pub mod model;
 pub mod proto;
+pub mod protocol;
 pub mod settings;
 pub mod store;
 pub mod telemetry;

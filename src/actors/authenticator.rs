@@ -26,8 +26,8 @@ use std::{
 
 use actix::{
     fut::{ready, ActorFutureExt as _, WrapFuture as _},
-    Actor, ActorContext as _, Addr, Arbiter, ArbiterHandle, Context, Handler, Message,
-    ResponseActFuture, ResponseFuture, Supervised, Supervisor,
+    Actor, Addr, Arbiter, ArbiterHandle, Context, Handler, Message, ResponseActFuture,
+    ResponseFuture, Supervised, Supervisor,
 };
 use base64::Engine as _;
 use jsonwebtoken::{errors::ErrorKind, Algorithm, DecodingKey, EncodingKey, Header, Validation};
@@ -54,6 +54,10 @@ const ACCESS_TOKEN_TYPE: &str = "access";
 pub const API_KEY_PREFIX: &str = "rk";
 /// Prefix of refresh tokens (`rt_...`).
 pub const REFRESH_TOKEN_PREFIX: &str = "rt";
+/// How an API key secret starts.
+const API_KEY_SECRET_START: &str = "rk_";
+/// How a refresh token starts.
+const REFRESH_TOKEN_SECRET_START: &str = "rt_";
 /// Key of the generated token secret in the store's `server_kv` table.
 const TOKEN_SECRET_KV_KEY: &str = "token_secret";
 /// Random bytes of a generated token secret (base64: 64 characters).
@@ -388,7 +392,7 @@ impl Handler<Authenticate> for Authenticator {
                 "a bearer token is required",
             ))));
         }
-        if bearer.starts_with(&format!("{API_KEY_PREFIX}_")) {
+        if bearer.starts_with(API_KEY_SECRET_START) {
             let store = self.shared.store.clone();
             let secret = bearer.to_owned();
             return Box::pin(
@@ -403,6 +407,11 @@ impl Handler<Authenticate> for Authenticator {
             Err(AccessRejection::Expired) => Box::pin(ready(Err(ApiError::unauthenticated(
                 "access token expired",
             )))),
+            Err(AccessRejection::Invalid) if bearer.starts_with(REFRESH_TOKEN_SECRET_START) => {
+                Box::pin(ready(Err(ApiError::unauthenticated(
+                    "a refresh token is not an access token; exchange it with AuthService.Refresh",
+                ))))
+            }
             Err(AccessRejection::Invalid) => match &self.shared.keys.external {
                 None => Box::pin(ready(Err(ApiError::unauthenticated(
                     "invalid access token",

@@ -1,8 +1,21 @@
-//! Every actix actor, one per file.
+//! Every actix actor of roomcast, one per file.
 //!
-//! - [`password_hasher`]: argon2id hashing on dedicated threads (`SyncArbiter`).
-//! - [`authenticator`]: token verification, accounts, sessions and API keys, behind
-//!   the round-robin [`AuthPool`](authenticator::AuthPool).
+//! - [`password_hasher`]: `PasswordHasher`, a `SyncArbiter` pool that runs argon2id
+//!   off the event loop.
+//! - [`authenticator`]: `Authenticator`, the supervised actors every auth decision
+//!   goes through (tokens, API keys, sessions), reached through `AuthPool`.
+//! - [`room_registry`]: `RoomRegistry` (supervised), room id → running room actor.
+//! - [`room`]: `RoomActor` (supervised), a room's sequence, recent-event ring,
+//!   group commit and fan-out to subscribers.
+//! - [`session_registry`]: `SessionRegistry` (supervised), user id → user session.
+//! - [`user_session`]: `UserSession`, one online user's connections and presence.
+//! - [`connection`]: `Connection`, one WebSocket: auth, frames, subscriptions,
+//!   catch-up, heartbeats.
 
 pub mod authenticator;
+pub mod connection;
 pub mod password_hasher;
+pub mod room;
+pub mod room_registry;
+pub mod session_registry;
+pub mod user_session;

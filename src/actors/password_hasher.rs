@@ -181,6 +181,15 @@ mod tests {
     }
 
     #[test]
+    fn the_dummy_hash_is_made_once_per_parameters() {
+        let argon2 = cheap_argon2();
+        let first = shared_dummy_hash(&argon2).expect("dummy hash");
+        let second = shared_dummy_hash(&argon2).expect("dummy hash");
+        assert!(Arc::ptr_eq(&first, &second));
+        assert!(!verify_with(&argon2, b"anything", &first));
+    }
+
+    #[test]
     fn default_settings_are_valid_params() {
         assert!(argon2_params(&AuthSettings::default()).is_ok());
     }

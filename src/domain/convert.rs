@@ -85,3 +85,48 @@ mod tests {
         assert_eq!((external.username.as_str(), external.external), ("", true));
     }
 }
+
+/// A stored room event as the API shows it.
+pub fn message_to_proto(m: &crate::store::MessageRecord) -> pb::Message {
+    pb::Message {
+        room_id: m.room_id.0.clone(),
+        seq: m.seq,
+        id: m.id.clone(),
+        kind: m.kind.to_proto(),
+        sender_id: m.sender_id.0.clone(),
+        text: m.text.clone(),
+        metadata: m
+            .metadata
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        reply_to_seq: m.reply_to_seq,
+        target_seq: m.target_seq,
+        client_message_id: m.client_message_id.clone().unwrap_or_default(),
+        created_at: Some(crate::model::timestamp(m.created_at)),
+        edited_at: crate::model::opt_timestamp(m.edited_at),
+        deleted: m.deleted,
+    }
+}
+
+/// A room as the API shows it; `member` is the caller's membership, when any.
+pub fn room_to_proto(
+    room: &crate::store::RoomRecord,
+    member_count: u64,
+    member: Option<&crate::store::MemberRecord>,
+) -> pb::Room {
+    pb::Room {
+        id: room.id.0.clone(),
+        kind: room.kind.to_proto(),
+        title: room.title.clone(),
+        topic: room.topic.clone(),
+        created_by: room.created_by.0.clone(),
+        created_at: Some(crate::model::timestamp(room.created_at)),
+        last_seq: room.last_seq,
+        retention_seconds: room.retention_seconds,
+        member_count: member_count.min(u64::from(u32::MAX)) as u32,
+        my_role: member.map_or(0, |m| m.role.to_proto()),
+        unread_count: member.map_or(0, |m| room.last_seq.saturating_sub(m.last_read_seq)),
+        last_read_seq: member.map_or(0, |m| m.last_read_seq),
+    }
+}

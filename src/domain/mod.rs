@@ -1,19 +1,34 @@
 //! The operations behind each RPC, shared by the HTTP API and the WebSocket. Each
 //! takes the [`AppState`], the caller and a request message, and returns a response
 //! message or an [`ApiError`](crate::error::ApiError). Validation of client input
-//! happens here; authorization decisions go through the auth actors.
+//! happens here; authentication goes through the auth actors, and everything that
+//! changes a room's history goes through its room actor.
 
+pub mod access;
 pub mod auth;
 pub mod convert;
+pub mod messages;
 mod principal;
+pub mod rooms;
 pub mod users;
 pub mod validate;
 
 use std::sync::Arc;
 
+use actix::Addr;
+use governor::{DefaultKeyedRateLimiter, Quota};
+
 pub use principal::{Credential, Principal};
 
-use crate::{actors::authenticator::AuthPool, settings::Settings, store::Store};
+use crate::{
+    actors::{
+        authenticator::AuthPool, room_registry::RoomRegistry, session_registry::SessionRegistry,
+    },
+    error::ApiError,
+    ids::UserId,
+    settings::Settings,
+    store::Store,
+};
 
 /// Handles to everything an operation may need. Cheap to clone.
 #[derive(Clone)]
@@ -21,4 +36,30 @@ pub struct AppState {
     pub settings: Arc<Settings>,
     pub store: Store,
     pub auth: AuthPool,
+    pub rooms: Addr<RoomRegistry>,
+    pub sessions: Addr<SessionRegistry>,
+    pub send_limiter: Arc<SendLimiter>,
+}
+
+/// Per-user token bucket for sends (HTTP and WebSocket share it).
+pub struct SendLimiter(DefaultKeyedRateLimiter<UserId>);
+
+impl SendLimiter {
+    pub fn new(per_second: u32, burst: u32) -> Self {
+        let rate =
+            std::num::NonZeroU32::new(per_second.max(1)).unwrap_or(std::num::NonZeroU32::MIN);
+        let burst = std::num::NonZeroU32::new(burst.max(1)).unwrap_or(std::num::NonZeroU32::MIN);
+        Self(DefaultKeyedRateLimiter::keyed(
+            Quota::per_second(rate).allow_burst(burst),
+        ))
+    }
+
+    /// Takes one token for `user`, or says how long to wait.
+    pub fn check(&self, user: &UserId) -> Result<(), ApiError> {
+        self.0.check_key(user).map_err(|_| {
+            ApiError::exhausted(
+                "send rate limit exceeded; slow down and retry with the same client_message_id",
+            )
+        })
+    }
 }

@@ -6,6 +6,7 @@ pub mod connect;
 mod health;
 mod request_context;
 mod routes;
+mod ws;
 
 use actix_cors::Cors;
 use actix_web::{http::header, web};
@@ -19,6 +20,7 @@ pub use routes::configure as rpc_routes;
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.route("/healthz", web::get().to(health::healthz));
     cfg.route("/readyz", web::get().to(health::readyz));
+    cfg.route("/ws", web::get().to(ws::upgrade));
     routes::configure(cfg);
     cfg.default_service(web::to(routes::unknown_rpc));
 }

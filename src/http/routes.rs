@@ -10,7 +10,7 @@ use super::connect::{error_response, unary, RpcContext};
 use crate::{
     domain,
     error::{ApiError, Code},
-    proto::v1::{auth_service, user_service},
+    proto::v1::{auth_service, room_service, user_service},
 };
 
 /// Registers every RPC route; returns the `Service/Method` names it registered.
@@ -21,6 +21,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) -> Vec<String> {
     };
     auth_routes(&mut table);
     user_routes(&mut table);
+    room_routes(&mut table);
     table.routed
 }
 
@@ -110,6 +111,39 @@ fn user_routes(t: &mut Table<'_>) {
     });
 }
 
+/// Every RoomService RPC needs an authenticated caller.
+macro_rules! authed {
+    ($t:expr, $service:expr, $method:literal, $f:path) => {
+        $t.add($service, $method, |c: RpcContext, r| async move {
+            $f(&c.state, &c.principal().await?, r).await
+        })
+    };
+}
+
+fn room_routes(t: &mut Table<'_>) {
+    use domain::{messages, rooms};
+    let s = room_service::NAME;
+    authed!(t, s, "CreateRoom", rooms::create_room);
+    authed!(t, s, "GetRoom", rooms::get_room);
+    authed!(t, s, "ListRooms", rooms::list_rooms);
+    authed!(t, s, "UpdateRoom", rooms::update_room);
+    authed!(t, s, "JoinRoom", rooms::join_room);
+    authed!(t, s, "LeaveRoom", rooms::leave_room);
+    authed!(t, s, "InviteMember", rooms::invite_member);
+    authed!(t, s, "ListMembers", rooms::list_members);
+    authed!(t, s, "SendMessage", messages::send_message);
+    authed!(t, s, "ListMessages", messages::list_messages);
+    authed!(t, s, "EditMessage", messages::edit_message);
+    authed!(t, s, "DeleteMessage", messages::delete_message);
+    authed!(t, s, "MarkRead", messages::mark_read);
+    authed!(t, s, "KickMember", rooms::kick_member);
+    authed!(t, s, "BanMember", rooms::ban_member);
+    authed!(t, s, "UnbanMember", rooms::unban_member);
+    authed!(t, s, "MuteMember", rooms::mute_member);
+    authed!(t, s, "UnmuteMember", rooms::unmute_member);
+    authed!(t, s, "SetMemberRole", rooms::set_member_role);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -121,6 +155,7 @@ mod tests {
         for (name, methods) in [
             (auth_service::NAME, auth_service::UNARY_METHODS),
             (user_service::NAME, user_service::UNARY_METHODS),
+            (room_service::NAME, room_service::UNARY_METHODS),
         ] {
             expected.extend(methods.iter().map(|m| format!("{name}/{m}")));
         }

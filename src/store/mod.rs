@@ -21,7 +21,7 @@ use crate::settings::StoreSettings;
 
 pub use api_keys::ApiKeyRecord;
 pub use messages::{AppendRejection, Appended, MessageRecord, NewMessage};
-pub use rooms::{BanRecord, MemberRecord, NewRoom, RoomRecord, RoomUpdate};
+pub use rooms::{BanRecord, MemberRecord, MembershipChange, NewRoom, RoomRecord, RoomUpdate};
 pub use sessions::{RefreshOutcome, SessionRecord};
 pub use users::{NewUser, ProfileUpdate, UserRecord};
 

@@ -1,6 +1,8 @@
 //! Rooms, memberships, invitations and bans.
 
-use sqlx::FromRow;
+use std::collections::HashMap;
+
+use sqlx::{AnyConnection, FromRow};
 
 use super::{parse_enum, Store, StoreError, StoreResult};
 use crate::{
@@ -113,6 +115,18 @@ pub struct RoomUpdate {
     pub title: Option<String>,
     pub topic: Option<String>,
     pub retention_seconds: Option<u64>,
+}
+
+/// The outcome of a membership change that must leave the room with an owner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MembershipChange {
+    /// The change was made.
+    Done,
+    /// The user is not a member (nothing changed).
+    NotMember,
+    /// Refused: the user is the room's only owner, and the change would leave
+    /// members without an owner (nothing changed).
+    LastOwner,
 }
 
 /// A room to create.
@@ -284,6 +298,132 @@ impl Store {
         .fetch_one(&self.pool)
         .await?;
         Ok(n as u64)
+    }
+
+    /// Member counts of several rooms; rooms without members are absent.
+    pub async fn member_counts(&self, rooms: &[RoomId]) -> StoreResult<HashMap<RoomId, u64>> {
+        if rooms.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let sql = format!(
+            "SELECT room_id, COUNT(*) FROM memberships WHERE room_id IN ({}) GROUP BY room_id",
+            placeholders(1, rooms.len())
+        );
+        let mut query = sqlx::query_as::<_, (String, i64)>(&sql);
+        for room in rooms {
+            query = query.bind(room.as_str());
+        }
+        let rows = query.fetch_all(&self.pool).await?;
+        Ok(rows
+            .into_iter()
+            .map(|(room, n)| (RoomId(room), n as u64))
+            .collect())
+    }
+
+    /// The memberships of `user` among `rooms`.
+    pub async fn memberships_in(
+        &self,
+        user: &UserId,
+        rooms: &[RoomId],
+    ) -> StoreResult<Vec<MemberRecord>> {
+        if rooms.is_empty() {
+            return Ok(Vec::new());
+        }
+        let sql = format!(
+            "SELECT {MEMBER_COLUMNS} FROM memberships WHERE user_id = $1 AND room_id IN ({})",
+            placeholders(2, rooms.len())
+        );
+        let mut query = sqlx::query_as::<_, MemberRow>(&sql).bind(user.as_str());
+        for room in rooms {
+            query = query.bind(room.as_str());
+        }
+        query
+            .fetch_all(&self.pool)
+            .await?
+            .into_iter()
+            .map(TryInto::try_into)
+            .collect()
+    }
+
+    /// Removes a membership unless `user` is the only owner and others remain.
+    pub async fn remove_member_keeping_owner(
+        &self,
+        room: &RoomId,
+        user: &UserId,
+    ) -> StoreResult<MembershipChange> {
+        let mut tx = self.pool.begin().await?;
+        if let Some(refused) = owner_guard(&mut tx, room, user, None).await? {
+            return Ok(refused);
+        }
+        sqlx::query("DELETE FROM memberships WHERE room_id = $1 AND user_id = $2")
+            .bind(room.as_str())
+            .bind(user.as_str())
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(MembershipChange::Done)
+    }
+
+    /// Changes a member's role unless that demotes the room's only owner.
+    pub async fn set_member_role_keeping_owner(
+        &self,
+        room: &RoomId,
+        user: &UserId,
+        role: MemberRole,
+    ) -> StoreResult<MembershipChange> {
+        let mut tx = self.pool.begin().await?;
+        if let Some(refused) = owner_guard(&mut tx, room, user, Some(role)).await? {
+            return Ok(refused);
+        }
+        sqlx::query("UPDATE memberships SET role = $1 WHERE room_id = $2 AND user_id = $3")
+            .bind(role.as_str())
+            .bind(room.as_str())
+            .bind(user.as_str())
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(MembershipChange::Done)
+    }
+
+    /// Like [`Store::ban`], but refuses to remove the room's only owner while
+    /// others remain. Banning a non-member is allowed (and answers `Done`).
+    pub async fn ban_keeping_owner(
+        &self,
+        room: &RoomId,
+        user: &UserId,
+        by: &UserId,
+        reason: &str,
+        expires_at: Option<i64>,
+    ) -> StoreResult<MembershipChange> {
+        let mut tx = self.pool.begin().await?;
+        match owner_guard(&mut tx, room, user, None).await? {
+            None | Some(MembershipChange::NotMember) => {}
+            Some(refused) => return Ok(refused),
+        }
+        sqlx::query(
+            "INSERT INTO bans (room_id, user_id, banned_by, reason, created_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6) \
+             ON CONFLICT (room_id, user_id) DO UPDATE SET banned_by = excluded.banned_by, reason = excluded.reason, \
+             created_at = excluded.created_at, expires_at = excluded.expires_at",
+        )
+        .bind(room.as_str())
+        .bind(user.as_str())
+        .bind(by.as_str())
+        .bind(reason)
+        .bind(now_ms())
+        .bind(expires_at)
+        .execute(&mut *tx)
+        .await?;
+        for table in ["memberships", "invites"] {
+            sqlx::query(&format!(
+                "DELETE FROM {table} WHERE room_id = $1 AND user_id = $2"
+            ))
+            .bind(room.as_str())
+            .bind(user.as_str())
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(MembershipChange::Done)
     }
 
     /// The membership of `user` in `room`, if any.
@@ -522,5 +662,72 @@ impl Store {
         .fetch_optional(&self.pool)
         .await?;
         Ok(ban.filter(|b| b.expires_at.is_none_or(|t| t > now)))
+    }
+}
+
+/// `$first, $first+1, …` for `n` values.
+fn placeholders(first: usize, n: usize) -> String {
+    (first..first + n)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Inside a transaction: locks the room's row (so concurrent membership changes of
+/// the same room run one after another on PostgreSQL too) and checks that removing
+/// `user`, or giving them `new_role`, leaves the room's members with an owner.
+/// `Some(outcome)` means "refuse"; `None` means "go ahead".
+async fn owner_guard(
+    conn: &mut AnyConnection,
+    room: &RoomId,
+    user: &UserId,
+    new_role: Option<MemberRole>,
+) -> StoreResult<Option<MembershipChange>> {
+    let locked = sqlx::query("UPDATE rooms SET last_seq = last_seq WHERE id = $1")
+        .bind(room.as_str())
+        .execute(&mut *conn)
+        .await?;
+    if locked.rows_affected() == 0 {
+        return Err(StoreError::NotFound);
+    }
+    let role: Option<(String,)> =
+        sqlx::query_as("SELECT role FROM memberships WHERE room_id = $1 AND user_id = $2")
+            .bind(room.as_str())
+            .bind(user.as_str())
+            .fetch_optional(&mut *conn)
+            .await?;
+    let Some((role,)) = role else {
+        return Ok(Some(MembershipChange::NotMember));
+    };
+    if parse_enum(&role, MemberRole::parse)? != MemberRole::Owner
+        || new_role == Some(MemberRole::Owner)
+    {
+        return Ok(None);
+    }
+    let (owners, members): (i64, i64) = sqlx::query_as(
+        "SELECT COALESCE(SUM(CASE WHEN role = 'owner' THEN 1 ELSE 0 END), 0), COUNT(*) \
+         FROM memberships WHERE room_id = $1",
+    )
+    .bind(room.as_str())
+    .fetch_one(&mut *conn)
+    .await?;
+    // A demoted owner stays a member, so the last owner may never be demoted; the
+    // last owner may leave only an otherwise empty room.
+    let others_remain = new_role.is_some() || members > 1;
+    if owners <= 1 && others_remain {
+        return Ok(Some(MembershipChange::LastOwner));
+    }
+    Ok(None)
+}
+
+impl Store {
+    /// Ids of the rooms `user` is a member of.
+    pub async fn user_room_ids(&self, user: &UserId) -> StoreResult<Vec<RoomId>> {
+        let rows: Vec<(String,)> =
+            sqlx::query_as("SELECT room_id FROM memberships WHERE user_id = $1")
+                .bind(user.as_str())
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(rows.into_iter().map(|(id,)| RoomId(id)).collect())
     }
 }

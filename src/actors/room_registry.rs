@@ -1,0 +1,157 @@
+//! [`RoomRegistry`]: room id → running [`RoomActor`], under `actix::Supervisor`.
+//! Rooms start on demand, each supervised on one of a fixed set of arbiters (one per
+//! core) so that rooms run in parallel, and retire when idle.
+
+use std::{collections::HashMap, sync::Arc};
+
+use actix::{
+    fut::WrapFuture as _, Actor, ActorFutureExt as _, Addr, Arbiter, ArbiterHandle,
+    AsyncContext as _, Context, Handler, Message, Supervised, Supervisor,
+};
+
+use super::room::{Notify, Retire, RoomActor, RoomIdle, RoomNotice};
+use crate::{ids::RoomId, settings::Settings, store::Store};
+
+/// The running actor of a room, started when needed.
+#[derive(Message)]
+#[rtype(result = "Addr<RoomActor>")]
+pub struct GetRoom {
+    pub room_id: RoomId,
+}
+
+/// The running actor of a room, if there is one (for tests and operations).
+#[derive(Message)]
+#[rtype(result = "Option<Addr<RoomActor>>")]
+pub struct FindRoom {
+    pub room_id: RoomId,
+}
+
+/// Delivers a notice to a room if it is running (a room that is not running has no
+/// subscribers to tell).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct NotifyRoom {
+    pub room_id: RoomId,
+    pub notice: RoomNotice,
+}
+
+/// How many rooms are running.
+#[derive(Message)]
+#[rtype(result = "usize")]
+pub struct CountRooms;
+
+/// Owns the room actors.
+pub struct RoomRegistry {
+    store: Store,
+    settings: Arc<Settings>,
+    arbiters: Vec<ArbiterHandle>,
+    /// Keeps the arbiters' threads alive for the registry's lifetime.
+    _owned: Vec<Arbiter>,
+    next_arbiter: usize,
+    rooms: HashMap<RoomId, Addr<RoomActor>>,
+}
+
+impl RoomRegistry {
+    /// A registry whose rooms run on `threads` arbiters (at least one).
+    pub fn new(store: Store, settings: Arc<Settings>, threads: usize) -> Self {
+        let owned: Vec<Arbiter> = (0..threads.max(1)).map(|_| Arbiter::new()).collect();
+        let arbiters = owned.iter().map(Arbiter::handle).collect();
+        Self {
+            store,
+            settings,
+            arbiters,
+            _owned: owned,
+            next_arbiter: 0,
+            rooms: HashMap::new(),
+        }
+    }
+
+    /// Starts the registry under a supervisor.
+    pub fn start_supervised(self) -> Addr<Self> {
+        Supervisor::start(|_| self)
+    }
+
+    fn room(&mut self, room_id: RoomId, ctx: &mut Context<Self>) -> Addr<RoomActor> {
+        if let Some(addr) = self.rooms.get(&room_id).filter(|a| a.connected()) {
+            return addr.clone();
+        }
+        let arbiter = &self.arbiters[self.next_arbiter % self.arbiters.len()];
+        self.next_arbiter = self.next_arbiter.wrapping_add(1);
+        let store = self.store.clone();
+        let settings = self.settings.clone();
+        let registry = ctx.address().recipient();
+        let id = room_id.clone();
+        let addr = Supervisor::start_in_arbiter(arbiter, move |_| {
+            RoomActor::new(id, store, settings, Some(registry))
+        });
+        self.rooms.insert(room_id, addr.clone());
+        addr
+    }
+}
+
+impl Actor for RoomRegistry {
+    type Context = Context<Self>;
+}
+
+impl Supervised for RoomRegistry {
+    fn restarting(&mut self, _ctx: &mut Self::Context) {
+        // Room actors keep running; the ones this registry no longer knows retire
+        // on their own once idle, and new lookups start fresh ones.
+        tracing::warn!(rooms = self.rooms.len(), "room registry restarting");
+    }
+}
+
+impl Handler<GetRoom> for RoomRegistry {
+    type Result = Addr<RoomActor>;
+
+    fn handle(&mut self, msg: GetRoom, ctx: &mut Self::Context) -> Self::Result {
+        self.room(msg.room_id, ctx)
+    }
+}
+
+impl Handler<FindRoom> for RoomRegistry {
+    type Result = Option<Addr<RoomActor>>;
+
+    fn handle(&mut self, msg: FindRoom, _ctx: &mut Self::Context) -> Self::Result {
+        self.rooms.get(&msg.room_id).cloned()
+    }
+}
+
+impl Handler<NotifyRoom> for RoomRegistry {
+    type Result = ();
+
+    fn handle(&mut self, msg: NotifyRoom, _ctx: &mut Self::Context) {
+        if let Some(addr) = self.rooms.get(&msg.room_id) {
+            addr.do_send(Notify(msg.notice));
+        }
+    }
+}
+
+impl Handler<CountRooms> for RoomRegistry {
+    type Result = usize;
+
+    fn handle(&mut self, _msg: CountRooms, _ctx: &mut Self::Context) -> usize {
+        self.rooms.len()
+    }
+}
+
+impl Handler<RoomIdle> for RoomRegistry {
+    type Result = ();
+
+    fn handle(&mut self, msg: RoomIdle, ctx: &mut Self::Context) {
+        let Some(addr) = self.rooms.get(&msg.room_id).cloned() else {
+            return;
+        };
+        // Wait for the answer before handing the address out again, so a room is
+        // never both retiring and gaining a subscriber.
+        ctx.wait(
+            addr.send(Retire)
+                .into_actor(self)
+                .map(move |retired, act, _| {
+                    if matches!(retired, Ok(true) | Err(_)) {
+                        act.rooms.remove(&msg.room_id);
+                    }
+                }),
+        );
+    }
+}

@@ -1,0 +1,121 @@
+//! Who may read and who may write a room. Every RoomService call and every
+//! WebSocket frame that touches a room asks here first.
+
+use super::{AppState, Principal};
+use crate::{
+    error::ApiError,
+    ids::{now_ms, RoomId, UserId},
+    model::{MemberRole, RoomKind},
+    store::{MemberRecord, RoomRecord, StoreError},
+};
+
+/// A room and the caller's membership in it.
+#[derive(Debug, Clone)]
+pub struct RoomAccess {
+    pub room: RoomRecord,
+    pub member: Option<MemberRecord>,
+    pub user_id: UserId,
+    pub server_admin: bool,
+}
+
+impl RoomAccess {
+    /// The caller's role in the room, if a member.
+    pub fn role(&self) -> Option<MemberRole> {
+        self.member.as_ref().map(|m| m.role)
+    }
+
+    /// Owners, moderators and server admins moderate.
+    pub fn is_moderator(&self) -> bool {
+        self.server_admin || self.role().is_some_and(MemberRole::is_moderator)
+    }
+
+    /// Members may read; so may anyone for public and broadcast rooms.
+    pub fn can_read(&self) -> bool {
+        self.member.is_some()
+            || self.server_admin
+            || matches!(self.room.kind, RoomKind::Public | RoomKind::Broadcast)
+    }
+
+    /// Fails unless the caller may read.
+    pub fn require_read(&self) -> Result<(), ApiError> {
+        if self.can_read() {
+            Ok(())
+        } else {
+            Err(ApiError::denied("you are not a member of this room"))
+        }
+    }
+
+    /// Fails unless the caller is a member.
+    pub fn require_member(&self) -> Result<&MemberRecord, ApiError> {
+        self.member
+            .as_ref()
+            .ok_or_else(|| ApiError::denied("you are not a member of this room"))
+    }
+
+    /// Fails unless the caller may send now: a member, not muted, and a host in
+    /// broadcast rooms.
+    pub fn require_send(&self) -> Result<(), ApiError> {
+        let member = self.require_member()?;
+        if member.is_muted(now_ms()) {
+            return Err(ApiError::denied("you are muted in this room"));
+        }
+        if self.room.kind == RoomKind::Broadcast && !member.role.is_moderator() {
+            return Err(ApiError::denied("only hosts may send in a broadcast room"));
+        }
+        Ok(())
+    }
+
+    /// Fails unless the caller moderates the room.
+    pub fn require_moderator(&self) -> Result<(), ApiError> {
+        if self.is_moderator() {
+            Ok(())
+        } else {
+            Err(ApiError::denied(
+                "only the room's owners and moderators may do this",
+            ))
+        }
+    }
+}
+
+/// Loads the room and the caller's membership; `not_found` when the room does not
+/// exist, and also when it is private and the caller may not know it exists.
+pub async fn room_access(
+    state: &AppState,
+    principal: &Principal,
+    room_id: &str,
+) -> Result<RoomAccess, ApiError> {
+    let user_id = principal.require_user()?.clone();
+    let room_id = RoomId::from(super::validate::id("room_id", room_id)?);
+    let room = state.store.get_room(&room_id).await.map_err(|e| match e {
+        StoreError::NotFound => ApiError::not_found(format!("room `{room_id}` not found")),
+        other => other.into(),
+    })?;
+    let member = state.store.get_member(&room_id, &user_id).await?;
+    if member.is_none() {
+        if let Some(ban) = state.store.active_ban(&room_id, &user_id, now_ms()).await? {
+            let until = ban.expires_at.map_or(String::from(" until lifted"), |t| {
+                format!(" until {t} (Unix ms)")
+            });
+            return Err(ApiError::denied(format!(
+                "you are banned from this room{until}"
+            )));
+        }
+    }
+    let access = RoomAccess {
+        room,
+        member,
+        user_id,
+        server_admin: principal.is_admin(),
+    };
+    if !access.can_read() && !matches!(access.room.kind, RoomKind::Public | RoomKind::Broadcast) {
+        // Private rooms stay invisible to outsiders, unless invited.
+        let invited = state
+            .store
+            .has_invite(&access.room.id, &access.user_id)
+            .await?;
+        if !invited {
+            return Err(ApiError::not_found(format!("room `{room_id}` not found")));
+        }
+    }
+    Ok(access)
+}
