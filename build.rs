@@ -65,6 +65,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     prost_build::Config::new()
         .compile_well_known_types()
+        // Our own Timestamp: pbjson_types writes `+00:00`, which connect-es refuses.
+        .extern_path(".google.protobuf.Timestamp", "crate::proto::Timestamp")
         .extern_path(".google.protobuf", "::pbjson_types")
         .service_generator(Box::new(MethodTable))
         .compile_fds(files)?;

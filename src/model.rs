@@ -88,14 +88,14 @@ impl MemberRole {
 }
 
 /// Milliseconds since the epoch as a protobuf timestamp.
-pub fn timestamp(ms: i64) -> pbjson_types::Timestamp {
-    pbjson_types::Timestamp {
+pub fn timestamp(ms: i64) -> crate::proto::Timestamp {
+    crate::proto::Timestamp {
         seconds: ms.div_euclid(1000),
         nanos: (ms.rem_euclid(1000) * 1_000_000) as i32,
     }
 }
 
 /// An optional time in milliseconds as an optional protobuf timestamp.
-pub fn opt_timestamp(ms: Option<i64>) -> Option<pbjson_types::Timestamp> {
+pub fn opt_timestamp(ms: Option<i64>) -> Option<crate::proto::Timestamp> {
     ms.map(timestamp)
 }
