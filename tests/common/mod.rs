@@ -1,0 +1,818 @@
+//! The harness every integration test uses: a real roomcast server on an ephemeral
+//! port, in-process on its own thread and actix `System`, with its own database
+//! (a SQLite file in a temp dir, or a fresh PostgreSQL database), and clients that
+//! talk to it over real sockets.
+//!
+//! - [`TestServer::spawn`] / [`TestServer::spawn_with`] start a server; dropping it
+//!   stops the server, closes its pool and removes its database.
+//! - [`Rpc`] calls RPCs the way any Connect client does, in either [`Codec`].
+//! - [`both_backends!`] runs one test body against SQLite and against PostgreSQL.
+//!
+//! PostgreSQL tests need `ROOMCAST_TEST_POSTGRES_URL` (scripts/test.sh and
+//! scripts/test-services.sh set it). Without it they fail when `CI=true` and are
+//! skipped with a notice otherwise, so a plain `cargo test` works on a laptop.
+
+#![allow(dead_code)] // each test binary uses its own subset of the helpers
+
+pub mod ws;
+
+use std::{
+    future::Future,
+    net::{SocketAddr, TcpListener},
+    sync::atomic::{AtomicBool, Ordering},
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use rand::Rng as _;
+use roomcast::{
+    app::{self, Running},
+    domain::AppState,
+    proto::v1 as pb,
+    settings::Settings,
+};
+use serde::{de::DeserializeOwned, Serialize};
+use serde_json::Value;
+use sqlx::{Connection as _, Executor as _};
+
+/// The environment variable naming the PostgreSQL server tests may use: a URL whose
+/// user can `CREATE DATABASE`.
+pub const POSTGRES_URL_ENV: &str = "ROOMCAST_TEST_POSTGRES_URL";
+
+/// The password every account made by the helpers gets.
+pub const PASSWORD: &str = "correct horse battery staple";
+
+/// A token secret for tests that sign their own roomcast tokens (see
+/// [`TestServer::spawn_with`]); servers without it generate one.
+pub const TEST_TOKEN_SECRET: &str = "roomcast-test-token-secret-0123456789abcdef";
+
+/// How long a server may take to start before the test fails.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long dropping a server waits for its thread to finish.
+const STOP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Which database a test server uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// A fresh SQLite file in a temp dir.
+    Sqlite,
+    /// A fresh database on the server named by `ROOMCAST_TEST_POSTGRES_URL`.
+    Postgres,
+}
+
+/// Whether PostgreSQL tests can run. Without `ROOMCAST_TEST_POSTGRES_URL` this
+/// panics under CI (`CI=true`) and otherwise prints a notice (once) and answers
+/// false, so the caller skips the test.
+pub fn postgres_available() -> bool {
+    static NOTICE_PRINTED: AtomicBool = AtomicBool::new(false);
+    if std::env::var(POSTGRES_URL_ENV).is_ok_and(|v| !v.trim().is_empty()) {
+        return true;
+    }
+    let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+    assert!(
+        !ci,
+        "{POSTGRES_URL_ENV} is not set but CI=true: PostgreSQL tests must run in CI. \
+         Run them through `bash scripts/test.sh`, or start the services with \
+         `eval \"$(scripts/test-services.sh start)\"`."
+    );
+    if !NOTICE_PRINTED.swap(true, Ordering::Relaxed) {
+        eprintln!(
+            "NOTICE: {POSTGRES_URL_ENV} is not set; skipping PostgreSQL tests. \
+             Run `bash scripts/test.sh` (or `eval \"$(scripts/test-services.sh start)\"`) to include them."
+        );
+    }
+    false
+}
+
+/// Runs one async test body against both backends: generates a module `$name`
+/// holding the tests `sqlite` and `postgres` (filter with `cargo test name::`).
+///
+/// ```ignore
+/// both_backends!(sign_in_works, |backend| async move {
+///     let server = TestServer::spawn(backend).await;
+///     ...
+/// });
+/// ```
+#[macro_export]
+macro_rules! both_backends {
+    ($name:ident, $body:expr) => {
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                let body = $body;
+                body($crate::common::Backend::Sqlite).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                if !$crate::common::postgres_available() {
+                    return;
+                }
+                let body = $body;
+                body($crate::common::Backend::Postgres).await;
+            }
+        }
+    };
+}
+
+/// Settings for a test server: loopback port 0, cheap argon2, few threads, the
+/// log level from `RUST_LOG` only. `store.url` is filled in by the harness.
+pub fn test_settings() -> Settings {
+    let mut settings = Settings::default();
+    settings.server.listen = "127.0.0.1:0".parse().expect("valid address");
+    settings.server.workers = 2;
+    settings.server.shutdown_timeout_secs = 1;
+    settings.server.web_client = false;
+    settings.store.max_connections = 4;
+    settings.store.sqlite_synchronous = "normal".into();
+    settings.auth.hasher_threads = 2;
+    settings.auth.argon2_memory_kib = 1024;
+    settings.auth.argon2_iterations = 1;
+    settings
+}
+
+/// A roomcast server running in this process until dropped.
+pub struct TestServer {
+    /// The address the server listens on.
+    pub addr: SocketAddr,
+    /// The settings it was started with (with `store.url` filled in).
+    pub settings: Settings,
+    pub backend: Backend,
+    state: AppState,
+    handle: actix_web::dev::ServerHandle,
+    thread: Option<JoinHandle<()>>,
+    http: reqwest::Client,
+    /// The database this server owns and removes when dropped.
+    owned: OwnedDatabase,
+}
+
+/// A database made for one test: the SQLite temp dir, or the PostgreSQL database
+/// (dropped when the last server using it is dropped).
+#[derive(Default)]
+struct OwnedDatabase {
+    dir: Option<tempfile::TempDir>,
+    /// (admin URL, database name).
+    postgres: Option<(String, String)>,
+}
+
+impl OwnedDatabase {
+    fn take(&mut self) -> Self {
+        Self {
+            dir: self.dir.take(),
+            postgres: self.postgres.take(),
+        }
+    }
+}
+
+/// What the server thread reports once it listens.
+struct Started {
+    state: AppState,
+    handle: actix_web::dev::ServerHandle,
+    addr: SocketAddr,
+}
+
+impl TestServer {
+    /// Starts a server with [`test_settings`] on `backend`.
+    pub async fn spawn(backend: Backend) -> Self {
+        Self::spawn_with(backend, |_| {}).await
+    }
+
+    /// Starts a server with [`test_settings`] changed by `configure`. Set
+    /// `store.url` in `configure` to reuse an existing database; otherwise a fresh
+    /// one is made (and removed on drop).
+    pub async fn spawn_with(backend: Backend, configure: impl FnOnce(&mut Settings)) -> Self {
+        let mut settings = test_settings();
+        settings.store.url = String::new();
+        configure(&mut settings);
+        let mut owned = OwnedDatabase::default();
+        if settings.store.url.is_empty() {
+            match backend {
+                Backend::Sqlite => {
+                    let tmp = tempfile::Builder::new()
+                        .prefix("roomcast-test-")
+                        .tempdir()
+                        .expect("create a temp dir");
+                    settings.store.url = format!("sqlite://{}/roomcast.db", tmp.path().display());
+                    owned.dir = Some(tmp);
+                }
+                Backend::Postgres => {
+                    let admin_url = std::env::var(POSTGRES_URL_ENV).unwrap_or_else(|_| {
+                        panic!("{POSTGRES_URL_ENV} must be set to spawn a PostgreSQL test server")
+                    });
+                    let db = create_postgres_database(&admin_url).await;
+                    settings.store.url = replace_database(&admin_url, &db);
+                    owned.postgres = Some((admin_url, db));
+                }
+            }
+        }
+        Self::start(backend, settings, owned).await
+    }
+
+    /// Stops this server and starts a new one on the same database (and a new
+    /// port), with the settings changed by `configure`: for tests of what
+    /// survives a restart.
+    pub async fn restart_with(mut self, configure: impl FnOnce(&mut Settings)) -> Self {
+        self.shutdown();
+        let owned = self.owned.take();
+        let mut settings = self.settings.clone();
+        settings.server.listen = "127.0.0.1:0".parse().expect("valid address");
+        configure(&mut settings);
+        Self::start(self.backend, settings, owned).await
+    }
+
+    async fn start(backend: Backend, settings: Settings, owned: OwnedDatabase) -> Self {
+        settings
+            .validate()
+            .unwrap_or_else(|e| panic!("test settings are invalid: {e}"));
+        init_logging();
+        let listener = TcpListener::bind(settings.server.listen).expect("bind 127.0.0.1:0");
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<Result<Started, String>>();
+        let thread_settings = settings.clone();
+        let thread = std::thread::Builder::new()
+            .name("roomcast-test-server".into())
+            .spawn(move || run_server(thread_settings, listener, ready_tx))
+            .expect("spawn the server thread");
+        let started = match tokio::time::timeout(START_TIMEOUT, ready_rx).await {
+            Ok(Ok(Ok(started))) => started,
+            Ok(Ok(Err(e))) => panic!("test server failed to start: {e}"),
+            Ok(Err(_)) => panic!("test server thread ended before it started listening"),
+            Err(_) => panic!("test server did not start within {START_TIMEOUT:?}"),
+        };
+        Self {
+            addr: started.addr,
+            settings,
+            backend,
+            state: started.state,
+            handle: started.handle,
+            thread: Some(thread),
+            http: http_client(),
+            owned,
+        }
+    }
+
+    /// Stops the server (without waiting for in-flight requests) and waits for
+    /// its thread, which closes the store's pool.
+    fn shutdown(&mut self) {
+        // The command is sent before the returned future is polled; the server
+        // thread observes the stop and cleans up on its own.
+        drop(self.handle.stop(false));
+        let Some(thread) = self.thread.take() else {
+            return;
+        };
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        while !thread.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if !thread.is_finished() {
+            eprintln!(
+                "test server on {} did not stop within {STOP_TIMEOUT:?}",
+                self.addr
+            );
+        } else if thread.join().is_err() && !std::thread::panicking() {
+            panic!("the test server thread panicked");
+        }
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// `http://127.0.0.1:PORT{path}`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// `ws://127.0.0.1:PORT{path}`.
+    pub fn ws_url(&self, path: &str) -> String {
+        format!("ws://{}{path}", self.addr)
+    }
+
+    /// The server's actors and store, for tests that reach behind the API.
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// A plain HTTP client (no bearer token), for requests that are not RPCs.
+    pub fn http(&self) -> &reqwest::Client {
+        &self.http
+    }
+
+    /// An RPC client without credentials.
+    pub fn rpc(&self) -> Rpc {
+        Rpc {
+            http: self.http.clone(),
+            base: self.base_url(),
+            token: None,
+        }
+    }
+
+    /// An RPC client sending `Authorization: Bearer <token>`.
+    pub fn rpc_as(&self, token: &str) -> Rpc {
+        self.rpc().with_token(token)
+    }
+
+    /// Signs up `username` (with [`PASSWORD`]) and returns the new account.
+    pub async fn sign_up(&self, username: &str) -> Account {
+        let resp: pb::SignUpResponse = self
+            .rpc()
+            .call(
+                Codec::Proto,
+                "AuthService/SignUp",
+                &pb::SignUpRequest {
+                    username: username.into(),
+                    password: PASSWORD.into(),
+                    display_name: String::new(),
+                },
+            )
+            .await
+            .unwrap_or_else(|e| panic!("sign up `{username}`: {e}"));
+        Account::from_parts(resp.user, resp.tokens)
+    }
+
+    /// Signs in `username` with `password`.
+    pub async fn sign_in(&self, username: &str, password: &str) -> Account {
+        let resp: pb::SignInResponse = self
+            .rpc()
+            .call(
+                Codec::Proto,
+                "AuthService/SignIn",
+                &pb::SignInRequest {
+                    username: username.into(),
+                    password: password.into(),
+                },
+            )
+            .await
+            .unwrap_or_else(|e| panic!("sign in `{username}`: {e}"));
+        Account::from_parts(resp.user, resp.tokens)
+    }
+
+    /// Starts a server whose configured admin is `admin` / [`PASSWORD`], and signs
+    /// the admin in.
+    pub async fn spawn_with_admin(
+        backend: Backend,
+        configure: impl FnOnce(&mut Settings),
+    ) -> (Self, Account) {
+        let server = Self::spawn_with(backend, |s| {
+            s.auth.admin_username = "admin".into();
+            s.auth.admin_password = PASSWORD.into();
+            configure(s);
+        })
+        .await;
+        let admin = server.sign_in("admin", PASSWORD).await;
+        (server, admin)
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.shutdown();
+        if let Some((admin_url, db)) = self.owned.postgres.take() {
+            // Drop may run inside the test's runtime, where blocking on another
+            // future is not allowed: use a thread with its own runtime.
+            let dropper = std::thread::spawn(move || {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("a runtime to drop the test database")
+                    .block_on(drop_postgres_database(&admin_url, &db));
+            });
+            let _ = dropper.join();
+        }
+    }
+}
+
+/// The server thread: a fresh actix `System` running the server until it is
+/// stopped; then the auth actors are stopped and the pool closed.
+fn run_server(
+    settings: Settings,
+    listener: TcpListener,
+    ready: tokio::sync::oneshot::Sender<Result<Started, String>>,
+) {
+    let system = actix_web::rt::System::new();
+    system.block_on(async move {
+        let Running {
+            server,
+            state,
+            local_addr,
+        } = match app::start(settings, listener).await {
+            Ok(running) => running,
+            Err(e) => {
+                let _ = ready.send(Err(e.to_string()));
+                return;
+            }
+        };
+        let _ = ready.send(Ok(Started {
+            state: state.clone(),
+            handle: server.handle(),
+            addr: local_addr,
+        }));
+        let _ = server.await;
+        state.auth.stop();
+        state.store.close().await;
+    });
+}
+
+/// Logs go to stderr only when `RUST_LOG` is set, to keep test output readable.
+fn init_logging() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        roomcast::telemetry::init(&Settings::default().log);
+    }
+}
+
+fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("build an HTTP client")
+}
+
+/// Creates `roomcast_t_<random>` on the server of `admin_url`.
+async fn create_postgres_database(admin_url: &str) -> String {
+    let name = format!("roomcast_t_{:016x}", rand::thread_rng().gen::<u64>());
+    let mut conn = sqlx::PgConnection::connect(admin_url)
+        .await
+        .unwrap_or_else(|e| panic!("connect to {POSTGRES_URL_ENV} ({admin_url}): {e}"));
+    conn.execute(format!("CREATE DATABASE {name}").as_str())
+        .await
+        .unwrap_or_else(|e| panic!("CREATE DATABASE {name}: {e}"));
+    let _ = conn.close().await;
+    name
+}
+
+/// Drops a database made by [`create_postgres_database`]; failures only warn.
+async fn drop_postgres_database(admin_url: &str, name: &str) {
+    let result = async {
+        let mut conn = sqlx::PgConnection::connect(admin_url).await?;
+        // FORCE (PostgreSQL 13+) ends connections a test may have left open.
+        let dropped = conn
+            .execute(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str())
+            .await;
+        if dropped.is_err() {
+            conn.execute(format!("DROP DATABASE IF EXISTS {name}").as_str())
+                .await?;
+        }
+        conn.close().await
+    }
+    .await;
+    if let Err(e) = result {
+        eprintln!("warning: could not drop test database {name}: {e}");
+    }
+}
+
+/// `postgres://u@h:p/old?x` → `postgres://u@h:p/<db>?x`.
+fn replace_database(url: &str, db: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, Some(query)),
+        None => (url, None),
+    };
+    let scheme_end = base.find("://").map_or(0, |i| i + 3);
+    let host_and_path = &base[scheme_end..];
+    let host = host_and_path
+        .split_once('/')
+        .map_or(host_and_path, |(host, _)| host);
+    let mut out = format!("{}{host}/{db}", &base[..scheme_end]);
+    if let Some(query) = query {
+        out.push('?');
+        out.push_str(query);
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------
+// Clients
+// ---------------------------------------------------------------------------
+
+/// The two codecs of the Connect unary protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Codec {
+    /// `application/json`, canonical proto3 JSON.
+    Json,
+    /// `application/proto`, binary protobuf.
+    Proto,
+}
+
+impl Codec {
+    /// Both codecs, for tests that run every call in each.
+    pub const ALL: [Codec; 2] = [Codec::Json, Codec::Proto];
+
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Codec::Json => "application/json",
+            Codec::Proto => "application/proto",
+        }
+    }
+}
+
+/// A Connect error as a client sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RpcError {
+    /// The HTTP status.
+    pub status: u16,
+    /// The Connect code, e.g. `invalid_argument`.
+    pub code: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for RpcError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "HTTP {} {}: {}", self.status, self.code, self.message)
+    }
+}
+
+impl RpcError {
+    /// Asserts the Connect code, the HTTP status and a non-empty message; answers
+    /// the message for further checks.
+    #[track_caller]
+    pub fn expect(&self, code: &str, status: u16) -> &str {
+        assert_eq!(
+            (self.code.as_str(), self.status),
+            (code, status),
+            "unexpected error: {self}"
+        );
+        assert!(
+            self.message.trim().len() >= 5,
+            "error message is not meaningful: {self}"
+        );
+        &self.message
+    }
+}
+
+/// Asserts that `result` is a Connect error with `code` and `status`; answers the
+/// message.
+#[track_caller]
+pub fn expect_error<T: std::fmt::Debug>(
+    result: Result<T, RpcError>,
+    code: &str,
+    status: u16,
+) -> String {
+    match result {
+        Ok(ok) => panic!("expected {code} ({status}), got a success: {ok:?}"),
+        Err(e) => e.expect(code, status).to_owned(),
+    }
+}
+
+/// Calls RPCs on one server, optionally with a bearer token.
+#[derive(Clone)]
+pub struct Rpc {
+    http: reqwest::Client,
+    base: String,
+    token: Option<String>,
+}
+
+impl Rpc {
+    /// The same client with `Authorization: Bearer <token>`.
+    pub fn with_token(&self, token: &str) -> Self {
+        Self {
+            token: Some(token.to_owned()),
+            ..self.clone()
+        }
+    }
+
+    /// `POST /roomcast.v1.<method>` where `method` is `Service/Method`, or a full
+    /// path starting with `/`.
+    fn url(&self, method: &str) -> String {
+        if method.starts_with('/') {
+            format!("{}{method}", self.base)
+        } else {
+            format!("{}/roomcast.v1.{method}", self.base)
+        }
+    }
+
+    fn post(&self, method: &str, content_type: &str) -> reqwest::RequestBuilder {
+        let mut request = self
+            .http
+            .post(self.url(method))
+            .header(reqwest::header::CONTENT_TYPE, content_type)
+            .header("connect-protocol-version", "1");
+        if let Some(token) = &self.token {
+            request = request.bearer_auth(token);
+        }
+        request
+    }
+
+    /// Sends a JSON body as is; answers the HTTP status and the parsed JSON reply
+    /// (`Value::Null` for an empty body).
+    pub async fn call_json(&self, method: &str, body: Value) -> (u16, Value) {
+        let response = self
+            .post(method, "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("POST {method}: {e}"));
+        json_reply(response).await
+    }
+
+    /// Sends `body` bytes with `content_type`; answers the status, the response's
+    /// content type and body.
+    pub async fn call_raw(
+        &self,
+        method: &str,
+        content_type: &str,
+        body: impl Into<reqwest::Body>,
+    ) -> (u16, String, Vec<u8>) {
+        let response = self
+            .post(method, content_type)
+            .body(body)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("POST {method}: {e}"));
+        let status = response.status().as_u16();
+        let content_type = response
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        let body = response.bytes().await.expect("read the body").to_vec();
+        (status, content_type, body)
+    }
+
+    /// Calls `method` in binary protobuf.
+    pub async fn call_proto<Req, Resp>(&self, method: &str, req: &Req) -> Result<Resp, RpcError>
+    where
+        Req: prost::Message,
+        Resp: prost::Message + Default,
+    {
+        let (status, content_type, body) = self
+            .call_raw(method, "application/proto", req.encode_to_vec())
+            .await;
+        if status != 200 {
+            return Err(connect_error(status, &content_type, &body));
+        }
+        assert_eq!(
+            content_type, "application/proto",
+            "a binary request gets a binary reply"
+        );
+        Ok(Resp::decode(body.as_slice())
+            .unwrap_or_else(|e| panic!("{method}: undecodable protobuf reply: {e}")))
+    }
+
+    /// Calls `method` in canonical proto3 JSON, with the typed messages.
+    pub async fn call_typed_json<Req, Resp>(
+        &self,
+        method: &str,
+        req: &Req,
+    ) -> Result<Resp, RpcError>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+    {
+        let body = serde_json::to_vec(req).expect("serialize the request");
+        let (status, content_type, body) = self.call_raw(method, "application/json", body).await;
+        if status != 200 {
+            return Err(connect_error(status, &content_type, &body));
+        }
+        assert_eq!(
+            content_type, "application/json",
+            "a JSON request gets a JSON reply"
+        );
+        Ok(serde_json::from_slice(&body).unwrap_or_else(|e| {
+            panic!(
+                "{method}: reply is not the expected JSON ({e}): {}",
+                String::from_utf8_lossy(&body)
+            )
+        }))
+    }
+
+    /// Calls `method` in `codec` with typed messages.
+    pub async fn call<Req, Resp>(
+        &self,
+        codec: Codec,
+        method: &str,
+        req: &Req,
+    ) -> Result<Resp, RpcError>
+    where
+        Req: prost::Message + Serialize,
+        Resp: prost::Message + Default + DeserializeOwned,
+    {
+        match codec {
+            Codec::Json => self.call_typed_json(method, req).await,
+            Codec::Proto => self.call_proto(method, req).await,
+        }
+    }
+}
+
+/// Reads a reply as JSON (any status).
+pub async fn json_reply(response: reqwest::Response) -> (u16, Value) {
+    let status = response.status().as_u16();
+    let body = response.bytes().await.expect("read the body");
+    if body.is_empty() {
+        return (status, Value::Null);
+    }
+    let value = serde_json::from_slice(&body).unwrap_or_else(|e| {
+        panic!(
+            "HTTP {status}: body is not JSON ({e}): {}",
+            String::from_utf8_lossy(&body)
+        )
+    });
+    (status, value)
+}
+
+/// Parses a Connect error body; asserts it is the JSON shape the protocol defines.
+pub fn connect_error(status: u16, content_type: &str, body: &[u8]) -> RpcError {
+    assert!(
+        content_type.starts_with("application/json"),
+        "Connect errors are JSON, got `{content_type}` with HTTP {status}: {}",
+        String::from_utf8_lossy(body)
+    );
+    let value: Value = serde_json::from_slice(body).unwrap_or_else(|e| {
+        panic!(
+            "HTTP {status}: error body is not JSON ({e}): {}",
+            String::from_utf8_lossy(body)
+        )
+    });
+    let field = |name: &str| {
+        value
+            .get(name)
+            .and_then(Value::as_str)
+            .unwrap_or_else(|| panic!("HTTP {status}: error body has no string `{name}`: {value}"))
+            .to_owned()
+    };
+    RpcError {
+        status,
+        code: field("code"),
+        message: field("message"),
+    }
+}
+
+/// An account signed in by a helper.
+#[derive(Debug, Clone)]
+pub struct Account {
+    pub user_id: String,
+    pub username: String,
+    pub access_token: String,
+    pub refresh_token: String,
+    pub user: pb::User,
+}
+
+impl Account {
+    fn from_parts(user: Option<pb::User>, tokens: Option<pb::TokenPair>) -> Self {
+        let user = user.expect("the reply has a user");
+        let tokens = tokens.expect("the reply has tokens");
+        assert!(!tokens.access_token.is_empty() && !tokens.refresh_token.is_empty());
+        Self {
+            user_id: user.id.clone(),
+            username: user.username.clone(),
+            access_token: tokens.access_token,
+            refresh_token: tokens.refresh_token,
+            user,
+        }
+    }
+}
+
+/// A unique, valid username starting with `prefix` (tests share no data, but
+/// unique names make failures easier to read in logs).
+pub fn unique_name(prefix: &str) -> String {
+    format!("{prefix}{:06}", rand::thread_rng().gen_range(0..1_000_000))
+}
+
+/// Polls `check` every 20 ms until it answers true or `timeout` passes.
+pub async fn eventually<F, Fut>(timeout: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if check().await {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Signs a roomcast access token with `secret` (the server's
+/// `auth.token_secret`), for forged/expired-token tests.
+pub fn sign_roomcast_token(secret: &str, claims: &Value) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .expect("sign a test token")
+}
+
+/// The payload of a JWT (no verification), for tests that copy real claims.
+pub fn jwt_claims(token: &str) -> Value {
+    use base64::Engine as _;
+    let payload = token.split('.').nth(1).expect("a JWT has three parts");
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .expect("JWT payload is base64url");
+    serde_json::from_slice(&bytes).expect("JWT payload is JSON")
+}
+
+/// Unix time in seconds.
+pub fn now_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_secs() as i64
+}
