@@ -1017,6 +1017,8 @@ impl ExternalVerifier {
                 "invalid token: expected a roomcast access token or a {:?}-signed application token",
                 self.algorithm
             ),
+            // A claim of the wrong type (e.g. `sub` an array) fails JSON decoding.
+            ErrorKind::Json(_) => "invalid token: its claims are not JSON of the expected types".to_owned(),
             _ => "invalid access token".to_owned(),
         };
         ApiError::unauthenticated(message)
@@ -1264,10 +1266,11 @@ mod tests {
         );
         assert_eq!(message(wrong_iss), "token issuer (iss) is not accepted");
         let no_sub = external_token(
-            &json!({"sub": ["x"], "iss": "my-app", "exp": exp}),
+            &json!({"sub": "", "iss": "my-app", "exp": exp}),
             EXTERNAL_SECRET,
         );
-        assert!(message(no_sub).contains("`sub`"));
+        let no_sub = message(no_sub);
+        assert!(no_sub.contains("`sub`"), "{no_sub}");
     }
 
     #[test]

@@ -78,8 +78,11 @@ impl PasswordHasher {
     }
 }
 
-/// Dummy hashes by (memory, iterations, lanes), made once per process.
-static DUMMY_HASHES: OnceLock<Mutex<HashMap<(u32, u32, u32), Arc<str>>>> = OnceLock::new();
+/// argon2 cost parameters: memory (KiB), iterations, lanes.
+type CostKey = (u32, u32, u32);
+
+/// Dummy hashes by cost parameters, made once per process.
+static DUMMY_HASHES: OnceLock<Mutex<HashMap<CostKey, Arc<str>>>> = OnceLock::new();
 
 /// The dummy hash made with `argon2`'s parameters; the first caller makes it while
 /// the others wait for it. `None` only if hashing itself fails.

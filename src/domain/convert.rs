@@ -50,42 +50,6 @@ pub fn api_key_to_proto(key: &ApiKeyRecord) -> pb::ApiKey {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::{ids::UserId, model::Role};
-
-    fn record(external_subject: Option<&str>) -> UserRecord {
-        UserRecord {
-            id: UserId("u_1".into()),
-            username: external_subject.is_none().then(|| "alice".to_owned()),
-            display_name: "Alice".into(),
-            avatar_url: String::new(),
-            bio: String::new(),
-            role: Role::Member,
-            password_hash: Some("$argon2id$secret".into()),
-            external_subject: external_subject.map(str::to_owned),
-            created_at: 1_500,
-        }
-    }
-
-    #[test]
-    fn accounts_and_external_users() {
-        let account = user_to_proto(&record(None));
-        assert_eq!(
-            (account.username.as_str(), account.external),
-            ("alice", false)
-        );
-        assert_eq!(account.role, pb::Role::Member as i32);
-        assert_eq!(
-            account.created_at.map(|t| (t.seconds, t.nanos)),
-            Some((1, 500_000_000))
-        );
-        let external = user_to_proto(&record(Some("42")));
-        assert_eq!((external.username.as_str(), external.external), ("", true));
-    }
-}
-
 /// A stored room event as the API shows it.
 pub fn message_to_proto(m: &crate::store::MessageRecord) -> pb::Message {
     pb::Message {
@@ -128,5 +92,41 @@ pub fn room_to_proto(
         my_role: member.map_or(0, |m| m.role.to_proto()),
         unread_count: member.map_or(0, |m| room.last_seq.saturating_sub(m.last_read_seq)),
         last_read_seq: member.map_or(0, |m| m.last_read_seq),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{ids::UserId, model::Role};
+
+    fn record(external_subject: Option<&str>) -> UserRecord {
+        UserRecord {
+            id: UserId("u_1".into()),
+            username: external_subject.is_none().then(|| "alice".to_owned()),
+            display_name: "Alice".into(),
+            avatar_url: String::new(),
+            bio: String::new(),
+            role: Role::Member,
+            password_hash: Some("$argon2id$secret".into()),
+            external_subject: external_subject.map(str::to_owned),
+            created_at: 1_500,
+        }
+    }
+
+    #[test]
+    fn accounts_and_external_users() {
+        let account = user_to_proto(&record(None));
+        assert_eq!(
+            (account.username.as_str(), account.external),
+            ("alice", false)
+        );
+        assert_eq!(account.role, pb::Role::Member as i32);
+        assert_eq!(
+            account.created_at.map(|t| (t.seconds, t.nanos)),
+            Some((1, 500_000_000))
+        );
+        let external = user_to_proto(&record(Some("42")));
+        assert_eq!((external.username.as_str(), external.external), ("", true));
     }
 }
