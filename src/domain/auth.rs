@@ -4,12 +4,13 @@
 
 use super::{
     convert::{api_key_to_proto, tokens_to_proto, user_to_proto},
-    validate, AppState, Principal,
+    validate, AppState, Credential, Principal,
 };
 use crate::{
     actors::authenticator::{
         CreateApiKey, ListApiKeys, Refresh, RevokeApiKey, SignIn, SignOut, SignUp,
     },
+    actors::session_registry::SignOutUser,
     error::ApiError,
     ids::ApiKeyId,
     proto::v1 as pb,
@@ -81,6 +82,15 @@ pub async fn sign_out(
             all_sessions: req.all_sessions,
         })
         .await?;
+    // Live connections of the ended session(s) close with "signed out".
+    let session_id = match &principal.credential {
+        Credential::Session(id) if !req.all_sessions => Some(id.clone()),
+        _ => None,
+    };
+    state.sessions.do_send(SignOutUser {
+        user_id: principal.user_id.clone(),
+        session_id,
+    });
     Ok(pb::SignOutResponse {
         sessions_ended: u32::try_from(ended).unwrap_or(u32::MAX),
     })
