@@ -119,6 +119,11 @@ impl Connection {
         }
     }
 
+    /// Whether `generation` is still the subscription's latest (re)subscription.
+    fn is_current(&self, room_id: &RoomId, generation: u64) -> bool {
+        self.subs.get(room_id).is_some_and(|s| s.generation == generation)
+    }
+
     fn write(&self, ctx: &mut ws::WebsocketContext<Self>, wire: WireFrame) {
         match wire {
             WireFrame::Text(text) => ctx.text(text),
@@ -440,11 +445,7 @@ impl Connection {
             async move { room.send(Subscribe { subscriber, since }).await }
                 .into_actor(self)
                 .map(move |result, act, ctx| {
-                    let current = act
-                        .subs
-                        .get(&room_id)
-                        .is_some_and(|s| s.generation == generation);
-                    if !current {
+                    if !act.is_current(&room_id, generation) {
                         return;
                     }
                     match result {
@@ -640,11 +641,7 @@ impl Connection {
             async move { store.messages_after(&id, after, upto, CATCH_UP_PAGE).await }
                 .into_actor(self)
                 .map(move |result, act, ctx| {
-                    if !act
-                        .subs
-                        .get(&room_id)
-                        .is_some_and(|s| s.generation == generation)
-                    {
+                    if !act.is_current(&room_id, generation) {
                         return;
                     }
                     match result {

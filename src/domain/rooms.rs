@@ -286,25 +286,22 @@ pub async fn join_room(
     let access = room_access(state, principal, &req.room_id).await?;
     let room = &access.room;
     if access.member.is_none() {
-        match room.kind {
+        let needs_invite = match room.kind {
             RoomKind::Direct => {
                 return Err(ApiError::failed_precondition(
                     "direct rooms cannot be joined; create a direct room with the user instead",
                 ))
             }
-            RoomKind::Private if !access.server_admin => {
-                if !state.store.has_invite(&room.id, &access.user_id).await? {
-                    return Err(ApiError::not_found(format!("room `{}` not found", room.id)));
-                }
-            }
-            RoomKind::Public if principal.role == Role::Guest => {
-                if !state.store.has_invite(&room.id, &access.user_id).await? {
-                    return Err(ApiError::denied(
-                        "guests may join a public room only when invited",
-                    ));
-                }
-            }
-            _ => {}
+            RoomKind::Private => !access.server_admin,
+            RoomKind::Public => principal.role == Role::Guest,
+            RoomKind::Broadcast => false,
+        };
+        if needs_invite && !state.store.has_invite(&room.id, &access.user_id).await? {
+            return Err(if room.kind == RoomKind::Private {
+                ApiError::not_found(format!("room `{}` not found", room.id))
+            } else {
+                ApiError::denied("guests may join a public room only when invited")
+            });
         }
         match state
             .store
@@ -639,7 +636,8 @@ pub async fn set_member_role(
     let room_id = &access.room.id;
     let member = require_target_member(state, room_id, &target).await?;
     let owner_or_admin = access.server_admin || access.role() == Some(MemberRole::Owner);
-    if !owner_or_admin && !(member.role == MemberRole::Member && role == MemberRole::Moderator) {
+    let promotion = member.role == MemberRole::Member && role == MemberRole::Moderator;
+    if !(owner_or_admin || promotion) {
         return Err(ApiError::denied(
             "moderators may only promote members to moderator; ask an owner",
         ));
@@ -792,7 +790,7 @@ fn require_outranks(access: &RoomAccess, target: MemberRole, verb: &str) -> Resu
     match access.role() {
         Some(mine) if mine > target => Ok(()),
         _ => Err(ApiError::denied(format!(
-            "only an owner may {verb} a {target} of this room"
+            "only an owner may {verb} a moderator or an owner of this room"
         ))),
     }
 }

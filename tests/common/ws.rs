@@ -35,6 +35,7 @@ impl WsCodec {
 
 /// What reading the next frame gave.
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant)] // a test helper; frames are read one at a time
 pub enum Incoming {
     Frame(pb::ServerFrame),
     /// The server closed the connection with this code and reason.
