@@ -121,7 +121,9 @@ impl Connection {
 
     /// Whether `generation` is still the subscription's latest (re)subscription.
     fn is_current(&self, room_id: &RoomId, generation: u64) -> bool {
-        self.subs.get(room_id).is_some_and(|s| s.generation == generation)
+        self.subs
+            .get(room_id)
+            .is_some_and(|s| s.generation == generation)
     }
 
     fn write(&self, ctx: &mut ws::WebsocketContext<Self>, wire: WireFrame) {
