@@ -683,11 +683,13 @@ async fn owner_guard(
     user: &UserId,
     new_role: Option<MemberRole>,
 ) -> StoreResult<Option<MembershipChange>> {
-    let locked = sqlx::query("SELECT id FROM rooms WHERE id = $1")
+    let locked = sqlx::query("UPDATE rooms SET last_seq = last_seq WHERE id = $1")
         .bind(room.as_str())
         .execute(&mut *conn)
         .await?;
-    let _ = locked;
+    if locked.rows_affected() == 0 {
+        return Err(StoreError::NotFound);
+    }
     let role: Option<(String,)> =
         sqlx::query_as("SELECT role FROM memberships WHERE room_id = $1 AND user_id = $2")
             .bind(room.as_str())
