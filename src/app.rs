@@ -11,8 +11,9 @@ use crate::{
     actors::{
         authenticator::{AuthPool, EnsureAdmin},
         password_hasher::PasswordHasher,
+        retention::RetentionSweeper,
         room_registry::RoomRegistry,
-        session_registry::SessionRegistry,
+        session_registry::{CloseAll, SessionRegistry},
     },
     domain::{AppState, SendLimiter},
     error::ApiError,
@@ -68,6 +69,9 @@ pub async fn start_state(settings: Arc<Settings>, store: Store) -> Result<AppSta
     let sessions_store = store.clone();
     let sessions_rooms = rooms.clone();
     let sessions = Supervisor::start(move |_| SessionRegistry::new(sessions_store, sessions_rooms));
+    let sweeper_store = store.clone();
+    let sweep_every = Duration::from_secs(settings.rooms.retention_sweep_secs);
+    Supervisor::start(move |_| RetentionSweeper::new(sweeper_store, sweep_every));
     let send_limiter = Arc::new(SendLimiter::new(
         settings.realtime.send_rate_per_sec,
         settings.realtime.send_burst,
@@ -97,6 +101,7 @@ pub async fn start(settings: Settings, listener: TcpListener) -> Result<Running,
             .configure(http::configure)
     })
     .shutdown_timeout(settings.server.shutdown_timeout_secs)
+    .disable_signals()
     .client_request_timeout(Duration::from_secs(30));
     if settings.server.workers > 0 {
         server = server.workers(settings.server.workers);
@@ -114,10 +119,46 @@ pub async fn start(settings: Settings, listener: TcpListener) -> Result<Running,
 pub async fn serve(settings: Settings) -> Result<(), StartError> {
     let listener = TcpListener::bind(settings.server.listen)?;
     let running = start(settings, listener).await?;
+    let handle = running.server.handle();
+    let sessions = running.state.sessions.clone();
+    actix_web::rt::spawn(async move {
+        shutdown_signal().await;
+        tracing::info!(
+            "shutdown requested: closing live connections, finishing in-flight requests"
+        );
+        // WebSocket clients get the "reconnect" close code instead of a dropped socket.
+        let _ = sessions.send(CloseAll).await;
+        handle.stop(true).await;
+    });
     running.server.await?;
     tracing::info!("HTTP server stopped; closing the store");
+    running.state.auth.stop();
     running.state.store.close().await;
     Ok(())
+}
+
+/// Completes on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM; only SIGINT stops the server");
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }
 
 /// `roomcast user create`: creates an account through the auth actors.

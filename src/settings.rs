@@ -230,6 +230,8 @@ pub struct RoomSettings {
     pub history_page_max: u32,
     /// Most messages stored in one group commit.
     pub max_batch: usize,
+    /// How often history past each room's retention is removed, in seconds.
+    pub retention_sweep_secs: u64,
 }
 
 impl Default for RoomSettings {
@@ -240,6 +242,7 @@ impl Default for RoomSettings {
             idle_stop_secs: 300,
             history_page_max: 200,
             max_batch: 256,
+            retention_sweep_secs: 60,
         }
     }
 }

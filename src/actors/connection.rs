@@ -803,6 +803,11 @@ impl Handler<SessionSignal> for Connection {
 
     fn handle(&mut self, msg: SessionSignal, ctx: &mut Self::Context) {
         match msg {
+            SessionSignal::ServerShutdown => self.close(
+                ctx,
+                close::SHUTDOWN,
+                "the server is shutting down; reconnect",
+            ),
             SessionSignal::SignedOut => {
                 self.close(ctx, close::SIGNED_OUT, "the session was signed out")
             }

@@ -9,12 +9,15 @@
 //!   group commit and fan-out to subscribers.
 //! - [`session_registry`]: `SessionRegistry` (supervised), user id → user session.
 //! - [`user_session`]: `UserSession`, one online user's connections and presence.
+//! - [`retention`]: `RetentionSweeper` (supervised), prunes history past each
+//!   room's retention.
 //! - [`connection`]: `Connection`, one WebSocket: auth, frames, subscriptions,
 //!   catch-up, heartbeats.
 
 pub mod authenticator;
 pub mod connection;
 pub mod password_hasher;
+pub mod retention;
 pub mod room;
 pub mod room_registry;
 pub mod session_registry;

@@ -11,7 +11,7 @@ use actix::{
 use super::{
     room::ConnectionId,
     room_registry::RoomRegistry,
-    user_session::{Attach, Detach, EndSessions, SessionSignal, UserSession},
+    user_session::{Attach, Detach, EndSessions, SessionSignal, ShutDown, UserSession},
 };
 use crate::{
     ids::{SessionId, UserId},
@@ -43,6 +43,11 @@ pub struct SignOutUser {
     pub user_id: UserId,
     pub session_id: Option<SessionId>,
 }
+
+/// Closes every authenticated connection with the "server shutting down" code.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct CloseAll;
 
 /// Which of these users are online.
 #[derive(Message)]
@@ -129,6 +134,20 @@ impl Handler<SignOutUser> for SessionRegistry {
             session.do_send(EndSessions {
                 session_id: msg.session_id,
             });
+        }
+    }
+}
+
+impl Handler<CloseAll> for SessionRegistry {
+    type Result = ();
+
+    fn handle(&mut self, _msg: CloseAll, _ctx: &mut Self::Context) {
+        tracing::info!(
+            users = self.sessions.len(),
+            "closing live connections for shutdown"
+        );
+        for session in self.sessions.values() {
+            session.do_send(ShutDown);
         }
     }
 }

@@ -24,7 +24,14 @@ use crate::{
 pub enum SessionSignal {
     /// The session this connection authenticated with was signed out or revoked.
     SignedOut,
+    /// The server is shutting down: reconnect (to another node).
+    ServerShutdown,
 }
+
+/// Tells every connection of this user that the server is shutting down.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ShutDown;
 
 /// A connection of this user opened.
 #[derive(Message)]
@@ -120,6 +127,16 @@ impl Handler<Detach> for UserSession {
             ctx.stop();
         }
         self.connections.len()
+    }
+}
+
+impl Handler<ShutDown> for UserSession {
+    type Result = ();
+
+    fn handle(&mut self, _msg: ShutDown, _ctx: &mut Self::Context) {
+        for (_, addr) in self.connections.values() {
+            addr.do_send(SessionSignal::ServerShutdown);
+        }
     }
 }
 
