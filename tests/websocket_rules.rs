@@ -262,6 +262,23 @@ async fn expired_and_signed_out_sessions(backend: Backend, codec: WsCodec) {
     // And the token no longer opens a connection.
     let mut ws = WsClient::connect(&url(&server), codec, Some(&bob.access_token)).await;
     expect_close(&mut ws, 4500).await;
+
+    // Reusing a rotated refresh token revokes the session, live connections included.
+    let carol = server.sign_in(&alice.username, common::PASSWORD).await;
+    let mut ws = WsClient::connect_authenticated(&url(&server), codec, &carol.access_token).await;
+    let request = pb::RefreshRequest {
+        refresh_token: carol.refresh_token.clone(),
+    };
+    let _: pb::RefreshResponse = rpc(&server, &carol, "AuthService/Refresh", &request).await;
+    let reused: Result<pb::RefreshResponse, _> = server
+        .rpc()
+        .call_proto("AuthService/Refresh", &request)
+        .await;
+    assert_eq!(
+        reused.expect_err("reuse is refused").code,
+        "unauthenticated"
+    );
+    expect_close(&mut ws, 4501).await;
 }
 
 async fn authentication_rules(backend: Backend, codec: WsCodec) {

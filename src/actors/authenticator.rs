@@ -112,9 +112,22 @@ pub struct SignIn {
 
 /// Consumes a refresh token and issues the next token pair of its session.
 #[derive(Debug, Message)]
-#[rtype(result = "Result<IssuedTokens, ApiError>")]
+#[rtype(result = "Result<Refreshed, ApiError>")]
 pub struct Refresh {
     pub refresh_token: String,
+}
+
+/// The outcome of a [`Refresh`] that was not simply invalid.
+#[derive(Debug)]
+pub enum Refreshed {
+    /// The next token pair.
+    Tokens(IssuedTokens),
+    /// The token had been used before: it leaked, and its session is now revoked.
+    /// The caller closes the session's live connections and refuses the request.
+    Revoked {
+        user_id: UserId,
+        session_id: SessionId,
+    },
 }
 
 /// Ends the caller's session, or all of the caller's sessions; answers how many
@@ -565,7 +578,7 @@ impl Handler<SignIn> for Authenticator {
 }
 
 impl Handler<Refresh> for Authenticator {
-    type Result = ResponseFuture<Result<IssuedTokens, ApiError>>;
+    type Result = ResponseFuture<Result<Refreshed, ApiError>>;
 
     fn handle(&mut self, msg: Refresh, _ctx: &mut Context<Self>) -> Self::Result {
         let shared = self.shared.clone();
@@ -597,22 +610,23 @@ impl Handler<Refresh> for Authenticator {
                         shared.settings.access_token_ttl_secs,
                     )?;
                     debug!(user = %user.id, session = %session_id, "tokens refreshed");
-                    Ok(IssuedTokens {
+                    Ok(Refreshed::Tokens(IssuedTokens {
                         access_token,
                         access_expires_at,
                         refresh_token: next,
                         refresh_expires_at: session.expires_at,
                         session_id,
-                    })
+                    }))
                 }
                 RefreshOutcome::Reused {
                     session_id,
                     user_id,
                 } => {
                     warn!(user = %user_id, session = %session_id, "refresh token reused; session revoked");
-                    Err(ApiError::unauthenticated(
-                        "refresh token was already used; the session has been revoked",
-                    ))
+                    Ok(Refreshed::Revoked {
+                        user_id,
+                        session_id,
+                    })
                 }
                 RefreshOutcome::Invalid => Err(invalid()),
             }

@@ -8,7 +8,7 @@ use super::{
 };
 use crate::{
     actors::authenticator::{
-        CreateApiKey, ListApiKeys, Refresh, RevokeApiKey, SignIn, SignOut, SignUp,
+        CreateApiKey, ListApiKeys, Refresh, Refreshed, RevokeApiKey, SignIn, SignOut, SignUp,
     },
     actors::session_registry::SignOutUser,
     error::ApiError,
@@ -58,12 +58,27 @@ pub async fn refresh(
     state: &AppState,
     req: pb::RefreshRequest,
 ) -> Result<pb::RefreshResponse, ApiError> {
-    let tokens = state
+    let refreshed = state
         .auth
         .send(Refresh {
             refresh_token: req.refresh_token,
         })
         .await?;
+    let tokens = match refreshed {
+        Refreshed::Tokens(tokens) => tokens,
+        Refreshed::Revoked {
+            user_id,
+            session_id,
+        } => {
+            state.sessions.do_send(SignOutUser {
+                user_id,
+                session_id: Some(session_id),
+            });
+            return Err(ApiError::unauthenticated(
+                "refresh token was already used; the session has been revoked",
+            ));
+        }
+    };
     Ok(pb::RefreshResponse {
         tokens: Some(tokens_to_proto(&tokens)),
     })
