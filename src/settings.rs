@@ -316,8 +316,13 @@ pub enum SettingsError {
     MissingFile(String),
     #[error("invalid configuration: {0}")]
     Parse(String),
-    #[error("invalid configuration: {key}: {reason}")]
-    Invalid { key: &'static str, reason: String },
+    #[error("invalid configuration: {key}: {reason}{}", from_suffix(.origin))]
+    Invalid {
+        key: &'static str,
+        reason: String,
+        /// Where the value came from (a file, an environment variable), when known.
+        origin: Option<String>,
+    },
 }
 
 impl Settings {
@@ -342,7 +347,17 @@ impl Settings {
         let settings: Settings = figment
             .extract()
             .map_err(|e| SettingsError::Parse(describe_figment_error(e)))?;
-        settings.validate()?;
+        settings.validate().map_err(|e| match e {
+            SettingsError::Invalid { key, reason, .. } => SettingsError::Invalid {
+                key,
+                reason,
+                origin: figment.find_metadata(key).map(|meta| {
+                    let path: Vec<String> = key.split('.').map(str::to_owned).collect();
+                    origin(meta, &path)
+                }),
+            },
+            other => other,
+        })?;
         Ok(settings)
     }
 
@@ -352,6 +367,7 @@ impl Settings {
             Err(SettingsError::Invalid {
                 key,
                 reason: reason.into(),
+                origin: None,
             })
         }
         let url = &self.store.url;
@@ -483,6 +499,14 @@ fn mask_url_password(url: &str) -> String {
     }
 }
 
+/// ` (from <origin>)`, or nothing.
+fn from_suffix(origin: &Option<String>) -> String {
+    origin
+        .as_deref()
+        .map(|o| format!(" (from {o})"))
+        .unwrap_or_default()
+}
+
 /// Figment's messages name the key and the provider; flatten them into one line each.
 fn describe_figment_error(error: figment::Error) -> String {
     error
@@ -493,16 +517,43 @@ fn describe_figment_error(error: figment::Error) -> String {
             } else {
                 format!("key `{}`: ", e.path.join("."))
             };
-            let source = match (
-                &e.metadata,
-                &e.metadata.as_ref().and_then(|m| m.source.as_ref()),
-            ) {
-                (Some(_), Some(src)) => format!(" (from {src})"),
-                (Some(meta), None) => format!(" (from {})", meta.name),
-                _ => String::new(),
+            let source = match &e.metadata {
+                Some(meta) => format!(" (from {})", origin(meta, &e.path)),
+                None => String::new(),
             };
             format!("{key}{}{source}", e.kind)
         })
         .collect::<Vec<_>>()
         .join("; ")
+}
+
+/// Where the value at `path` came from: the file, or the environment variable(s)
+/// that set it (figment only knows "the `ROOMCAST_` variables").
+fn origin(meta: &figment::Metadata, path: &[String]) -> String {
+    match &meta.source {
+        Some(figment::Source::Code(_)) => return "the built-in defaults".into(),
+        Some(source) => return source.to_string(),
+        None => {}
+    }
+    if meta.name.contains("environment variable") && !path.is_empty() {
+        let key = format!("{ENV_PREFIX}{}", path.join("__")).to_ascii_uppercase();
+        let nested = format!("{key}__");
+        let mut names: Vec<String> = std::env::vars_os()
+            .filter_map(|(name, _)| name.into_string().ok())
+            .filter(|name| {
+                let upper = name.to_ascii_uppercase();
+                upper == key || upper.starts_with(&nested)
+            })
+            .collect();
+        if !names.is_empty() {
+            names.sort();
+            let noun = if names.len() == 1 {
+                "variable"
+            } else {
+                "variables"
+            };
+            return format!("environment {noun} {}", names.join(", "));
+        }
+    }
+    meta.name.to_string()
 }

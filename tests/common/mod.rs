@@ -118,20 +118,15 @@ macro_rules! both_backends {
     };
 }
 
-/// Settings for a test server: loopback port 0, cheap argon2, few threads, the
-/// log level from `RUST_LOG` only. `store.url` is filled in by the harness.
+/// Settings for a test server: the defaults with `config/test.toml` on top
+/// (loopback port 0, cheap argon2, few threads), no environment overrides.
+/// `store.url` is replaced by the harness.
 pub fn test_settings() -> Settings {
-    let mut settings = Settings::default();
-    settings.server.listen = "127.0.0.1:0".parse().expect("valid address");
-    settings.server.workers = 2;
-    settings.server.shutdown_timeout_secs = 1;
-    settings.server.web_client = false;
-    settings.store.max_connections = 4;
-    settings.store.sqlite_synchronous = "normal".into();
-    settings.auth.hasher_threads = 2;
-    settings.auth.argon2_memory_kib = 1024;
-    settings.auth.argon2_iterations = 1;
-    settings
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/test.toml");
+    // A prefix no variable has: the developer's ROOMCAST_* environment must not
+    // change what the tests run with.
+    let no_env = figment::providers::Env::prefixed("ROOMCAST_TEST_HARNESS_IGNORES_ENV_");
+    Settings::load_from(Some(&path), no_env).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
 /// A roomcast server running in this process until dropped.
@@ -145,24 +140,70 @@ pub struct TestServer {
     handle: actix_web::dev::ServerHandle,
     thread: Option<JoinHandle<()>>,
     http: reqwest::Client,
-    /// The database this server owns and removes when dropped.
-    owned: OwnedDatabase,
+    /// The database this server made and removes when dropped (none when the
+    /// test gave `store.url` itself).
+    database: Option<TestDatabase>,
 }
 
-/// A database made for one test: the SQLite temp dir, or the PostgreSQL database
-/// (dropped when the last server using it is dropped).
-#[derive(Default)]
-struct OwnedDatabase {
+/// A fresh database for one test, removed when dropped: a SQLite file in a temp
+/// dir, or a `roomcast_t_<random>` database on the PostgreSQL server of
+/// `ROOMCAST_TEST_POSTGRES_URL`. For tests that run the `roomcast` binary too.
+pub struct TestDatabase {
+    /// The `store.url` of this database.
+    pub url: String,
+    /// The SQLite temp dir.
     dir: Option<tempfile::TempDir>,
     /// (admin URL, database name).
     postgres: Option<(String, String)>,
 }
 
-impl OwnedDatabase {
-    fn take(&mut self) -> Self {
-        Self {
-            dir: self.dir.take(),
-            postgres: self.postgres.take(),
+impl TestDatabase {
+    pub async fn create(backend: Backend) -> Self {
+        match backend {
+            Backend::Sqlite => {
+                let dir = tempfile::Builder::new()
+                    .prefix("roomcast-test-")
+                    .tempdir()
+                    .expect("create a temp dir");
+                Self {
+                    url: format!("sqlite://{}/roomcast.db", dir.path().display()),
+                    dir: Some(dir),
+                    postgres: None,
+                }
+            }
+            Backend::Postgres => {
+                let admin_url = std::env::var(POSTGRES_URL_ENV).unwrap_or_else(|_| {
+                    panic!("{POSTGRES_URL_ENV} must be set to use a PostgreSQL test database")
+                });
+                let db = create_postgres_database(&admin_url).await;
+                Self {
+                    url: replace_database(&admin_url, &db),
+                    dir: None,
+                    postgres: Some((admin_url, db)),
+                }
+            }
+        }
+    }
+
+    /// The SQLite temp dir (for files next to the database), if this is SQLite.
+    pub fn dir(&self) -> Option<&std::path::Path> {
+        self.dir.as_ref().map(tempfile::TempDir::path)
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        if let Some((admin_url, db)) = self.postgres.take() {
+            // Drop may run inside the test's runtime, where blocking on another
+            // future is not allowed: use a thread with its own runtime.
+            let dropper = std::thread::spawn(move || {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("a runtime to drop the test database")
+                    .block_on(drop_postgres_database(&admin_url, &db));
+            });
+            let _ = dropper.join();
         }
     }
 }
@@ -187,28 +228,14 @@ impl TestServer {
         let mut settings = test_settings();
         settings.store.url = String::new();
         configure(&mut settings);
-        let mut owned = OwnedDatabase::default();
-        if settings.store.url.is_empty() {
-            match backend {
-                Backend::Sqlite => {
-                    let tmp = tempfile::Builder::new()
-                        .prefix("roomcast-test-")
-                        .tempdir()
-                        .expect("create a temp dir");
-                    settings.store.url = format!("sqlite://{}/roomcast.db", tmp.path().display());
-                    owned.dir = Some(tmp);
-                }
-                Backend::Postgres => {
-                    let admin_url = std::env::var(POSTGRES_URL_ENV).unwrap_or_else(|_| {
-                        panic!("{POSTGRES_URL_ENV} must be set to spawn a PostgreSQL test server")
-                    });
-                    let db = create_postgres_database(&admin_url).await;
-                    settings.store.url = replace_database(&admin_url, &db);
-                    owned.postgres = Some((admin_url, db));
-                }
-            }
-        }
-        Self::start(backend, settings, owned).await
+        let database = if settings.store.url.is_empty() {
+            let database = TestDatabase::create(backend).await;
+            settings.store.url = database.url.clone();
+            Some(database)
+        } else {
+            None
+        };
+        Self::start(backend, settings, database).await
     }
 
     /// Stops this server and starts a new one on the same database (and a new
@@ -216,14 +243,14 @@ impl TestServer {
     /// survives a restart.
     pub async fn restart_with(mut self, configure: impl FnOnce(&mut Settings)) -> Self {
         self.shutdown();
-        let owned = self.owned.take();
+        let database = self.database.take();
         let mut settings = self.settings.clone();
         settings.server.listen = "127.0.0.1:0".parse().expect("valid address");
         configure(&mut settings);
-        Self::start(self.backend, settings, owned).await
+        Self::start(self.backend, settings, database).await
     }
 
-    async fn start(backend: Backend, settings: Settings, owned: OwnedDatabase) -> Self {
+    async fn start(backend: Backend, settings: Settings, database: Option<TestDatabase>) -> Self {
         settings
             .validate()
             .unwrap_or_else(|e| panic!("test settings are invalid: {e}"));
@@ -249,7 +276,7 @@ impl TestServer {
             handle: started.handle,
             thread: Some(thread),
             http: http_client(),
-            owned,
+            database,
         }
     }
 
@@ -369,19 +396,9 @@ impl TestServer {
 
 impl Drop for TestServer {
     fn drop(&mut self) {
+        // The server first, so its pool is closed before the database goes.
         self.shutdown();
-        if let Some((admin_url, db)) = self.owned.postgres.take() {
-            // Drop may run inside the test's runtime, where blocking on another
-            // future is not allowed: use a thread with its own runtime.
-            let dropper = std::thread::spawn(move || {
-                tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .expect("a runtime to drop the test database")
-                    .block_on(drop_postgres_database(&admin_url, &db));
-            });
-            let _ = dropper.join();
-        }
+        self.database.take();
     }
 }
 
