@@ -74,25 +74,31 @@ impl UserSession {
         }
     }
 
-    /// Tells the running rooms the user is a member of that presence changed.
+    /// Tells the running rooms the user is a member of that presence changed; an
+    /// offline announcement stops the actor once sent, unless a connection came back.
     fn announce(&self, online: bool, ctx: &mut Context<Self>) {
         let store = self.store.clone();
         let user = self.user_id.clone();
         ctx.spawn(
             async move { store.user_room_ids(&user).await }
                 .into_actor(self)
-                .map(move |rooms, act, _| match rooms {
-                    Ok(rooms) => {
-                        for room_id in rooms {
-                            let notice = RoomNotice::Presence {
-                                user_id: act.user_id.clone(),
-                                online,
-                            };
-                            act.rooms.do_send(NotifyRoom { room_id, notice });
+                .map(move |rooms, act, ctx| {
+                    match rooms {
+                        Ok(rooms) => {
+                            for room_id in rooms {
+                                let notice = RoomNotice::Presence {
+                                    user_id: act.user_id.clone(),
+                                    online,
+                                };
+                                act.rooms.do_send(NotifyRoom { room_id, notice });
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(user = %act.user_id, error = %e, "cannot announce presence")
                         }
                     }
-                    Err(e) => {
-                        tracing::warn!(user = %act.user_id, error = %e, "cannot announce presence")
+                    if !online && act.connections.is_empty() {
+                        ctx.stop();
                     }
                 }),
         );
@@ -123,8 +129,6 @@ impl Handler<Detach> for UserSession {
         self.connections.remove(&msg.conn_id);
         if self.connections.is_empty() {
             self.announce(false, ctx);
-            // The presence announcement above runs before the actor stops.
-            ctx.stop();
         }
         self.connections.len()
     }
