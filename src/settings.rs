@@ -42,8 +42,6 @@ pub struct ServerSettings {
     pub request_timeout_ms: u64,
     /// How long a graceful shutdown waits for in-flight requests, in seconds.
     pub shutdown_timeout_secs: u64,
-    /// Serve the bundled web client at `/`.
-    pub web_client: bool,
 }
 
 /// The listen address of the embedded default.
@@ -65,7 +63,6 @@ impl Default for ServerSettings {
             max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
             request_timeout_ms: DEFAULT_REQUEST_TIMEOUT_MS,
             shutdown_timeout_secs: DEFAULT_SHUTDOWN_TIMEOUT_SECS,
-            web_client: true,
         }
     }
 }
@@ -400,6 +397,12 @@ impl Settings {
         }
         if !matches!(self.auth.sign_up_role.as_str(), "member" | "guest") {
             return bad("auth.sign_up_role", "must be `member` or `guest`");
+        }
+        if self.auth.argon2_memory_kib < 8 || self.auth.argon2_memory_kib > 4 * 1024 * 1024 {
+            return bad("auth.argon2_memory_kib", "must be between 8 and 4194304 (KiB)");
+        }
+        if self.auth.argon2_iterations == 0 {
+            return bad("auth.argon2_iterations", "must be at least 1");
         }
         if self.auth.hasher_threads == 0 {
             return bad("auth.hasher_threads", "must be at least 1");
