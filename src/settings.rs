@@ -399,7 +399,10 @@ impl Settings {
             return bad("auth.sign_up_role", "must be `member` or `guest`");
         }
         if self.auth.argon2_memory_kib < 8 || self.auth.argon2_memory_kib > 4 * 1024 * 1024 {
-            return bad("auth.argon2_memory_kib", "must be between 8 and 4194304 (KiB)");
+            return bad(
+                "auth.argon2_memory_kib",
+                "must be between 8 and 4194304 (KiB)",
+            );
         }
         if self.auth.argon2_iterations == 0 {
             return bad("auth.argon2_iterations", "must be at least 1");
