@@ -574,3 +574,55 @@ async fn room_restart_loses_nothing(backend: Backend, codec: WsCodec) {
 }
 
 matrix!(room_restart, room_restart_loses_nothing);
+
+// ---------------------------------------------------------------------------
+// Idle rooms retire, and come back on demand with their history intact.
+// ---------------------------------------------------------------------------
+
+async fn idle_rooms_retire_and_return(backend: Backend, codec: WsCodec) {
+    let server = TestServer::spawn_with(backend, |s| {
+        fast_sends(s);
+        s.rooms.idle_stop_secs = 1;
+    })
+    .await;
+    let owner = server.sign_up(&common::unique_name("owner")).await;
+    let busy = create_room(&server, &owner, pb::RoomKind::Public).await;
+    let quiet = create_room(&server, &owner, pb::RoomKind::Public).await;
+    send_http(&server, &owner, &quiet, "first", "q1").await;
+    send_http(&server, &owner, &busy, "first", "b1").await;
+    let mut watcher =
+        WsClient::connect_authenticated(&ws_url(&server), codec, &owner.access_token).await;
+    watcher.subscribe(&busy, Some(1)).await.expect("subscribe");
+
+    let running = |room: &str| {
+        let rooms = server.state().rooms.clone();
+        let room_id = RoomId(room.to_owned());
+        async move {
+            rooms
+                .send(FindRoom { room_id })
+                .await
+                .expect("registry")
+                .is_some()
+        }
+    };
+    assert!(running(&quiet).await, "sending started the room's actor");
+    assert!(
+        common::eventually(Duration::from_secs(10), || async { !running(&quiet).await }).await,
+        "a room with no subscribers retires"
+    );
+    assert!(running(&busy).await, "a room with a subscriber stays");
+
+    // The retired room starts again on the next send and continues its sequence.
+    let second = send_http(&server, &owner, &quiet, "second", "q2").await;
+    assert_eq!(second.message.expect("message").seq, 2);
+    let mut reader =
+        WsClient::connect_authenticated(&ws_url(&server), codec, &owner.access_token).await;
+    reader.subscribe(&quiet, Some(0)).await.expect("subscribe");
+    let events = reader.collect_until(&quiet, 2, IDLE).await;
+    assert_eq!(
+        events.iter().map(|m| m.text.as_str()).collect::<Vec<_>>(),
+        vec!["first", "second"]
+    );
+}
+
+matrix!(idle_rooms, idle_rooms_retire_and_return);

@@ -31,8 +31,8 @@ use prost::Message as _;
 
 use super::{
     room::{
-        ConnectionId, OutboundGauge, RoomActor, RoomPush, Subscribe, SubscribeReply, Subscriber,
-        Unsubscribe,
+        is_retired, ConnectionId, OutboundGauge, RoomActor, RoomPush, Subscribe, SubscribeReply,
+        Subscriber, Unsubscribe,
     },
     session_registry::{ConnectionClosed, ConnectionOpened},
     user_session::SessionSignal,
@@ -52,6 +52,9 @@ use pb::server_frame::Kind as Out;
 const CATCH_UP_PAGE: u32 = 256;
 /// Malformed frames tolerated before the connection is closed.
 const MAX_MALFORMED_FRAMES: u32 = 20;
+/// Times in a row a subscription may find its room actor gone (retired or
+/// restarting) and look it up again before giving up with `unavailable`.
+const MAX_RELOCATIONS: u32 = 5;
 /// Lag rounds are counted over this window to decide a client is too slow.
 const LAG_WINDOW: Duration = Duration::from_secs(60);
 
@@ -79,6 +82,8 @@ struct RoomSub {
     resume_from: Option<u64>,
     /// Request id of the `subscribe` frame still awaiting its `subscribed` reply.
     pending_reply: Option<u64>,
+    /// Times in a row the room actor was found gone; bounded by [`MAX_RELOCATIONS`].
+    relocations: u32,
 }
 
 /// One WebSocket connection.
@@ -404,6 +409,7 @@ impl Connection {
                             generation: 0,
                             resume_from: since.map(|s| s + 1),
                             pending_reply: Some(id),
+                            relocations: 0,
                         };
                         act.subs.insert(room_id.clone(), sub);
                         act.register(ctx, &room_id, since.is_none());
@@ -452,8 +458,10 @@ impl Connection {
                     }
                     match result {
                         Ok(Ok(reply)) => act.registered(ctx, &room_id, reply),
-                        Ok(Err(error)) => act.drop_sub(ctx, &room_id, &error),
-                        Err(_) => {
+                        Ok(Err(error)) if !is_retired(&error) => {
+                            act.drop_sub(ctx, &room_id, &error)
+                        }
+                        Ok(Err(_)) | Err(_) => {
                             // The room actor went away (retired or restarting): ask the
                             // registry for the current one and try again.
                             act.relocate(ctx, &room_id);
@@ -464,6 +472,15 @@ impl Connection {
     }
 
     fn relocate(&mut self, ctx: &mut ws::WebsocketContext<Self>, room_id: &RoomId) {
+        let Some(sub) = self.subs.get_mut(room_id) else {
+            return;
+        };
+        sub.relocations += 1;
+        if sub.relocations > MAX_RELOCATIONS {
+            let error = ApiError::unavailable("the room is restarting; subscribe again later");
+            self.drop_sub(ctx, room_id, &error);
+            return;
+        }
         let state = self.state.clone();
         let id = room_id.clone();
         ctx.spawn(
@@ -510,6 +527,7 @@ impl Connection {
         let Some(sub) = self.subs.get_mut(room_id) else {
             return;
         };
+        sub.relocations = 0;
         if let Some(request_id) = sub.pending_reply.take() {
             let frame = protocol::reply(
                 request_id,

@@ -38,8 +38,17 @@ use crate::{
 /// Identifies one connection (unique within this process).
 pub type ConnectionId = u64;
 
-/// How often an idle room checks whether it may retire.
+/// How often an idle room checks whether it may retire (at most; shorter when
+/// `rooms.idle_stop_secs` is shorter).
 const IDLE_CHECK_INTERVAL: Duration = Duration::from_secs(5);
+
+/// The message of the error a retired room answers with.
+const RETIRED_MESSAGE: &str = "room actor retired; retry";
+
+/// Whether `error` came from a retired room actor: ask the registry again.
+pub fn is_retired(error: &ApiError) -> bool {
+    error.message == RETIRED_MESSAGE
+}
 
 /// Bytes queued for one connection but not yet written; shared by the rooms that
 /// feed it and the connection that drains it.
@@ -251,7 +260,7 @@ impl RoomActor {
 
     fn unavailable(&self) -> Option<ApiError> {
         if self.retired {
-            return Some(ApiError::unavailable("room actor retired; retry"));
+            return Some(ApiError::unavailable(RETIRED_MESSAGE));
         }
         self.broken.clone()
     }
@@ -446,7 +455,11 @@ impl Actor for RoomActor {
         }
         self.load(ctx);
         self.idle_since = Instant::now();
-        self.idle_timer = Some(ctx.run_interval(IDLE_CHECK_INTERVAL, |act, _| act.check_idle()));
+        let idle_stop = Duration::from_secs(self.settings.rooms.idle_stop_secs);
+        let every = IDLE_CHECK_INTERVAL
+            .min(idle_stop / 2)
+            .max(Duration::from_millis(100));
+        self.idle_timer = Some(ctx.run_interval(every, |act, _| act.check_idle()));
     }
 }
 

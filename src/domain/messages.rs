@@ -9,7 +9,7 @@ use actix::{Addr, MailboxError};
 use super::{access::room_access, convert::message_to_proto, validate, AppState, Principal};
 use crate::{
     actors::{
-        room::{Append, RoomActor},
+        room::{is_retired, Append, RoomActor},
         room_registry::GetRoom,
     },
     error::ApiError,
@@ -55,7 +55,7 @@ async fn append(
             })
             .await
         {
-            Ok(Err(e)) if attempt == 0 && e.message.contains("retired") => continue,
+            Ok(Err(e)) if attempt == 0 && is_retired(&e) => continue,
             Ok(result) => return result,
             Err(MailboxError::Closed) if attempt == 0 => continue,
             Err(e) => return Err(e.into()),
