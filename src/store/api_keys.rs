@@ -20,6 +20,9 @@ pub struct ApiKeyRecord {
 
 const KEY_COLUMNS: &str = "id, name, prefix, created_by, created_at, last_used_at, revoked_at";
 
+/// `last_used_at` is refreshed at most this often (one minute).
+pub const LAST_USED_RESOLUTION_MS: i64 = 60_000;
+
 /// How many characters of the secret are kept as its visible prefix.
 const VISIBLE_PREFIX_LEN: usize = 10;
 
@@ -51,7 +54,9 @@ impl Store {
             .await?)
     }
 
-    /// The active key whose secret this is, marking it used.
+    /// The active key whose secret this is, marking it used (at most once per
+    /// [`LAST_USED_RESOLUTION_MS`], so busy server-to-server callers do not turn
+    /// every request into a write).
     pub async fn use_api_key(&self, secret: &str) -> StoreResult<ApiKeyRecord> {
         let sql = format!(
             "SELECT {KEY_COLUMNS} FROM api_keys WHERE secret_hash = $1 AND revoked_at IS NULL"
@@ -60,11 +65,17 @@ impl Store {
             .bind(hash_secret(secret))
             .fetch_one(&self.pool)
             .await?;
-        sqlx::query("UPDATE api_keys SET last_used_at = $1 WHERE id = $2")
-            .bind(now_ms())
-            .bind(&key.id)
-            .execute(&self.pool)
-            .await?;
+        let now = now_ms();
+        if key
+            .last_used_at
+            .is_none_or(|t| now - t >= LAST_USED_RESOLUTION_MS)
+        {
+            sqlx::query("UPDATE api_keys SET last_used_at = $1 WHERE id = $2")
+                .bind(now)
+                .bind(&key.id)
+                .execute(&self.pool)
+                .await?;
+        }
         Ok(key)
     }
 

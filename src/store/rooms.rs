@@ -51,6 +51,17 @@ impl TryFrom<RoomRow> for RoomRecord {
     }
 }
 
+/// A room with the caller's membership (ListRooms MINE).
+#[derive(FromRow)]
+struct UserRoomRow {
+    #[sqlx(flatten)]
+    room: RoomRow,
+    member_role: String,
+    member_joined_at: i64,
+    member_last_read_seq: i64,
+    member_muted_until: Option<i64>,
+}
+
 const ROOM_COLUMNS: &str =
     "id, kind, title, topic, created_by, created_at, last_seq, retention_seconds";
 
@@ -243,24 +254,32 @@ impl Store {
         after_id: &str,
         limit: u32,
     ) -> StoreResult<Vec<(RoomRecord, MemberRecord)>> {
-        let sql = format!(
-            "SELECT {ROOM_COLUMNS} FROM rooms WHERE id IN (SELECT room_id FROM memberships WHERE user_id = $1) \
-             AND id > $2 ORDER BY id LIMIT $3"
-        );
-        let rows: Vec<RoomRow> = sqlx::query_as(&sql)
-            .bind(user.as_str())
-            .bind(after_id)
-            .bind(i64::from(limit))
-            .fetch_all(&self.pool)
-            .await?;
-        let mut out = Vec::with_capacity(rows.len());
-        for row in rows {
-            let room: RoomRecord = row.try_into()?;
-            if let Some(member) = self.get_member(&room.id, user).await? {
-                out.push((room, member));
-            }
-        }
-        Ok(out)
+        // One query: the page of rooms with the caller's membership joined in.
+        let rows: Vec<UserRoomRow> = sqlx::query_as(
+            "SELECT r.id, r.kind, r.title, r.topic, r.created_by, r.created_at, r.last_seq, r.retention_seconds, \
+             m.role AS member_role, m.joined_at AS member_joined_at, m.last_read_seq AS member_last_read_seq, \
+             m.muted_until AS member_muted_until \
+             FROM memberships m JOIN rooms r ON r.id = m.room_id \
+             WHERE m.user_id = $1 AND r.id > $2 ORDER BY r.id LIMIT $3",
+        )
+        .bind(user.as_str())
+        .bind(after_id)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|row| {
+                let member = MemberRow {
+                    room_id: row.room.id.clone(),
+                    user_id: user.0.clone(),
+                    role: row.member_role,
+                    joined_at: row.member_joined_at,
+                    last_read_seq: row.member_last_read_seq,
+                    muted_until: row.member_muted_until,
+                };
+                Ok((row.room.try_into()?, member.try_into()?))
+            })
+            .collect()
     }
 
     /// Public and broadcast rooms, ordered by id after `after_id`.
