@@ -302,6 +302,33 @@ async fn connect_timeout_header_is_validated_and_honoured() {
 }
 
 #[tokio::test]
+async fn a_passed_deadline_is_deadline_exceeded() {
+    // Expensive password hashing makes SignUp take far longer than 1 ms.
+    let server = TestServer::spawn_with(Backend::Sqlite, |s| {
+        s.auth.argon2_memory_kib = 64 * 1024;
+        s.auth.argon2_iterations = 4;
+    })
+    .await;
+    let started = std::time::Instant::now();
+    let response = server
+        .http()
+        .post(server.url("/roomcast.v1.AuthService/SignUp"))
+        .header("content-type", "application/json")
+        .header("connect-timeout-ms", "1")
+        .body(json!({"username": "slow", "password": PASSWORD}).to_string())
+        .send()
+        .await
+        .expect("send");
+    let reply = common::json_reply(response).await;
+    assert_error(&reply, 504, "deadline_exceeded", "deadline");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the deadline was not enforced promptly: {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
 async fn errors_in_binary_calls_are_connect_json() {
     let server = TestServer::spawn(Backend::Sqlite).await;
     let (status, content_type, body) = server
