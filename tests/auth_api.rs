@@ -203,16 +203,20 @@ both_backends!(sign_up_sign_in_refresh_and_sign_out, |backend| async move {
         let session2 = signed_in.tokens.expect("tokens");
         assert_ne!(session2.refresh_token, tokens.refresh_token);
 
-        // Refresh rotates the refresh token and keeps the session's expiry.
+        // Refresh rotates the refresh token; the session's expiry slides to a
+        // full refresh lifetime from now ("expires if unused").
         let refreshed = refresh(&rpc, codec, &tokens.refresh_token)
             .await
             .unwrap_or_else(|e| panic!("{codec:?} refresh: {e}"))
             .tokens
             .expect("tokens");
         assert_ne!(refreshed.refresh_token, tokens.refresh_token);
-        assert_eq!(
-            refreshed.refresh_expires_at.expect("expiry").seconds,
-            refresh_expires
+        let slid = refreshed.refresh_expires_at.expect("expiry").seconds;
+        let refresh_ttl = server.settings.auth.refresh_token_ttl_secs as i64;
+        assert!(slid >= refresh_expires, "{slid} < {refresh_expires}");
+        assert!(
+            (slid - now_secs() - refresh_ttl).abs() <= 2,
+            "refresh expiry {slid} is not a full lifetime from now"
         );
         let me = get_me(&server, codec, &refreshed.access_token)
             .await
