@@ -38,7 +38,10 @@ use tracing::{debug, info, warn};
 
 use super::password_hasher::{HashPassword, PasswordHasher, VerifyPassword};
 use crate::{
-    domain::{validate, Credential, Principal},
+    domain::{
+        access::{load_room_access, RoomAccess},
+        validate, Credential, Principal,
+    },
     error::ApiError,
     ids::{now_ms, random_secret, ApiKeyId, SessionId, UserId},
     model::Role,
@@ -108,6 +111,14 @@ pub struct SignUp {
 pub struct SignIn {
     pub username: String,
     pub password: String,
+}
+
+/// Decides what the principal may do in a room (an ACL decision).
+#[derive(Debug, Message)]
+#[rtype(result = "Result<RoomAccess, ApiError>")]
+pub struct AuthorizeRoom {
+    pub principal: Principal,
+    pub room_id: String,
 }
 
 /// Consumes a refresh token and issues the next token pair of its session.
@@ -766,6 +777,15 @@ impl Handler<RevokeApiKey> for Authenticator {
                 Err(e) => Err(e.into()),
             }
         })
+    }
+}
+
+impl Handler<AuthorizeRoom> for Authenticator {
+    type Result = ResponseFuture<Result<RoomAccess, ApiError>>;
+
+    fn handle(&mut self, msg: AuthorizeRoom, _ctx: &mut Context<Self>) -> Self::Result {
+        let store = self.shared.store.clone();
+        Box::pin(async move { load_room_access(&store, &msg.principal, &msg.room_id).await })
     }
 }
 

@@ -1,12 +1,14 @@
 //! Who may read and who may write a room. Every RoomService call and every
-//! WebSocket frame that touches a room asks here first.
+//! WebSocket frame that touches a room asks here first; the decision itself is made
+//! by the auth actors ([`AuthorizeRoom`]), with the rules below.
 
 use super::{AppState, Principal};
 use crate::{
+    actors::authenticator::AuthorizeRoom,
     error::ApiError,
     ids::{now_ms, RoomId, UserId},
     model::{MemberRole, RoomKind},
-    store::{MemberRecord, RoomRecord, StoreError},
+    store::{MemberRecord, RoomRecord, Store, StoreError},
 };
 
 /// A room and the caller's membership in it.
@@ -77,22 +79,39 @@ impl RoomAccess {
     }
 }
 
-/// Loads the room and the caller's membership; `not_found` when the room does not
-/// exist, and also when it is private and the caller may not know it exists.
+/// The caller's access to a room, decided by the auth actors (every ACL decision
+/// goes through them); `not_found` when the room does not exist, and also when it is
+/// private and the caller may not know it exists.
 pub async fn room_access(
     state: &AppState,
     principal: &Principal,
     room_id: &str,
 ) -> Result<RoomAccess, ApiError> {
+    state
+        .auth
+        .send(AuthorizeRoom {
+            principal: principal.clone(),
+            room_id: room_id.to_owned(),
+        })
+        .await
+}
+
+/// Loads the room and the caller's membership, bans and invitations. Runs inside
+/// the auth actors (see [`AuthorizeRoom`]).
+pub async fn load_room_access(
+    store: &Store,
+    principal: &Principal,
+    room_id: &str,
+) -> Result<RoomAccess, ApiError> {
     let user_id = principal.require_user()?.clone();
     let room_id = RoomId::from(super::validate::id("room_id", room_id)?);
-    let room = state.store.get_room(&room_id).await.map_err(|e| match e {
+    let room = store.get_room(&room_id).await.map_err(|e| match e {
         StoreError::NotFound => ApiError::not_found(format!("room `{room_id}` not found")),
         other => other.into(),
     })?;
-    let member = state.store.get_member(&room_id, &user_id).await?;
+    let member = store.get_member(&room_id, &user_id).await?;
     if member.is_none() {
-        if let Some(ban) = state.store.active_ban(&room_id, &user_id, now_ms()).await? {
+        if let Some(ban) = store.active_ban(&room_id, &user_id, now_ms()).await? {
             let until = ban.expires_at.map_or(String::from(" until lifted"), |t| {
                 format!(" until {t} (Unix ms)")
             });
@@ -109,10 +128,7 @@ pub async fn room_access(
     };
     if !access.can_read() && !matches!(access.room.kind, RoomKind::Public | RoomKind::Broadcast) {
         // Private rooms stay invisible to outsiders, unless invited.
-        let invited = state
-            .store
-            .has_invite(&access.room.id, &access.user_id)
-            .await?;
+        let invited = store.has_invite(&access.room.id, &access.user_id).await?;
         if !invited {
             return Err(ApiError::not_found(format!("room `{room_id}` not found")));
         }
