@@ -205,6 +205,48 @@ both_backends!(send_list_edit_delete, |backend| async move {
         404,
     );
 
+    // Deleting an edited message leaves no readable copy in its edit events.
+    let edit3 = pb::EditMessageRequest {
+        room_id: room.clone(),
+        seq: 3,
+        text: "secret".into(),
+    };
+    let _: pb::EditMessageResponse = alice_rpc
+        .call(Codec::Json, "RoomService/EditMessage", &edit3)
+        .await
+        .expect("edit 3");
+    let del3 = pb::DeleteMessageRequest {
+        room_id: room.clone(),
+        seq: 3,
+    };
+    let _: pb::DeleteMessageResponse = alice_rpc
+        .call(Codec::Json, "RoomService/DeleteMessage", &del3)
+        .await
+        .expect("delete 3");
+    let all: pb::ListMessagesResponse = bob_rpc
+        .call(
+            Codec::Json,
+            "RoomService/ListMessages",
+            &pb::ListMessagesRequest {
+                room_id: room.clone(),
+                after_seq: 0,
+                limit: 200,
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("all");
+    assert!(
+        all.messages.iter().all(|m| !m.text.contains("secret")),
+        "deleted text is gone everywhere"
+    );
+    let edit_event = all
+        .messages
+        .iter()
+        .find(|m| m.kind == pb::MessageKind::Edit as i32 && m.target_seq == 3)
+        .expect("edit event");
+    assert!(edit_event.text.is_empty());
+
     // History: ascending pages after and before a sequence.
     let page: pb::ListMessagesResponse = bob_rpc
         .call(
@@ -223,7 +265,7 @@ both_backends!(send_list_edit_delete, |backend| async move {
         vec![1, 2, 3, 4, 5]
     );
     assert!(page.has_more);
-    assert_eq!(page.last_seq, 13);
+    assert_eq!(page.last_seq, 15);
     assert_eq!(page.messages[0].text, "alice says 0 (edited)");
     assert!(page.messages[0].edited_at.is_some());
     let page: pb::ListMessagesResponse = bob_rpc
@@ -244,7 +286,7 @@ both_backends!(send_list_edit_delete, |backend| async move {
         page.messages[0].deleted && page.messages[0].text.is_empty(),
         "a tombstone"
     );
-    assert_eq!(page.messages.last().map(|m| m.seq), Some(13));
+    assert_eq!(page.messages.last().map(|m| m.seq), Some(15));
     assert!(!page.has_more);
     let page: pb::ListMessagesResponse = bob_rpc
         .call(
@@ -289,7 +331,7 @@ both_backends!(send_list_edit_delete, |backend| async move {
         )
         .await
         .expect("mark read");
-    assert_eq!((marked.last_read_seq, marked.unread_count), (10, 3));
+    assert_eq!((marked.last_read_seq, marked.unread_count), (10, 5));
     let back: pb::MarkReadResponse = bob_rpc
         .call(
             Codec::Proto,
@@ -315,7 +357,7 @@ both_backends!(send_list_edit_delete, |backend| async move {
         .iter()
         .find(|r| r.id == room)
         .expect("bob's room");
-    assert_eq!((listed.unread_count, listed.last_read_seq), (3, 10));
+    assert_eq!((listed.unread_count, listed.last_read_seq), (5, 10));
 
     // Outsiders of a private room see nothing.
     let carol = server.sign_up(&common::unique_name("carol")).await;
@@ -493,4 +535,97 @@ both_backends!(live_events, |backend| async move {
     })
     .await;
     assert_eq!(offline.user_id, bob.user_id);
+});
+
+both_backends!(direct_rooms_and_retention, |backend| async move {
+    let server = TestServer::spawn_with(backend, |s| s.rooms.retention_sweep_secs = 1).await;
+    let alice = server.sign_up(&common::unique_name("alice")).await;
+    let bob = server.sign_up(&common::unique_name("bob")).await;
+    let alice_rpc = server.rpc_as(&alice.access_token);
+    let bob_rpc = server.rpc_as(&bob.access_token);
+
+    // In a direct room the two parties are equals: neither deletes the other's messages.
+    let direct: pb::CreateRoomResponse = alice_rpc
+        .call_proto(
+            "RoomService/CreateRoom",
+            &pb::CreateRoomRequest {
+                kind: pb::RoomKind::Direct as i32,
+                member_ids: vec![bob.user_id.clone()],
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("direct room");
+    let direct = direct.room.expect("room").id;
+    let sent: pb::SendMessageResponse = bob_rpc
+        .call_proto("RoomService/SendMessage", &send_req(&direct, "hi alice"))
+        .await
+        .expect("bob sends");
+    let seq = sent.message.expect("m").seq;
+    let result: Result<pb::DeleteMessageResponse, _> = alice_rpc
+        .call_proto(
+            "RoomService/DeleteMessage",
+            &pb::DeleteMessageRequest {
+                room_id: direct.clone(),
+                seq,
+            },
+        )
+        .await;
+    expect_error(result, "permission_denied", 403);
+
+    // Retention is bounded, and expired history is pruned while the sequence goes on.
+    let too_long = pb::CreateRoomRequest {
+        kind: pb::RoomKind::Public as i32,
+        title: "forever and a day".into(),
+        retention_seconds: u64::MAX,
+        ..Default::default()
+    };
+    expect_error(
+        alice_rpc
+            .call_proto::<_, pb::CreateRoomResponse>("RoomService/CreateRoom", &too_long)
+            .await,
+        "invalid_argument",
+        400,
+    );
+    let short = pb::CreateRoomRequest {
+        kind: pb::RoomKind::Public as i32,
+        title: "ephemeral".into(),
+        retention_seconds: 1,
+        ..Default::default()
+    };
+    let room: pb::CreateRoomResponse = alice_rpc
+        .call_proto("RoomService/CreateRoom", &short)
+        .await
+        .expect("short retention");
+    let room = room.room.expect("room").id;
+    let _: pb::SendMessageResponse = alice_rpc
+        .call_proto("RoomService/SendMessage", &send_req(&room, "soon gone"))
+        .await
+        .expect("send");
+    let list = || async {
+        let page: pb::ListMessagesResponse = alice_rpc
+            .call_proto(
+                "RoomService/ListMessages",
+                &pb::ListMessagesRequest {
+                    room_id: room.clone(),
+                    ..Default::default()
+                },
+            )
+            .await
+            .expect("list");
+        page
+    };
+    assert!(
+        common::eventually(Duration::from_secs(10), || async {
+            list().await.messages.is_empty()
+        })
+        .await,
+        "pruned after retention"
+    );
+    assert_eq!(list().await.last_seq, 1, "pruning keeps the sequence");
+    let next: pb::SendMessageResponse = alice_rpc
+        .call_proto("RoomService/SendMessage", &send_req(&room, "next"))
+        .await
+        .expect("send");
+    assert_eq!(next.message.expect("m").seq, 2);
 });

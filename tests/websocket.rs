@@ -106,6 +106,24 @@ async fn history(server: &TestServer, account: &Account, room_id: &str) -> Vec<p
     }
 }
 
+/// The room's current last sequence, as a client would learn it.
+async fn last_seq(server: &TestServer, account: &Account, room_id: &str) -> u64 {
+    let page: pb::ListMessagesResponse = server
+        .rpc_as(&account.access_token)
+        .call_proto(
+            "RoomService/ListMessages",
+            &pb::ListMessagesRequest {
+                room_id: room_id.into(),
+                before_seq: u64::MAX,
+                limit: 1,
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("list messages");
+    page.last_seq
+}
+
 fn ws_url(server: &TestServer) -> String {
     server.ws_url("/ws")
 }
@@ -160,9 +178,12 @@ async fn concurrent_senders_and_resuming_subscribers(backend: Backend, codec: Ws
     for n in 0..SUBSCRIBERS {
         let (server, reader, room) = (server.clone(), reader.clone(), room.clone());
         let delay = Duration::from_millis(rand::thread_rng().gen_range(0..1500));
-        let since = rand::thread_rng().gen_range(0..=total / 2);
+        let pick = rand::thread_rng().gen_range(0.0..=1.0f64);
         subscriber_tasks.push(tokio::spawn(async move {
             tokio::time::sleep(delay).await;
+            // A resuming client names a sequence it has seen: anywhere in 0..=last.
+            let last = last_seq(&server, &reader, &room).await;
+            let since = (pick * last as f64) as u64;
             let mut client =
                 WsClient::connect_authenticated(&ws_url(&server), codec, &reader.access_token)
                     .await;

@@ -389,6 +389,48 @@ async fn bad_frames_and_limits(backend: Backend, codec: WsCodec) {
         }
         other => panic!("expected an error, got {other:?}"),
     }
+    // Every frame needs a request id.
+    ws.send_frame(&pb::ClientFrame {
+        id: 0,
+        kind: Some(In::Ping(pb::Ping {})),
+    })
+    .await;
+    match ws.next_frame(WAIT).await {
+        Incoming::Frame(pb::ServerFrame {
+            id: 0,
+            kind: Some(Out::Error(e)),
+        }) => {
+            assert_eq!(e.code, "invalid_argument");
+            assert!(e.message.contains("id"), "{e:?}");
+        }
+        other => panic!("expected an error frame, got {other:?}"),
+    }
+    // A resume point beyond the room's history is refused, not silently skipped.
+    let error = expect_error(ws.subscribe(&room, Some(1_000)).await, "out_of_range");
+    assert!(error.message.contains("1000"), "{error:?}");
+    // Typing needs a subscription, and only senders may type.
+    let reply = ws
+        .request(In::Typing(pb::Typing {
+            room_id: room.clone(),
+        }))
+        .await;
+    assert!(matches!(reply.kind, Some(Out::Error(e)) if e.code == "failed_precondition"));
+    let bob = server.sign_up(&common::unique_name("bob")).await;
+    let mut bob_ws = WsClient::connect_authenticated(&url(&server), codec, &bob.access_token).await;
+    bob_ws
+        .subscribe(&room, None)
+        .await
+        .expect("anyone reads a public room");
+    let reply = bob_ws
+        .request(In::Typing(pb::Typing {
+            room_id: room.clone(),
+        }))
+        .await;
+    assert!(
+        matches!(reply.kind, Some(Out::Error(e)) if e.code == "permission_denied"),
+        "non-members cannot type"
+    );
+    bob_ws.close().await;
     let pong = ws.request(In::Ping(pb::Ping {})).await;
     assert!(
         matches!(pong.kind, Some(Out::Pong(_))),

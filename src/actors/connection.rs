@@ -55,6 +55,8 @@ const MAX_MALFORMED_FRAMES: u32 = 20;
 /// Times in a row a subscription may find its room actor gone (retired or
 /// restarting) and look it up again before giving up with `unavailable`.
 const MAX_RELOCATIONS: u32 = 5;
+/// Typing notices relayed per room and connection: at most one per interval.
+const TYPING_INTERVAL: Duration = Duration::from_millis(1000);
 /// Lag rounds are counted over this window to decide a client is too slow.
 const LAG_WINDOW: Duration = Duration::from_secs(60);
 
@@ -84,6 +86,11 @@ struct RoomSub {
     pending_reply: Option<u64>,
     /// Times in a row the room actor was found gone; bounded by [`MAX_RELOCATIONS`].
     relocations: u32,
+    /// Whether the user could send when subscribing (typing is only relayed then;
+    /// kicks and bans end the subscription).
+    may_send: bool,
+    /// When a typing notice was last relayed, to throttle them.
+    last_typing: Option<Instant>,
 }
 
 /// One WebSocket connection.
@@ -270,6 +277,10 @@ impl Connection {
     fn on_frame(&mut self, ctx: &mut ws::WebsocketContext<Self>, frame: pb::ClientFrame) {
         use pb::client_frame::Kind as In;
         let id = frame.id;
+        if id == 0 {
+            self.malformed(ctx, 0, "every client frame needs a non-zero id".into());
+            return;
+        }
         let Some(kind) = frame.kind else {
             self.malformed(ctx, id, "unknown or missing frame type".into());
             return;
@@ -338,13 +349,29 @@ impl Connection {
             }
             In::Typing(typing) => {
                 let room_id = RoomId(typing.room_id.clone());
-                let Some(sub) = self.subs.get(&room_id) else {
+                let Some(sub) = self.subs.get_mut(&room_id) else {
                     let error = ApiError::failed_precondition(
                         "subscribe to the room before sending typing",
                     );
                     self.reply_error(ctx, id, &error, &typing.room_id);
                     return;
                 };
+                if !sub.may_send {
+                    let error = ApiError::denied("only members who may send can send typing");
+                    self.reply_error(ctx, id, &error, &typing.room_id);
+                    return;
+                }
+                // At most one typing notice per room per interval is relayed; the
+                // others are acknowledged and dropped (typing is not history).
+                let now = Instant::now();
+                if sub
+                    .last_typing
+                    .is_some_and(|t| now.duration_since(t) < TYPING_INTERVAL)
+                {
+                    self.reply(ctx, id, Out::Ack(pb::Ack {}));
+                    return;
+                }
+                sub.last_typing = Some(now);
                 let frame = protocol::push(Out::Typing(pb::TypingEvent {
                     room_id: typing.room_id,
                     user_id: principal.user_id.0.clone(),
@@ -391,12 +418,16 @@ impl Connection {
         let fut = async move {
             let access = room_access(&state, &principal, &req.room_id).await?;
             access.require_read()?;
-            messages::room_actor(&state, &access.room.id).await
+            let may_send = access.require_send().is_ok();
+            Ok::<_, ApiError>((
+                messages::room_actor(&state, &access.room.id).await?,
+                may_send,
+            ))
         };
         ctx.spawn(
             fut.into_actor(self)
                 .map(move |result, act, ctx| match result {
-                    Ok(room) => {
+                    Ok((room, may_send)) => {
                         if act.subs.contains_key(&room_id) {
                             let error = ApiError::already_exists("already subscribed to this room");
                             act.reply_error(ctx, id, &error, &room_id.0);
@@ -410,6 +441,8 @@ impl Connection {
                             resume_from: since.map(|s| s + 1),
                             pending_reply: Some(id),
                             relocations: 0,
+                            may_send,
+                            last_typing: None,
                         };
                         act.subs.insert(room_id.clone(), sub);
                         act.register(ctx, &room_id, since.is_none());

@@ -26,7 +26,7 @@ use actix::{
 use tokio::sync::oneshot;
 
 use crate::{
-    error::ApiError,
+    error::{ApiError, Code},
     ids::{RoomId, UserId},
     model::RoomKind,
     proto::v1 as pb,
@@ -511,7 +511,13 @@ impl Handler<Subscribe> for RoomActor {
         let last_seq = self.last_seq;
         let replay = match msg.since {
             None => Vec::new(),
-            Some(since) if since >= last_seq => Vec::new(),
+            Some(since) if since > last_seq => {
+                return Err(ApiError::new(
+                    Code::OutOfRange,
+                    format!("since_seq {since} is beyond the room's last sequence {last_seq}"),
+                ))
+            }
+            Some(since) if since == last_seq => Vec::new(),
             Some(since) => {
                 let first_in_ring = self.ring.front().map_or(u64::MAX, |e| e.seq);
                 if first_in_ring > since + 1 {

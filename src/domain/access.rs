@@ -26,8 +26,12 @@ impl RoomAccess {
         self.member.as_ref().map(|m| m.role)
     }
 
-    /// Owners, moderators and server admins moderate.
+    /// Owners, moderators and server admins moderate; in direct rooms only server
+    /// admins do (the two parties are equals).
     pub fn is_moderator(&self) -> bool {
+        if self.room.kind == RoomKind::Direct {
+            return self.server_admin;
+        }
         self.server_admin || self.role().is_some_and(MemberRole::is_moderator)
     }
 

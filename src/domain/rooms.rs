@@ -87,7 +87,7 @@ pub async fn create_room(
         kind,
         title,
         topic,
-        retention_seconds: req.retention_seconds,
+        retention_seconds: retention(req.retention_seconds)?,
         created_by: me.clone(),
         direct_key: None,
         members: Vec::new(),
@@ -248,7 +248,7 @@ pub async fn update_room(
             .map(|t| title(access.room.kind, t))
             .transpose()?,
         topic: req.topic.as_deref().map(topic).transpose()?,
-        retention_seconds: req.retention_seconds,
+        retention_seconds: req.retention_seconds.map(retention).transpose()?,
     };
     if update.title.is_none() && update.topic.is_none() && update.retention_seconds.is_none() {
         return Ok(pb::UpdateRoomResponse {
@@ -901,6 +901,18 @@ fn topic(value: &str) -> Result<String, ApiError> {
         ));
     }
     Ok(topic.to_owned())
+}
+
+/// Longest history retention: 100 years (0 keeps history forever).
+pub const RETENTION_MAX_SECONDS: u64 = 100 * 365 * 24 * 3600;
+
+fn retention(seconds: u64) -> Result<u64, ApiError> {
+    if seconds > RETENTION_MAX_SECONDS {
+        return Err(ApiError::invalid(format!(
+            "retention_seconds must be at most {RETENTION_MAX_SECONDS} (100 years); 0 keeps history forever"
+        )));
+    }
+    Ok(seconds)
 }
 
 /// A kick or ban reason: trimmed, at most 500 characters.

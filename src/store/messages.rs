@@ -336,5 +336,13 @@ async fn apply_to_target(tx: &mut Tx<'_>, room: &RoomId, event: &MessageRecord) 
         .bind(event.target_seq as i64)
         .execute(&mut **tx)
         .await?;
+    if event.kind == MessageKind::Delete {
+        // The deleted text must not stay readable through earlier edits.
+        sqlx::query("UPDATE messages SET text = '' WHERE room_id = $1 AND kind = 'edit' AND target_seq = $2")
+            .bind(room.as_str())
+            .bind(event.target_seq as i64)
+            .execute(&mut **tx)
+            .await?;
+    }
     Ok(())
 }

@@ -165,7 +165,7 @@ impl Store {
     /// Revokes one session; returns how many were active.
     pub async fn revoke_session(&self, id: &SessionId) -> StoreResult<u64> {
         let done =
-            sqlx::query("UPDATE sessions SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL")
+            sqlx::query("UPDATE sessions SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL AND expires_at > $1")
                 .bind(now_ms())
                 .bind(id.as_str())
                 .execute(&self.pool)
@@ -176,7 +176,7 @@ impl Store {
     /// Revokes every session of a user; returns how many were active.
     pub async fn revoke_user_sessions(&self, user: &UserId) -> StoreResult<u64> {
         let done = sqlx::query(
-            "UPDATE sessions SET revoked_at = $1 WHERE user_id = $2 AND revoked_at IS NULL",
+            "UPDATE sessions SET revoked_at = $1 WHERE user_id = $2 AND revoked_at IS NULL AND expires_at > $1",
         )
         .bind(now_ms())
         .bind(user.as_str())
