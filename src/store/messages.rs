@@ -218,17 +218,6 @@ impl Store {
         Ok(out)
     }
 
-    /// One event.
-    pub async fn get_message(&self, room: &RoomId, seq: u64) -> StoreResult<MessageRecord> {
-        let sql = format!("SELECT {MESSAGE_COLUMNS} FROM messages WHERE room_id = $1 AND seq = $2");
-        let row: MessageRow = sqlx::query_as(&sql)
-            .bind(room.as_str())
-            .bind(seq as i64)
-            .fetch_one(&self.pool)
-            .await?;
-        row.try_into()
-    }
-
     /// Removes events older than each room's retention; returns how many.
     pub async fn prune_expired_messages(&self) -> StoreResult<u64> {
         let now = now_ms();

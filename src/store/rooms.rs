@@ -308,17 +308,6 @@ impl Store {
         Ok(n as u64)
     }
 
-    /// How many owners a room has.
-    pub async fn owner_count(&self, room: &RoomId) -> StoreResult<u64> {
-        let (n,): (i64,) = sqlx::query_as(
-            "SELECT COUNT(*) FROM memberships WHERE room_id = $1 AND role = 'owner'",
-        )
-        .bind(room.as_str())
-        .fetch_one(&self.pool)
-        .await?;
-        Ok(n as u64)
-    }
-
     /// Member counts of several rooms; rooms without members are absent.
     pub async fn member_counts(&self, rooms: &[RoomId]) -> StoreResult<HashMap<RoomId, u64>> {
         if rooms.is_empty() {
@@ -480,16 +469,6 @@ impl Store {
         rows.into_iter().map(TryInto::try_into).collect()
     }
 
-    /// Every member's user id (for presence and fan-out decisions).
-    pub async fn member_ids(&self, room: &RoomId) -> StoreResult<Vec<UserId>> {
-        let rows: Vec<(String,)> =
-            sqlx::query_as("SELECT user_id FROM memberships WHERE room_id = $1")
-                .bind(room.as_str())
-                .fetch_all(&self.pool)
-                .await?;
-        Ok(rows.into_iter().map(|(id,)| UserId(id)).collect())
-    }
-
     /// Adds a member and consumes a pending invitation; `Conflict` when already a member.
     pub async fn add_member(
         &self,
@@ -525,26 +504,6 @@ impl Store {
             .bind(user.as_str())
             .execute(&self.pool)
             .await?;
-        if done.rows_affected() == 0 {
-            return Err(StoreError::NotFound);
-        }
-        Ok(())
-    }
-
-    /// Changes a member's role; `NotFound` when not a member.
-    pub async fn set_member_role(
-        &self,
-        room: &RoomId,
-        user: &UserId,
-        role: MemberRole,
-    ) -> StoreResult<()> {
-        let done =
-            sqlx::query("UPDATE memberships SET role = $1 WHERE room_id = $2 AND user_id = $3")
-                .bind(role.as_str())
-                .bind(room.as_str())
-                .bind(user.as_str())
-                .execute(&self.pool)
-                .await?;
         if done.rows_affected() == 0 {
             return Err(StoreError::NotFound);
         }
@@ -614,43 +573,6 @@ impl Store {
                 .fetch_optional(&self.pool)
                 .await?;
         Ok(row.is_some())
-    }
-
-    /// Bans a user (until `expires_at`, or until lifted) and ends their membership
-    /// and invitation, in one transaction.
-    pub async fn ban(
-        &self,
-        room: &RoomId,
-        user: &UserId,
-        by: &UserId,
-        reason: &str,
-        expires_at: Option<i64>,
-    ) -> StoreResult<()> {
-        let mut tx = self.pool.begin().await?;
-        sqlx::query(
-            "INSERT INTO bans (room_id, user_id, banned_by, reason, created_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6) \
-             ON CONFLICT (room_id, user_id) DO UPDATE SET banned_by = excluded.banned_by, reason = excluded.reason, \
-             created_at = excluded.created_at, expires_at = excluded.expires_at",
-        )
-        .bind(room.as_str())
-        .bind(user.as_str())
-        .bind(by.as_str())
-        .bind(reason)
-        .bind(now_ms())
-        .bind(expires_at)
-        .execute(&mut *tx)
-        .await?;
-        for table in ["memberships", "invites"] {
-            sqlx::query(&format!(
-                "DELETE FROM {table} WHERE room_id = $1 AND user_id = $2"
-            ))
-            .bind(room.as_str())
-            .bind(user.as_str())
-            .execute(&mut *tx)
-            .await?;
-        }
-        tx.commit().await?;
-        Ok(())
     }
 
     /// Lifts a ban; `NotFound` when there was none.
