@@ -11,6 +11,9 @@
 #     cargo clippy --all-targets -- -D warnings
 #     cargo test --no-fail-fast --all-targets [EXTRA...] -- --test-threads=4
 #     cargo test --doc            (only when there is a library and no EXTRA)
+#     scripts/connect-es-test.sh  (only when no EXTRA: a connect-es client
+#                                  generated from src/proto against a live
+#                                  server, JSON and binary; needs node >= 20)
 # with ROOMCAST_TEST_POSTGRES_URL and ROOMCAST_TEST_REDIS_URL exported, so the
 # tests run against SQLite and PostgreSQL (and Redis). Every step runs even if
 # an earlier one failed; the summary at the end lists each one, and the exit
@@ -19,6 +22,7 @@
 # Environment knobs:
 #     ROOMCAST_TEST_THREADS=N     --test-threads for cargo test (default 4)
 #     ROOMCAST_TEST_SKIP_LINT=1   skip fmt and clippy (local iteration only)
+#     ROOMCAST_TEST_SKIP_CONNECT_ES=1  skip the connect-es step (local iteration only)
 set -euo pipefail
 
 repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -30,7 +34,7 @@ if (($# > 0)); then
     case $1 in
     --) shift ;;
     -h | --help)
-        sed -n '2,21p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+        sed -n '2,25p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
         exit 0
         ;;
     esac
@@ -47,6 +51,7 @@ cleanup() {
     local rc=$?
     stop_services
     [[ -n ${cargo_test_log:-} ]] && rm -f "$cargo_test_log"
+    [[ -n ${connect_es_log:-} ]] && rm -f "$connect_es_log"
     exit "$rc"
 }
 trap cleanup EXIT
@@ -148,6 +153,20 @@ if ((${#extra[@]} == 0)) && [[ -f src/lib.rs ]]; then
     run_step "doctest" cargo_test cargo test --doc -- "--test-threads=$threads"
 fi
 
+# shellcheck disable=SC2317  # invoked through run_step
+connect_es() {
+    # tee for the summary's pass/fail counts (node's "# pass N" / "# fail N").
+    bash scripts/connect-es-test.sh 2>&1 | tee "$connect_es_log"
+}
+connect_es_log=$(mktemp /tmp/roomcast-connect-es.XXXXXX.log)
+if ((${#extra[@]} > 0)); then
+    echo "extra cargo test arguments given: skipping the connect-es step" >&2
+elif [[ ${ROOMCAST_TEST_SKIP_CONNECT_ES:-0} == 1 ]]; then
+    echo "ROOMCAST_TEST_SKIP_CONNECT_ES=1: skipping the connect-es step" >&2
+else
+    run_step "connect-es" connect_es
+fi
+
 # ---------------------------------------------------------------- summary
 passed=0 failed=0 ignored=0 suites=0
 while IFS= read -r line; do
@@ -163,11 +182,16 @@ overall=0
 {
     printf '\n==================== roomcast test summary ====================\n'
     for i in "${!step_names[@]}"; do
-        printf '  %-8s %-16s %5ss\n' "${step_names[$i]}" "${step_results[$i]}" "${step_secs[$i]}"
+        printf '  %-10s %-16s %5ss\n' "${step_names[$i]}" "${step_results[$i]}" "${step_secs[$i]}"
         [[ ${step_results[$i]} == PASS ]] || overall=1
     done
     printf '  tests:   %d passed, %d failed, %d ignored (%d test binaries)\n' \
         "$passed" "$failed" "$ignored" "$suites"
+    if [[ -s $connect_es_log ]]; then
+        printf '  connect-es: %s passed, %s failed (node --test)\n' \
+            "$(sed -n 's/^# pass \([0-9]*\)$/\1/p' "$connect_es_log" | tail -n 1 | grep . || echo 0)" \
+            "$(sed -n 's/^# fail \([0-9]*\)$/\1/p' "$connect_es_log" | tail -n 1 | grep . || echo 0)"
+    fi
     if grep -q '^failures:$' "$cargo_test_log"; then
         printf '  failing tests:\n'
         # The "failures:" list that libtest prints last in each failed binary.

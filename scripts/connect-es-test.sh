@@ -1,0 +1,120 @@
+#!/usr/bin/env bash
+# End-to-end compatibility test with connect-es (the Connect client for
+# TypeScript/JavaScript): a client generated from src/proto calls a real
+# roomcast server, with both the JSON and the binary protobuf codec.
+#
+#     bash scripts/connect-es-test.sh
+#
+# Steps: `npm ci` in tests/connect-es (pinned versions from package-lock.json),
+# `buf generate` into tests/connect-es/gen/ (gitignored), `cargo build --bin
+# roomcast`, start target/debug/roomcast on a free loopback port with a
+# throw-away SQLite store, wait for /healthz, then `node --test
+# tests/connect-es/` with ROOMCAST_URL set. The server (only the one this
+# script started) is stopped on any exit; the exit status is node's.
+#
+# Needs node >= 20 and npm (the buf CLI and protoc-gen-es come from npm).
+# Environment knobs:
+#     ROOMCAST_CONNECT_ES_KEEP=1   keep the temp dir (server log, database)
+set -euo pipefail
+
+repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$repo_root"
+pkg_dir=tests/connect-es
+
+say() { printf '\n==> %s\n' "$*"; }
+
+for tool in node npm cargo curl; do
+    if ! command -v "$tool" >/dev/null 2>&1; then
+        echo "ERROR: $tool not found on PATH (connect-es test needs node >= 20, npm, cargo, curl)" >&2
+        exit 1
+    fi
+done
+node_major=$(node -p 'process.versions.node.split(".")[0]')
+if ((node_major < 20)); then
+    echo "ERROR: node $(node --version) is too old; the connect-es test needs node >= 20" >&2
+    exit 1
+fi
+
+tmp_dir=$(mktemp -d /tmp/roomcast-connect-es.XXXXXX)
+server_pid=""
+
+# shellcheck disable=SC2317  # invoked from the EXIT trap
+cleanup() {
+    local rc=$?
+    if [[ -n $server_pid ]] && kill -0 "$server_pid" 2>/dev/null; then
+        kill -TERM "$server_pid" 2>/dev/null || true
+        for _ in $(seq 1 50); do
+            kill -0 "$server_pid" 2>/dev/null || break
+            sleep 0.1
+        done
+        kill -KILL "$server_pid" 2>/dev/null || true
+        wait "$server_pid" 2>/dev/null || true
+    fi
+    if ((rc != 0)) && [[ -s $tmp_dir/server.log ]]; then
+        echo "---- last lines of the roomcast server log ($tmp_dir/server.log) ----" >&2
+        tail -n 40 "$tmp_dir/server.log" >&2 || true
+    fi
+    if [[ ${ROOMCAST_CONNECT_ES_KEEP:-0} == 1 ]]; then
+        echo "kept $tmp_dir" >&2
+    else
+        rm -rf "$tmp_dir"
+    fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+trap 'exit 129' HUP
+
+# ---------------------------------------------------------------- client
+say "connect-es: installing the pinned npm packages ($pkg_dir)"
+(cd "$pkg_dir" && npm ci --no-audit --no-fund --loglevel=error)
+
+say "connect-es: generating the client from src/proto (buf generate)"
+(cd "$pkg_dir" && npx --loglevel=error --no-install buf generate)
+find "$pkg_dir/gen" -name '*_pb.js' | sort
+
+# ---------------------------------------------------------------- server
+say "connect-es: building the server"
+cargo build --bin roomcast
+
+# A free loopback port: ask the kernel for one, then let the server bind it.
+port=$(node -e '
+const s = require("net").createServer();
+s.listen(0, "127.0.0.1", () => { console.log(s.address().port); s.close(); });
+')
+base_url="http://127.0.0.1:$port"
+
+say "connect-es: starting target/debug/roomcast on $base_url (store in $tmp_dir)"
+env -u ROOMCAST_CONFIG \
+    ROOMCAST_SERVER__LISTEN="127.0.0.1:$port" \
+    ROOMCAST_STORE__URL="sqlite://$tmp_dir/roomcast.db" \
+    ROOMCAST_REALTIME__SEND_RATE_PER_SEC=1000 \
+    ROOMCAST_REALTIME__SEND_BURST=1000 \
+    ROOMCAST_LOG__LEVEL="${ROOMCAST_LOG__LEVEL:-warn}" \
+    target/debug/roomcast >"$tmp_dir/server.log" 2>&1 &
+server_pid=$!
+
+ready=0
+for _ in $(seq 1 150); do # up to ~30 s
+    if ! kill -0 "$server_pid" 2>/dev/null; then
+        echo "ERROR: the server exited during start-up" >&2
+        exit 1
+    fi
+    if curl -fsS --max-time 1 "$base_url/healthz" >/dev/null 2>&1; then
+        ready=1
+        break
+    fi
+    sleep 0.2
+done
+if ((!ready)); then
+    echo "ERROR: $base_url/healthz did not answer within 30 s" >&2
+    exit 1
+fi
+echo "server is up (pid $server_pid)"
+
+# ---------------------------------------------------------------- tests
+say "connect-es: node --test $pkg_dir/*.test.mjs"
+rc=0
+ROOMCAST_URL=$base_url node --test "$pkg_dir"/*.test.mjs || rc=$?
+exit "$rc"
