@@ -8,43 +8,15 @@ use std::time::Duration;
 
 use common::{
     expect_error,
+    rooms::{create_room, join},
     ws::{Incoming, WsClient, WsCodec},
-    Account, Codec, TestServer,
+    Codec, TestServer,
 };
 use roomcast::proto::v1 as pb;
 
 use pb::{client_frame::Kind as In, server_frame::Kind as Out};
 
 const WAIT: Duration = Duration::from_secs(10);
-
-async fn create_room(server: &TestServer, owner: &Account, kind: pb::RoomKind) -> String {
-    let reply: pb::CreateRoomResponse = server
-        .rpc_as(&owner.access_token)
-        .call_proto(
-            "RoomService/CreateRoom",
-            &pb::CreateRoomRequest {
-                kind: kind as i32,
-                title: "history".into(),
-                ..Default::default()
-            },
-        )
-        .await
-        .expect("create a room");
-    reply.room.expect("a room").id
-}
-
-async fn join(server: &TestServer, who: &Account, room: &str) {
-    let _: pb::JoinRoomResponse = server
-        .rpc_as(&who.access_token)
-        .call_proto(
-            "RoomService/JoinRoom",
-            &pb::JoinRoomRequest {
-                room_id: room.into(),
-            },
-        )
-        .await
-        .expect("join");
-}
 
 fn send_req(room: &str, text: &str) -> pb::SendMessageRequest {
     pb::SendMessageRequest {
@@ -390,23 +362,6 @@ both_backends!(send_list_edit_delete, |backend| async move {
     );
 });
 
-/// The next push matching `pick`, skipping others.
-async fn push<T>(client: &mut WsClient, mut pick: impl FnMut(&Out) -> Option<T>) -> T {
-    loop {
-        match client.next_push(WAIT).await {
-            Incoming::Frame(pb::ServerFrame {
-                kind: Some(kind), ..
-            }) => {
-                if let Some(found) = pick(&kind) {
-                    return found;
-                }
-            }
-            Incoming::Frame(_) => continue,
-            other => panic!("waiting for a push: {other:?}"),
-        }
-    }
-}
-
 both_backends!(live_events, |backend| async move {
     let server = TestServer::spawn(backend).await;
     let alice = server.sign_up(&common::unique_name("alice")).await;
@@ -419,18 +374,20 @@ both_backends!(live_events, |backend| async move {
 
     // A member joining is announced; so is their coming online.
     join(&server, &bob, &room).await;
-    let joined = push(&mut alice_ws, |k| match k {
-        Out::Member(m) if m.kind == pb::MemberEventKind::Joined as i32 => Some(m.clone()),
-        _ => None,
-    })
-    .await;
+    let joined = alice_ws
+        .push_matching(WAIT, |k| match k {
+            Out::Member(m) if m.kind == pb::MemberEventKind::Joined as i32 => Some(m.clone()),
+            _ => None,
+        })
+        .await;
     assert_eq!(joined.user_id, bob.user_id);
     let mut bob_ws = WsClient::connect_authenticated(&url, WsCodec::Proto, &bob.access_token).await;
-    let online = push(&mut alice_ws, |k| match k {
-        Out::Presence(p) => Some(p.clone()),
-        _ => None,
-    })
-    .await;
+    let online = alice_ws
+        .push_matching(WAIT, |k| match k {
+            Out::Presence(p) => Some(p.clone()),
+            _ => None,
+        })
+        .await;
     assert_eq!(
         (online.user_id.as_str(), online.online),
         (bob.user_id.as_str(), true)
@@ -461,11 +418,12 @@ both_backends!(live_events, |backend| async move {
         }))
         .await;
     assert!(matches!(ack.kind, Some(Out::Ack(_))));
-    let typing = push(&mut alice_ws, |k| match k {
-        Out::Typing(t) => Some(t.clone()),
-        _ => None,
-    })
-    .await;
+    let typing = alice_ws
+        .push_matching(WAIT, |k| match k {
+            Out::Typing(t) => Some(t.clone()),
+            _ => None,
+        })
+        .await;
     assert_eq!(typing.user_id, bob.user_id);
 
     // Edits and deletions arrive as their own pushes, in sequence.
@@ -529,11 +487,12 @@ both_backends!(live_events, |backend| async move {
 
     // Bob going offline is announced.
     bob_ws.close().await;
-    let offline = push(&mut alice_ws, |k| match k {
-        Out::Presence(p) if !p.online => Some(p.clone()),
-        _ => None,
-    })
-    .await;
+    let offline = alice_ws
+        .push_matching(WAIT, |k| match k {
+            Out::Presence(p) if !p.online => Some(p.clone()),
+            _ => None,
+        })
+        .await;
     assert_eq!(offline.user_id, bob.user_id);
 });
 

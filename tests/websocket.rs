@@ -9,8 +9,9 @@ mod common;
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use common::{
+    rooms::{create_room, history, join, last_seq, send_http},
     ws::{room_event, Incoming, WsClient, WsCodec},
-    Account, Backend, TestServer,
+    Backend, TestServer,
 };
 use rand::Rng as _;
 use roomcast::{
@@ -27,101 +28,6 @@ const IDLE: Duration = Duration::from_secs(30);
 fn fast_sends(settings: &mut Settings) {
     settings.realtime.send_rate_per_sec = 100_000;
     settings.realtime.send_burst = 100_000;
-}
-
-async fn create_room(server: &TestServer, owner: &Account, kind: pb::RoomKind) -> String {
-    let reply: pb::CreateRoomResponse = server
-        .rpc_as(&owner.access_token)
-        .call_proto(
-            "RoomService/CreateRoom",
-            &pb::CreateRoomRequest {
-                kind: kind as i32,
-                title: "test room".into(),
-                ..Default::default()
-            },
-        )
-        .await
-        .expect("create a room");
-    reply.room.expect("a room").id
-}
-
-async fn join(server: &TestServer, account: &Account, room_id: &str) {
-    let _: pb::JoinRoomResponse = server
-        .rpc_as(&account.access_token)
-        .call_proto(
-            "RoomService/JoinRoom",
-            &pb::JoinRoomRequest {
-                room_id: room_id.into(),
-            },
-        )
-        .await
-        .expect("join the room");
-}
-
-async fn send_http(
-    server: &TestServer,
-    account: &Account,
-    room_id: &str,
-    text: &str,
-    cmid: &str,
-) -> pb::SendMessageResponse {
-    server
-        .rpc_as(&account.access_token)
-        .call_proto(
-            "RoomService/SendMessage",
-            &pb::SendMessageRequest {
-                room_id: room_id.into(),
-                text: text.into(),
-                client_message_id: cmid.into(),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap_or_else(|e| panic!("send {cmid}: {e:?}"))
-}
-
-/// Every stored event of a room, by sequence.
-async fn history(server: &TestServer, account: &Account, room_id: &str) -> Vec<pb::Message> {
-    let mut all = Vec::new();
-    let mut after = 0;
-    loop {
-        let page: pb::ListMessagesResponse = server
-            .rpc_as(&account.access_token)
-            .call_proto(
-                "RoomService/ListMessages",
-                &pb::ListMessagesRequest {
-                    room_id: room_id.into(),
-                    after_seq: after,
-                    limit: 200,
-                    ..Default::default()
-                },
-            )
-            .await
-            .expect("list messages");
-        after = page.messages.last().map_or(after, |m| m.seq);
-        all.extend(page.messages);
-        if !page.has_more {
-            return all;
-        }
-    }
-}
-
-/// The room's current last sequence, as a client would learn it.
-async fn last_seq(server: &TestServer, account: &Account, room_id: &str) -> u64 {
-    let page: pb::ListMessagesResponse = server
-        .rpc_as(&account.access_token)
-        .call_proto(
-            "RoomService/ListMessages",
-            &pb::ListMessagesRequest {
-                room_id: room_id.into(),
-                before_seq: u64::MAX,
-                limit: 1,
-                ..Default::default()
-            },
-        )
-        .await
-        .expect("list messages");
-    page.last_seq
 }
 
 fn ws_url(server: &TestServer) -> String {
@@ -266,39 +172,7 @@ async fn concurrent_senders_and_resuming_subscribers(backend: Backend, codec: Ws
     }
 }
 
-macro_rules! matrix {
-    ($name:ident, $body:ident) => {
-        mod $name {
-            use super::*;
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-            async fn sqlite_json() {
-                $body(Backend::Sqlite, WsCodec::Json).await;
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-            async fn sqlite_proto() {
-                $body(Backend::Sqlite, WsCodec::Proto).await;
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-            async fn postgres_json() {
-                if common::postgres_available() {
-                    $body(Backend::Postgres, WsCodec::Json).await;
-                }
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-            async fn postgres_proto() {
-                if common::postgres_available() {
-                    $body(Backend::Postgres, WsCodec::Proto).await;
-                }
-            }
-        }
-    };
-}
-
-matrix!(
+ws_matrix!(
     concurrent_senders,
     concurrent_senders_and_resuming_subscribers
 );
@@ -390,7 +264,7 @@ async fn resume_after_disconnect(backend: Backend, codec: WsCodec) {
     assert_eq!(live.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![101]);
 }
 
-matrix!(resume, resume_after_disconnect);
+ws_matrix!(resume, resume_after_disconnect);
 
 // ---------------------------------------------------------------------------
 // Slow consumers.
@@ -506,7 +380,7 @@ async fn slow_reader_does_not_stall_others(backend: Backend, codec: WsCodec) {
     assert_exact_sequence(&events, 1, MESSAGES, &store, "slow reader");
 }
 
-matrix!(slow_consumer, slow_reader_does_not_stall_others);
+ws_matrix!(slow_consumer, slow_reader_does_not_stall_others);
 
 // ---------------------------------------------------------------------------
 // Room actor restarts while messages flow.
@@ -594,7 +468,7 @@ async fn room_restart_loses_nothing(backend: Backend, codec: WsCodec) {
     );
 }
 
-matrix!(room_restart, room_restart_loses_nothing);
+ws_matrix!(room_restart, room_restart_loses_nothing);
 
 // ---------------------------------------------------------------------------
 // Idle rooms retire, and come back on demand with their history intact.
@@ -646,4 +520,4 @@ async fn idle_rooms_retire_and_return(backend: Backend, codec: WsCodec) {
     );
 }
 
-matrix!(idle_rooms, idle_rooms_retire_and_return);
+ws_matrix!(idle_rooms, idle_rooms_retire_and_return);

@@ -9,6 +9,7 @@ mod common;
 use std::time::Duration;
 
 use common::{
+    rooms::{create_room, join},
     ws::{Incoming, WsClient, WsCodec},
     Account, Backend, TestServer,
 };
@@ -18,22 +19,6 @@ use tokio_tungstenite::tungstenite::Message;
 use pb::{client_frame::Kind as In, server_frame::Kind as Out};
 
 const WAIT: Duration = Duration::from_secs(10);
-
-async fn create_room(server: &TestServer, owner: &Account, kind: pb::RoomKind) -> String {
-    let reply: pb::CreateRoomResponse = server
-        .rpc_as(&owner.access_token)
-        .call_proto(
-            "RoomService/CreateRoom",
-            &pb::CreateRoomRequest {
-                kind: kind as i32,
-                title: "rules".into(),
-                ..Default::default()
-            },
-        )
-        .await
-        .expect("create a room");
-    reply.room.expect("a room").id
-}
 
 async fn rpc<Req: prost::Message, Resp: prost::Message + Default>(
     server: &TestServer,
@@ -46,18 +31,6 @@ async fn rpc<Req: prost::Message, Resp: prost::Message + Default>(
         .call_proto(method, req)
         .await
         .unwrap_or_else(|e| panic!("{method}: {e:?}"))
-}
-
-async fn join(server: &TestServer, who: &Account, room: &str) {
-    let _: pb::JoinRoomResponse = rpc(
-        server,
-        who,
-        "RoomService/JoinRoom",
-        &pb::JoinRoomRequest {
-            room_id: room.into(),
-        },
-    )
-    .await;
 }
 
 fn expect_error(result: Result<impl std::fmt::Debug, pb::Error>, code: &str) -> pb::Error {
@@ -76,23 +49,6 @@ async fn expect_close(client: &mut WsClient, code: u16) -> String {
             }
             Incoming::Frame(_) => continue,
             Incoming::Timeout => panic!("expected close {code}, nothing happened"),
-        }
-    }
-}
-
-/// The next push of a given shape, skipping others.
-async fn expect_push<T>(client: &mut WsClient, mut pick: impl FnMut(&Out) -> Option<T>) -> T {
-    loop {
-        match client.next_push(WAIT).await {
-            Incoming::Frame(pb::ServerFrame {
-                kind: Some(kind), ..
-            }) => {
-                if let Some(found) = pick(&kind) {
-                    return found;
-                }
-            }
-            Incoming::Frame(_) => continue,
-            other => panic!("waiting for a push: {other:?}"),
         }
     }
 }
@@ -172,11 +128,12 @@ async fn authorization_matrix(backend: Backend, codec: WsCodec) {
         },
     )
     .await;
-    let removed = expect_push(&mut eve_ws, |k| match k {
-        Out::Removed(r) => Some(r.clone()),
-        _ => None,
-    })
-    .await;
+    let removed = eve_ws
+        .push_matching(WAIT, |k| match k {
+            Out::Removed(r) => Some(r.clone()),
+            _ => None,
+        })
+        .await;
     assert_eq!(removed.reason, pb::RemovedReason::Kicked as i32);
     assert_eq!(removed.room_id, public);
     expect_error(
@@ -201,11 +158,12 @@ async fn authorization_matrix(backend: Backend, codec: WsCodec) {
         },
     )
     .await;
-    let removed = expect_push(&mut eve_ws, |k| match k {
-        Out::Removed(r) => Some(r.clone()),
-        _ => None,
-    })
-    .await;
+    let removed = eve_ws
+        .push_matching(WAIT, |k| match k {
+            Out::Removed(r) => Some(r.clone()),
+            _ => None,
+        })
+        .await;
     assert_eq!(removed.reason, pb::RemovedReason::Banned as i32);
     expect_error(eve_ws.subscribe(&public, None).await, "permission_denied");
     expect_error(
@@ -499,40 +457,8 @@ async fn heartbeat_timeout(backend: Backend, codec: WsCodec) {
     assert!(reason.contains("heartbeat"), "{reason}");
 }
 
-macro_rules! matrix {
-    ($name:ident, $body:ident) => {
-        mod $name {
-            use super::*;
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn sqlite_json() {
-                $body(Backend::Sqlite, WsCodec::Json).await;
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn sqlite_proto() {
-                $body(Backend::Sqlite, WsCodec::Proto).await;
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn postgres_json() {
-                if common::postgres_available() {
-                    $body(Backend::Postgres, WsCodec::Json).await;
-                }
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn postgres_proto() {
-                if common::postgres_available() {
-                    $body(Backend::Postgres, WsCodec::Proto).await;
-                }
-            }
-        }
-    };
-}
-
-matrix!(authorization, authorization_matrix);
-matrix!(sessions, expired_and_signed_out_sessions);
-matrix!(authentication, authentication_rules);
-matrix!(bad_frames, bad_frames_and_limits);
-matrix!(heartbeat, heartbeat_timeout);
+ws_matrix!(authorization, authorization_matrix);
+ws_matrix!(sessions, expired_and_signed_out_sessions);
+ws_matrix!(authentication, authentication_rules);
+ws_matrix!(bad_frames, bad_frames_and_limits);
+ws_matrix!(heartbeat, heartbeat_timeout);

@@ -283,6 +283,28 @@ impl WsClient {
         events
     }
 
+    /// The next push for which `pick` answers `Some`, skipping others; panics when
+    /// the connection closes or nothing matching arrives for `timeout`.
+    pub async fn push_matching<T>(
+        &mut self,
+        timeout: Duration,
+        mut pick: impl FnMut(&Out) -> Option<T>,
+    ) -> T {
+        loop {
+            match self.next_push(timeout).await {
+                Incoming::Frame(pb::ServerFrame {
+                    kind: Some(kind), ..
+                }) => {
+                    if let Some(found) = pick(&kind) {
+                        return found;
+                    }
+                }
+                Incoming::Frame(_) => continue,
+                other => panic!("waiting for a push: {other:?}"),
+            }
+        }
+    }
+
     /// Closes the connection politely.
     pub async fn close(mut self) {
         let _ = self.stream.close(None).await;
@@ -302,4 +324,55 @@ fn close_parts(close: Option<CloseFrame>) -> (u16, String) {
         Some(frame) => (u16::from(frame.code), frame.reason.to_string()),
         None => (1005, String::new()),
     }
+}
+
+/// Runs `$body(backend, codec)` for SQLite and PostgreSQL, each with the JSON and
+/// the binary subprotocol: a module `$name` with four tests.
+#[macro_export]
+macro_rules! ws_matrix {
+    ($name:ident, $body:ident) => {
+        mod $name {
+            use super::*;
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn sqlite_json() {
+                $body(
+                    $crate::common::Backend::Sqlite,
+                    $crate::common::ws::WsCodec::Json,
+                )
+                .await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn sqlite_proto() {
+                $body(
+                    $crate::common::Backend::Sqlite,
+                    $crate::common::ws::WsCodec::Proto,
+                )
+                .await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn postgres_json() {
+                if $crate::common::postgres_available() {
+                    $body(
+                        $crate::common::Backend::Postgres,
+                        $crate::common::ws::WsCodec::Json,
+                    )
+                    .await;
+                }
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn postgres_proto() {
+                if $crate::common::postgres_available() {
+                    $body(
+                        $crate::common::Backend::Postgres,
+                        $crate::common::ws::WsCodec::Proto,
+                    )
+                    .await;
+                }
+            }
+        }
+    };
 }
