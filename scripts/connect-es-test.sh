@@ -77,6 +77,7 @@ find "$pkg_dir/gen" -name '*_pb.js' | sort
 # ---------------------------------------------------------------- server
 say "connect-es: building the server"
 cargo build --bin roomcast
+server_bin=${CARGO_TARGET_DIR:-target}/debug/roomcast
 
 # A free loopback port: ask the kernel for one, then let the server bind it.
 port=$(node -e '
@@ -85,14 +86,14 @@ s.listen(0, "127.0.0.1", () => { console.log(s.address().port); s.close(); });
 ')
 base_url="http://127.0.0.1:$port"
 
-say "connect-es: starting target/debug/roomcast on $base_url (store in $tmp_dir)"
+say "connect-es: starting $server_bin on $base_url (store in $tmp_dir)"
 env -u ROOMCAST_CONFIG \
     ROOMCAST_SERVER__LISTEN="127.0.0.1:$port" \
     ROOMCAST_STORE__URL="sqlite://$tmp_dir/roomcast.db" \
     ROOMCAST_REALTIME__SEND_RATE_PER_SEC=1000 \
     ROOMCAST_REALTIME__SEND_BURST=1000 \
     ROOMCAST_LOG__LEVEL="${ROOMCAST_LOG__LEVEL:-warn}" \
-    target/debug/roomcast >"$tmp_dir/server.log" 2>&1 &
+    "$server_bin" >"$tmp_dir/server.log" 2>&1 &
 server_pid=$!
 
 ready=0
