@@ -262,6 +262,10 @@ pub struct RealtimeSettings {
     pub outbound_queue_frames: usize,
     /// Most bytes waiting to be written to one connection before it lags.
     pub outbound_queue_bytes: usize,
+    /// A room that delivered within this many milliseconds collects new events
+    /// until the window ends and delivers them in one push per subscriber (a quiet
+    /// room delivers at once); 0 turns coalescing off.
+    pub coalesce_window_ms: u64,
     /// Catch-ups a lagging connection may need in a row before it is closed.
     pub max_catch_up_rounds: u32,
     /// Sends per second each user may make (token bucket refill rate).
@@ -280,6 +284,7 @@ impl Default for RealtimeSettings {
             max_subscriptions: 256,
             outbound_queue_frames: 1024,
             outbound_queue_bytes: 4 * 1024 * 1024,
+            coalesce_window_ms: 10,
             max_catch_up_rounds: 8,
             send_rate_per_sec: 20,
             send_burst: 40,

@@ -807,21 +807,20 @@ impl Handler<RoomPush> for Connection {
 
     fn handle(&mut self, msg: RoomPush, ctx: &mut Self::Context) {
         match msg {
-            RoomPush::Events {
-                room_id,
-                events,
-                bytes,
-            } => {
+            RoomPush::Events { batch, bytes } => {
                 self.gauge.release(bytes);
-                let Some(sub) = self.subs.get_mut(&room_id) else {
+                let room_id = &batch.room_id;
+                let Some(sub) = self.subs.get_mut(room_id) else {
                     return;
                 };
                 match &mut sub.phase {
-                    Phase::Subscribing { buffered } => buffered.extend(events.iter().cloned()),
+                    Phase::Subscribing { buffered } => {
+                        buffered.extend(batch.events.iter().cloned())
+                    }
                     Phase::CatchingUp => {}
                     Phase::Live => {
-                        for event in events.iter() {
-                            if !self.deliver(ctx, &room_id, event) {
+                        for event in &batch.events {
+                            if !self.deliver(ctx, room_id, event) {
                                 break;
                             }
                         }

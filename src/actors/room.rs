@@ -86,14 +86,27 @@ impl OutboundGauge {
     }
 }
 
+/// Committed events of one room, in sequence order, shared by every subscriber.
+#[derive(Debug)]
+pub struct EventBatch {
+    pub room_id: RoomId,
+    pub events: Vec<Arc<RoomEvent>>,
+}
+
+impl EventBatch {
+    /// Bytes the batch takes on a connection using `codec` (encodes on first use).
+    fn wire_len(&self, codec: FrameCodec) -> usize {
+        self.events.iter().map(|e| e.frame.wire(codec).len()).sum()
+    }
+}
+
 /// What a room sends to a subscribed connection.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub enum RoomPush {
-    /// Committed events, in sequence order; `bytes` were reserved on the gauge.
+    /// Committed events; `bytes` were reserved on the gauge.
     Events {
-        room_id: RoomId,
-        events: Arc<[Arc<RoomEvent>]>,
+        batch: Arc<EventBatch>,
         bytes: usize,
     },
     /// A push that is not part of the history (typing, presence, members, room updates).
@@ -231,6 +244,12 @@ pub struct RoomActor {
     retired: bool,
     idle_since: Instant,
     idle_timer: Option<SpawnHandle>,
+    /// Committed events not yet delivered (coalescing window).
+    outbox: Vec<Arc<RoomEvent>>,
+    /// When the outbox was last delivered.
+    last_flush: Instant,
+    /// Set while a delayed outbox delivery is scheduled.
+    flush_timer: Option<SpawnHandle>,
 }
 
 impl RoomActor {
@@ -255,6 +274,9 @@ impl RoomActor {
             retired: false,
             idle_since: Instant::now(),
             idle_timer: None,
+            outbox: Vec::new(),
+            last_flush: Instant::now(),
+            flush_timer: None,
         }
     }
 
@@ -314,14 +336,19 @@ impl RoomActor {
                 .into_actor(self)
                 .map(move |result, act, ctx| {
                     act.writing = false;
-                    act.committed(batch, result);
+                    act.committed(batch, result, ctx);
                     act.flush(ctx);
                 }),
         );
     }
 
     /// Answers the senders of a committed batch and fans its events out.
-    fn committed(&mut self, batch: Vec<PendingAppend>, result: Result<Vec<Appended>, StoreError>) {
+    fn committed(
+        &mut self,
+        batch: Vec<PendingAppend>,
+        result: Result<Vec<Appended>, StoreError>,
+        ctx: &mut Context<Self>,
+    ) {
         let results = match result {
             Ok(results) => results,
             Err(e) => {
@@ -344,19 +371,16 @@ impl RoomActor {
             }
             let _ = reply.send(Ok(outcome));
         }
-        self.publish(&events);
+        self.publish(&events, ctx);
     }
 
     /// Adds committed events to the ring and delivers them to every subscriber.
-    fn publish(&mut self, records: &[MessageRecord]) {
+    fn publish(&mut self, records: &[MessageRecord], ctx: &mut Context<Self>) {
         if records.is_empty() {
             return;
         }
-        let events: Arc<[Arc<RoomEvent>]> = records
-            .iter()
-            .map(|r| Arc::new(RoomEvent::new(r)))
-            .collect();
-        for event in events.iter() {
+        for record in records {
+            let event = Arc::new(RoomEvent::new(record));
             if event.seq != self.last_seq + 1 {
                 // Someone else appended in between (another node); the ring would
                 // have a hole, so start it afresh from here.
@@ -364,20 +388,49 @@ impl RoomActor {
             }
             self.last_seq = event.seq;
             self.ring.push_back(event.clone());
+            self.outbox.push(event);
         }
         while self.ring.len() > self.settings.rooms.ring_size {
             self.ring.pop_front();
         }
+        // Coalescing: a room that flushed within the window waits for the window to
+        // end and sends everything since in one push per subscriber; a quiet room
+        // flushes at once, so it adds no latency.
+        if self.flush_timer.is_some() {
+            return;
+        }
+        let window = Duration::from_millis(self.settings.realtime.coalesce_window_ms);
+        let since = self.last_flush.elapsed();
+        if since >= window {
+            self.flush_outbox();
+        } else {
+            self.flush_timer = Some(ctx.run_later(window - since, |act, _| {
+                act.flush_timer = None;
+                act.flush_outbox();
+            }));
+        }
+    }
+
+    /// Delivers the events waiting in the outbox to every subscriber, as one batch.
+    fn flush_outbox(&mut self) {
+        self.last_flush = Instant::now();
+        if self.outbox.is_empty() {
+            return;
+        }
+        let batch = Arc::new(EventBatch {
+            room_id: self.id.clone(),
+            events: std::mem::take(&mut self.outbox),
+        });
+        let mut sizes = [None, None];
         let mut lagged = Vec::new();
         for (conn_id, sub) in &self.subscribers {
-            let bytes: usize = events.iter().map(|e| e.frame.wire(sub.codec).len()).sum();
+            let bytes = *sizes[sub.codec as usize].get_or_insert_with(|| batch.wire_len(sub.codec));
             if !sub.gauge.try_reserve(bytes) {
                 lagged.push(*conn_id);
                 continue;
             }
             let push = RoomPush::Events {
-                room_id: self.id.clone(),
-                events: events.clone(),
+                batch: batch.clone(),
                 bytes,
             };
             if sub.addr.try_send(push).is_err() {
@@ -481,6 +534,10 @@ impl Supervised for RoomActor {
             });
         }
         self.idle_timer = None;
+        // Undelivered events are dropped with the subscribers, who resynchronise
+        // from the store.
+        self.outbox.clear();
+        self.flush_timer = None;
     }
 }
 
