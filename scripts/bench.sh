@@ -19,9 +19,9 @@
 # The server also runs with MALLOC_MMAP_THRESHOLD_=131072 (glibc): by default glibc
 # raises its mmap threshold after the first freed argon2id buffer (19 MiB per
 # password hash) and then keeps every later one in its arenas, so a server that
-# just signed up the bench's accounts sits on ~250-400 MB of free heap that new
-# connections reuse, which hides their cost. BENCH_MMAP_THRESHOLD= (empty) turns
-# this off.
+# just signed up the bench's accounts sits on ~250-400 MB of free heap, and the
+# memory readings are a small difference between two large, noisy numbers (see
+# BENCHMARKS.md). BENCH_MMAP_THRESHOLD= (empty) turns this off.
 #
 # The open-files limit is raised to the hard limit (`ulimit -n`) for the server
 # and the bench: each idle connection is one descriptor on each side.
@@ -52,7 +52,7 @@ while (($# > 0)); do
         shift 2
         ;;
     -h | --help)
-        sed -n '2,25p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+        awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"
         exit 0
         ;;
     *)
