@@ -14,6 +14,7 @@ use crate::{
         retention::RetentionSweeper,
         room_registry::RoomRegistry,
         session_registry::{CloseAll, SessionRegistry},
+        user_session,
     },
     domain::{AppState, SendLimiter},
     error::ApiError,
@@ -21,6 +22,9 @@ use crate::{
     settings::Settings,
     store::{Store, StoreError},
 };
+
+/// How long shutdown waits for user sessions to finish their presence writes.
+const SESSION_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -131,7 +135,16 @@ pub async fn serve(settings: Settings) -> Result<(), StartError> {
         handle.stop(true).await;
     });
     running.server.await?;
-    tracing::info!("HTTP server stopped; closing the store");
+    // Connections closing announce their users offline through the store; let
+    // those writes finish (bounded) before the pool closes.
+    let drain_until = std::time::Instant::now() + SESSION_DRAIN_TIMEOUT;
+    while user_session::live_sessions() > 0 && std::time::Instant::now() < drain_until {
+        actix_web::rt::time::sleep(Duration::from_millis(20)).await;
+    }
+    tracing::info!(
+        unfinished_sessions = user_session::live_sessions(),
+        "HTTP server stopped; closing the store"
+    );
     running.state.auth.stop();
     running.state.store.close().await;
     Ok(())

@@ -2,7 +2,10 @@
 //! per device or tab), so it can say whether the user is online, announce presence
 //! changes to the user's rooms, and close connections when the user signs out.
 
-use std::collections::HashMap;
+use std::{
+    collections::HashMap,
+    sync::atomic::{AtomicUsize, Ordering},
+};
 
 use actix::{
     fut::WrapFuture as _, Actor, ActorContext as _, ActorFutureExt as _, Addr, AsyncContext as _,
@@ -17,6 +20,15 @@ use crate::{
     ids::{SessionId, UserId},
     store::Store,
 };
+
+/// User session actors alive in this process (started and not yet stopped).
+static LIVE_SESSIONS: AtomicUsize = AtomicUsize::new(0);
+
+/// How many user sessions are alive; shutdown waits for this to reach zero so that
+/// their last presence writes finish before the store closes.
+pub fn live_sessions() -> usize {
+    LIVE_SESSIONS.load(Ordering::Acquire)
+}
 
 /// What a user session tells one of its connections.
 #[derive(Message, Debug, Clone)]
@@ -109,7 +121,12 @@ impl Actor for UserSession {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
+        LIVE_SESSIONS.fetch_add(1, Ordering::AcqRel);
         self.announce(true, ctx);
+    }
+
+    fn stopped(&mut self, _ctx: &mut Self::Context) {
+        LIVE_SESSIONS.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
