@@ -16,13 +16,6 @@
 # 127.0.0.1. A fresh server per scenario keeps one scenario's freed memory and
 # rooms from flattering the next (idle's KiB per connection above all).
 #
-# The server also runs with MALLOC_MMAP_THRESHOLD_=131072 (glibc): by default glibc
-# raises its mmap threshold after the first freed argon2id buffer (19 MiB per
-# password hash) and then keeps every later one in its arenas, so a server that
-# just signed up the bench's accounts sits on ~250-400 MB of free heap, and the
-# memory readings are a small difference between two large, noisy numbers (see
-# BENCHMARKS.md). BENCH_MMAP_THRESHOLD= (empty) turns this off.
-#
 # The open-files limit is raised to the hard limit (`ulimit -n`) for the server
 # and the bench: each idle connection is one descriptor on each side.
 #
@@ -70,7 +63,6 @@ rate=${BENCH_RATE:-200}
 duration=${BENCH_DURATION:-10}
 idle=${BENCH_IDLE:-2000}
 codec=${BENCH_CODEC:-proto}
-mmap_threshold=${BENCH_MMAP_THRESHOLD-131072}
 
 say() { printf '\n==> %s\n' "$*" >&2; }
 
@@ -160,10 +152,7 @@ s = socket.socket()
 s.bind(("127.0.0.1", 0))
 print(s.getsockname()[1])')
     addr="127.0.0.1:$port"
-    local malloc_env=()
-    [[ -n $mmap_threshold ]] && malloc_env=("MALLOC_MMAP_THRESHOLD_=$mmap_threshold")
-    env "${malloc_env[@]}" \
-        ROOMCAST_SERVER__LISTEN="$addr" \
+    ROOMCAST_SERVER__LISTEN="$addr" \
         ROOMCAST_STORE__URL="$store_url" \
         ROOMCAST_LOG__LEVEL=warn \
         ROOMCAST_REALTIME__SEND_RATE_PER_SEC=1000000 \
@@ -208,6 +197,15 @@ run_scenario() {
         return 0
     fi
     start_server "$name"
+    # Watch for compilers while the scenario runs (the watcher ends with the server).
+    local busy_flag=$work_dir/$name.busy
+    (
+        while kill -0 "$server_pid" 2>/dev/null; do
+            pgrep -x rustc >/dev/null 2>&1 && : >"$busy_flag"
+            sleep 1
+        done
+    ) &
+    local watcher=$!
     say "roomcast-bench $name $* (load average: $(cut -d' ' -f1-3 /proc/loadavg))"
     target/release/roomcast-bench --server "$addr" --server-pid "$server_pid" --codec "$codec" \
         "$name" "$@" | tee "$work_dir/$name.out" || rc=$?
@@ -223,6 +221,10 @@ run_scenario() {
         exit 1
     fi
     stop_server
+    wait "$watcher" 2>/dev/null || true
+    if [[ -e $busy_flag ]]; then
+        echo "bench.sh: warning: rustc ran during $name; its numbers are noisy" >&2
+    fi
     local log=$log_prefix.$name.server.log
     if [[ -s $log ]]; then
         say "the server logged $(wc -l <"$log") lines during $name (full log: $log); the first ones:"
