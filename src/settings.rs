@@ -284,7 +284,7 @@ impl Default for RealtimeSettings {
             max_subscriptions: 256,
             outbound_queue_frames: 1024,
             outbound_queue_bytes: 4 * 1024 * 1024,
-            coalesce_window_ms: 10,
+            coalesce_window_ms: 2,
             max_catch_up_rounds: 8,
             send_rate_per_sec: 20,
             send_burst: 40,
