@@ -195,8 +195,9 @@ async fn authorization_matrix(backend: Backend, codec: WsCodec) {
 }
 
 async fn expired_and_signed_out_sessions(backend: Backend, codec: WsCodec) {
-    let server =
-        TestServer::spawn_with(backend, |s: &mut Settings| s.auth.access_token_ttl_secs = 2).await;
+    let (server, _) =
+        TestServer::spawn_with_admin(backend, |s: &mut Settings| s.auth.access_token_ttl_secs = 2)
+            .await;
     let alice = server.sign_up(&common::unique_name("alice")).await;
     // The token expires while connected: the documented "reconnect with a fresh
     // token" code.
@@ -236,6 +237,28 @@ async fn expired_and_signed_out_sessions(backend: Backend, codec: WsCodec) {
         reused.expect_err("reuse is refused").code,
         "unauthenticated"
     );
+    expect_close(&mut ws, 4501).await;
+
+    // Revoking an API key closes the connections authenticated with it.
+    let admin = server.sign_in("admin", common::PASSWORD).await;
+    let created: pb::CreateApiKeyResponse = rpc(
+        &server,
+        &admin,
+        "AuthService/CreateApiKey",
+        &pb::CreateApiKeyRequest {
+            name: "ingest".into(),
+        },
+    )
+    .await;
+    let key = created.key.expect("key");
+    let mut ws = WsClient::connect_authenticated(&url(&server), codec, &created.secret).await;
+    let _: pb::RevokeApiKeyResponse = rpc(
+        &server,
+        &admin,
+        "AuthService/RevokeApiKey",
+        &pb::RevokeApiKeyRequest { id: key.id },
+    )
+    .await;
     expect_close(&mut ws, 4501).await;
 }
 

@@ -12,7 +12,7 @@ use crate::{
     },
     actors::session_registry::SignOutUser,
     error::ApiError,
-    ids::ApiKeyId,
+    ids::{ApiKeyId, UserId},
     proto::v1 as pb,
 };
 
@@ -162,5 +162,11 @@ pub async fn revoke_api_key(
             id: ApiKeyId::from(id),
         })
         .await?;
+    // Live connections authenticated with the key end with "signed out"; an API
+    // key's principal uses the key id as its user id.
+    state.sessions.do_send(SignOutUser {
+        user_id: UserId::from(id),
+        session_id: None,
+    });
     Ok(pb::RevokeApiKeyResponse {})
 }
