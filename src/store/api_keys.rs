@@ -3,7 +3,7 @@
 
 use sqlx::FromRow;
 
-use super::{Store, StoreError, StoreResult};
+use super::{found, Store, StoreResult};
 use crate::ids::{hash_secret, now_ms, ApiKeyId, UserId};
 
 /// A stored API key (without its secret).
@@ -99,9 +99,6 @@ impl Store {
                 .bind(id.as_str())
                 .execute(&self.pool)
                 .await?;
-        if done.rows_affected() == 0 {
-            return Err(StoreError::NotFound);
-        }
-        Ok(())
+        found(done)
     }
 }

@@ -191,6 +191,15 @@ fn prepare_sqlite_path(url: &str) -> StoreResult<()> {
     Ok(())
 }
 
+/// `NotFound` when a write touched no row (the row to change does not exist).
+fn found(done: sqlx::any::AnyQueryResult) -> StoreResult<()> {
+    if done.rows_affected() == 0 {
+        Err(StoreError::NotFound)
+    } else {
+        Ok(())
+    }
+}
+
 /// Reads a text enum column, reporting unknown values as corruption.
 fn parse_enum<T>(value: &str, parse: fn(&str) -> Option<T>) -> StoreResult<T> {
     parse(value).ok_or_else(|| StoreError::Corrupt(format!("unknown value `{value}`")))

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 
 use sqlx::{AnyConnection, FromRow};
 
-use super::{parse_enum, Store, StoreError, StoreResult};
+use super::{found, parse_enum, Store, StoreError, StoreResult};
 use crate::{
     ids::{now_ms, RoomId, UserId},
     model::{MemberRole, RoomKind},
@@ -504,10 +504,7 @@ impl Store {
             .bind(user.as_str())
             .execute(&self.pool)
             .await?;
-        if done.rows_affected() == 0 {
-            return Err(StoreError::NotFound);
-        }
-        Ok(())
+        found(done)
     }
 
     /// Mutes until a time (`i64::MAX`: until lifted) or, with `None`, unmutes.
@@ -525,10 +522,7 @@ impl Store {
         .bind(user.as_str())
         .execute(&self.pool)
         .await?;
-        if done.rows_affected() == 0 {
-            return Err(StoreError::NotFound);
-        }
-        Ok(())
+        found(done)
     }
 
     /// Moves the read cursor forward (never back, never past the room's last
@@ -582,10 +576,7 @@ impl Store {
             .bind(user.as_str())
             .execute(&self.pool)
             .await?;
-        if done.rows_affected() == 0 {
-            return Err(StoreError::NotFound);
-        }
-        Ok(())
+        found(done)
     }
 
     /// The ban of `user` in `room` that is in force at `now`, if any.

@@ -2,7 +2,7 @@
 
 use sqlx::FromRow;
 
-use super::{parse_enum, Store, StoreError, StoreResult};
+use super::{found, parse_enum, Store, StoreError, StoreResult};
 use crate::{
     ids::{now_ms, UserId},
     model::Role,
@@ -203,10 +203,7 @@ impl Store {
             .bind(id.as_str())
             .execute(&self.pool)
             .await?;
-        if done.rows_affected() == 0 {
-            return Err(StoreError::NotFound);
-        }
-        Ok(())
+        found(done)
     }
 
     /// Users whose username or display name starts with `prefix` (lower-case),
