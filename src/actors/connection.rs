@@ -60,6 +60,9 @@ const TYPING_INTERVAL: Duration = Duration::from_millis(1000);
 /// Lag rounds are counted over this window to decide a client is too slow.
 const LAG_WINDOW: Duration = Duration::from_secs(60);
 
+/// The connection's actor context; the transport's framing lives behind it.
+type Ctx = ws::WebsocketContext<Connection>;
+
 static NEXT_CONNECTION_ID: AtomicU64 = AtomicU64::new(1);
 
 /// Where a room subscription stands.
@@ -138,24 +141,24 @@ impl Connection {
             .is_some_and(|s| s.generation == generation)
     }
 
-    fn write(&self, ctx: &mut ws::WebsocketContext<Self>, wire: WireFrame) {
+    fn write(&self, ctx: &mut Ctx, wire: WireFrame) {
         match wire {
             WireFrame::Text(text) => ctx.text(text),
             WireFrame::Binary(bytes) => ctx.binary(bytes),
         }
     }
 
-    fn send_frame(&self, ctx: &mut ws::WebsocketContext<Self>, frame: &pb::ServerFrame) {
+    fn send_frame(&self, ctx: &mut Ctx, frame: &pb::ServerFrame) {
         self.write(ctx, protocol::encode(frame, self.codec));
     }
 
-    fn reply(&self, ctx: &mut ws::WebsocketContext<Self>, id: u64, kind: Out) {
+    fn reply(&self, ctx: &mut Ctx, id: u64, kind: Out) {
         self.send_frame(ctx, &protocol::reply(id, kind));
     }
 
     fn reply_error(
         &self,
-        ctx: &mut ws::WebsocketContext<Self>,
+        ctx: &mut Ctx,
         id: u64,
         error: &ApiError,
         room_id: &str,
@@ -168,7 +171,7 @@ impl Connection {
         self.reply(ctx, id, kind);
     }
 
-    fn close(&mut self, ctx: &mut ws::WebsocketContext<Self>, code: u16, reason: &str) {
+    fn close(&mut self, ctx: &mut Ctx, code: u16, reason: &str) {
         tracing::debug!(conn = self.id, code, reason, "closing connection");
         ctx.close(Some(ws::CloseReason {
             code: ws::CloseCode::Other(code),
@@ -177,7 +180,7 @@ impl Connection {
         ctx.stop();
     }
 
-    fn malformed(&mut self, ctx: &mut ws::WebsocketContext<Self>, id: u64, message: String) {
+    fn malformed(&mut self, ctx: &mut Ctx, id: u64, message: String) {
         self.malformed += 1;
         self.reply_error(ctx, id, &ApiError::invalid(message), "");
         if self.malformed > MAX_MALFORMED_FRAMES {
@@ -189,7 +192,7 @@ impl Connection {
 
     fn authenticate(
         &mut self,
-        ctx: &mut ws::WebsocketContext<Self>,
+        ctx: &mut Ctx,
         request_id: Option<u64>,
         token: String,
     ) {
@@ -220,7 +223,7 @@ impl Connection {
 
     fn authenticated(
         &mut self,
-        ctx: &mut ws::WebsocketContext<Self>,
+        ctx: &mut Ctx,
         request_id: Option<u64>,
         principal: Principal,
     ) {
@@ -274,7 +277,7 @@ impl Connection {
 
     // --- client frames ---------------------------------------------------------
 
-    fn on_frame(&mut self, ctx: &mut ws::WebsocketContext<Self>, frame: pb::ClientFrame) {
+    fn on_frame(&mut self, ctx: &mut Ctx, frame: pb::ClientFrame) {
         use pb::client_frame::Kind as In;
         let id = frame.id;
         if id == 0 {
@@ -390,7 +393,7 @@ impl Connection {
 
     fn subscribe(
         &mut self,
-        ctx: &mut ws::WebsocketContext<Self>,
+        ctx: &mut Ctx,
         id: u64,
         principal: Principal,
         req: pb::Subscribe,
@@ -455,7 +458,7 @@ impl Connection {
     /// Sends `Subscribe` to the room for the subscription's current position.
     fn register(
         &mut self,
-        ctx: &mut ws::WebsocketContext<Self>,
+        ctx: &mut Ctx,
         room_id: &RoomId,
         live_only: bool,
     ) {
@@ -504,7 +507,7 @@ impl Connection {
         );
     }
 
-    fn relocate(&mut self, ctx: &mut ws::WebsocketContext<Self>, room_id: &RoomId) {
+    fn relocate(&mut self, ctx: &mut Ctx, room_id: &RoomId) {
         let Some(sub) = self.subs.get_mut(room_id) else {
             return;
         };
@@ -536,7 +539,7 @@ impl Connection {
 
     fn drop_sub(
         &mut self,
-        ctx: &mut ws::WebsocketContext<Self>,
+        ctx: &mut Ctx,
         room_id: &RoomId,
         error: &ApiError,
     ) {
@@ -548,7 +551,7 @@ impl Connection {
 
     fn registered(
         &mut self,
-        ctx: &mut ws::WebsocketContext<Self>,
+        ctx: &mut Ctx,
         room_id: &RoomId,
         reply: SubscribeReply,
     ) {
@@ -613,7 +616,7 @@ impl Connection {
     /// Returns false when the subscription left the live phase.
     fn deliver(
         &mut self,
-        ctx: &mut ws::WebsocketContext<Self>,
+        ctx: &mut Ctx,
         room_id: &RoomId,
         event: &Arc<RoomEvent>,
     ) -> bool {
@@ -637,7 +640,7 @@ impl Connection {
     /// Leaves the room's live delivery and resumes from the last delivered event.
     fn restart_delivery(
         &mut self,
-        ctx: &mut ws::WebsocketContext<Self>,
+        ctx: &mut Ctx,
         room_id: &RoomId,
         lagged: bool,
     ) {
@@ -678,7 +681,7 @@ impl Connection {
 
     /// Reads events after the last delivered one up to `upto` from the store, page
     /// by page, then subscribes again.
-    fn catch_up(&mut self, ctx: &mut ws::WebsocketContext<Self>, room_id: RoomId, upto: u64) {
+    fn catch_up(&mut self, ctx: &mut Ctx, room_id: RoomId, upto: u64) {
         let Some(sub) = self.subs.get(&room_id) else {
             return;
         };
