@@ -157,6 +157,8 @@ print(s.getsockname()[1])')
         ROOMCAST_LOG__LEVEL=warn \
         ROOMCAST_REALTIME__SEND_RATE_PER_SEC=1000000 \
         ROOMCAST_REALTIME__SEND_BURST=1000000 \
+        ROOMCAST_AUTH__SIGN_UP_IP_PER_HOUR=0 \
+        ROOMCAST_AUTH__SIGN_IN_IP_PER_MINUTE=0 \
         target/release/roomcast serve >"$log_prefix.$name.server.log" 2>&1 &
     server_pid=$!
     for _ in $(seq 1 300); do

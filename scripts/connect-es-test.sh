@@ -92,6 +92,8 @@ env -u ROOMCAST_CONFIG \
     ROOMCAST_STORE__URL="sqlite://$tmp_dir/roomcast.db" \
     ROOMCAST_REALTIME__SEND_RATE_PER_SEC=1000 \
     ROOMCAST_REALTIME__SEND_BURST=1000 \
+    ROOMCAST_AUTH__SIGN_UP_IP_PER_HOUR=0 \
+    ROOMCAST_AUTH__SIGN_IN_IP_PER_MINUTE=0 \
     ROOMCAST_LOG__LEVEL="${ROOMCAST_LOG__LEVEL:-warn}" \
     "$server_bin" >"$tmp_dir/server.log" 2>&1 &
 server_pid=$!

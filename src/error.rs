@@ -77,14 +77,51 @@ impl Code {
 pub struct ApiError {
     pub code: Code,
     pub message: String,
+    /// When the client may try again (rate limits): sent as a `Retry-After`
+    /// header and a `google.rpc.RetryInfo` error detail.
+    pub retry_after: Option<std::time::Duration>,
 }
+
+/// `google.rpc.RetryInfo`, the standard error detail that tells a client when to
+/// retry (connect-es and grpc clients decode it by its type name).
+#[derive(Clone, PartialEq, prost::Message)]
+struct RetryInfo {
+    #[prost(message, optional, tag = "1")]
+    retry_delay: Option<pbjson_types::Duration>,
+}
+
+/// Type name of [`RetryInfo`] in Connect error details.
+pub const RETRY_INFO_TYPE: &str = "google.rpc.RetryInfo";
 
 impl ApiError {
     pub fn new(code: Code, message: impl Into<String>) -> Self {
         Self {
             code,
             message: message.into(),
+            retry_after: None,
         }
+    }
+
+    /// The same error, telling the client to retry after `delay`.
+    pub fn with_retry_after(mut self, delay: std::time::Duration) -> Self {
+        self.retry_after = Some(delay);
+        self
+    }
+
+    /// The `RetryInfo` detail of an error with a retry delay, as Connect error
+    /// JSON carries details: (type name, protobuf bytes in unpadded base64).
+    pub fn retry_info_detail(&self) -> Option<(&'static str, String)> {
+        use base64::Engine as _;
+        use prost::Message as _;
+        let delay = self.retry_after?;
+        let info = RetryInfo {
+            retry_delay: Some(pbjson_types::Duration {
+                seconds: i64::try_from(delay.as_secs()).unwrap_or(i64::MAX),
+                nanos: i32::try_from(delay.subsec_nanos()).unwrap_or(0),
+            }),
+        };
+        let value = base64::engine::general_purpose::STANDARD_NO_PAD.encode(info.encode_to_vec());
+        Some((RETRY_INFO_TYPE, value))
     }
     pub fn invalid(message: impl Into<String>) -> Self {
         Self::new(Code::InvalidArgument, message)
@@ -122,6 +159,13 @@ impl From<StoreError> for ApiError {
         match e {
             StoreError::NotFound => ApiError::not_found("not found"),
             StoreError::Conflict => ApiError::already_exists("already exists"),
+            // Retryable by definition: the store already retried where it was safe.
+            StoreError::Busy(ref inner) => {
+                tracing::warn!(error = %inner, "store busy after retries");
+                ApiError::unavailable(
+                    "the store is busy with concurrent requests; retry in a moment",
+                )
+            }
             StoreError::Database(ref inner) if is_unavailable(inner) => {
                 tracing::error!(error = %e, "store unavailable");
                 ApiError::unavailable("the store is unavailable; retry later")

@@ -1,7 +1,11 @@
 //! The `roomcast` binary: parse the command line, load settings, start logging,
 //! then serve, migrate, check the configuration or manage users.
 
-use std::{io::Read as _, path::PathBuf, process::ExitCode};
+use std::{
+    io::{IsTerminal as _, Read as _},
+    path::PathBuf,
+    process::ExitCode,
+};
 
 use clap::{Parser, Subcommand};
 use roomcast::{app, settings::Settings, telemetry};
@@ -43,11 +47,14 @@ enum ConfigCommand {
 
 #[derive(Subcommand)]
 enum UserCommand {
-    /// Create an account.
+    /// Create an account. Without --password, the password is asked for on the
+    /// terminal (twice, not echoed), or read from standard input when that is not
+    /// a terminal (`echo "$PW" | roomcast user create --username bob`).
     Create {
         #[arg(long)]
         username: String,
-        /// Read the password from standard input instead of the prompt-less default.
+        /// Read the password from standard input (the whole input, without its
+        /// final newline), even when it is a terminal.
         #[arg(long)]
         password_stdin: bool,
         /// The password (prefer --password-stdin: arguments show up in `ps`).
@@ -96,15 +103,11 @@ fn main() -> ExitCode {
                     admin,
                 },
         } => {
-            let password = match (password, password_stdin) {
-                (Some(p), _) => p,
-                (None, _) => {
-                    let mut buf = String::new();
-                    if let Err(e) = std::io::stdin().read_to_string(&mut buf) {
-                        eprintln!("roomcast: cannot read the password from standard input: {e}");
-                        return ExitCode::from(2);
-                    }
-                    buf.trim_end_matches(['\n', '\r']).to_owned()
+            let password = match read_password(&username, password, password_stdin) {
+                Ok(password) => password,
+                Err(message) => {
+                    eprintln!("roomcast: {message}");
+                    return ExitCode::from(2);
                 }
             };
             run(roomcast::app::create_user(
@@ -123,6 +126,39 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The password of `user create`: the `--password` argument; else a prompt on
+/// the terminal without echo (asked twice); else standard input. A terminal user
+/// is never left waiting at a silent cursor.
+fn read_password(
+    username: &str,
+    given: Option<String>,
+    from_stdin: bool,
+) -> Result<String, String> {
+    if let Some(password) = given {
+        return Ok(password);
+    }
+    let stdin = std::io::stdin();
+    if stdin.is_terminal() && !from_stdin {
+        let first = rpassword::prompt_password(format!("Password for {username}: "))
+            .map_err(|e| format!("cannot read the password from the terminal: {e}"))?;
+        let again = rpassword::prompt_password("Repeat the password: ")
+            .map_err(|e| format!("cannot read the password from the terminal: {e}"))?;
+        if first != again {
+            return Err("the passwords differ; nothing was created".into());
+        }
+        return Ok(first);
+    }
+    if stdin.is_terminal() {
+        eprintln!("Reading the password from standard input (end it with Ctrl-D):");
+    }
+    let mut buf = String::new();
+    stdin
+        .lock()
+        .read_to_string(&mut buf)
+        .map_err(|e| format!("cannot read the password from standard input: {e}"))?;
+    Ok(buf.trim_end_matches(['\n', '\r']).to_owned())
 }
 
 /// Runs a future in a fresh actix system.

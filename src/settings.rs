@@ -143,6 +143,32 @@ pub struct AuthSettings {
     pub admin_username: String,
     /// Password of `admin_username`; only used to create the account.
     pub admin_password: String,
+    /// A refresh token presented again within this many milliseconds of its use
+    /// (and before the next one was used) gets another token pair instead of
+    /// revoking the session; 0: any second use revokes.
+    pub refresh_reuse_grace_ms: u64,
+    /// Password hashes and verifications that may wait or run at once; more are
+    /// refused with `unavailable` at once.
+    pub hasher_max_pending: usize,
+    /// SignIn attempts per minute from one client address (an IPv6 /64); 0: no limit.
+    pub sign_in_ip_per_minute: u32,
+    /// SignIn attempts one address may make in a burst above that rate.
+    pub sign_in_ip_burst: u32,
+    /// Failed SignIns in a row one username may have before each further attempt
+    /// must wait; 0: no per-account limit.
+    pub sign_in_free_failures: u32,
+    /// The first wait after `sign_in_free_failures`, in milliseconds; it doubles
+    /// with each further failure.
+    pub sign_in_backoff_base_ms: u64,
+    /// The longest wait between SignIn attempts of one username, in milliseconds.
+    pub sign_in_backoff_max_ms: u64,
+    /// A username's failure count is forgotten after this many seconds without a
+    /// failure.
+    pub sign_in_failure_memory_secs: u64,
+    /// SignUps per hour from one client address (an IPv6 /64); 0: no limit.
+    pub sign_up_ip_per_hour: u32,
+    /// SignUps one address may make in a burst above that rate.
+    pub sign_up_ip_burst: u32,
     /// Tokens signed by an external application.
     pub external: ExternalAuthSettings,
 }
@@ -151,6 +177,28 @@ pub struct AuthSettings {
 pub const DEFAULT_ACCESS_TOKEN_TTL_SECS: u64 = 15 * 60;
 /// Refresh tokens live 30 days.
 pub const DEFAULT_REFRESH_TOKEN_TTL_SECS: u64 = 30 * 24 * 3600;
+/// A consumed refresh token is honoured again for 10 s (concurrent refreshes,
+/// retries of a lost answer).
+pub const DEFAULT_REFRESH_REUSE_GRACE_MS: u64 = 10_000;
+/// 64 hashing jobs waiting or running: about a second and a half of work for two
+/// hashing threads at the default cost.
+pub const DEFAULT_HASHER_MAX_PENDING: usize = 64;
+/// SignIns per minute from one address.
+pub const DEFAULT_SIGN_IN_IP_PER_MINUTE: u32 = 30;
+/// SignIn burst from one address.
+pub const DEFAULT_SIGN_IN_IP_BURST: u32 = 10;
+/// Failed SignIns in a row before a username must wait.
+pub const DEFAULT_SIGN_IN_FREE_FAILURES: u32 = 5;
+/// First wait after the free failures: 1 s, doubling.
+pub const DEFAULT_SIGN_IN_BACKOFF_BASE_MS: u64 = 1_000;
+/// Longest wait between attempts of one username: 5 minutes.
+pub const DEFAULT_SIGN_IN_BACKOFF_MAX_MS: u64 = 5 * 60 * 1000;
+/// Failures are forgotten after an hour without one.
+pub const DEFAULT_SIGN_IN_FAILURE_MEMORY_SECS: u64 = 3600;
+/// SignUps per hour from one address.
+pub const DEFAULT_SIGN_UP_IP_PER_HOUR: u32 = 20;
+/// SignUp burst from one address.
+pub const DEFAULT_SIGN_UP_IP_BURST: u32 = 5;
 
 impl Default for AuthSettings {
     fn default() -> Self {
@@ -165,6 +213,16 @@ impl Default for AuthSettings {
             argon2_iterations: 2,
             admin_username: String::new(),
             admin_password: String::new(),
+            refresh_reuse_grace_ms: DEFAULT_REFRESH_REUSE_GRACE_MS,
+            hasher_max_pending: DEFAULT_HASHER_MAX_PENDING,
+            sign_in_ip_per_minute: DEFAULT_SIGN_IN_IP_PER_MINUTE,
+            sign_in_ip_burst: DEFAULT_SIGN_IN_IP_BURST,
+            sign_in_free_failures: DEFAULT_SIGN_IN_FREE_FAILURES,
+            sign_in_backoff_base_ms: DEFAULT_SIGN_IN_BACKOFF_BASE_MS,
+            sign_in_backoff_max_ms: DEFAULT_SIGN_IN_BACKOFF_MAX_MS,
+            sign_in_failure_memory_secs: DEFAULT_SIGN_IN_FAILURE_MEMORY_SECS,
+            sign_up_ip_per_hour: DEFAULT_SIGN_UP_IP_PER_HOUR,
+            sign_up_ip_burst: DEFAULT_SIGN_UP_IP_BURST,
             external: ExternalAuthSettings::default(),
         }
     }
@@ -414,6 +472,30 @@ impl Settings {
         }
         if self.auth.hasher_threads == 0 {
             return bad("auth.hasher_threads", "must be at least 1");
+        }
+        if self.auth.hasher_max_pending == 0 {
+            return bad("auth.hasher_max_pending", "must be at least 1");
+        }
+        if self.auth.sign_in_ip_per_minute > 0 && self.auth.sign_in_ip_burst == 0 {
+            return bad(
+                "auth.sign_in_ip_burst",
+                "must be at least 1 when sign_in_ip_per_minute is set",
+            );
+        }
+        if self.auth.sign_up_ip_per_hour > 0 && self.auth.sign_up_ip_burst == 0 {
+            return bad(
+                "auth.sign_up_ip_burst",
+                "must be at least 1 when sign_up_ip_per_hour is set",
+            );
+        }
+        if self.auth.sign_in_free_failures > 0
+            && (self.auth.sign_in_backoff_base_ms == 0
+                || self.auth.sign_in_backoff_max_ms < self.auth.sign_in_backoff_base_ms)
+        {
+            return bad(
+                "auth.sign_in_backoff_max_ms",
+                "sign_in_backoff_base_ms must be positive and at most sign_in_backoff_max_ms",
+            );
         }
         if self.auth.admin_username.is_empty() != self.auth.admin_password.is_empty() {
             return bad(

@@ -448,6 +448,81 @@ both_backends!(
     }
 );
 
+// Eight refreshes with one token at once (a client with several tabs, or one
+// that retried): every one is answered with a working token pair, none fails
+// with `internal` (SQLite busy-snapshot errors) and the session is not revoked
+// as if the token had leaked.
+both_backends!(
+    concurrent_refreshes_with_one_token_keep_the_session,
+    |backend| async move {
+        let server = TestServer::spawn(backend).await;
+        let rpc = server.rpc();
+        for codec in Codec::ALL {
+            let account = server.sign_up(&name_for("tabs", codec)).await;
+            let calls = (0..8).map(|_| refresh(&rpc, codec, &account.refresh_token));
+            let results = futures_util::future::join_all(calls).await;
+            let mut pairs = Vec::new();
+            for result in results {
+                let tokens = result
+                    .unwrap_or_else(|e| panic!("{codec:?} concurrent refresh: {e}"))
+                    .tokens
+                    .expect("tokens");
+                pairs.push(tokens);
+            }
+            for tokens in &pairs {
+                get_me(&server, codec, &tokens.access_token)
+                    .await
+                    .unwrap_or_else(|e| panic!("{codec:?} the session was signed out: {e}"));
+            }
+            // The client goes on with the answer it kept (say the last one).
+            let kept = pairs.last().expect("eight answers");
+            let next = refresh(&rpc, codec, &kept.refresh_token)
+                .await
+                .unwrap_or_else(|e| panic!("{codec:?} refresh after the burst: {e}"))
+                .tokens
+                .expect("tokens");
+            get_me(&server, codec, &next.access_token)
+                .await
+                .expect("the chain goes on");
+            get_me(&server, codec, &account.access_token)
+                .await
+                .expect("the first access token of the session still works");
+        }
+    }
+);
+
+// The grace period is short: a consumed token presented after it still revokes
+// the session.
+both_backends!(
+    refresh_token_reuse_after_the_grace_period_revokes,
+    |backend| async move {
+        let server = TestServer::spawn_with(backend, |s| s.auth.refresh_reuse_grace_ms = 200).await;
+        let rpc = server.rpc();
+        let account = server.sign_up("henry").await;
+        let next = refresh(&rpc, Codec::Json, &account.refresh_token)
+            .await
+            .expect("refresh")
+            .tokens
+            .expect("tokens");
+        // Within the grace period the same token is honoured once more.
+        refresh(&rpc, Codec::Json, &account.refresh_token)
+            .await
+            .expect("a retry within the grace period");
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let message = expect_error(
+            refresh(&rpc, Codec::Json, &account.refresh_token).await,
+            "unauthenticated",
+            401,
+        );
+        assert!(message.contains("already used"), "{message}");
+        expect_error(
+            get_me(&server, Codec::Json, &next.access_token).await,
+            "unauthenticated",
+            401,
+        );
+    }
+);
+
 both_backends!(
     refresh_rejects_unknown_and_empty_tokens,
     |backend| async move {

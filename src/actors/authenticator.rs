@@ -36,7 +36,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use tracing::{debug, info, warn};
 
-use super::password_hasher::{HashPassword, PasswordHasher, VerifyPassword};
+mod limits;
+
+pub use limits::{AuthLimits, ClientAddr};
+
+use super::password_hasher::{Caller, HasherQueue, PasswordHasher};
 use crate::{
     domain::{
         access::{load_room_access, RoomAccess},
@@ -103,6 +107,10 @@ pub struct SignUp {
     pub password: String,
     /// Empty: the username.
     pub display_name: String,
+    /// Where the request came from, for the per-address sign-up limit.
+    pub client: ClientAddr,
+    /// Whether the requester still waits (a job of a gone one is not hashed).
+    pub caller: Caller,
 }
 
 /// Exchanges a username and password for a new session.
@@ -111,6 +119,10 @@ pub struct SignUp {
 pub struct SignIn {
     pub username: String,
     pub password: String,
+    /// Where the request came from, for the per-address sign-in limit.
+    pub client: ClientAddr,
+    /// Whether the requester still waits (a job of a gone one is not hashed).
+    pub caller: Caller,
 }
 
 /// Decides what the principal may do in a room (an ACL decision).
@@ -232,6 +244,7 @@ pub struct AuthPool {
     actors: Arc<[Addr<Authenticator>]>,
     arbiters: Arc<[ArbiterHandle]>,
     next: Arc<AtomicUsize>,
+    hasher: HasherQueue,
 }
 
 impl AuthPool {
@@ -261,9 +274,10 @@ impl AuthPool {
         let keys = TokenKeys::new(secret.as_bytes(), &auth)
             .map_err(|e| ApiError::failed_precondition(format!("auth.external: {e}")))?;
         let shared = Shared {
+            hasher: HasherQueue::new(hasher, auth.hasher_max_pending),
+            limits: Arc::new(AuthLimits::new(&auth)),
             settings: auth,
             store,
-            hasher,
             keys: Arc::new(keys),
         };
         let n = n.max(1);
@@ -286,6 +300,7 @@ impl AuthPool {
             actors: actors.into(),
             arbiters: arbiters.into(),
             next: Arc::new(AtomicUsize::new(0)),
+            hasher: shared.hasher.clone(),
         })
     }
 
@@ -306,6 +321,11 @@ impl AuthPool {
             bearer: bearer.into(),
         })
         .await
+    }
+
+    /// Password hashing jobs waiting or running now (for health checks and tests).
+    pub fn hasher_pending(&self) -> usize {
+        self.hasher.pending()
     }
 
     /// How many authenticators the pool has.
@@ -402,7 +422,10 @@ impl Supervised for Authenticator {
 struct Shared {
     settings: Arc<AuthSettings>,
     store: Store,
-    hasher: Addr<PasswordHasher>,
+    /// The bounded queue to the hashing threads.
+    hasher: HasherQueue,
+    /// Credential-attack limits, shared by every authenticator of the pool.
+    limits: Arc<AuthLimits>,
     keys: Arc<TokenKeys>,
 }
 
@@ -537,8 +560,18 @@ impl Handler<SignUp> for Authenticator {
                 ));
             }
             let role = Role::parse(&shared.settings.sign_up_role).unwrap_or(Role::Member);
+            // Refused input does not count against the address: only sign-ups
+            // that would create an account do.
+            validate_new_account(&msg.username, &msg.password, &msg.display_name)?;
+            shared.limits.sign_up_from(msg.client)?;
             let user = shared
-                .create_account(&msg.username, msg.password, &msg.display_name, role)
+                .create_account(
+                    &msg.username,
+                    msg.password,
+                    &msg.display_name,
+                    role,
+                    msg.caller,
+                )
                 .await?;
             let tokens = shared.issue_tokens(&user).await?;
             info!(user = %user.id, session = %tokens.session_id, "signed up");
@@ -556,9 +589,19 @@ impl Handler<SignIn> for Authenticator {
             let raw = msg.username.trim();
             validate::required("username", raw)?;
             validate::required("password", &msg.password)?;
+            // Limits first: a refused attempt costs no store read and no hash.
+            shared.limits.sign_in_from(msg.client)?;
+            let valid = validate::username(raw);
+            // Counted per username whether it exists or not, so the answer does
+            // not tell which usernames exist.
+            let account_key = match &valid {
+                Ok(username) => username.clone(),
+                Err(_) => raw.to_lowercase(),
+            };
+            shared.limits.sign_in_as(&account_key)?;
             // A malformed username cannot exist; it still costs a verification so
             // the answer takes as long as for a wrong password.
-            let user = match validate::username(raw) {
+            let user = match valid {
                 Ok(username) => match shared.store.get_user_by_username(&username).await {
                     Ok(user) => Some(user),
                     Err(StoreError::NotFound) => None,
@@ -567,13 +610,10 @@ impl Handler<SignIn> for Authenticator {
                 Err(_) => None,
             };
             let hash = user.as_ref().and_then(|u| u.password_hash.clone());
-            let matches = shared
-                .hasher
-                .send(VerifyPassword {
-                    password: msg.password,
-                    hash,
-                })
-                .await?;
+            let matches = shared.hasher.verify(msg.password, hash, msg.caller).await?;
+            if matches {
+                shared.limits.signed_in(&account_key);
+            }
             let user = match user {
                 Some(user) if matches => user,
                 _ => {
@@ -599,12 +639,14 @@ impl Handler<Refresh> for Authenticator {
             let invalid = || ApiError::unauthenticated("invalid or expired refresh token");
             let next = random_secret(REFRESH_TOKEN_PREFIX);
             let ttl_ms = secs_to_ms(shared.settings.refresh_token_ttl_secs);
+            let grace_ms =
+                i64::try_from(shared.settings.refresh_reuse_grace_ms).unwrap_or(i64::MAX);
             match shared
                 .store
-                .rotate_refresh_token(presented, &next, ttl_ms)
+                .rotate_refresh_token(presented, &next, ttl_ms, grace_ms)
                 .await?
             {
-                RefreshOutcome::Rotated { session } => {
+                RefreshOutcome::Rotated { session, grace } => {
                     let user = match shared
                         .store
                         .get_user(&UserId(session.user_id.clone()))
@@ -620,7 +662,7 @@ impl Handler<Refresh> for Authenticator {
                         &session_id,
                         shared.settings.access_token_ttl_secs,
                     )?;
-                    debug!(user = %user.id, session = %session_id, "tokens refreshed");
+                    debug!(user = %user.id, session = %session_id, grace, "tokens refreshed");
                     Ok(Refreshed::Tokens(IssuedTokens {
                         access_token,
                         access_expires_at,
@@ -684,7 +726,13 @@ impl Handler<CreateUser> for Authenticator {
         let shared = self.shared.clone();
         Box::pin(async move {
             let user = shared
-                .create_account(&msg.username, msg.password, &msg.display_name, msg.role)
+                .create_account(
+                    &msg.username,
+                    msg.password,
+                    &msg.display_name,
+                    msg.role,
+                    Caller::detached(),
+                )
                 .await?;
             info!(user = %user.id, role = %user.role, "user created");
             Ok(user)
@@ -698,7 +746,10 @@ impl Handler<EnsureAdmin> for Authenticator {
     fn handle(&mut self, msg: EnsureAdmin, _ctx: &mut Context<Self>) -> Self::Result {
         let shared = self.shared.clone();
         Box::pin(async move {
-            let username = validate::username(&msg.username)?;
+            // Start-up fails with this error: name the setting to fix.
+            let username = validate::username(&msg.username).map_err(|e| {
+                ApiError::new(e.code, format!("auth.admin_username: {}", e.message))
+            })?;
             match shared.store.get_user_by_username(&username).await {
                 Ok(existing) => {
                     if existing.role != Role::Admin {
@@ -709,8 +760,13 @@ impl Handler<EnsureAdmin> for Authenticator {
                 Err(StoreError::NotFound) => {}
                 Err(e) => return Err(e.into()),
             }
+            // Only checked when the account is to be made: the password of an
+            // existing admin is not this setting's business any more.
+            validate::password(&msg.password, &username).map_err(|e| {
+                ApiError::new(e.code, format!("auth.admin_password: {}", e.message))
+            })?;
             match shared
-                .create_account(&username, msg.password, "", Role::Admin)
+                .create_account(&username, msg.password, "", Role::Admin, Caller::detached())
                 .await
             {
                 Ok(user) => {
@@ -797,10 +853,9 @@ impl Shared {
         password: String,
         display_name: &str,
         role: Role,
+        caller: Caller,
     ) -> Result<UserRecord, ApiError> {
-        let username = validate::username(username)?;
-        validate::password(&password)?;
-        let display_name = validate::display_name_or(display_name, &username)?;
+        let (username, display_name) = validate_new_account(username, &password, display_name)?;
         let taken = || ApiError::already_exists(format!("username `{username}` is taken"));
         // Checked first so a taken name does not cost a hash; the insert's unique
         // constraint still decides races.
@@ -809,7 +864,8 @@ impl Shared {
             Err(StoreError::NotFound) => {}
             Err(e) => return Err(e.into()),
         }
-        let password_hash = self.hasher.send(HashPassword { password }).await??;
+        self.refuse_lookalike(&username).await?;
+        let password_hash = self.hasher.hash(password, caller).await?;
         let new = NewUser {
             username: username.clone(),
             display_name,
@@ -818,7 +874,32 @@ impl Shared {
         };
         match self.store.create_user(new).await {
             Ok(user) => Ok(user),
-            Err(StoreError::Conflict) => Err(taken()),
+            // A concurrent sign-up won: with this name, or with one like it.
+            Err(StoreError::Conflict) => {
+                self.refuse_lookalike(&username).await?;
+                Err(taken())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// `already_exists` when another account's username looks like `username`
+    /// (same confusable skeleton, e.g. `adrnin` and `admin`).
+    async fn refuse_lookalike(&self, username: &str) -> Result<(), ApiError> {
+        match self.store.get_user_by_lookalike(username).await {
+            Ok(existing) => {
+                let existing = existing.username.unwrap_or_default();
+                if existing == username {
+                    return Err(ApiError::already_exists(format!(
+                        "username `{username}` is taken"
+                    )));
+                }
+                Err(ApiError::already_exists(format!(
+                    "username `{username}` looks too much like the existing username \
+                     `{existing}`; choose another"
+                )))
+            }
+            Err(StoreError::NotFound) => Ok(()),
             Err(e) => Err(e.into()),
         }
     }
@@ -843,6 +924,19 @@ impl Shared {
             session_id,
         })
     }
+}
+
+/// The username (normalised) and display name of a new account, after checking
+/// them and the password's strength.
+fn validate_new_account(
+    username: &str,
+    password: &str,
+    display_name: &str,
+) -> Result<(String, String), ApiError> {
+    let username = validate::username(username)?;
+    validate::password(password, &username)?;
+    let display_name = validate::display_name_or(display_name, &username)?;
+    Ok((username, display_name))
 }
 
 fn secs_to_ms(secs: u64) -> i64 {

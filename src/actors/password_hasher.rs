@@ -1,11 +1,21 @@
 //! [`PasswordHasher`]: argon2id hashing and verification on a pool of dedicated
 //! threads (an actix `SyncArbiter`), so the tens of milliseconds and megabytes each
 //! hash costs never block an event loop. Only the
-//! [`Authenticator`](super::authenticator::Authenticator) talks to it.
+//! [`Authenticator`](super::authenticator::Authenticator) talks to it, through a
+//! [`HasherQueue`].
+//!
+//! Hashing is the one thing an anonymous client can make the server spend real
+//! CPU on, so the queue in front of the threads is bounded: when
+//! `auth.hasher_max_pending` jobs wait or run, further ones are refused at once
+//! with `unavailable` instead of queueing behind a flood, and a job whose caller
+//! went away (its request was cancelled or timed out) is skipped, not hashed.
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex, OnceLock, PoisonError},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, Mutex, OnceLock, PoisonError, Weak,
+    },
 };
 
 use actix::{Actor, Addr, Handler, Message, SyncArbiter, SyncContext};
@@ -16,7 +26,10 @@ use argon2::{
 use subtle::ConstantTimeEq as _;
 use tracing::{debug, error};
 
-use crate::{error::ApiError, settings::AuthSettings};
+use crate::{
+    error::{ApiError, Code},
+    settings::AuthSettings,
+};
 
 /// Lanes of argon2id. One: parallelism comes from the pool's threads, each hashing
 /// a different password.
@@ -30,20 +43,141 @@ const OUTPUT_LEN: usize = Params::DEFAULT_OUTPUT_LEN;
 const DUMMY_PASSWORD: &[u8] = b"roomcast-dummy-password-for-constant-time-sign-in";
 
 /// Hashes a new password; the answer is a PHC string (`$argon2id$v=19$m=...`).
+/// `canceled` when the caller went away before a thread got to it.
 #[derive(Message)]
 #[rtype(result = "Result<String, ApiError>")]
 pub struct HashPassword {
     pub password: String,
+    pub caller: Caller,
 }
 
 /// Checks a password against a stored PHC string. With `hash: None` (no such
 /// account, or an account without a password) it verifies against a fixed dummy
 /// hash and answers `false`, so unknown usernames take as long as wrong passwords.
+/// `canceled` when the caller went away before a thread got to it.
 #[derive(Message)]
-#[rtype(result = "bool")]
+#[rtype(result = "Result<bool, ApiError>")]
 pub struct VerifyPassword {
     pub password: String,
     pub hash: Option<String>,
+    pub caller: Caller,
+}
+
+/// Whether whoever asked for a hashing job still waits for it. The request that
+/// started the job holds a [`CallerAlive`]; when its future is dropped (client
+/// gone, deadline passed) the job is skipped.
+#[derive(Debug, Clone, Default)]
+pub struct Caller(Option<Weak<()>>);
+
+impl Caller {
+    /// A caller that is never considered gone (start-up, the CLI).
+    pub fn detached() -> Self {
+        Self(None)
+    }
+
+    /// Whether the caller stopped waiting.
+    pub fn is_gone(&self) -> bool {
+        self.0.as_ref().is_some_and(|weak| weak.strong_count() == 0)
+    }
+}
+
+/// Held by a request for as long as it waits for its answer; see [`Caller`].
+#[derive(Debug, Default)]
+pub struct CallerAlive(Arc<()>);
+
+impl CallerAlive {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The handle that travels with the request's messages.
+    pub fn caller(&self) -> Caller {
+        Caller(Some(Arc::downgrade(&self.0)))
+    }
+}
+
+/// The bounded way to the hashing threads: at most `max_pending` jobs wait or
+/// run at once; more are refused with `unavailable` without queueing. Cheap to
+/// clone; clones share the count.
+#[derive(Clone)]
+pub struct HasherQueue {
+    hasher: Addr<PasswordHasher>,
+    pending: Arc<AtomicUsize>,
+    max_pending: usize,
+}
+
+/// Counts one admitted job until it is answered or dropped.
+struct Admitted(Arc<AtomicUsize>);
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl HasherQueue {
+    /// A queue of at most `max_pending` (at least one) jobs in front of `hasher`.
+    pub fn new(hasher: Addr<PasswordHasher>, max_pending: usize) -> Self {
+        Self {
+            hasher,
+            pending: Arc::new(AtomicUsize::new(0)),
+            max_pending: max_pending.max(1),
+        }
+    }
+
+    /// Jobs waiting or running now.
+    pub fn pending(&self) -> usize {
+        self.pending.load(Ordering::Acquire)
+    }
+
+    fn admit(&self) -> Result<Admitted, ApiError> {
+        let admitted = self
+            .pending
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max_pending).then_some(n + 1)
+            })
+            .is_ok();
+        if admitted {
+            Ok(Admitted(self.pending.clone()))
+        } else {
+            debug!(
+                max_pending = self.max_pending,
+                "password hashing queue full; request refused"
+            );
+            Err(ApiError::unavailable(
+                "the server is busy checking passwords; retry in a few seconds",
+            ))
+        }
+    }
+
+    /// Hashes a new password (see [`HashPassword`]).
+    pub async fn hash(&self, password: String, caller: Caller) -> Result<String, ApiError> {
+        let _admitted = self.admit()?;
+        self.hasher.send(HashPassword { password, caller }).await?
+    }
+
+    /// Verifies a password (see [`VerifyPassword`]).
+    pub async fn verify(
+        &self,
+        password: String,
+        hash: Option<String>,
+        caller: Caller,
+    ) -> Result<bool, ApiError> {
+        let _admitted = self.admit()?;
+        self.hasher
+            .send(VerifyPassword {
+                password,
+                hash,
+                caller,
+            })
+            .await?
+    }
+}
+
+/// The answer to a job whose caller went away.
+fn caller_gone() -> ApiError {
+    debug!("password hashing job skipped: its caller went away");
+    ApiError::new(Code::Canceled, "the request was cancelled")
 }
 
 /// One hashing thread. Start a pool with
@@ -253,16 +387,22 @@ impl Handler<HashPassword> for PasswordHasher {
     type Result = Result<String, ApiError>;
 
     fn handle(&mut self, msg: HashPassword, _ctx: &mut SyncContext<Self>) -> Self::Result {
+        if msg.caller.is_gone() {
+            return Err(caller_gone());
+        }
         hash_with(&self.argon2, &mut self.memory, msg.password.as_bytes())
             .map_err(ApiError::internal)
     }
 }
 
 impl Handler<VerifyPassword> for PasswordHasher {
-    type Result = bool;
+    type Result = Result<bool, ApiError>;
 
-    fn handle(&mut self, msg: VerifyPassword, _ctx: &mut SyncContext<Self>) -> bool {
-        match msg.hash {
+    fn handle(&mut self, msg: VerifyPassword, _ctx: &mut SyncContext<Self>) -> Self::Result {
+        if msg.caller.is_gone() {
+            return Err(caller_gone());
+        }
+        Ok(match msg.hash {
             Some(hash) => verify_with(&mut self.memory, msg.password.as_bytes(), &hash),
             None => {
                 if let Some(dummy) = &self.dummy_hash {
@@ -272,7 +412,7 @@ impl Handler<VerifyPassword> for PasswordHasher {
                 }
                 false
             }
-        }
+        })
     }
 }
 

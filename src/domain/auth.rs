@@ -8,25 +8,34 @@ use super::{
 };
 use crate::{
     actors::authenticator::{
-        CreateApiKey, ListApiKeys, Refresh, Refreshed, RevokeApiKey, SignIn, SignOut, SignUp,
+        ClientAddr, CreateApiKey, ListApiKeys, Refresh, Refreshed, RevokeApiKey, SignIn, SignOut,
+        SignUp,
     },
+    actors::password_hasher::CallerAlive,
     actors::session_registry::SignOutUser,
     error::ApiError,
     ids::{ApiKeyId, UserId},
     proto::v1 as pb,
 };
 
-/// Creates an account and signs it in.
+/// Creates an account and signs it in. `client` counts against the per-address
+/// sign-up limit.
 pub async fn sign_up(
     state: &AppState,
+    client: ClientAddr,
     req: pb::SignUpRequest,
 ) -> Result<pb::SignUpResponse, ApiError> {
+    // Dropped with this future: a hashing job still queued for a request that
+    // was cancelled or timed out is skipped.
+    let alive = CallerAlive::new();
     let signed_in = state
         .auth
         .send(SignUp {
             username: req.username,
             password: req.password,
             display_name: req.display_name,
+            client,
+            caller: alive.caller(),
         })
         .await?;
     Ok(pb::SignUpResponse {
@@ -35,16 +44,21 @@ pub async fn sign_up(
     })
 }
 
-/// Exchanges a username and password for a token pair.
+/// Exchanges a username and password for a token pair. `client` counts against
+/// the per-address sign-in limit.
 pub async fn sign_in(
     state: &AppState,
+    client: ClientAddr,
     req: pb::SignInRequest,
 ) -> Result<pb::SignInResponse, ApiError> {
+    let alive = CallerAlive::new();
     let signed_in = state
         .auth
         .send(SignIn {
             username: req.username,
             password: req.password,
+            client,
+            caller: alive.caller(),
         })
         .await?;
     Ok(pb::SignInResponse {

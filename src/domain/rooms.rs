@@ -900,6 +900,7 @@ fn topic(value: &str) -> Result<String, ApiError> {
             "topic must not contain control characters other than line breaks and tabs",
         ));
     }
+    validate::no_format_characters("topic", topic)?;
     Ok(topic.to_owned())
 }
 

@@ -149,6 +149,7 @@ fn profile_update(req: pb::UpdateProfileRequest) -> Result<ProfileUpdate, ApiErr
         Some(bio) => {
             let bio = bio.trim().to_owned();
             validate::char_len("bio", &bio, 0, validate::BIO_MAX_CHARS)?;
+            validate::multi_line("bio", &bio)?;
             Some(bio)
         }
         None => None,

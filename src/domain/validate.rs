@@ -2,8 +2,21 @@
 //! `invalid_argument` [`ApiError`] whose message names the offending field, so a
 //! client developer can fix the request without reading the server's code.
 //! Lengths are counted in characters (Unicode scalar values), not bytes.
+//!
+//! Text that people read (names, titles, bios) refuses control characters and
+//! invisible formatting characters (general category `Cf`: bidi overrides and
+//! isolates, zero-width spaces and joiners, soft hyphens, BOMs, tags), which let a
+//! name look like another one or reorder the text around it; see
+//! [`no_format_characters`] for the few contexts where a script or an emoji needs
+//! one. Usernames are NFKC-normalised before they are checked (`ｆｏｏ` is `foo`).
+//! New passwords must pass [`password`]'s strength rules, which include a list of
+//! common passwords built into the binary (`common_passwords.txt`).
+
+use std::{collections::HashSet, sync::OnceLock};
 
 use base64::Engine as _;
+use unicode_normalization::UnicodeNormalization as _;
+use unicode_properties::{GeneralCategory, UnicodeEmoji as _, UnicodeGeneralCategory as _};
 
 use crate::error::ApiError;
 
@@ -54,14 +67,102 @@ pub fn required(field: &str, value: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// Rejects control characters (newlines, NUL, escapes) in single-line text.
+/// Rejects control characters (newlines, NUL, escapes, line and paragraph
+/// separators) and invisible formatting characters ([`no_format_characters`]) in
+/// single-line text.
 pub fn single_line(field: &str, value: &str) -> Result<(), ApiError> {
-    if value.chars().any(char::is_control) {
+    if value
+        .chars()
+        .any(|c| c.is_control() || matches!(c, '\u{2028}' | '\u{2029}'))
+    {
         return Err(ApiError::invalid(format!(
             "{field} must not contain control characters"
         )));
     }
+    no_format_characters(field, value)
+}
+
+/// Like [`single_line`] for text of several lines (a bio): newlines (`\n`,
+/// `\r\n`) and tabs are allowed, other control characters (ESC, BEL, NUL, ...)
+/// and invisible formatting characters are not.
+pub fn multi_line(field: &str, value: &str) -> Result<(), ApiError> {
+    if value
+        .chars()
+        .any(|c| c.is_control() && !matches!(c, '\n' | '\r' | '\t'))
+    {
+        return Err(ApiError::invalid(format!(
+            "{field} must not contain control characters other than newlines and tabs"
+        )));
+    }
+    no_format_characters(field, value)
+}
+
+/// Rejects invisible formatting characters (Unicode general category `Cf`):
+/// bidi overrides, embeddings and isolates (U+202A–U+202E, U+2066–U+2069), marks
+/// (U+200E, U+200F, U+061C), zero-width space, joiners and word joiner, soft
+/// hyphen, BOM, invisible operators, tags. The error names the first one.
+///
+/// Allowed where writing needs them (as in the contexts of RFC 5892 and of
+/// Unicode emoji sequences): a zero-width joiner or non-joiner after a virama
+/// (Indic conjuncts), a zero-width non-joiner between two Arabic-script letters
+/// (Persian), a zero-width joiner between two emoji (👩‍💻), and tag characters
+/// after a black flag (🏴 subdivision flags).
+pub fn no_format_characters(field: &str, value: &str) -> Result<(), ApiError> {
+    let chars: Vec<char> = value.chars().collect();
+    for (i, &c) in chars.iter().enumerate() {
+        if c.general_category() != GeneralCategory::Format {
+            continue;
+        }
+        let before = i.checked_sub(1).map(|j| chars[j]);
+        let after = chars.get(i + 1).copied();
+        if format_character_allowed(c, before, after, &chars[..i]) {
+            continue;
+        }
+        return Err(ApiError::invalid(format!(
+            "{field} must not contain invisible formatting characters (found U+{:04X})",
+            u32::from(c)
+        )));
+    }
     Ok(())
+}
+
+/// Unicode's canonical combining class of viramas.
+const VIRAMA_COMBINING_CLASS: u8 = 9;
+
+fn format_character_allowed(
+    c: char,
+    before: Option<char>,
+    after: Option<char>,
+    preceding: &[char],
+) -> bool {
+    let after_virama = before.is_some_and(|b| {
+        unicode_normalization::char::canonical_combining_class(b) == VIRAMA_COMBINING_CLASS
+    });
+    match c {
+        '\u{200D}' => {
+            after_virama
+                || (before.is_some_and(|b| b.is_emoji_char_or_emoji_component())
+                    && after.is_some_and(|a| a.is_emoji_char()))
+        }
+        '\u{200C}' => {
+            after_virama
+                || (before.is_some_and(is_arabic_letter) && after.is_some_and(is_arabic_letter))
+        }
+        '\u{E0020}'..='\u{E007F}' => preceding
+            .iter()
+            .rev()
+            .find(|p| !matches!(p, '\u{E0020}'..='\u{E007F}'))
+            .is_some_and(|p| *p == '\u{1F3F4}'),
+        _ => false,
+    }
+}
+
+/// A letter of the Arabic script (Arabic, Persian, Urdu, ...).
+fn is_arabic_letter(c: char) -> bool {
+    matches!(c,
+        '\u{0600}'..='\u{06FF}' | '\u{0750}'..='\u{077F}' | '\u{08A0}'..='\u{08FF}'
+        | '\u{FB50}'..='\u{FDFF}' | '\u{FE70}'..='\u{FEFF}')
+        && c.general_category() == GeneralCategory::OtherLetter
 }
 
 /// An opaque id sent by a client: 1–64 printable ASCII characters.
@@ -73,9 +174,10 @@ pub fn id<'a>(field: &str, value: &'a str) -> Result<&'a str, ApiError> {
     Ok(value)
 }
 
-/// A username, trimmed and lower-cased: 3–32 characters of `a-z`, `0-9`, `_`, `-`, `.`.
+/// A username, NFKC-normalised (so `ｆｏｏ` and `ﬁ` are `foo` and `fi`), trimmed
+/// and lower-cased: 3–32 characters of `a-z`, `0-9`, `_`, `-`, `.`.
 pub fn username(value: &str) -> Result<String, ApiError> {
-    let name = value.trim().to_lowercase();
+    let name = value.nfkc().collect::<String>().trim().to_lowercase();
     char_len("username", &name, USERNAME_MIN_CHARS, USERNAME_MAX_CHARS)?;
     if !name
         .chars()
@@ -88,9 +190,100 @@ pub fn username(value: &str) -> Result<String, ApiError> {
     Ok(name)
 }
 
-/// A new password: 8–256 characters, taken as is (never trimmed).
-pub fn password(value: &str) -> Result<(), ApiError> {
-    char_len("password", value, PASSWORD_MIN_CHARS, PASSWORD_MAX_CHARS)
+/// Fewest different characters a new password must use.
+pub const PASSWORD_MIN_DISTINCT_CHARS: usize = 5;
+/// Most digits and symbols [`password`] strips from either end of a password
+/// before it looks the rest up among the common passwords (`monkey2024!`).
+const PASSWORD_AFFIX_MAX_CHARS: usize = 5;
+/// Fewest characters a password must have besides the username it contains.
+const PASSWORD_BEYOND_USERNAME_MIN_CHARS: usize = 4;
+
+/// Common passwords, lower-case, one a line: the most used ones of public breach
+/// corpora and the words and keyboard walks they are made of. Shipped in the binary.
+const COMMON_PASSWORDS: &str = include_str!("common_passwords.txt");
+
+fn common_passwords() -> &'static HashSet<&'static str> {
+    static SET: OnceLock<HashSet<&'static str>> = OnceLock::new();
+    SET.get_or_init(|| {
+        COMMON_PASSWORDS
+            .lines()
+            .map(str::trim)
+            .filter(|line| !line.is_empty() && !line.starts_with('#'))
+            .collect()
+    })
+}
+
+/// A new password of the account `username`: 8–256 characters, taken as is
+/// (never trimmed), and not easy to guess: not only spaces, at least
+/// [`PASSWORD_MIN_DISTINCT_CHARS`] different characters, not a run like
+/// `abcdefgh` or `98765432`, not a common password (case-insensitive, also with
+/// a few digits or symbols added at either end), and not the username with a few
+/// characters added.
+pub fn password(value: &str, username: &str) -> Result<(), ApiError> {
+    char_len("password", value, PASSWORD_MIN_CHARS, PASSWORD_MAX_CHARS)?;
+    let weak = |why: &str| {
+        Err(ApiError::invalid(format!(
+            "password is too easy to guess: {why}; a few unrelated words make a strong one"
+        )))
+    };
+    if value.trim().is_empty() {
+        return weak("it is only spaces");
+    }
+    let distinct: HashSet<char> = value.chars().collect();
+    if distinct.len() < PASSWORD_MIN_DISTINCT_CHARS {
+        return weak(&format!(
+            "it must use at least {PASSWORD_MIN_DISTINCT_CHARS} different characters"
+        ));
+    }
+    let lower = value.to_lowercase();
+    if is_sequence(&lower) {
+        return weak("it is a simple sequence");
+    }
+    let common = common_passwords();
+    if common.contains(lower.as_str()) {
+        return weak("it is one of the most common passwords");
+    }
+    let core = strip_affixes(&lower);
+    if core.chars().count() >= 4 && common.contains(core) {
+        return weak("it is a common password with a few characters added");
+    }
+    if !username.is_empty() && lower.contains(username) {
+        let rest = lower.chars().count() - username.chars().count();
+        let without = lower.replacen(username, "", 1);
+        if rest < PASSWORD_BEYOND_USERNAME_MIN_CHARS || strip_affixes(&without).is_empty() {
+            return weak("it is the username with a few characters added");
+        }
+    }
+    Ok(())
+}
+
+/// Whether every character follows the previous one up or down by one (`abcd`, `4321`).
+fn is_sequence(value: &str) -> bool {
+    let codes: Vec<i64> = value.chars().map(|c| i64::from(u32::from(c))).collect();
+    let Some(step) = codes.windows(2).next().map(|w| w[1] - w[0]) else {
+        return false;
+    };
+    step.abs() == 1 && codes.windows(2).all(|w| w[1] - w[0] == step)
+}
+
+/// `value` without up to [`PASSWORD_AFFIX_MAX_CHARS`] ASCII digits and symbols at
+/// each end.
+fn strip_affixes(value: &str) -> &str {
+    let affix = |c: char| c.is_ascii_digit() || c.is_ascii_punctuation() || c == ' ';
+    let mut core = value;
+    for _ in 0..PASSWORD_AFFIX_MAX_CHARS {
+        match core.strip_suffix(affix) {
+            Some(rest) => core = rest,
+            None => break,
+        }
+    }
+    for _ in 0..PASSWORD_AFFIX_MAX_CHARS {
+        match core.strip_prefix(affix) {
+            Some(rest) => core = rest,
+            None => break,
+        }
+    }
+    core
 }
 
 /// A display name given at sign-up: trimmed, at most 64 characters, defaulting to
@@ -103,7 +296,7 @@ pub fn display_name_or(value: &str, fallback: &str) -> Result<String, ApiError> 
     display_name(name)
 }
 
-/// A display name: trimmed, 1–64 characters, one line.
+/// A display name: trimmed, 1–64 characters, one line, no invisible formatting.
 pub fn display_name(value: &str) -> Result<String, ApiError> {
     let name = value.trim();
     char_len("display_name", name, 1, DISPLAY_NAME_MAX_CHARS)?;
@@ -202,16 +395,117 @@ mod tests {
 
     #[test]
     fn passwords_are_counted_in_characters() {
-        assert_eq!(message(password("")), "password is required");
+        assert_eq!(message(password("", "alice")), "password is required");
         assert_eq!(
-            message(password("short")),
+            message(password("short", "alice")),
             "password must be at least 8 characters"
         );
-        assert!(password("ééééééééé").is_ok());
+        // Eight characters, sixteen bytes.
+        assert!(password("éàèùâêîô", "alice").is_ok());
+        assert!(password("éàèùâêî", "alice").is_err());
         assert_eq!(
-            message(password(&"x".repeat(257))),
+            message(password(&"xy3#z".repeat(52), "alice")),
             "password must be at most 256 characters"
         );
+    }
+
+    #[test]
+    fn weak_passwords_are_refused() {
+        for weak in [
+            "12345678",
+            "password",
+            "PassWord",
+            "        ",
+            "\t\t\t\t\t\t\t\t",
+            "aaaaaaaaaaaa",
+            "abababababab",
+            "abcdefghij",
+            "98765432",
+            "qwertyuiop",
+            "iloveyou",
+            "password123!",
+            "!!monkey2024",
+            "Dragon1234",
+            "alice2024",
+            "alice12!",
+        ] {
+            let refused = message(password(weak, "alice"));
+            assert!(
+                refused.starts_with("password is too easy to guess"),
+                "{weak:?}: {refused}"
+            );
+        }
+        for strong in [
+            "correct horse battery staple",
+            "tulip-gravel-orbit",
+            "alice and the walrus",
+            "N0t-in-any-l1st",
+            "zebra crossing at noon",
+        ] {
+            assert!(password(strong, "alice").is_ok(), "{strong:?}");
+        }
+    }
+
+    #[test]
+    fn the_common_password_list_is_lower_case_and_large() {
+        let list = common_passwords();
+        assert!(list.len() >= 2_000, "{} entries", list.len());
+        for entry in list {
+            assert_eq!(*entry, entry.to_lowercase(), "{entry:?}");
+        }
+    }
+
+    #[test]
+    fn usernames_are_nfkc_normalised() {
+        assert_eq!(username("ＡＬＩＣＥ").expect("valid"), "alice");
+        assert_eq!(username("ﬁona").expect("valid"), "fiona");
+        assert!(message(username("al\u{200B}ice")).contains("may only contain"));
+    }
+
+    #[test]
+    fn format_characters_are_refused_in_names_and_text() {
+        for bad in [
+            "evil\u{202E}gnp.exe",
+            "zero\u{200B}width",
+            "soft\u{AD}hyphen",
+            "\u{FEFF}bom",
+            "iso\u{2066}late\u{2069}",
+            "a\u{200D}b",
+            "a\u{200C}b",
+            "lonely tag \u{E0067}",
+        ] {
+            let refused = message(display_name(bad));
+            assert!(
+                refused.contains("invisible formatting"),
+                "{bad:?}: {refused}"
+            );
+            assert!(single_line("title", bad).is_err(), "{bad:?}");
+            assert!(multi_line("bio", bad).is_err(), "{bad:?}");
+        }
+        for good in [
+            "Zoë 🎉",
+            "👩\u{200D}💻 coder",
+            "👨\u{200D}👩\u{200D}👧",
+            "\u{1F3F4}\u{E0067}\u{E0062}\u{E0073}\u{E0063}\u{E0074}\u{E007F} Scot",
+            // Persian "mi-khaham" with its zero-width non-joiner.
+            "\u{0645}\u{06CC}\u{200C}\u{062E}\u{0648}\u{0627}\u{0647}\u{0645}",
+            // Devanagari "ksha" half form: KA, VIRAMA, ZWJ, SSA.
+            "\u{0915}\u{094D}\u{200D}\u{0937}",
+        ] {
+            assert!(display_name(good).is_ok(), "{good:?}");
+        }
+    }
+
+    #[test]
+    fn multi_line_text_allows_newlines_but_not_escapes() {
+        assert!(multi_line("bio", "line one\nline two\r\n\tindented").is_ok());
+        for bad in ["bell\u{7}", "esc\u{1B}[31mred", "nul\u{0}", "del\u{7F}"] {
+            let refused = message(multi_line("bio", bad));
+            assert!(
+                refused.starts_with("bio must not contain control"),
+                "{refused}"
+            );
+        }
     }
 
     #[test]

@@ -12,7 +12,7 @@ use futures_util::StreamExt as _;
 use serde::{de::DeserializeOwned, Serialize};
 
 use crate::{
-    actors::authenticator::Authenticate,
+    actors::authenticator::{Authenticate, ClientAddr},
     domain::{AppState, Principal},
     error::{ApiError, Code},
 };
@@ -79,6 +79,15 @@ impl Codec {
 pub struct RpcContext {
     pub state: AppState,
     bearer: Option<String>,
+    /// Where the request came from (for per-address limits); see [`client_addr`].
+    pub client: ClientAddr,
+}
+
+/// The client's address: the TCP peer's. The seam for trusted proxies: when
+/// roomcast learns to trust `X-Forwarded-For` from configured proxies, it is
+/// decided here, and only here.
+pub fn client_addr(req: &HttpRequest) -> ClientAddr {
+    ClientAddr(req.peer_addr().map(|addr| addr.ip()))
 }
 
 impl RpcContext {
@@ -203,6 +212,7 @@ where
             let context = RpcContext {
                 state: state.clone(),
                 bearer,
+                client: client_addr(&req),
             };
             handler(context, message).await
         };
@@ -228,9 +238,14 @@ pub fn error_response(error: &ApiError, status: Option<u16>) -> HttpResponse {
     let status = status.unwrap_or_else(|| error.code.http_status());
     let status = actix_web::http::StatusCode::from_u16(status)
         .unwrap_or(actix_web::http::StatusCode::INTERNAL_SERVER_ERROR);
-    HttpResponse::build(status)
-        .content_type("application/json")
-        .json(serde_json::json!({ "code": error.code.as_str(), "message": error.message }))
+    let mut body = serde_json::json!({ "code": error.code.as_str(), "message": error.message });
+    let mut response = HttpResponse::build(status);
+    if let (Some(delay), Some((kind, value))) = (error.retry_after, error.retry_info_detail()) {
+        body["details"] = serde_json::json!([{ "type": kind, "value": value }]);
+        let secs = delay.as_secs() + u64::from(delay.subsec_nanos() > 0);
+        response.insert_header((header::RETRY_AFTER, secs.to_string()));
+    }
+    response.content_type("application/json").json(body)
 }
 
 impl actix_web::ResponseError for ApiError {

@@ -69,10 +69,10 @@ fn auth_routes(t: &mut Table<'_>) {
     use domain::auth;
     let s = auth_service::NAME;
     t.add(s, "SignUp", |c: RpcContext, r| async move {
-        auth::sign_up(&c.state, r).await
+        auth::sign_up(&c.state, c.client, r).await
     });
     t.add(s, "SignIn", |c: RpcContext, r| async move {
-        auth::sign_in(&c.state, r).await
+        auth::sign_in(&c.state, c.client, r).await
     });
     t.add(s, "Refresh", |c: RpcContext, r| async move {
         auth::refresh(&c.state, r).await

@@ -23,7 +23,7 @@ pub use api_keys::ApiKeyRecord;
 pub use messages::{AppendRejection, Appended, MessageRecord, NewMessage};
 pub use rooms::{BanRecord, MemberRecord, MembershipChange, NewRoom, RoomRecord, RoomUpdate};
 pub use sessions::{RefreshOutcome, SessionRecord};
-pub use users::{NewUser, ProfileUpdate, UserRecord};
+pub use users::{username_skeleton, NewUser, ProfileUpdate, UserRecord};
 
 /// Which database the pool talks to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,6 +44,15 @@ pub enum StoreError {
     /// A stored value could not be understood (corrupt or foreign data).
     #[error("corrupt row: {0}")]
     Corrupt(String),
+    /// The database refused this transaction because of concurrent ones: SQLite's
+    /// "database is locked" / busy-snapshot (`SQLITE_BUSY`, `SQLITE_LOCKED`) or a
+    /// PostgreSQL serialization failure or deadlock (SQLSTATE `40001`, `40P01`).
+    /// Nothing was written; running the transaction again may succeed
+    /// ([`Store::retry_busy`] does, a bounded number of times), and clients get a
+    /// retryable `unavailable`. Decided by the database's error code, never by
+    /// the text of its message.
+    #[error("database busy (concurrent transactions conflicted): {0}")]
+    Busy(sqlx::Error),
     /// The database failed or is unreachable.
     #[error("database error: {0}")]
     Database(sqlx::Error),
@@ -57,10 +66,46 @@ impl From<sqlx::Error> for StoreError {
         match e {
             sqlx::Error::RowNotFound => StoreError::NotFound,
             sqlx::Error::Database(ref db) if db.is_unique_violation() => StoreError::Conflict,
+            sqlx::Error::Database(ref db) if is_busy(db.as_ref()) => StoreError::Busy(e),
             other => StoreError::Database(other),
         }
     }
 }
+
+impl StoreError {
+    /// Whether running the same transaction again may succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, StoreError::Busy(_))
+    }
+}
+
+/// SQLite primary result codes of a lock conflict: `SQLITE_BUSY` (with its
+/// extended codes, e.g. `SQLITE_BUSY_SNAPSHOT` = 517) and `SQLITE_LOCKED`.
+const SQLITE_BUSY_CODES: [i32; 2] = [5, 6];
+/// PostgreSQL SQLSTATEs after which the transaction may simply be run again:
+/// `serialization_failure` (also CockroachDB's "restart transaction") and
+/// `deadlock_detected`.
+const POSTGRES_RETRYABLE_SQLSTATES: [&str; 2] = ["40001", "40P01"];
+
+/// Whether a database error is a conflict with concurrent transactions, by its
+/// code (the Any driver hands out the backend's own error type).
+fn is_busy(db: &(dyn sqlx::error::DatabaseError + 'static)) -> bool {
+    if let Some(sqlite) = db.try_downcast_ref::<sqlx::sqlite::SqliteError>() {
+        // The code is SQLite's extended result code; its low byte is the primary code.
+        return sqlx::error::DatabaseError::code(sqlite)
+            .and_then(|code| code.parse::<i32>().ok())
+            .is_some_and(|code| SQLITE_BUSY_CODES.contains(&(code & 0xff)));
+    }
+    if let Some(pg) = db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>() {
+        return POSTGRES_RETRYABLE_SQLSTATES.contains(&pg.code());
+    }
+    false
+}
+
+/// Most attempts [`Store::retry_busy`] makes (the first one included).
+pub const BUSY_MAX_ATTEMPTS: u32 = 4;
+/// Pause before the first retry; it doubles for each further one, plus jitter.
+const BUSY_RETRY_BASE: Duration = Duration::from_millis(10);
 
 /// Result of a store call.
 pub type StoreResult<T> = Result<T, StoreError>;
@@ -131,6 +176,11 @@ impl Store {
             Backend::Sqlite => SQLITE_MIGRATIONS.run(&self.pool).await?,
             Backend::Postgres => POSTGRES_MIGRATIONS.run(&self.pool).await?,
         }
+        // Values that only Rust can compute (Unicode skeletons).
+        let filled = self.backfill_username_skeletons().await?;
+        if filled > 0 {
+            tracing::info!(filled, "username skeletons filled in");
+        }
         Ok(())
     }
 
@@ -138,6 +188,53 @@ impl Store {
     pub async fn ping(&self) -> StoreResult<()> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
+    }
+
+    /// Runs `op` (one whole transaction, or one statement) again when it fails with
+    /// [`StoreError::Busy`], at most [`BUSY_MAX_ATTEMPTS`] times in all, with a
+    /// short randomized pause between attempts. Only for operations that are safe
+    /// to repeat: a busy failure means nothing of the attempt was committed.
+    pub async fn retry_busy<T, F, Fut>(&self, what: &'static str, mut op: F) -> StoreResult<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = StoreResult<T>>,
+    {
+        let mut attempt = 1;
+        loop {
+            match op().await {
+                Err(e) if e.is_retryable() && attempt < BUSY_MAX_ATTEMPTS => {
+                    let jitter = rand::random::<u64>() % 10;
+                    let pause =
+                        BUSY_RETRY_BASE * 2u32.pow(attempt - 1) + Duration::from_millis(jitter);
+                    tracing::debug!(operation = what, attempt, error = %e, "store busy; retrying");
+                    tokio::time::sleep(pause).await;
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Begins a transaction that is going to write. On SQLite it takes the write
+    /// lock at once (`BEGIN IMMEDIATE`): a deferred transaction that reads and then
+    /// writes fails with a busy-snapshot error, without waiting, when another
+    /// connection wrote in between; an immediate one waits (`busy_timeout`) for
+    /// the lock instead. PostgreSQL transactions lock rows with `FOR UPDATE`
+    /// (see [`Store::for_update`]).
+    pub(crate) async fn begin_write(&self) -> StoreResult<sqlx::Transaction<'static, sqlx::Any>> {
+        Ok(match self.backend {
+            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
+            Backend::Postgres => self.pool.begin().await?,
+        })
+    }
+
+    /// ` FOR UPDATE` on PostgreSQL (a row lock for a read that a write follows),
+    /// nothing on SQLite (whose [`Store::begin_write`] locks the whole database).
+    pub(crate) fn for_update(&self) -> &'static str {
+        match self.backend {
+            Backend::Sqlite => "",
+            Backend::Postgres => " FOR UPDATE",
+        }
     }
 
     /// Which database this is.
@@ -173,7 +270,11 @@ impl Store {
     }
 }
 
-/// Creates the directory of a `sqlite://dir/file.db` URL.
+/// Creates the directory of a `sqlite://dir/file.db` URL (mode 0700) and the
+/// database file (mode 0600) when they are missing, and warns about those that
+/// other local users can read: the database holds the token secret, so reading
+/// it is enough to forge an admin's tokens. SQLite gives the `-wal` and `-shm`
+/// files the database file's permissions, so they are 0600 too.
 fn prepare_sqlite_path(url: &str) -> StoreResult<()> {
     let path = url
         .trim_start_matches("sqlite://")
@@ -182,13 +283,84 @@ fn prepare_sqlite_path(url: &str) -> StoreResult<()> {
     if path.is_empty() || path == ":memory:" {
         return Ok(());
     }
-    if let Some(dir) = Path::new(path)
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-    {
-        std::fs::create_dir_all(dir).map_err(|e| StoreError::Database(sqlx::Error::Io(e)))?;
+    let io = |e| StoreError::Database(sqlx::Error::Io(e));
+    let path = Path::new(path);
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if !dir.exists() {
+            private_dir_builder().create(dir).map_err(io)?;
+        }
+    }
+    match private_file_options().open(path) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(io(e)),
+    }
+    for warning in exposed_files(path) {
+        tracing::warn!("{warning}");
     }
     Ok(())
+}
+
+/// Creates directories (and their missing parents) only their owner can enter.
+fn private_dir_builder() -> std::fs::DirBuilder {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt as _;
+        builder.mode(0o700);
+    }
+    builder
+}
+
+/// Creates a new file only its owner can read and write.
+fn private_file_options() -> std::fs::OpenOptions {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        options.mode(0o600);
+    }
+    options
+}
+
+/// One line for each of the database's directory, file, `-wal` and `-shm` files
+/// that users other than its owner may read (or enter), with the fix.
+pub fn exposed_files(database: &Path) -> Vec<String> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mut candidates: Vec<(std::path::PathBuf, &str, u32)> = Vec::new();
+        if let Some(dir) = database.parent().filter(|d| !d.as_os_str().is_empty()) {
+            candidates.push((dir.to_path_buf(), "data directory", 0o700));
+        }
+        candidates.push((database.to_path_buf(), "database file", 0o600));
+        for suffix in ["-wal", "-shm"] {
+            let mut name = database.as_os_str().to_owned();
+            name.push(suffix);
+            candidates.push((name.into(), "database file", 0o600));
+        }
+        candidates
+            .into_iter()
+            .filter_map(|(path, what, fix)| {
+                let mode = std::fs::metadata(&path).ok()?.permissions().mode() & 0o777;
+                (mode & 0o077 != 0).then(|| {
+                    format!(
+                        "{what} {} is accessible to other users (mode {mode:03o}); it holds the \
+                         token secret: run `chmod {fix:o} {}`",
+                        path.display(),
+                        path.display()
+                    )
+                })
+            })
+            .collect()
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = database;
+        Vec::new()
+    }
 }
 
 /// `NotFound` when a write touched no row (the row to change does not exist).

@@ -27,8 +27,9 @@ impl SessionRecord {
 /// What presenting a refresh token led to.
 #[derive(Debug)]
 pub enum RefreshOutcome {
-    /// The token was current: it is consumed and `next` is the new one.
-    Rotated { session: SessionRecord },
+    /// The token was current (or consumed within the grace period, `grace`): `next`
+    /// is the new one.
+    Rotated { session: SessionRecord, grace: bool },
     /// The token was already consumed: the session is now revoked.
     Reused {
         session_id: SessionId,
@@ -46,9 +47,21 @@ impl Store {
         refresh_token: &str,
         ttl_ms: i64,
     ) -> StoreResult<SessionRecord> {
+        self.retry_busy("create session", || {
+            self.create_session_once(user, refresh_token, ttl_ms)
+        })
+        .await
+    }
+
+    async fn create_session_once(
+        &self,
+        user: &UserId,
+        refresh_token: &str,
+        ttl_ms: i64,
+    ) -> StoreResult<SessionRecord> {
         let id = SessionId::generate();
         let now = now_ms();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         sqlx::query(
             "INSERT INTO sessions (id, user_id, created_at, expires_at) VALUES ($1, $2, $3, $4)",
         )
@@ -88,23 +101,52 @@ impl Store {
     }
 
     /// Consumes `presented` and stores `next` in its place, extending the session.
-    /// The consume is a conditional update, so two concurrent refreshes with the
-    /// same token cannot both succeed.
+    ///
+    /// The transaction takes the write lock before it reads (SQLite `BEGIN
+    /// IMMEDIATE`, PostgreSQL `FOR UPDATE` on the token's row), so concurrent
+    /// refreshes with one token run one after the other instead of failing, and it
+    /// is run again when the database still reports a conflict.
+    ///
+    /// A token that was consumed less than `grace_ms` ago, while no later token of
+    /// its session has been consumed since, is honoured once more with another
+    /// next token (`Rotated { grace: true }`): a client that sent several refreshes
+    /// at once, or retried one whose answer it lost, is not signed out. Outside
+    /// that window a consumed token means it leaked: the session is revoked.
+    /// When a token is consumed normally, the other unconsumed tokens of its
+    /// session (issued to such concurrent requests) are consumed with it, so only
+    /// the chain the client went on with stays usable.
     pub async fn rotate_refresh_token(
         &self,
         presented: &str,
         next: &str,
         ttl_ms: i64,
+        grace_ms: i64,
     ) -> StoreResult<RefreshOutcome> {
-        let now = now_ms();
         let hash = hash_secret(presented);
-        let mut tx = self.pool.begin().await?;
-        let found: Option<(String, i64, Option<i64>)> = sqlx::query_as(
-            "SELECT session_id, expires_at, used_at FROM refresh_tokens WHERE token_hash = $1",
-        )
-        .bind(&hash)
-        .fetch_optional(&mut *tx)
-        .await?;
+        let next_hash = hash_secret(next);
+        self.retry_busy("rotate refresh token", || {
+            self.rotate_once(&hash, &next_hash, ttl_ms, grace_ms)
+        })
+        .await
+    }
+
+    async fn rotate_once(
+        &self,
+        hash: &str,
+        next_hash: &str,
+        ttl_ms: i64,
+        grace_ms: i64,
+    ) -> StoreResult<RefreshOutcome> {
+        let mut tx = self.begin_write().await?;
+        let now = now_ms();
+        let sql = format!(
+            "SELECT session_id, expires_at, used_at FROM refresh_tokens WHERE token_hash = $1{}",
+            self.for_update()
+        );
+        let found: Option<(String, i64, Option<i64>)> = sqlx::query_as(&sql)
+            .bind(hash)
+            .fetch_optional(&mut *tx)
+            .await?;
         let Some((session_id, expires_at, used_at)) = found else {
             return Ok(RefreshOutcome::Invalid);
         };
@@ -114,35 +156,52 @@ impl Store {
         .bind(&session_id)
         .fetch_one(&mut *tx)
         .await?;
-        if used_at.is_some() {
-            sqlx::query("UPDATE sessions SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL")
-                .bind(now)
+        let grace = match used_at {
+            None => false,
+            Some(used_at) if now.saturating_sub(used_at) <= grace_ms => {
+                // Within the window only while the chain has not moved on.
+                let later: Option<(i64,)> = sqlx::query_as(
+                    "SELECT used_at FROM refresh_tokens \
+                     WHERE session_id = $1 AND used_at > $2 LIMIT 1",
+                )
                 .bind(&session_id)
-                .execute(&mut *tx)
+                .bind(used_at)
+                .fetch_optional(&mut *tx)
                 .await?;
-            tx.commit().await?;
-            return Ok(RefreshOutcome::Reused {
-                session_id: SessionId(session.id),
-                user_id: UserId(session.user_id),
-            });
-        }
+                if later.is_some() {
+                    return self.revoke_reused(tx, session, now).await;
+                }
+                true
+            }
+            Some(_) => return self.revoke_reused(tx, session, now).await,
+        };
         if expires_at <= now || !session.is_active(now) {
             return Ok(RefreshOutcome::Invalid);
         }
-        let consumed = sqlx::query(
-            "UPDATE refresh_tokens SET used_at = $1 WHERE token_hash = $2 AND used_at IS NULL",
-        )
-        .bind(now)
-        .bind(&hash)
-        .execute(&mut *tx)
-        .await?;
-        if consumed.rows_affected() != 1 {
-            return Ok(RefreshOutcome::Invalid);
+        if !grace {
+            let consumed = sqlx::query(
+                "UPDATE refresh_tokens SET used_at = $1 WHERE token_hash = $2 AND used_at IS NULL",
+            )
+            .bind(now)
+            .bind(hash)
+            .execute(&mut *tx)
+            .await?;
+            if consumed.rows_affected() != 1 {
+                return Ok(RefreshOutcome::Invalid);
+            }
+            // Siblings handed out to concurrent requests within a grace window.
+            sqlx::query(
+                "UPDATE refresh_tokens SET used_at = $1 WHERE session_id = $2 AND used_at IS NULL",
+            )
+            .bind(now)
+            .bind(&session_id)
+            .execute(&mut *tx)
+            .await?;
         }
         sqlx::query(
             "INSERT INTO refresh_tokens (token_hash, session_id, created_at, expires_at) VALUES ($1, $2, $3, $4)",
         )
-        .bind(hash_secret(next))
+        .bind(next_hash)
         .bind(&session_id)
         .bind(now)
         .bind(now + ttl_ms)
@@ -159,30 +218,57 @@ impl Store {
                 expires_at: now + ttl_ms,
                 ..session
             },
+            grace,
+        })
+    }
+
+    /// A consumed token came back: revoke its session.
+    async fn revoke_reused(
+        &self,
+        mut tx: sqlx::Transaction<'static, sqlx::Any>,
+        session: SessionRecord,
+        now: i64,
+    ) -> StoreResult<RefreshOutcome> {
+        sqlx::query("UPDATE sessions SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL")
+            .bind(now)
+            .bind(&session.id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(RefreshOutcome::Reused {
+            session_id: SessionId(session.id),
+            user_id: UserId(session.user_id),
         })
     }
 
     /// Revokes one session; returns how many were active.
     pub async fn revoke_session(&self, id: &SessionId) -> StoreResult<u64> {
-        let done =
-            sqlx::query("UPDATE sessions SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL AND expires_at > $1")
-                .bind(now_ms())
-                .bind(id.as_str())
-                .execute(&self.pool)
-                .await?;
-        Ok(done.rows_affected())
+        self.retry_busy("revoke session", || async {
+            let done = sqlx::query(
+                "UPDATE sessions SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL AND expires_at > $1",
+            )
+            .bind(now_ms())
+            .bind(id.as_str())
+            .execute(&self.pool)
+            .await?;
+            Ok(done.rows_affected())
+        })
+        .await
     }
 
     /// Revokes every session of a user; returns how many were active.
     pub async fn revoke_user_sessions(&self, user: &UserId) -> StoreResult<u64> {
-        let done = sqlx::query(
-            "UPDATE sessions SET revoked_at = $1 WHERE user_id = $2 AND revoked_at IS NULL AND expires_at > $1",
-        )
-        .bind(now_ms())
-        .bind(user.as_str())
-        .execute(&self.pool)
-        .await?;
-        Ok(done.rows_affected())
+        self.retry_busy("revoke user sessions", || async {
+            let done = sqlx::query(
+                "UPDATE sessions SET revoked_at = $1 WHERE user_id = $2 AND revoked_at IS NULL AND expires_at > $1",
+            )
+            .bind(now_ms())
+            .bind(user.as_str())
+            .execute(&self.pool)
+            .await?;
+            Ok(done.rows_affected())
+        })
+        .await
     }
 }
 

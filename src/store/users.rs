@@ -1,4 +1,6 @@
-//! Users: built-in accounts and users of external applications.
+//! Users: built-in accounts and users of external applications. Each username
+//! is stored with its confusable skeleton ([`username_skeleton`]), unique like
+//! the username itself.
 
 use sqlx::FromRow;
 
@@ -75,25 +77,83 @@ pub struct ProfileUpdate {
     pub bio: Option<String>,
 }
 
+/// The key under which usernames that look alike collide: Unicode's confusable
+/// skeleton (UTS #39: `rn` and `m`, `1` and `l`, `0` and `O` map alike),
+/// lower-cased because usernames are case-insensitive (so `0` and `o` collide too).
+pub fn username_skeleton(username: &str) -> String {
+    unicode_security::confusable_detection::skeleton(username)
+        .collect::<String>()
+        .to_lowercase()
+}
+
 impl Store {
-    /// Creates an account; `Conflict` when the username is taken.
+    /// Creates an account; `Conflict` when the username, or one that looks like it
+    /// (the same [`username_skeleton`]), is taken.
     pub async fn create_user(&self, new: NewUser) -> StoreResult<UserRecord> {
         let id = UserId::generate();
         let now = now_ms();
-        sqlx::query(
-            "INSERT INTO users (id, username, display_name, display_name_lc, role, password_hash, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $7)",
-        )
-        .bind(id.as_str())
-        .bind(&new.username)
-        .bind(&new.display_name)
-        .bind(new.display_name.to_lowercase())
-        .bind(new.role.as_str())
-        .bind(&new.password_hash)
-        .bind(now)
-        .execute(&self.pool)
+        self.retry_busy("create user", || async {
+            sqlx::query(
+                "INSERT INTO users (id, username, username_skeleton, display_name, display_name_lc, role, password_hash, created_at, updated_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8)",
+            )
+            .bind(id.as_str())
+            .bind(&new.username)
+            .bind(username_skeleton(&new.username))
+            .bind(&new.display_name)
+            .bind(new.display_name.to_lowercase())
+            .bind(new.role.as_str())
+            .bind(&new.password_hash)
+            .bind(now)
+            .execute(&self.pool)
+            .await?;
+            Ok(())
+        })
         .await?;
         self.get_user(&id).await
+    }
+
+    /// The account whose username looks like `username` (has its skeleton).
+    pub async fn get_user_by_lookalike(&self, username: &str) -> StoreResult<UserRecord> {
+        let sql = format!("SELECT {USER_COLUMNS} FROM users WHERE username_skeleton = $1");
+        let row: UserRow = sqlx::query_as(&sql)
+            .bind(username_skeleton(username))
+            .fetch_one(&self.pool)
+            .await?;
+        row.try_into()
+    }
+
+    /// Fills in the skeletons of accounts made before they were stored, oldest
+    /// first; an account that looks like an older one keeps none (it can still
+    /// sign in; its name is only not protected) and is logged. Answers how many
+    /// were filled in.
+    pub(crate) async fn backfill_username_skeletons(&self) -> StoreResult<u64> {
+        let missing: Vec<(String, String)> = sqlx::query_as(
+            "SELECT id, username FROM users \
+             WHERE username IS NOT NULL AND username_skeleton IS NULL ORDER BY created_at, id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let mut filled = 0;
+        for (id, username) in missing {
+            let done = sqlx::query("UPDATE users SET username_skeleton = $1 WHERE id = $2")
+                .bind(username_skeleton(&username))
+                .bind(&id)
+                .execute(&self.pool)
+                .await;
+            match done {
+                Ok(_) => filled += 1,
+                Err(e) => match StoreError::from(e) {
+                    StoreError::Conflict => tracing::warn!(
+                        user = %id,
+                        username,
+                        "username looks like an older account's; left without a skeleton"
+                    ),
+                    other => return Err(other),
+                },
+            }
+        }
+        Ok(filled)
     }
 
     /// The user with this id.
