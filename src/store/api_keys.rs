@@ -3,7 +3,7 @@
 
 use sqlx::FromRow;
 
-use super::{found, Store, StoreResult};
+use super::{found, Store, StoreError, StoreResult};
 use crate::ids::{hash_secret, now_ms, ApiKeyId, UserId};
 
 /// A stored API key (without its secret).
@@ -36,16 +36,20 @@ impl Store {
     ) -> StoreResult<ApiKeyRecord> {
         let id = ApiKeyId::generate();
         let prefix: String = secret.chars().take(VISIBLE_PREFIX_LEN).collect();
-        sqlx::query(
-            "INSERT INTO api_keys (id, name, prefix, secret_hash, created_by, created_at) VALUES ($1, $2, $3, $4, $5, $6)",
-        )
-        .bind(id.as_str())
-        .bind(name)
-        .bind(&prefix)
-        .bind(hash_secret(secret))
-        .bind(created_by.as_str())
-        .bind(now_ms())
-        .execute(&self.pool)
+        self.retry_busy("create API key", || async {
+            sqlx::query(
+                "INSERT INTO api_keys (id, name, prefix, secret_hash, created_by, created_at) VALUES ($1, $2, $3, $4, $5, $6)",
+            )
+            .bind(id.as_str())
+            .bind(name)
+            .bind(&prefix)
+            .bind(hash_secret(secret))
+            .bind(created_by.as_str())
+            .bind(now_ms())
+            .execute(&self.pool)
+            .await?;
+            Ok(())
+        })
         .await?;
         let sql = format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE id = $1");
         Ok(sqlx::query_as(&sql)
@@ -70,11 +74,20 @@ impl Store {
             .last_used_at
             .is_none_or(|t| now - t >= LAST_USED_RESOLUTION_MS)
         {
-            sqlx::query("UPDATE api_keys SET last_used_at = $1 WHERE id = $2")
+            let marked = sqlx::query("UPDATE api_keys SET last_used_at = $1 WHERE id = $2")
                 .bind(now)
                 .bind(&key.id)
                 .execute(&self.pool)
-                .await?;
+                .await;
+            // Bookkeeping: a write that lost to concurrent ones must not refuse a
+            // valid key; the next use within a minute marks it.
+            match marked.map_err(StoreError::from) {
+                Ok(_) => {}
+                Err(e) if e.is_retryable() => {
+                    tracing::debug!(key = %key.id, error = %e, "last_used_at not updated: store busy");
+                }
+                Err(e) => return Err(e),
+            }
         }
         Ok(key)
     }
@@ -93,12 +106,16 @@ impl Store {
 
     /// Revokes a key; `NotFound` when no active key has this id.
     pub async fn revoke_api_key(&self, id: &ApiKeyId) -> StoreResult<()> {
-        let done =
-            sqlx::query("UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL")
-                .bind(now_ms())
-                .bind(id.as_str())
-                .execute(&self.pool)
-                .await?;
-        found(done)
+        self.retry_busy("revoke API key", || async {
+            let done = sqlx::query(
+                "UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL",
+            )
+            .bind(now_ms())
+            .bind(id.as_str())
+            .execute(&self.pool)
+            .await?;
+            found(done)
+        })
+        .await
     }
 }

@@ -236,10 +236,16 @@ impl Store {
         id: &UserId,
         update: ProfileUpdate,
     ) -> StoreResult<UserRecord> {
+        self.retry_busy("update profile", || self.update_profile_once(id, &update))
+            .await?;
+        self.get_user(id).await
+    }
+
+    async fn update_profile_once(&self, id: &UserId, update: &ProfileUpdate) -> StoreResult<()> {
         let current = self.get_user(id).await?;
-        let display_name = update.display_name.unwrap_or(current.display_name);
-        let avatar_url = update.avatar_url.unwrap_or(current.avatar_url);
-        let bio = update.bio.unwrap_or(current.bio);
+        let display_name = update.display_name.clone().unwrap_or(current.display_name);
+        let avatar_url = update.avatar_url.clone().unwrap_or(current.avatar_url);
+        let bio = update.bio.clone().unwrap_or(current.bio);
         sqlx::query(
             "UPDATE users SET display_name = $1, display_name_lc = $2, avatar_url = $3, bio = $4, updated_at = $5 \
              WHERE id = $6",
@@ -252,18 +258,21 @@ impl Store {
         .bind(id.as_str())
         .execute(&self.pool)
         .await?;
-        self.get_user(id).await
+        Ok(())
     }
 
     /// Changes a user's server-wide role.
     pub async fn set_user_role(&self, id: &UserId, role: Role) -> StoreResult<()> {
-        let done = sqlx::query("UPDATE users SET role = $1, updated_at = $2 WHERE id = $3")
-            .bind(role.as_str())
-            .bind(now_ms())
-            .bind(id.as_str())
-            .execute(&self.pool)
-            .await?;
-        found(done)
+        self.retry_busy("set user role", || async {
+            let done = sqlx::query("UPDATE users SET role = $1, updated_at = $2 WHERE id = $3")
+                .bind(role.as_str())
+                .bind(now_ms())
+                .bind(id.as_str())
+                .execute(&self.pool)
+                .await?;
+            found(done)
+        })
+        .await
     }
 
     /// Users whose username or display name starts with `prefix` (lower-case),
