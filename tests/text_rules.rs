@@ -182,3 +182,31 @@ both_backends!(
             .expect("a different name");
     }
 );
+
+// Names in tokens an external application signs are cleaned (its users still
+// get in), without the invisible characters.
+both_backends!(
+    external_names_lose_invisible_characters,
+    |backend| async move {
+        const SECRET: &str = "my-app-shared-secret-of-at-least-32-bytes";
+        let server = TestServer::spawn_with(backend, |s| {
+            s.auth.external.enabled = true;
+            s.auth.external.secret = SECRET.into();
+        })
+        .await;
+        let token = common::sign_roomcast_token(
+            SECRET,
+            &serde_json::json!({
+                "sub": "ext-1",
+                "name": "Eve\u{202E}lyn\u{200B}",
+                "exp": common::now_secs() + 600,
+            }),
+        );
+        let reply: pb::GetMeResponse = server
+            .rpc_as(&token)
+            .call(Codec::Json, "UserService/GetMe", &pb::GetMeRequest {})
+            .await
+            .expect("GetMe with an external token");
+        assert_eq!(reply.user.expect("user").display_name, "Evelyn");
+    }
+);

@@ -1204,12 +1204,20 @@ fn parse_role(s: &str) -> Option<Role> {
     Role::parse(&s.trim().to_ascii_lowercase())
 }
 
-/// A display name from a token: one line, trimmed, cut to the profile limit.
+/// A display name from a token: one line, trimmed, cut to the profile limit, and
+/// without invisible formatting characters (the application's name is cleaned,
+/// not refused: its users should still get in).
 fn clean_display_name(raw: &str) -> Option<String> {
-    let name: String = raw
+    let visible: String = raw
         .chars()
-        .filter(|c| !c.is_control())
-        .collect::<String>()
+        .filter(|c| !c.is_control() && !matches!(c, '\u{2028}' | '\u{2029}'))
+        .collect();
+    let visible = if validate::no_format_characters("name", &visible).is_ok() {
+        visible
+    } else {
+        validate::strip_format_characters(&visible)
+    };
+    let name: String = visible
         .trim()
         .chars()
         .take(validate::DISPLAY_NAME_MAX_CHARS)
@@ -1405,6 +1413,11 @@ mod tests {
     fn display_names_from_tokens_are_cleaned() {
         assert_eq!(clean_display_name(" \t "), None);
         assert_eq!(clean_display_name("a\u{0}b"), Some("ab".into()));
+        assert_eq!(
+            clean_display_name("a\u{202E}b\u{200B}c"),
+            Some("abc".into())
+        );
+        assert_eq!(clean_display_name("\u{200B}"), None);
         assert_eq!(
             clean_display_name(&"x".repeat(100)).map(|s| s.chars().count()),
             Some(64)

@@ -126,6 +126,15 @@ pub fn no_format_characters(field: &str, value: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// `value` without any invisible formatting character (for text that is cleaned
+/// rather than refused, such as names in external tokens).
+pub fn strip_format_characters(value: &str) -> String {
+    value
+        .chars()
+        .filter(|c| c.general_category() != GeneralCategory::Format)
+        .collect()
+}
+
 /// Unicode's canonical combining class of viramas.
 const VIRAMA_COMBINING_CLASS: u8 = 9;
 
