@@ -90,7 +90,7 @@ struct RetryInfo {
     retry_delay: Option<pbjson_types::Duration>,
 }
 
-/// Type name of [`RetryInfo`] in Connect error details.
+/// Type name of the `google.rpc.RetryInfo` detail in Connect error details.
 pub const RETRY_INFO_TYPE: &str = "google.rpc.RetryInfo";
 
 impl ApiError {

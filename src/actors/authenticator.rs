@@ -3,7 +3,10 @@
 //! own arbiter, behind an [`AuthPool`] that hands requests out round-robin.
 //!
 //! It talks to the [`Store`] (users, sessions, refresh tokens, API keys) and to the
-//! [`PasswordHasher`] threads; it never sees HTTP. Bearer credentials are:
+//! [`PasswordHasher`] threads through a bounded [`HasherQueue`]; it never sees
+//! HTTP. SignIn and SignUp pass the credential-attack limits of [`AuthLimits`]
+//! (per client address, per username with backoff) before any hashing.
+//! Bearer credentials are:
 //!
 //! - API keys (`rk_...`), looked up by hash in the store; they act as the server
 //!   (admin role).
