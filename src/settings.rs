@@ -497,6 +497,15 @@ impl Settings {
                 "sign_in_backoff_base_ms must be positive and at most sign_in_backoff_max_ms",
             );
         }
+        if self.auth.sign_in_free_failures > 0
+            && self.auth.sign_in_failure_memory_secs.saturating_mul(1000)
+                < self.auth.sign_in_backoff_max_ms
+        {
+            return bad(
+                "auth.sign_in_failure_memory_secs",
+                "must cover sign_in_backoff_max_ms (failures must not be forgotten during a wait)",
+            );
+        }
         if self.auth.admin_username.is_empty() != self.auth.admin_password.is_empty() {
             return bad(
                 "auth.admin_password",
