@@ -14,7 +14,7 @@ use std::{
     collections::HashMap,
     sync::{
         atomic::{AtomicUsize, Ordering},
-        Arc, Mutex, OnceLock, PoisonError, Weak,
+        Arc, Mutex, OnceLock, PoisonError,
     },
 };
 
@@ -65,9 +65,10 @@ pub struct VerifyPassword {
 
 /// Whether whoever asked for a hashing job still waits for it. The request that
 /// started the job holds a [`CallerAlive`]; when its future is dropped (client
-/// gone, deadline passed) the job is skipped.
+/// gone, deadline passed) the job gives its place in the queue up at once and is
+/// skipped when a thread reaches it.
 #[derive(Debug, Clone, Default)]
-pub struct Caller(Option<Weak<()>>);
+pub struct Caller(Option<tokio::sync::watch::Receiver<()>>);
 
 impl Caller {
     /// A caller that is never considered gone (start-up, the CLI).
@@ -77,13 +78,31 @@ impl Caller {
 
     /// Whether the caller stopped waiting.
     pub fn is_gone(&self) -> bool {
-        self.0.as_ref().is_some_and(|weak| weak.strong_count() == 0)
+        self.0.as_ref().is_some_and(|rx| rx.has_changed().is_err())
+    }
+
+    /// Completes when the caller stops waiting (never for a detached one).
+    async fn gone(&self) {
+        match &self.0 {
+            // Nothing is ever sent: `changed` only returns when the sender is dropped.
+            Some(rx) => {
+                let mut rx = rx.clone();
+                while rx.changed().await.is_ok() {}
+            }
+            None => std::future::pending().await,
+        }
     }
 }
 
 /// Held by a request for as long as it waits for its answer; see [`Caller`].
-#[derive(Debug, Default)]
-pub struct CallerAlive(Arc<()>);
+#[derive(Debug)]
+pub struct CallerAlive(tokio::sync::watch::Sender<()>);
+
+impl Default for CallerAlive {
+    fn default() -> Self {
+        Self(tokio::sync::watch::Sender::new(()))
+    }
+}
 
 impl CallerAlive {
     pub fn new() -> Self {
@@ -92,13 +111,15 @@ impl CallerAlive {
 
     /// The handle that travels with the request's messages.
     pub fn caller(&self) -> Caller {
-        Caller(Some(Arc::downgrade(&self.0)))
+        Caller(Some(self.0.subscribe()))
     }
 }
 
-/// The bounded way to the hashing threads: at most `max_pending` jobs wait or
-/// run at once; more are refused with `unavailable` without queueing. Cheap to
-/// clone; clones share the count.
+/// The bounded way to the hashing threads: at most `max_pending` jobs whose
+/// callers still wait are queued or running at once; more are refused with
+/// `unavailable` without queueing. A job whose caller left frees its place at
+/// once and costs its thread only a check when reached. Cheap to clone; clones
+/// share the count.
 #[derive(Clone)]
 pub struct HasherQueue {
     hasher: Addr<PasswordHasher>,
@@ -153,7 +174,15 @@ impl HasherQueue {
     /// Hashes a new password (see [`HashPassword`]).
     pub async fn hash(&self, password: String, caller: Caller) -> Result<String, ApiError> {
         let _admitted = self.admit()?;
-        self.hasher.send(HashPassword { password, caller }).await?
+        let job = self.hasher.send(HashPassword {
+            password,
+            caller: caller.clone(),
+        });
+        // The place in the queue is given up as soon as the caller leaves.
+        tokio::select! {
+            answer = job => answer?,
+            () = caller.gone() => Err(caller_gone()),
+        }
     }
 
     /// Verifies a password (see [`VerifyPassword`]).
@@ -164,13 +193,15 @@ impl HasherQueue {
         caller: Caller,
     ) -> Result<bool, ApiError> {
         let _admitted = self.admit()?;
-        self.hasher
-            .send(VerifyPassword {
-                password,
-                hash,
-                caller,
-            })
-            .await?
+        let job = self.hasher.send(VerifyPassword {
+            password,
+            hash,
+            caller: caller.clone(),
+        });
+        tokio::select! {
+            answer = job => answer?,
+            () = caller.gone() => Err(caller_gone()),
+        }
     }
 }
 
