@@ -496,7 +496,8 @@ both_backends!(
 both_backends!(
     refresh_token_reuse_after_the_grace_period_revokes,
     |backend| async move {
-        let server = TestServer::spawn_with(backend, |s| s.auth.refresh_reuse_grace_ms = 200).await;
+        let server =
+            TestServer::spawn_with(backend, |s| s.auth.refresh_reuse_grace_ms = 1_000).await;
         let rpc = server.rpc();
         let account = server.sign_up("henry").await;
         let next = refresh(&rpc, Codec::Json, &account.refresh_token)
@@ -508,7 +509,7 @@ both_backends!(
         refresh(&rpc, Codec::Json, &account.refresh_token)
             .await
             .expect("a retry within the grace period");
-        tokio::time::sleep(Duration::from_millis(400)).await;
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
         let message = expect_error(
             refresh(&rpc, Codec::Json, &account.refresh_token).await,
             "unauthenticated",
