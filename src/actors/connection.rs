@@ -156,13 +156,7 @@ impl Connection {
         self.send_frame(ctx, &protocol::reply(id, kind));
     }
 
-    fn reply_error(
-        &self,
-        ctx: &mut Ctx,
-        id: u64,
-        error: &ApiError,
-        room_id: &str,
-    ) {
+    fn reply_error(&self, ctx: &mut Ctx, id: u64, error: &ApiError, room_id: &str) {
         let kind = Out::Error(pb::Error {
             code: error.code.as_str().to_owned(),
             message: error.message.clone(),
@@ -190,12 +184,7 @@ impl Connection {
 
     // --- authentication -------------------------------------------------------
 
-    fn authenticate(
-        &mut self,
-        ctx: &mut Ctx,
-        request_id: Option<u64>,
-        token: String,
-    ) {
+    fn authenticate(&mut self, ctx: &mut Ctx, request_id: Option<u64>, token: String) {
         let auth = self.state.auth.clone();
         ctx.wait(
             async move { auth.send(Authenticate { bearer: token }).await }
@@ -221,12 +210,7 @@ impl Connection {
         );
     }
 
-    fn authenticated(
-        &mut self,
-        ctx: &mut Ctx,
-        request_id: Option<u64>,
-        principal: Principal,
-    ) {
+    fn authenticated(&mut self, ctx: &mut Ctx, request_id: Option<u64>, principal: Principal) {
         let first = self.principal.is_none();
         if let Some(timer) = self.expiry.take() {
             ctx.cancel_future(timer);
@@ -391,13 +375,7 @@ impl Connection {
 
     // --- subscriptions ---------------------------------------------------------
 
-    fn subscribe(
-        &mut self,
-        ctx: &mut Ctx,
-        id: u64,
-        principal: Principal,
-        req: pb::Subscribe,
-    ) {
+    fn subscribe(&mut self, ctx: &mut Ctx, id: u64, principal: Principal, req: pb::Subscribe) {
         let room_id = RoomId(req.room_id.clone());
         if self.subs.contains_key(&room_id) {
             self.reply_error(
@@ -456,12 +434,7 @@ impl Connection {
     }
 
     /// Sends `Subscribe` to the room for the subscription's current position.
-    fn register(
-        &mut self,
-        ctx: &mut Ctx,
-        room_id: &RoomId,
-        live_only: bool,
-    ) {
+    fn register(&mut self, ctx: &mut Ctx, room_id: &RoomId, live_only: bool) {
         let generation = self.next_generation;
         self.next_generation += 1;
         let subscriber = Subscriber {
@@ -537,24 +510,14 @@ impl Connection {
         );
     }
 
-    fn drop_sub(
-        &mut self,
-        ctx: &mut Ctx,
-        room_id: &RoomId,
-        error: &ApiError,
-    ) {
+    fn drop_sub(&mut self, ctx: &mut Ctx, room_id: &RoomId, error: &ApiError) {
         if let Some(sub) = self.subs.remove(room_id) {
             sub.room.do_send(Unsubscribe { conn_id: self.id });
             self.reply_error(ctx, sub.pending_reply.unwrap_or(0), error, &room_id.0);
         }
     }
 
-    fn registered(
-        &mut self,
-        ctx: &mut Ctx,
-        room_id: &RoomId,
-        reply: SubscribeReply,
-    ) {
+    fn registered(&mut self, ctx: &mut Ctx, room_id: &RoomId, reply: SubscribeReply) {
         let last_seq = match &reply {
             SubscribeReply::Live { last_seq, .. } | SubscribeReply::Behind { last_seq } => {
                 *last_seq
@@ -614,12 +577,7 @@ impl Connection {
 
     /// Writes one event if it is the next one; on a gap, goes back to catch-up.
     /// Returns false when the subscription left the live phase.
-    fn deliver(
-        &mut self,
-        ctx: &mut Ctx,
-        room_id: &RoomId,
-        event: &Arc<RoomEvent>,
-    ) -> bool {
+    fn deliver(&mut self, ctx: &mut Ctx, room_id: &RoomId, event: &Arc<RoomEvent>) -> bool {
         let Some(sub) = self.subs.get_mut(room_id) else {
             return false;
         };
@@ -638,12 +596,7 @@ impl Connection {
     }
 
     /// Leaves the room's live delivery and resumes from the last delivered event.
-    fn restart_delivery(
-        &mut self,
-        ctx: &mut Ctx,
-        room_id: &RoomId,
-        lagged: bool,
-    ) {
+    fn restart_delivery(&mut self, ctx: &mut Ctx, room_id: &RoomId, lagged: bool) {
         let Some(sub) = self.subs.get_mut(room_id) else {
             return;
         };
