@@ -1,10 +1,16 @@
 //! [`UserSession`]: one per online user. It knows the user's live connections (one
-//! per device or tab), so it can say whether the user is online, announce presence
-//! changes to the user's rooms, and close connections when the user signs out.
+//! per device or tab), so it can announce presence changes to the user's rooms,
+//! close connections when the user signs out, and tell every connection that the
+//! user was removed from a room. The [`SessionRegistry`](super::session_registry)
+//! starts it with the user's first connection and detaches the last one; it then
+//! announces "offline" and stops.
 
 use std::{
     collections::HashMap,
-    sync::atomic::{AtomicUsize, Ordering},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
 };
 
 use actix::{
@@ -17,7 +23,8 @@ use super::{
     room_registry::{NotifyRoom, RoomRegistry},
 };
 use crate::{
-    ids::{SessionId, UserId},
+    ids::{RoomId, SessionId, UserId},
+    protocol::SharedFrame,
     store::Store,
 };
 
@@ -38,6 +45,12 @@ pub enum SessionSignal {
     SignedOut,
     /// The server is shutting down: reconnect (to another node).
     ServerShutdown,
+    /// The user may no longer read the room (kicked, banned, left): a subscription
+    /// to it ends with this `removed` frame, whatever phase it is in.
+    Removed {
+        room_id: RoomId,
+        frame: Arc<SharedFrame>,
+    },
 }
 
 /// Tells every connection of this user that the server is shutting down.
@@ -54,11 +67,13 @@ pub struct Attach {
     pub addr: Recipient<SessionSignal>,
 }
 
-/// A connection of this user closed; answers how many remain.
+/// A connection of this user closed. `offline_version` is set when it was the
+/// last one: the session announces "offline" with it and stops.
 #[derive(Message)]
-#[rtype(result = "usize")]
+#[rtype(result = "()")]
 pub struct Detach {
     pub conn_id: ConnectionId,
+    pub offline_version: Option<u64>,
 }
 
 /// Closes the connections of one session (`Some`) or of every session (`None`).
@@ -74,21 +89,29 @@ pub struct UserSession {
     store: Store,
     rooms: Addr<RoomRegistry>,
     connections: HashMap<ConnectionId, (Option<SessionId>, Recipient<SessionSignal>)>,
+    /// The presence version of the "online" announcement (see the registry).
+    online_version: u64,
 }
 
 impl UserSession {
-    pub fn new(user_id: UserId, store: Store, rooms: Addr<RoomRegistry>) -> Self {
+    pub fn new(
+        user_id: UserId,
+        store: Store,
+        rooms: Addr<RoomRegistry>,
+        online_version: u64,
+    ) -> Self {
         Self {
             user_id,
             store,
             rooms,
             connections: HashMap::new(),
+            online_version,
         }
     }
 
     /// Tells the running rooms the user is a member of that presence changed; an
-    /// offline announcement stops the actor once sent, unless a connection came back.
-    fn announce(&self, online: bool, ctx: &mut Context<Self>) {
+    /// offline announcement stops the actor once sent.
+    fn announce(&self, online: bool, version: u64, ctx: &mut Context<Self>) {
         let store = self.store.clone();
         let user = self.user_id.clone();
         ctx.spawn(
@@ -101,6 +124,7 @@ impl UserSession {
                                 let notice = RoomNotice::Presence {
                                     user_id: act.user_id.clone(),
                                     online,
+                                    version,
                                 };
                                 act.rooms.do_send(NotifyRoom { room_id, notice });
                             }
@@ -109,7 +133,7 @@ impl UserSession {
                             tracing::warn!(user = %act.user_id, error = %e, "cannot announce presence")
                         }
                     }
-                    if !online && act.connections.is_empty() {
+                    if !online {
                         ctx.stop();
                     }
                 }),
@@ -122,7 +146,7 @@ impl Actor for UserSession {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         LIVE_SESSIONS.fetch_add(1, Ordering::AcqRel);
-        self.announce(true, ctx);
+        self.announce(true, self.online_version, ctx);
     }
 
     fn stopped(&mut self, _ctx: &mut Self::Context) {
@@ -140,14 +164,23 @@ impl Handler<Attach> for UserSession {
 }
 
 impl Handler<Detach> for UserSession {
-    type Result = usize;
+    type Result = ();
 
-    fn handle(&mut self, msg: Detach, ctx: &mut Self::Context) -> usize {
+    fn handle(&mut self, msg: Detach, ctx: &mut Self::Context) {
         self.connections.remove(&msg.conn_id);
-        if self.connections.is_empty() {
-            self.announce(false, ctx);
+        if let Some(version) = msg.offline_version {
+            self.announce(false, version, ctx);
         }
-        self.connections.len()
+    }
+}
+
+impl Handler<SessionSignal> for UserSession {
+    type Result = ();
+
+    fn handle(&mut self, msg: SessionSignal, _ctx: &mut Self::Context) {
+        for (_, addr) in self.connections.values() {
+            addr.do_send(msg.clone());
+        }
     }
 }
 
