@@ -10,7 +10,11 @@
 
 mod common;
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    sync::{atomic::Ordering, Arc},
+    time::Duration,
+};
 
 use common::{
     rooms::{create_room, history, join, send_http},
@@ -21,6 +25,7 @@ use roomcast::{
     actors::{
         room::{InjectFault, RoomActor},
         room_registry::FindRoom,
+        user_session::DELAY_OFFLINE_ANNOUNCEMENTS_MS,
     },
     ids::RoomId,
     proto::v1 as pb,
@@ -1018,12 +1023,20 @@ async fn presence_follows_connections(backend: Backend, codec: WsCodec) {
         "offline once the last connection closed"
     );
 
-    // Quick reconnects: the member ends up online, and stays shown online.
-    for _ in 0..10 {
-        let ws = WsClient::connect_authenticated(&url(&server), codec, &member.access_token).await;
-        ws.close().await;
-    }
+    // A quick reconnect while the "offline" of the closed connection is still on
+    // its way (held back on purpose): the member ends up online, and stays shown
+    // online.
+    let ws = WsClient::connect_authenticated(&url(&server), codec, &member.access_token).await;
+    assert!(
+        observer
+            .push_matching(WAIT, presence_of(member.user_id.clone()))
+            .await
+    );
+    DELAY_OFFLINE_ANNOUNCEMENTS_MS.store(600, Ordering::Relaxed);
+    ws.close().await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
     let _online = WsClient::connect_authenticated(&url(&server), codec, &member.access_token).await;
+    DELAY_OFFLINE_ANNOUNCEMENTS_MS.store(0, Ordering::Relaxed);
     assert!(
         common::eventually(WAIT, || async {
             online_members(&server, &owner, &room).await[&member.user_id]

@@ -37,6 +37,13 @@ pub fn live_sessions() -> usize {
     LIVE_SESSIONS.load(Ordering::Acquire)
 }
 
+/// Test-only (the `fault-injection` feature): every "offline" announcement of this
+/// process waits this many milliseconds first, so a test can make it arrive after
+/// the "online" of a quick reconnect.
+#[cfg(feature = "fault-injection")]
+pub static DELAY_OFFLINE_ANNOUNCEMENTS_MS: std::sync::atomic::AtomicU64 =
+    std::sync::atomic::AtomicU64::new(0);
+
 /// What a user session tells one of its connections.
 #[derive(Message, Debug, Clone)]
 #[rtype(result = "()")]
@@ -114,29 +121,41 @@ impl UserSession {
     fn announce(&self, online: bool, version: u64, ctx: &mut Context<Self>) {
         let store = self.store.clone();
         let user = self.user_id.clone();
+        #[cfg(feature = "fault-injection")]
+        let delay = if online {
+            0
+        } else {
+            DELAY_OFFLINE_ANNOUNCEMENTS_MS.load(Ordering::Relaxed)
+        };
         ctx.spawn(
-            async move { store.user_room_ids(&user).await }
-                .into_actor(self)
-                .map(move |rooms, act, ctx| {
-                    match rooms {
-                        Ok(rooms) => {
-                            for room_id in rooms {
-                                let notice = RoomNotice::Presence {
-                                    user_id: act.user_id.clone(),
-                                    online,
-                                    version,
-                                };
-                                act.rooms.do_send(NotifyRoom { room_id, notice });
-                            }
-                        }
-                        Err(e) => {
-                            tracing::warn!(user = %act.user_id, error = %e, "cannot announce presence")
+            async move {
+                #[cfg(feature = "fault-injection")]
+                if delay > 0 {
+                    tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
+                }
+                store.user_room_ids(&user).await
+            }
+            .into_actor(self)
+            .map(move |rooms, act, ctx| {
+                match rooms {
+                    Ok(rooms) => {
+                        for room_id in rooms {
+                            let notice = RoomNotice::Presence {
+                                user_id: act.user_id.clone(),
+                                online,
+                                version,
+                            };
+                            act.rooms.do_send(NotifyRoom { room_id, notice });
                         }
                     }
-                    if !online {
-                        ctx.stop();
+                    Err(e) => {
+                        tracing::warn!(user = %act.user_id, error = %e, "cannot announce presence")
                     }
-                }),
+                }
+                if !online {
+                    ctx.stop();
+                }
+            }),
         );
     }
 }
