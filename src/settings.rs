@@ -282,9 +282,9 @@ pub struct RealtimeSettings {
     /// Most `send`, `mark_read` and `typing` frames of one connection being worked on
     /// at once; more are answered with `resource_exhausted`.
     pub max_inflight_requests: usize,
-    /// Most history reads (catch-up pages) one connection runs at once; its other
-    /// subscriptions wait their turn.
-    pub max_parallel_catch_ups: usize,
+    /// Most store reads (access checks of subscriptions, catch-up pages) one
+    /// connection runs at once; the others wait their turn.
+    pub max_parallel_reads: usize,
 }
 
 impl Default for RealtimeSettings {
@@ -302,7 +302,7 @@ impl Default for RealtimeSettings {
             send_rate_per_sec: 20,
             send_burst: 40,
             max_inflight_requests: 64,
-            max_parallel_catch_ups: 2,
+            max_parallel_reads: 2,
         }
     }
 }
@@ -494,8 +494,8 @@ impl Settings {
         if rt.max_inflight_requests == 0 {
             return bad("realtime.max_inflight_requests", "must be positive");
         }
-        if rt.max_parallel_catch_ups == 0 {
-            return bad("realtime.max_parallel_catch_ups", "must be positive");
+        if rt.max_parallel_reads == 0 {
+            return bad("realtime.max_parallel_reads", "must be positive");
         }
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return bad("log.format", "must be `text` or `json`");

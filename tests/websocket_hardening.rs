@@ -733,7 +733,7 @@ async fn catch_ups_are_bounded_and_complete(backend: Backend, codec: WsCodec) {
     let server = TestServer::spawn_with(backend, |s| {
         fast_sends(s);
         s.rooms.ring_size = 1;
-        s.realtime.max_parallel_catch_ups = 1;
+        s.realtime.max_parallel_reads = 1;
         s.realtime.outbound_queue_bytes = 2048;
     })
     .await;

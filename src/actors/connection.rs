@@ -36,6 +36,7 @@ use actix::{
 };
 use actix_web_actors::ws;
 use prost::Message as _;
+use tokio::sync::{Semaphore, SemaphorePermit};
 
 use super::{
     room::{
@@ -126,10 +127,9 @@ pub struct Connection {
     pending_subscribes: HashSet<RoomId>,
     /// `send`, `mark_read` and `typing` requests being worked on.
     inflight: usize,
-    /// Catch-up pages being read, bounded by `realtime.max_parallel_catch_ups`.
-    catch_ups_running: usize,
-    /// Subscriptions waiting for a catch-up slot, in order.
-    catch_up_queue: VecDeque<RoomId>,
+    /// Store reads this connection may run at once (`realtime.max_parallel_reads`):
+    /// subscription access checks and catch-up pages wait here, in order.
+    reads: Arc<Semaphore>,
 }
 
 impl Connection {
@@ -137,6 +137,7 @@ impl Connection {
         let gauge = Arc::new(OutboundGauge::new(
             state.settings.realtime.outbound_queue_bytes,
         ));
+        let reads = Arc::new(Semaphore::new(state.settings.realtime.max_parallel_reads));
         Self {
             id: NEXT_CONNECTION_ID.fetch_add(1, Ordering::Relaxed),
             state,
@@ -152,8 +153,7 @@ impl Connection {
             next_generation: 1,
             pending_subscribes: HashSet::new(),
             inflight: 0,
-            catch_ups_running: 0,
-            catch_up_queue: VecDeque::new(),
+            reads,
         }
     }
 
@@ -501,9 +501,12 @@ impl Connection {
         self.pending_subscribes.insert(room_id.clone());
         let state = self.state.clone();
         let since = req.since_seq;
+        let reads = self.reads.clone();
         let fut = async move {
+            let slot = read_slot(&reads).await?;
             let checked_at = Instant::now();
             let access = room_access(&state, &principal, &req.room_id).await?;
+            drop(slot);
             access.require_read()?;
             Ok::<_, ApiError>((
                 messages::room_actor(&state, &access.room.id).await?,
@@ -563,10 +566,12 @@ impl Connection {
         let state = self.state.clone();
         let principal = self.principal.clone();
         let id = room_id.clone();
+        let reads = self.reads.clone();
         let fut = async move {
             let access_checked_at = match access_checked_at {
                 Some(at) => at,
                 None => {
+                    let _slot = read_slot(&reads).await?;
                     let at = Instant::now();
                     check_read(&state, principal, &id).await?;
                     at
@@ -768,8 +773,8 @@ impl Connection {
     }
 
     /// Reads events after the last delivered one up to `upto` from the store, page
-    /// by page, then subscribes again. At most `realtime.max_parallel_catch_ups`
-    /// pages are read at once per connection; other subscriptions wait in turn.
+    /// by page, then subscribes again. Each page waits for one of the connection's
+    /// read slots, so many subscriptions catching up take turns.
     fn catch_up(&mut self, ctx: &mut Ctx, room_id: RoomId, upto: u64) {
         let Some(sub) = self.subs.get_mut(&room_id) else {
             return;
@@ -779,30 +784,7 @@ impl Connection {
             self.register(ctx, &room_id, None);
             return;
         }
-        if self.catch_ups_running >= self.state.settings.realtime.max_parallel_catch_ups {
-            if !self.catch_up_queue.contains(&room_id) {
-                self.catch_up_queue.push_back(room_id);
-            }
-            return;
-        }
         self.read_page(ctx, room_id);
-    }
-
-    /// Starts the catch-ups waiting for a slot, while slots are free.
-    fn next_catch_up(&mut self, ctx: &mut Ctx) {
-        while self.catch_ups_running < self.state.settings.realtime.max_parallel_catch_ups {
-            let Some(room_id) = self.catch_up_queue.pop_front() else {
-                return;
-            };
-            let Some(sub) = self.subs.get(&room_id) else {
-                continue;
-            };
-            if !matches!(sub.phase, Phase::CatchingUp) {
-                continue;
-            }
-            let upto = sub.catch_up_upto;
-            self.catch_up(ctx, room_id, upto);
-        }
     }
 
     /// Reads one page of missed events, after checking read access again.
@@ -813,11 +795,12 @@ impl Connection {
         let generation = sub.generation;
         let after = sub.delivered;
         let upto = sub.catch_up_upto;
-        self.catch_ups_running += 1;
         let state = self.state.clone();
         let principal = self.principal.clone();
         let id = room_id.clone();
+        let reads = self.reads.clone();
         let fut = async move {
+            let _slot = read_slot(&reads).await?;
             check_read(&state, principal, &id).await?;
             Ok::<_, ApiError>(
                 state
@@ -827,9 +810,6 @@ impl Connection {
             )
         };
         ctx.spawn(fut.into_actor(self).map(move |result, act, ctx| {
-            act.catch_ups_running = act.catch_ups_running.saturating_sub(1);
-            // A waiting subscription gets the freed slot before this one reads on.
-            act.next_catch_up(ctx);
             if !act.is_current(&room_id, generation) {
                 return;
             }
@@ -888,6 +868,14 @@ impl Connection {
         }));
         self.send_frame(ctx, &frame);
     }
+}
+
+/// Waits for one of the connection's store-read slots.
+async fn read_slot(reads: &Semaphore) -> Result<SemaphorePermit<'_>, ApiError> {
+    reads
+        .acquire()
+        .await
+        .map_err(|_| ApiError::unavailable("the connection is closing"))
 }
 
 /// Fails unless `principal` may read the room now.
