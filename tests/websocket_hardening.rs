@@ -937,6 +937,10 @@ async fn panicked_room_restarts_without_loss(backend: Backend, codec: WsCodec) {
         if i == 11 {
             inject(&server, &room, InjectFault::PanicInNextCommit).await;
         }
+        if i == 21 {
+            // A panic in a handler itself, not in a future it spawned.
+            inject(&server, &room, InjectFault::PanicInHandler).await;
+        }
         // A send caught in the panic is answered with a retryable error; the
         // retry with the same client message id succeeds once the room is back.
         let mut attempts = 0;

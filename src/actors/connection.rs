@@ -125,6 +125,9 @@ pub struct Connection {
     next_generation: u64,
     /// Rooms whose `subscribe` is being checked; they count towards the limit.
     pending_subscribes: HashSet<RoomId>,
+    /// Pending subscribes whose user was removed from the room meanwhile: their
+    /// access check may predate the removal, so they are refused.
+    removed_while_pending: HashSet<RoomId>,
     /// `send`, `mark_read` and `typing` requests being worked on.
     inflight: usize,
     /// Store reads this connection may run at once (`realtime.max_parallel_reads`):
@@ -152,6 +155,7 @@ impl Connection {
             lags: VecDeque::new(),
             next_generation: 1,
             pending_subscribes: HashSet::new(),
+            removed_while_pending: HashSet::new(),
             inflight: 0,
             reads,
         }
@@ -515,6 +519,11 @@ impl Connection {
         };
         ctx.spawn(fut.into_actor(self).map(move |result, act, ctx| {
             act.pending_subscribes.remove(&room_id);
+            if act.removed_while_pending.remove(&room_id) {
+                let error = ApiError::denied("you were removed from this room");
+                act.reply_error(ctx, id, &error, &room_id.0);
+                return;
+            }
             match result {
                 Ok((room, checked_at)) => {
                     let sub = RoomSub {
@@ -645,6 +654,9 @@ impl Connection {
     /// `removed` frame, whatever phase the subscription was in (and an error for a
     /// `subscribe` still unanswered).
     fn removed(&mut self, ctx: &mut Ctx, room_id: &RoomId, frame: &SharedFrame) {
+        if self.pending_subscribes.contains(room_id) {
+            self.removed_while_pending.insert(room_id.clone());
+        }
         let Some(sub) = self.subs.remove(room_id) else {
             return;
         };

@@ -32,7 +32,7 @@ use actix::{
 };
 use tokio::sync::oneshot;
 
-use super::supervision::catch_panic;
+use super::supervision::{catch_panic, guarded};
 use crate::{
     error::{ApiError, Code},
     ids::{RoomId, UserId},
@@ -49,6 +49,9 @@ pub type ConnectionId = u64;
 /// How often an idle room checks whether it may retire (at most; shorter when
 /// `rooms.idle_stop_secs` is shorter).
 const IDLE_CHECK_INTERVAL: Duration = Duration::from_secs(5);
+
+/// The message of the error a room answers with while it restarts.
+const RESTARTING_MESSAGE: &str = "room restarted; retry with the same client_message_id";
 
 /// The message of the error a retired room answers with.
 const RETIRED_MESSAGE: &str = "room actor retired; retry";
@@ -265,6 +268,8 @@ pub enum InjectFault {
     /// The next `Subscribe` finds the room retired, as if it retired an instant
     /// before.
     RetireOnNextSubscribe,
+    /// The handler of this message panics.
+    PanicInHandler,
 }
 
 #[cfg(feature = "fault-injection")]
@@ -725,149 +730,184 @@ impl Handler<Append> for RoomActor {
     type Result = ResponseFuture<Result<Appended, ApiError>>;
 
     fn handle(&mut self, msg: Append, ctx: &mut Self::Context) -> Self::Result {
-        let limit = self.settings.rooms.max_pending_appends;
-        if self.pending.len() >= limit {
-            // Admission control: the room cannot commit as fast as it is sent to.
-            return Box::pin(async move {
-                Err(ApiError::unavailable(format!(
-                    "the room has {limit} sends waiting for the store; retry shortly with the same client_message_id"
-                )))
-            });
-        }
-        let (reply, outcome) = oneshot::channel();
-        self.pending.push_back((msg.message, reply));
-        self.flush(ctx);
-        Box::pin(async move {
-            outcome.await.unwrap_or_else(|_| {
-                Err(ApiError::unavailable(
-                    "room restarted; retry with the same client_message_id",
-                ))
-            })
-        })
+        guarded(
+            self,
+            ctx,
+            || Box::pin(async { Err(ApiError::unavailable(RESTARTING_MESSAGE)) }) as Self::Result,
+            move |act, ctx| {
+                let limit = act.settings.rooms.max_pending_appends;
+                if act.pending.len() >= limit {
+                    // Admission control: the room cannot commit as fast as it is sent to.
+                    return Box::pin(async move {
+                        Err(ApiError::unavailable(format!(
+                        "the room has {limit} sends waiting for the store; retry shortly with the same client_message_id"
+                    )))
+                    });
+                }
+                let (reply, outcome) = oneshot::channel();
+                act.pending.push_back((msg.message, reply));
+                act.flush(ctx);
+                Box::pin(async move {
+                    outcome.await.unwrap_or_else(|_| {
+                        Err(ApiError::unavailable(
+                            "room restarted; retry with the same client_message_id",
+                        ))
+                    })
+                })
+            },
+        )
     }
 }
 
 impl Handler<Subscribe> for RoomActor {
     type Result = Result<SubscribeReply, ApiError>;
 
-    fn handle(&mut self, msg: Subscribe, _ctx: &mut Self::Context) -> Self::Result {
-        #[cfg(feature = "fault-injection")]
-        if std::mem::take(&mut self.faults.retire_on_subscribe) && self.is_idle() {
-            self.retire(_ctx);
-        }
-        if let Some(error) = self.unavailable() {
-            return Err(error);
-        }
-        if self
-            .removals
-            .get(&msg.subscriber.user_id)
-            .is_some_and(|removed_at| *removed_at >= msg.access_checked_at)
-        {
-            return Err(ApiError::denied(
-                "you were removed from this room; you may no longer read it",
-            ));
-        }
-        let last_seq = self.last_seq;
-        let replay = match msg.since {
-            None => Vec::new(),
-            Some(since) if since > last_seq => {
-                return Err(ApiError::new(
-                    Code::OutOfRange,
-                    format!("since_seq {since} is beyond the room's last sequence {last_seq}"),
-                ))
-            }
-            Some(since) if since == last_seq => Vec::new(),
-            Some(since) => {
-                let first_in_ring = self.ring.front().map_or(u64::MAX, |e| e.seq);
-                if first_in_ring > since + 1 {
-                    return Ok(SubscribeReply::Behind { last_seq });
+    fn handle(&mut self, msg: Subscribe, ctx: &mut Self::Context) -> Self::Result {
+        guarded(
+            self,
+            ctx,
+            // The connection looks the room up again and subscribes anew.
+            || Err(ApiError::unavailable(RETIRED_MESSAGE)),
+            move |act, _ctx| {
+                #[cfg(feature = "fault-injection")]
+                if std::mem::take(&mut act.faults.retire_on_subscribe) && act.is_idle() {
+                    act.retire(_ctx);
                 }
-                self.ring
-                    .iter()
-                    .filter(|e| e.seq > since)
-                    .cloned()
-                    .collect()
-            }
-        };
-        self.subscribers
-            .insert(msg.subscriber.conn_id, msg.subscriber);
-        self.idle_since = Instant::now();
-        Ok(SubscribeReply::Live { last_seq, replay })
+                if let Some(error) = act.unavailable() {
+                    return Err(error);
+                }
+                if act
+                    .removals
+                    .get(&msg.subscriber.user_id)
+                    .is_some_and(|removed_at| *removed_at >= msg.access_checked_at)
+                {
+                    return Err(ApiError::denied(
+                        "you were removed from this room; you may no longer read it",
+                    ));
+                }
+                let last_seq = act.last_seq;
+                let replay = match msg.since {
+                    None => Vec::new(),
+                    Some(since) if since > last_seq => {
+                        return Err(ApiError::new(
+                            Code::OutOfRange,
+                            format!(
+                                "since_seq {since} is beyond the room's last sequence {last_seq}"
+                            ),
+                        ))
+                    }
+                    Some(since) if since == last_seq => Vec::new(),
+                    Some(since) => {
+                        let first_in_ring = act.ring.front().map_or(u64::MAX, |e| e.seq);
+                        if first_in_ring > since + 1 {
+                            return Ok(SubscribeReply::Behind { last_seq });
+                        }
+                        act.ring.iter().filter(|e| e.seq > since).cloned().collect()
+                    }
+                };
+                act.subscribers
+                    .insert(msg.subscriber.conn_id, msg.subscriber);
+                act.idle_since = Instant::now();
+                Ok(SubscribeReply::Live { last_seq, replay })
+            },
+        )
     }
 }
 
 impl Handler<Unsubscribe> for RoomActor {
     type Result = ();
 
-    fn handle(&mut self, msg: Unsubscribe, _ctx: &mut Self::Context) {
-        self.subscribers.remove(&msg.conn_id);
+    fn handle(&mut self, msg: Unsubscribe, ctx: &mut Self::Context) {
+        guarded(
+            self,
+            ctx,
+            || (),
+            move |act, _ctx| {
+                act.subscribers.remove(&msg.conn_id);
+            },
+        )
     }
 }
 
 impl Handler<Relay> for RoomActor {
     type Result = ();
 
-    fn handle(&mut self, msg: Relay, _ctx: &mut Self::Context) {
-        self.notice(msg.frame, msg.except);
+    fn handle(&mut self, msg: Relay, ctx: &mut Self::Context) {
+        guarded(
+            self,
+            ctx,
+            || (),
+            move |act, _ctx| {
+                act.notice(msg.frame, msg.except);
+            },
+        )
     }
 }
 
 impl Handler<Notify> for RoomActor {
     type Result = ();
 
-    fn handle(&mut self, Notify(notice): Notify, _ctx: &mut Self::Context) {
-        use crate::protocol::push;
-        use pb::server_frame::Kind;
-        match notice {
-            RoomNotice::Member(event) => self.notice(push(Kind::Member(event)), None),
-            RoomNotice::Updated(room) => self.notice(push(Kind::RoomUpdated(room)), None),
-            RoomNotice::Presence {
-                user_id,
-                online,
-                version,
-            } => {
-                let newest = self.presence.entry(user_id.clone()).or_insert(0);
-                if version <= *newest {
-                    // A later change of this user was delivered already.
-                    return;
-                }
-                *newest = version;
-                self.notice(
-                    push(Kind::Presence(pb::PresenceEvent {
-                        room_id: self.id.0.clone(),
-                        user_id: user_id.0,
+    fn handle(&mut self, Notify(notice): Notify, ctx: &mut Self::Context) {
+        guarded(
+            self,
+            ctx,
+            || (),
+            move |act, _ctx| {
+                use crate::protocol::push;
+                use pb::server_frame::Kind;
+                match notice {
+                    RoomNotice::Member(event) => act.notice(push(Kind::Member(event)), None),
+                    RoomNotice::Updated(room) => act.notice(push(Kind::RoomUpdated(room)), None),
+                    RoomNotice::Presence {
+                        user_id,
                         online,
-                    })),
-                    None,
-                )
-            }
-            RoomNotice::Removed {
-                user_id,
-                reason,
-                message,
-            } => {
-                self.removals.insert(user_id.clone(), Instant::now());
-                let frame = Arc::new(SharedFrame::new(push(Kind::Removed(pb::RemovedEvent {
-                    room_id: self.id.0.clone(),
-                    reason: reason as i32,
-                    message,
-                }))));
-                let gone: Vec<ConnectionId> = self
-                    .subscribers
-                    .iter()
-                    .filter(|(_, s)| s.user_id == user_id)
-                    .map(|(id, _)| *id)
-                    .collect();
-                for conn_id in gone {
-                    if let Some(sub) = self.subscribers.remove(&conn_id) {
-                        sub.addr.do_send(RoomPush::Removed {
-                            room_id: self.id.clone(),
-                            frame: frame.clone(),
-                        });
+                        version,
+                    } => {
+                        let newest = act.presence.entry(user_id.clone()).or_insert(0);
+                        if version <= *newest {
+                            // A later change of this user was delivered already.
+                            return;
+                        }
+                        *newest = version;
+                        act.notice(
+                            push(Kind::Presence(pb::PresenceEvent {
+                                room_id: act.id.0.clone(),
+                                user_id: user_id.0,
+                                online,
+                            })),
+                            None,
+                        )
+                    }
+                    RoomNotice::Removed {
+                        user_id,
+                        reason,
+                        message,
+                    } => {
+                        act.removals.insert(user_id.clone(), Instant::now());
+                        let frame =
+                            Arc::new(SharedFrame::new(push(Kind::Removed(pb::RemovedEvent {
+                                room_id: act.id.0.clone(),
+                                reason: reason as i32,
+                                message,
+                            }))));
+                        let gone: Vec<ConnectionId> = act
+                            .subscribers
+                            .iter()
+                            .filter(|(_, s)| s.user_id == user_id)
+                            .map(|(id, _)| *id)
+                            .collect();
+                        for conn_id in gone {
+                            if let Some(sub) = act.subscribers.remove(&conn_id) {
+                                sub.addr.do_send(RoomPush::Removed {
+                                    room_id: act.id.clone(),
+                                    frame: frame.clone(),
+                                });
+                            }
+                        }
                     }
                 }
-            }
-        }
+            },
+        )
     }
 }
 
@@ -898,14 +938,20 @@ impl Handler<Retire> for RoomActor {
 impl Handler<InjectFault> for RoomActor {
     type Result = ();
 
-    fn handle(&mut self, msg: InjectFault, _ctx: &mut Self::Context) {
+    fn handle(&mut self, msg: InjectFault, ctx: &mut Self::Context) {
         tracing::warn!(room = %self.id, fault = ?msg, "fault injected (test build)");
-        match msg {
-            InjectFault::PanicInNextCommit => self.faults.panic_next_commit = true,
-            InjectFault::DelayNextCommit(delay) => self.faults.delay_next_commit = Some(delay),
-            InjectFault::FailCommitsWithText(text) => self.faults.fail_text = Some(text),
-            InjectFault::RetireOnNextSubscribe => self.faults.retire_on_subscribe = true,
-        }
+        guarded(
+            self,
+            ctx,
+            || (),
+            move |act, _ctx| match msg {
+                InjectFault::PanicInNextCommit => act.faults.panic_next_commit = true,
+                InjectFault::DelayNextCommit(delay) => act.faults.delay_next_commit = Some(delay),
+                InjectFault::FailCommitsWithText(text) => act.faults.fail_text = Some(text),
+                InjectFault::RetireOnNextSubscribe => act.faults.retire_on_subscribe = true,
+                InjectFault::PanicInHandler => panic!("injected fault: a room handler panics"),
+            },
+        )
     }
 }
 
