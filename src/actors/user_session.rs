@@ -21,6 +21,7 @@ use actix::{
 use super::{
     room::{ConnectionId, RoomNotice},
     room_registry::{NotifyRoom, RoomRegistry},
+    supervision::catch_panic,
 };
 use crate::{
     ids::{RoomId, SessionId, UserId},
@@ -127,18 +128,20 @@ impl UserSession {
         } else {
             DELAY_OFFLINE_ANNOUNCEMENTS_MS.load(Ordering::Relaxed)
         };
+        // A panic in the store call must not take the session's task with it: the
+        // session also carries sign-outs and removals to the user's connections.
         ctx.spawn(
-            async move {
+            catch_panic(async move {
                 #[cfg(feature = "fault-injection")]
                 if delay > 0 {
                     tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
                 }
                 store.user_room_ids(&user).await
-            }
+            })
             .into_actor(self)
             .map(move |rooms, act, ctx| {
                 match rooms {
-                    Ok(rooms) => {
+                    Ok(Ok(rooms)) => {
                         for room_id in rooms {
                             let notice = RoomNotice::Presence {
                                 user_id: act.user_id.clone(),
@@ -148,8 +151,11 @@ impl UserSession {
                             act.rooms.do_send(NotifyRoom { room_id, notice });
                         }
                     }
-                    Err(e) => {
+                    Ok(Err(e)) => {
                         tracing::warn!(user = %act.user_id, error = %e, "cannot announce presence")
+                    }
+                    Err(panicked) => {
+                        tracing::error!(user = %act.user_id, error = %panicked, "presence announcement panicked")
                     }
                 }
                 if !online {
