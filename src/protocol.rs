@@ -93,10 +93,13 @@ pub fn encode(frame: &pb::ServerFrame, codec: FrameCodec) -> WireFrame {
     }
 }
 
-/// One committed room event, as pushed to subscribers.
+/// One committed room event, as pushed to subscribers. It keeps the stored record
+/// so that the room's ring can show a later edit or deletion exactly as the store
+/// does.
 #[derive(Debug)]
 pub struct RoomEvent {
     pub seq: u64,
+    pub record: MessageRecord,
     pub frame: SharedFrame,
 }
 
@@ -104,6 +107,7 @@ impl RoomEvent {
     pub fn new(record: &MessageRecord) -> Self {
         Self {
             seq: record.seq,
+            record: record.clone(),
             frame: SharedFrame::new(push(event_kind(record))),
         }
     }

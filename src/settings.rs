@@ -287,6 +287,11 @@ pub struct RoomSettings {
     pub max_batch: usize,
     /// How often history past each room's retention is removed, in seconds.
     pub retention_sweep_secs: u64,
+    /// Most sends waiting in one room for their commit; more are refused with
+    /// `unavailable` (retry with the same client message id).
+    pub max_pending_appends: usize,
+    /// Most rooms one user may create (server admins are exempt); 0: no limit.
+    pub max_rooms_per_user: u64,
 }
 
 impl Default for RoomSettings {
@@ -298,6 +303,8 @@ impl Default for RoomSettings {
             history_page_max: 200,
             max_batch: 256,
             retention_sweep_secs: 60,
+            max_pending_appends: 4096,
+            max_rooms_per_user: 1000,
         }
     }
 }
@@ -330,6 +337,12 @@ pub struct RealtimeSettings {
     pub send_rate_per_sec: u32,
     /// Sends a user may burst above the rate.
     pub send_burst: u32,
+    /// Most `send`, `mark_read` and `typing` frames of one connection being worked on
+    /// at once; more are answered with `resource_exhausted`.
+    pub max_inflight_requests: usize,
+    /// Most store reads (access checks of subscriptions, catch-up pages) one
+    /// connection runs at once; the others wait their turn.
+    pub max_parallel_reads: usize,
 }
 
 impl Default for RealtimeSettings {
@@ -346,6 +359,8 @@ impl Default for RealtimeSettings {
             max_catch_up_rounds: 8,
             send_rate_per_sec: 20,
             send_burst: 40,
+            max_inflight_requests: 64,
+            max_parallel_reads: 2,
         }
     }
 }
@@ -563,6 +578,15 @@ impl Settings {
         }
         if rt.send_rate_per_sec == 0 || rt.send_burst == 0 {
             return bad("realtime.send_rate_per_sec", "rate limits must be positive");
+        }
+        if self.rooms.max_pending_appends == 0 {
+            return bad("rooms.max_pending_appends", "must be positive");
+        }
+        if rt.max_inflight_requests == 0 {
+            return bad("realtime.max_inflight_requests", "must be positive");
+        }
+        if rt.max_parallel_reads == 0 {
+            return bad("realtime.max_parallel_reads", "must be positive");
         }
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return bad("log.format", "must be `text` or `json`");

@@ -8,13 +8,21 @@
 //!   back far enough, from the store page by page before subscribing again;
 //! - a live event that does not follow the last delivered one (a gap), a "lagged"
 //!   signal (its queue overflowed) or a "resync" (the room restarted) all lead back
-//!   to that catch-up, so the client always continues from exactly where it was.
+//!   to that catch-up, so the client always continues from exactly where it was;
+//! - history that retention pruned is never skipped silently: a `gap` frame names
+//!   the exact range the client will not receive.
+//!
+//! Access is checked again on every (re-)registration with a room and before every
+//! catch-up page, and a removal from the room (delivered through the room and
+//! through the user's session) ends the subscription in whatever phase it is in.
+//! Admission limits: subscriptions (pending ones included), requests in flight,
+//! and history reads running at once, per connection.
 //!
 //! Heartbeats: a ping every `heartbeat_interval_ms`; the connection closes when
 //! nothing arrived for `idle_timeout_ms`. Close codes are in [`crate::protocol::close`].
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{HashMap, HashSet, VecDeque},
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc,
@@ -28,13 +36,14 @@ use actix::{
 };
 use actix_web_actors::ws;
 use prost::Message as _;
+use tokio::sync::{Semaphore, SemaphorePermit};
 
 use super::{
     room::{
         is_retired, ConnectionId, OutboundGauge, RoomActor, RoomPush, Subscribe, SubscribeReply,
         Subscriber, Unsubscribe,
     },
-    session_registry::{ConnectionClosed, ConnectionOpened},
+    session_registry::{ConnectionClosed, ConnectionOpened, ConnectionReauthenticated},
     user_session::SessionSignal,
 };
 use crate::{
@@ -43,7 +52,8 @@ use crate::{
     error::ApiError,
     ids::{now_ms, RoomId},
     proto::v1 as pb,
-    protocol::{self, close, FrameCodec, RoomEvent, WireFrame},
+    protocol::{self, close, FrameCodec, RoomEvent, SharedFrame, WireFrame},
+    store::MessageRecord,
 };
 
 use pb::server_frame::Kind as Out;
@@ -89,9 +99,11 @@ struct RoomSub {
     pending_reply: Option<u64>,
     /// Times in a row the room actor was found gone; bounded by [`MAX_RELOCATIONS`].
     relocations: u32,
-    /// Whether the user could send when subscribing (typing is only relayed then;
-    /// kicks and bans end the subscription).
-    may_send: bool,
+    /// A live-only subscription not registered yet: it starts after the room's
+    /// sequence at registration, however many attempts registering takes.
+    live_only_start: bool,
+    /// Where the catch-up in progress ends.
+    catch_up_upto: u64,
     /// When a typing notice was last relayed, to throttle them.
     last_typing: Option<Instant>,
 }
@@ -111,6 +123,16 @@ pub struct Connection {
     expiry: Option<SpawnHandle>,
     lags: VecDeque<Instant>,
     next_generation: u64,
+    /// Rooms whose `subscribe` is being checked; they count towards the limit.
+    pending_subscribes: HashSet<RoomId>,
+    /// Pending subscribes whose user was removed from the room meanwhile: their
+    /// access check may predate the removal, so they are refused.
+    removed_while_pending: HashSet<RoomId>,
+    /// `send`, `mark_read` and `typing` requests being worked on.
+    inflight: usize,
+    /// Store reads this connection may run at once (`realtime.max_parallel_reads`):
+    /// subscription access checks and catch-up pages wait here, in order.
+    reads: Arc<Semaphore>,
 }
 
 impl Connection {
@@ -118,6 +140,7 @@ impl Connection {
         let gauge = Arc::new(OutboundGauge::new(
             state.settings.realtime.outbound_queue_bytes,
         ));
+        let reads = Arc::new(Semaphore::new(state.settings.realtime.max_parallel_reads));
         Self {
             id: NEXT_CONNECTION_ID.fetch_add(1, Ordering::Relaxed),
             state,
@@ -131,6 +154,10 @@ impl Connection {
             expiry: None,
             lags: VecDeque::new(),
             next_generation: 1,
+            pending_subscribes: HashSet::new(),
+            removed_while_pending: HashSet::new(),
+            inflight: 0,
+            reads,
         }
     }
 
@@ -238,6 +265,19 @@ impl Connection {
                 addr: ctx.address().recipient(),
             });
             tracing::debug!(conn = self.id, user = %principal.user_id, "connection authenticated");
+        } else {
+            // The connection now lives on this token: signing out its session (not
+            // the first one's) must end the connection.
+            let session_id = match &principal.credential {
+                Credential::Session(id) => Some(id.clone()),
+                _ => None,
+            };
+            self.state.sessions.do_send(ConnectionReauthenticated {
+                user_id: principal.user_id.clone(),
+                conn_id: self.id,
+                session_id,
+                addr: ctx.address().recipient(),
+            });
         }
         let rt = &self.state.settings.realtime;
         let user = match &principal.credential {
@@ -310,74 +350,141 @@ impl Connection {
                     }
                 }
             }
-            In::Send(request) => {
-                let state = self.state.clone();
-                let room_id = request.room_id.clone();
-                ctx.spawn(
-                    async move { messages::send_message(&state, &principal, request).await }
-                        .into_actor(self)
-                        .map(move |result, act, ctx| match result {
-                            Ok(sent) => act.reply(ctx, id, Out::Sent(sent)),
-                            Err(error) => act.reply_error(ctx, id, &error, &room_id),
-                        }),
-                );
-            }
-            In::MarkRead(request) => {
-                let state = self.state.clone();
-                let room_id = request.room_id.clone();
-                ctx.spawn(
-                    async move { messages::mark_read(&state, &principal, request).await }
-                        .into_actor(self)
-                        .map(move |result, act, ctx| match result {
-                            Ok(marked) => act.reply(ctx, id, Out::MarkedRead(marked)),
-                            Err(error) => act.reply_error(ctx, id, &error, &room_id),
-                        }),
-                );
-            }
-            In::Typing(typing) => {
-                let room_id = RoomId(typing.room_id.clone());
-                let Some(sub) = self.subs.get_mut(&room_id) else {
-                    let error = ApiError::failed_precondition(
-                        "subscribe to the room before sending typing",
-                    );
-                    self.reply_error(ctx, id, &error, &typing.room_id);
-                    return;
-                };
-                if !sub.may_send {
-                    let error = ApiError::denied("only members who may send can send typing");
-                    self.reply_error(ctx, id, &error, &typing.room_id);
-                    return;
-                }
-                // At most one typing notice per room per interval is relayed; the
-                // others are acknowledged and dropped (typing is not history).
-                let now = Instant::now();
-                if sub
-                    .last_typing
-                    .is_some_and(|t| now.duration_since(t) < TYPING_INTERVAL)
-                {
-                    self.reply(ctx, id, Out::Ack(pb::Ack {}));
-                    return;
-                }
-                sub.last_typing = Some(now);
-                let frame = protocol::push(Out::Typing(pb::TypingEvent {
-                    room_id: typing.room_id,
-                    user_id: principal.user_id.0.clone(),
-                }));
-                sub.room.do_send(Relay {
-                    frame,
-                    except: Some(self.id),
-                });
-                self.reply(ctx, id, Out::Ack(pb::Ack {}));
-            }
+            In::Send(request) => self.send_message(ctx, id, principal, request),
+            In::MarkRead(request) => self.mark_read(ctx, id, principal, request),
+            In::Typing(typing) => self.typing(ctx, id, principal, typing),
             In::Authenticate(_) | In::Ping(_) => {}
         }
+    }
+
+    // --- requests --------------------------------------------------------------
+
+    /// Admission control: takes a slot for a request that runs in the background,
+    /// or answers `resource_exhausted` when the connection has too many.
+    fn admit(&mut self, ctx: &mut Ctx, id: u64, room_id: &str) -> bool {
+        let max = self.state.settings.realtime.max_inflight_requests;
+        if self.inflight >= max {
+            let error = ApiError::exhausted(format!(
+                "{max} requests of this connection are still being worked on \
+                 (realtime.max_inflight_requests); wait for their replies"
+            ));
+            self.reply_error(ctx, id, &error, room_id);
+            return false;
+        }
+        self.inflight += 1;
+        true
+    }
+
+    fn send_message(
+        &mut self,
+        ctx: &mut Ctx,
+        id: u64,
+        principal: Principal,
+        request: pb::SendMessageRequest,
+    ) {
+        let room_id = request.room_id.clone();
+        if !self.admit(ctx, id, &room_id) {
+            return;
+        }
+        let state = self.state.clone();
+        ctx.spawn(
+            async move { messages::send_message(&state, &principal, request).await }
+                .into_actor(self)
+                .map(move |result, act, ctx| {
+                    act.inflight -= 1;
+                    match result {
+                        Ok(sent) => act.reply(ctx, id, Out::Sent(sent)),
+                        Err(error) => act.reply_error(ctx, id, &error, &room_id),
+                    }
+                }),
+        );
+    }
+
+    fn mark_read(
+        &mut self,
+        ctx: &mut Ctx,
+        id: u64,
+        principal: Principal,
+        request: pb::MarkReadRequest,
+    ) {
+        let room_id = request.room_id.clone();
+        if !self.admit(ctx, id, &room_id) {
+            return;
+        }
+        let state = self.state.clone();
+        ctx.spawn(
+            async move { messages::mark_read(&state, &principal, request).await }
+                .into_actor(self)
+                .map(move |result, act, ctx| {
+                    act.inflight -= 1;
+                    match result {
+                        Ok(marked) => act.reply(ctx, id, Out::MarkedRead(marked)),
+                        Err(error) => act.reply_error(ctx, id, &error, &room_id),
+                    }
+                }),
+        );
+    }
+
+    /// Relays "typing" if the user may send in the room now (a mute or a kick since
+    /// subscribing counts), at most one per room per interval.
+    fn typing(&mut self, ctx: &mut Ctx, id: u64, principal: Principal, typing: pb::Typing) {
+        let room_id = RoomId(typing.room_id.clone());
+        let Some(sub) = self.subs.get_mut(&room_id) else {
+            let error =
+                ApiError::failed_precondition("subscribe to the room before sending typing");
+            self.reply_error(ctx, id, &error, &typing.room_id);
+            return;
+        };
+        // At most one typing notice per room per interval is relayed; the others
+        // are acknowledged and dropped (typing is not history).
+        let now = Instant::now();
+        if sub
+            .last_typing
+            .is_some_and(|t| now.duration_since(t) < TYPING_INTERVAL)
+        {
+            self.reply(ctx, id, Out::Ack(pb::Ack {}));
+            return;
+        }
+        sub.last_typing = Some(now);
+        if !self.admit(ctx, id, &typing.room_id) {
+            return;
+        }
+        let state = self.state.clone();
+        let user_id = principal.user_id.0.clone();
+        ctx.spawn(
+            async move {
+                room_access(&state, &principal, &room_id.0)
+                    .await?
+                    .require_send()
+                    .map_err(|_| ApiError::denied("only members who may send can send typing"))
+            }
+            .into_actor(self)
+            .map(move |result, act, ctx| {
+                act.inflight -= 1;
+                if let Err(error) = result {
+                    act.reply_error(ctx, id, &error, &typing.room_id);
+                    return;
+                }
+                if let Some(sub) = act.subs.get(&RoomId(typing.room_id.clone())) {
+                    let frame = protocol::push(Out::Typing(pb::TypingEvent {
+                        room_id: typing.room_id.clone(),
+                        user_id,
+                    }));
+                    sub.room.do_send(Relay {
+                        frame,
+                        except: Some(act.id),
+                    });
+                }
+                act.reply(ctx, id, Out::Ack(pb::Ack {}));
+            }),
+        );
     }
 
     // --- subscriptions ---------------------------------------------------------
 
     fn subscribe(&mut self, ctx: &mut Ctx, id: u64, principal: Principal, req: pb::Subscribe) {
         let room_id = RoomId(req.room_id.clone());
-        if self.subs.contains_key(&room_id) {
+        if self.subs.contains_key(&room_id) || self.pending_subscribes.contains(&room_id) {
             self.reply_error(
                 ctx,
                 id,
@@ -386,55 +493,63 @@ impl Connection {
             );
             return;
         }
-        if self.subs.len() >= self.state.settings.realtime.max_subscriptions {
-            let error = ApiError::exhausted(format!(
-                "a connection may subscribe to at most {} rooms",
-                self.state.settings.realtime.max_subscriptions
-            ));
+        // Subscriptions still being checked count too, or frames sent back to back
+        // would all pass the limit.
+        let max = self.state.settings.realtime.max_subscriptions;
+        if self.subs.len() + self.pending_subscribes.len() >= max {
+            let error =
+                ApiError::exhausted(format!("a connection may subscribe to at most {max} rooms"));
             self.reply_error(ctx, id, &error, &req.room_id);
             return;
         }
+        self.pending_subscribes.insert(room_id.clone());
         let state = self.state.clone();
         let since = req.since_seq;
+        let reads = self.reads.clone();
         let fut = async move {
+            let slot = read_slot(&reads).await?;
+            let checked_at = Instant::now();
             let access = room_access(&state, &principal, &req.room_id).await?;
+            drop(slot);
             access.require_read()?;
-            let may_send = access.require_send().is_ok();
             Ok::<_, ApiError>((
                 messages::room_actor(&state, &access.room.id).await?,
-                may_send,
+                checked_at,
             ))
         };
-        ctx.spawn(
-            fut.into_actor(self)
-                .map(move |result, act, ctx| match result {
-                    Ok((room, may_send)) => {
-                        if act.subs.contains_key(&room_id) {
-                            let error = ApiError::already_exists("already subscribed to this room");
-                            act.reply_error(ctx, id, &error, &room_id.0);
-                            return;
-                        }
-                        let sub = RoomSub {
-                            room,
-                            delivered: since.unwrap_or(0),
-                            phase: Phase::CatchingUp,
-                            generation: 0,
-                            resume_from: since.map(|s| s + 1),
-                            pending_reply: Some(id),
-                            relocations: 0,
-                            may_send,
-                            last_typing: None,
-                        };
-                        act.subs.insert(room_id.clone(), sub);
-                        act.register(ctx, &room_id, since.is_none());
-                    }
-                    Err(error) => act.reply_error(ctx, id, &error, &room_id.0),
-                }),
-        );
+        ctx.spawn(fut.into_actor(self).map(move |result, act, ctx| {
+            act.pending_subscribes.remove(&room_id);
+            if act.removed_while_pending.remove(&room_id) {
+                let error = ApiError::denied("you were removed from this room");
+                act.reply_error(ctx, id, &error, &room_id.0);
+                return;
+            }
+            match result {
+                Ok((room, checked_at)) => {
+                    let sub = RoomSub {
+                        room,
+                        delivered: since.unwrap_or(0),
+                        phase: Phase::CatchingUp,
+                        generation: 0,
+                        resume_from: since.map(|s| s.saturating_add(1)),
+                        pending_reply: Some(id),
+                        relocations: 0,
+                        live_only_start: since.is_none(),
+                        catch_up_upto: 0,
+                        last_typing: None,
+                    };
+                    act.subs.insert(room_id.clone(), sub);
+                    act.register(ctx, &room_id, Some(checked_at));
+                }
+                Err(error) => act.reply_error(ctx, id, &error, &room_id.0),
+            }
+        }));
     }
 
-    /// Sends `Subscribe` to the room for the subscription's current position.
-    fn register(&mut self, ctx: &mut Ctx, room_id: &RoomId, live_only: bool) {
+    /// Sends `Subscribe` to the room for the subscription's current position, after
+    /// checking read access again unless `access_checked_at` says it just was (a
+    /// kick or ban may have happened while the subscription was away from the room).
+    fn register(&mut self, ctx: &mut Ctx, room_id: &RoomId, access_checked_at: Option<Instant>) {
         let generation = self.next_generation;
         self.next_generation += 1;
         let subscriber = Subscriber {
@@ -455,29 +570,47 @@ impl Connection {
         sub.phase = Phase::Subscribing {
             buffered: Vec::new(),
         };
-        let since = (!live_only).then_some(sub.delivered);
+        let since = (!sub.live_only_start).then_some(sub.delivered);
         let room = sub.room.clone();
+        let state = self.state.clone();
+        let principal = self.principal.clone();
+        let id = room_id.clone();
+        let reads = self.reads.clone();
+        let fut = async move {
+            let access_checked_at = match access_checked_at {
+                Some(at) => at,
+                None => {
+                    let _slot = read_slot(&reads).await?;
+                    let at = Instant::now();
+                    check_read(&state, principal, &id).await?;
+                    at
+                }
+            };
+            Ok::<_, ApiError>(
+                room.send(Subscribe {
+                    subscriber,
+                    since,
+                    access_checked_at,
+                })
+                .await,
+            )
+        };
         let room_id = room_id.clone();
-        ctx.spawn(
-            async move { room.send(Subscribe { subscriber, since }).await }
-                .into_actor(self)
-                .map(move |result, act, ctx| {
-                    if !act.is_current(&room_id, generation) {
-                        return;
-                    }
-                    match result {
-                        Ok(Ok(reply)) => act.registered(ctx, &room_id, reply),
-                        Ok(Err(error)) if !is_retired(&error) => {
-                            act.drop_sub(ctx, &room_id, &error)
-                        }
-                        Ok(Err(_)) | Err(_) => {
-                            // The room actor went away (retired or restarting): ask the
-                            // registry for the current one and try again.
-                            act.relocate(ctx, &room_id);
-                        }
-                    }
-                }),
-        );
+        ctx.spawn(fut.into_actor(self).map(move |result, act, ctx| {
+            if !act.is_current(&room_id, generation) {
+                return;
+            }
+            match result {
+                Err(denied) => act.drop_sub(ctx, &room_id, &denied),
+                Ok(Ok(Ok(reply))) => act.registered(ctx, &room_id, reply),
+                Ok(Ok(Err(error))) if !is_retired(&error) => act.drop_sub(ctx, &room_id, &error),
+                Ok(Ok(Err(_)) | Err(_)) => {
+                    // The room actor went away (retired or restarting): ask the
+                    // registry for the current one and try again.
+                    act.relocate(ctx, &room_id);
+                }
+            }
+        }));
     }
 
     fn relocate(&mut self, ctx: &mut Ctx, room_id: &RoomId) {
@@ -501,7 +634,7 @@ impl Connection {
                         Ok(room) => {
                             if let Some(sub) = act.subs.get_mut(&room_id) {
                                 sub.room = room;
-                                act.register(ctx, &room_id, false);
+                                act.register(ctx, &room_id, None);
                             }
                         }
                         Err(error) => act.drop_sub(ctx, &room_id, &error),
@@ -515,6 +648,24 @@ impl Connection {
             sub.room.do_send(Unsubscribe { conn_id: self.id });
             self.reply_error(ctx, sub.pending_reply.unwrap_or(0), error, &room_id.0);
         }
+    }
+
+    /// Ends a subscription because the user was removed from the room: the
+    /// `removed` frame, whatever phase the subscription was in (and an error for a
+    /// `subscribe` still unanswered).
+    fn removed(&mut self, ctx: &mut Ctx, room_id: &RoomId, frame: &SharedFrame) {
+        if self.pending_subscribes.contains(room_id) {
+            self.removed_while_pending.insert(room_id.clone());
+        }
+        let Some(sub) = self.subs.remove(room_id) else {
+            return;
+        };
+        sub.room.do_send(Unsubscribe { conn_id: self.id });
+        if let Some(request_id) = sub.pending_reply {
+            let error = ApiError::denied("you were removed from this room");
+            self.reply_error(ctx, request_id, &error, &room_id.0);
+        }
+        self.write(ctx, frame.wire(self.codec));
     }
 
     fn registered(&mut self, ctx: &mut Ctx, room_id: &RoomId, reply: SubscribeReply) {
@@ -554,6 +705,7 @@ impl Connection {
                     // Live only: start after the room's current sequence.
                     sub.delivered = sub.delivered.max(last_seq);
                 }
+                sub.live_only_start = false;
                 for event in replay.iter().chain(buffered.iter()) {
                     if !self.deliver(ctx, room_id, event) {
                         return;
@@ -584,7 +736,7 @@ impl Connection {
         if event.seq <= sub.delivered {
             return true;
         }
-        if event.seq != sub.delivered + 1 {
+        if event.seq != sub.delivered.saturating_add(1) {
             tracing::debug!(conn = self.id, room = %room_id, delivered = sub.delivered, got = event.seq, "gap; catching up");
             self.restart_delivery(ctx, room_id, false);
             return false;
@@ -602,7 +754,7 @@ impl Connection {
         };
         sub.room.do_send(Unsubscribe { conn_id: self.id });
         if sub.resume_from.is_none() {
-            sub.resume_from = Some(sub.delivered + 1);
+            sub.resume_from = Some(sub.delivered.saturating_add(1));
         }
         let delivered = sub.delivered;
         if lagged {
@@ -629,48 +781,125 @@ impl Connection {
             }));
             self.send_frame(ctx, &frame);
         }
-        self.register(ctx, room_id, false);
+        self.register(ctx, room_id, None);
     }
 
     /// Reads events after the last delivered one up to `upto` from the store, page
-    /// by page, then subscribes again.
+    /// by page, then subscribes again. Each page waits for one of the connection's
+    /// read slots, so many subscriptions catching up take turns.
     fn catch_up(&mut self, ctx: &mut Ctx, room_id: RoomId, upto: u64) {
+        let Some(sub) = self.subs.get_mut(&room_id) else {
+            return;
+        };
+        sub.catch_up_upto = upto;
+        if sub.delivered >= upto {
+            self.register(ctx, &room_id, None);
+            return;
+        }
+        self.read_page(ctx, room_id);
+    }
+
+    /// Reads one page of missed events, after checking read access again.
+    fn read_page(&mut self, ctx: &mut Ctx, room_id: RoomId) {
         let Some(sub) = self.subs.get(&room_id) else {
             return;
         };
         let generation = sub.generation;
         let after = sub.delivered;
-        if after >= upto {
-            self.register(ctx, &room_id, false);
-            return;
-        }
-        let store = self.state.store.clone();
+        let upto = sub.catch_up_upto;
+        let state = self.state.clone();
+        let principal = self.principal.clone();
         let id = room_id.clone();
-        ctx.spawn(
-            async move { store.messages_after(&id, after, upto, CATCH_UP_PAGE).await }
-                .into_actor(self)
-                .map(move |result, act, ctx| {
-                    if !act.is_current(&room_id, generation) {
-                        return;
-                    }
-                    match result {
-                        Ok(page) => {
-                            for record in &page {
-                                let frame = protocol::push(protocol::event_kind(record));
-                                act.send_frame(ctx, &frame);
-                            }
-                            let Some(sub) = act.subs.get_mut(&room_id) else {
-                                return;
-                            };
-                            // An empty page means the rest was pruned by retention.
-                            sub.delivered = page.last().map_or(upto, |r| r.seq);
-                            act.catch_up(ctx, room_id, upto);
-                        }
-                        Err(e) => act.drop_sub(ctx, &room_id, &ApiError::from(e)),
-                    }
-                }),
-        );
+        let reads = self.reads.clone();
+        let fut = async move {
+            let _slot = read_slot(&reads).await?;
+            check_read(&state, principal, &id).await?;
+            Ok::<_, ApiError>(
+                state
+                    .store
+                    .messages_after(&id, after, upto, CATCH_UP_PAGE)
+                    .await?,
+            )
+        };
+        ctx.spawn(fut.into_actor(self).map(move |result, act, ctx| {
+            if !act.is_current(&room_id, generation) {
+                return;
+            }
+            match result {
+                Ok(page) => act.write_page(ctx, room_id, after, upto, &page),
+                Err(error) => act.drop_sub(ctx, &room_id, &error),
+            }
+        }));
     }
+
+    /// Writes a catch-up page (at most the outbound byte budget of it), with a
+    /// `gap` frame for every range retention pruned, then goes on catching up.
+    fn write_page(
+        &mut self,
+        ctx: &mut Ctx,
+        room_id: RoomId,
+        after: u64,
+        upto: u64,
+        page: &[MessageRecord],
+    ) {
+        let budget = self.state.settings.realtime.outbound_queue_bytes;
+        let mut written = 0usize;
+        let mut delivered = after;
+        for record in page {
+            if record.seq > delivered.saturating_add(1) {
+                self.gap(ctx, &room_id, delivered + 1, record.seq - 1);
+            }
+            let wire = protocol::encode(&protocol::push(protocol::event_kind(record)), self.codec);
+            written += wire.len();
+            self.write(ctx, wire);
+            delivered = record.seq;
+            if written >= budget {
+                break;
+            }
+        }
+        if page.is_empty() {
+            // Nothing is left of (after, upto]: retention pruned it.
+            self.gap(ctx, &room_id, after + 1, upto);
+            delivered = upto;
+        }
+        let Some(sub) = self.subs.get_mut(&room_id) else {
+            return;
+        };
+        sub.delivered = delivered;
+        self.catch_up(ctx, room_id, upto);
+    }
+
+    /// Tells the client that events `from_seq..=to_seq` of the room are gone from
+    /// history (pruned by retention) and will not be delivered.
+    fn gap(&mut self, ctx: &mut Ctx, room_id: &RoomId, from_seq: u64, to_seq: u64) {
+        tracing::debug!(conn = self.id, room = %room_id, from_seq, to_seq, "history pruned; sending gap");
+        let frame = protocol::push(Out::Gap(pb::Gap {
+            room_id: room_id.0.clone(),
+            from_seq,
+            to_seq,
+        }));
+        self.send_frame(ctx, &frame);
+    }
+}
+
+/// Waits for one of the connection's store-read slots.
+async fn read_slot(reads: &Semaphore) -> Result<SemaphorePermit<'_>, ApiError> {
+    reads
+        .acquire()
+        .await
+        .map_err(|_| ApiError::unavailable("the connection is closing"))
+}
+
+/// Fails unless `principal` may read the room now.
+async fn check_read(
+    state: &AppState,
+    principal: Option<Principal>,
+    room_id: &RoomId,
+) -> Result<(), ApiError> {
+    let principal = principal.ok_or_else(|| ApiError::unauthenticated("authenticate first"))?;
+    room_access(state, &principal, &room_id.0)
+        .await?
+        .require_read()
 }
 
 impl Actor for Connection {
@@ -795,11 +1024,7 @@ impl Handler<RoomPush> for Connection {
             }
             RoomPush::Lagged { room_id } => self.restart_delivery(ctx, &room_id, true),
             RoomPush::Resync { room_id } => self.restart_delivery(ctx, &room_id, false),
-            RoomPush::Removed { room_id, frame } => {
-                if self.subs.remove(&room_id).is_some() {
-                    self.write(ctx, frame.wire(self.codec));
-                }
-            }
+            RoomPush::Removed { room_id, frame } => self.removed(ctx, &room_id, &frame),
         }
     }
 }
@@ -817,6 +1042,7 @@ impl Handler<SessionSignal> for Connection {
             SessionSignal::SignedOut => {
                 self.close(ctx, close::SIGNED_OUT, "the session was signed out")
             }
+            SessionSignal::Removed { room_id, frame } => self.removed(ctx, &room_id, &frame),
         }
     }
 }

@@ -13,6 +13,8 @@
 //!   room's retention.
 //! - [`connection`]: `Connection`, one WebSocket: auth, frames, subscriptions,
 //!   catch-up, heartbeats.
+//! - [`supervision`]: turns a panic inside an actor's future into a stop its
+//!   supervisor sees (and restarts).
 
 pub mod authenticator;
 pub mod connection;
@@ -21,4 +23,5 @@ pub mod retention;
 pub mod room;
 pub mod room_registry;
 pub mod session_registry;
+pub mod supervision;
 pub mod user_session;

@@ -5,9 +5,11 @@
 use std::time::Duration;
 
 use actix::{
-    fut::WrapFuture as _, Actor, ActorFutureExt as _, AsyncContext as _, Context, Supervised,
+    fut::WrapFuture as _, Actor, ActorContext as _, ActorFutureExt as _, AsyncContext as _,
+    Context, Supervised,
 };
 
+use super::supervision::catch_panic;
 use crate::store::Store;
 
 /// Prunes expired messages periodically.
@@ -32,17 +34,25 @@ impl RetentionSweeper {
         }
         self.running = true;
         let store = self.store.clone();
+        // A panic in the sweep stops the actor, which its supervisor restarts,
+        // instead of silently ending every later sweep.
         ctx.spawn(
-            async move { store.prune_expired_messages().await }
+            catch_panic(async move { store.prune_expired_messages().await })
                 .into_actor(self)
-                .map(|result, act, _| {
+                .map(|result, act, ctx| {
                     act.running = false;
                     match result {
-                        Ok(0) => {}
-                        Ok(removed) => {
+                        Ok(Ok(0)) => {}
+                        Ok(Ok(removed)) => {
                             tracing::info!(removed, "pruned messages past their room's retention")
                         }
-                        Err(e) => tracing::warn!(error = %e, "retention sweep failed; will retry"),
+                        Ok(Err(e)) => {
+                            tracing::warn!(error = %e, "retention sweep failed; will retry")
+                        }
+                        Err(panicked) => {
+                            tracing::error!(error = %panicked, "retention sweep panicked; restarting the sweeper");
+                            ctx.stop();
+                        }
                     }
                 }),
         );

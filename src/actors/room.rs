@@ -8,12 +8,19 @@
 //! told it lagged, and its connection catches up from the store and subscribes
 //! again. When the actor restarts (a crash or [`Restart`]), it reloads its state
 //! from the store and tells every subscriber to resynchronise from the last event
-//! it delivered, so nothing committed is ever skipped.
+//! it delivered, so nothing committed is ever skipped. A panic inside its commit
+//! future is a crash too: it stops the actor, and its supervisor restarts it.
+//!
+//! The ring serves the same state as the store: an edit or deletion also changes
+//! the ring's copy of its target. The room remembers whom it saw removed (kicked,
+//! banned, left) and refuses a subscription whose access was checked before that.
+//! A commit that fails for a batch is retried one message at a time, so one bad
+//! message fails alone; the queue of appends waiting for a commit is bounded.
 
 use std::{
     collections::{HashMap, VecDeque},
     sync::{
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
         Arc,
     },
     time::{Duration, Instant},
@@ -25,10 +32,11 @@ use actix::{
 };
 use tokio::sync::oneshot;
 
+use super::supervision::{catch_panic, guarded};
 use crate::{
     error::{ApiError, Code},
     ids::{RoomId, UserId},
-    model::RoomKind,
+    model::{MessageKind, RoomKind},
     proto::v1 as pb,
     protocol::{FrameCodec, RoomEvent, SharedFrame},
     settings::Settings,
@@ -42,8 +50,15 @@ pub type ConnectionId = u64;
 /// `rooms.idle_stop_secs` is shorter).
 const IDLE_CHECK_INTERVAL: Duration = Duration::from_secs(5);
 
+/// The message of the error a room answers with while it restarts.
+const RESTARTING_MESSAGE: &str = "room restarted; retry with the same client_message_id";
+
 /// The message of the error a retired room answers with.
 const RETIRED_MESSAGE: &str = "room actor retired; retry";
+
+/// How long a room remembers that a user was removed, to refuse a subscription
+/// whose access check started before the removal (checks take milliseconds).
+const REMOVAL_MEMORY: Duration = Duration::from_secs(120);
 
 /// Whether `error` came from a retired room actor: ask the registry again.
 pub fn is_retired(error: &ApiError) -> bool {
@@ -150,6 +165,9 @@ pub struct Subscribe {
     pub subscriber: Subscriber,
     /// `None`: live only.
     pub since: Option<u64>,
+    /// When the subscriber's read access was last checked (just before this): a
+    /// user the room saw removed after that is refused.
+    pub access_checked_at: Instant,
 }
 
 /// The answer to [`Subscribe`].
@@ -195,8 +213,13 @@ pub enum RoomNotice {
     },
     /// Title, topic or retention changed.
     Updated(pb::Room),
-    /// A member came online or went offline.
-    Presence { user_id: UserId, online: bool },
+    /// A member came online or went offline. `version` orders the changes of one
+    /// user: a notice older than one already delivered is dropped.
+    Presence {
+        user_id: UserId,
+        online: bool,
+        version: u64,
+    },
 }
 
 /// Delivers a [`RoomNotice`].
@@ -216,11 +239,46 @@ pub struct Restart;
 #[rtype(result = "bool")]
 pub struct Retire;
 
-/// Reports the room as idle to its registry.
+/// Tells the registry that the room retired (it retires on its own once idle).
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct RoomIdle {
     pub room_id: RoomId,
+}
+
+/// Set once a room actor retired; shared with the registry, so that it never hands
+/// out a retired room without a round trip to it.
+pub type RetiredFlag = Arc<AtomicBool>;
+
+/// Test-only faults (compiled with the `fault-injection` feature, which only the
+/// test suite enables): they prove that a store fault or a panic in the middle of
+/// the room's work loses nothing.
+#[cfg(feature = "fault-injection")]
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "()")]
+pub enum InjectFault {
+    /// The next group commit's future panics before it reaches the store.
+    PanicInNextCommit,
+    /// The next group commit waits this long before it starts (so that appends
+    /// pile up into one batch behind it).
+    DelayNextCommit(Duration),
+    /// Every commit of a batch holding a message with this text fails as a store
+    /// fault would (the transaction stores nothing).
+    FailCommitsWithText(String),
+    /// The next `Subscribe` finds the room retired, as if it retired an instant
+    /// before.
+    RetireOnNextSubscribe,
+    /// The handler of this message panics.
+    PanicInHandler,
+}
+
+#[cfg(feature = "fault-injection")]
+#[derive(Default)]
+struct Faults {
+    panic_next_commit: bool,
+    delay_next_commit: Option<Duration>,
+    fail_text: Option<String>,
+    retire_on_subscribe: bool,
 }
 
 type PendingAppend = (NewMessage, oneshot::Sender<Result<Appended, ApiError>>);
@@ -239,9 +297,18 @@ pub struct RoomActor {
     subscribers: HashMap<ConnectionId, Subscriber>,
     pending: VecDeque<PendingAppend>,
     writing: bool,
+    /// Appends still to be committed one at a time, because the batch they were
+    /// in failed: one bad message must not fail the others.
+    isolate: usize,
+    /// Users removed from the room (kicked, banned, left), and when.
+    removals: HashMap<UserId, Instant>,
+    /// The newest presence version delivered per user.
+    presence: HashMap<UserId, u64>,
     /// Set when loading failed; every request is answered with it.
     broken: Option<ApiError>,
     retired: bool,
+    /// `retired`, shared with the registry.
+    retired_flag: RetiredFlag,
     idle_since: Instant,
     idle_timer: Option<SpawnHandle>,
     /// Committed events not yet delivered (coalescing window).
@@ -250,6 +317,8 @@ pub struct RoomActor {
     last_flush: Instant,
     /// Set while a delayed outbox delivery is scheduled.
     flush_timer: Option<SpawnHandle>,
+    #[cfg(feature = "fault-injection")]
+    faults: Faults,
 }
 
 impl RoomActor {
@@ -258,6 +327,7 @@ impl RoomActor {
         store: Store,
         settings: Arc<Settings>,
         registry: Option<Recipient<RoomIdle>>,
+        retired_flag: RetiredFlag,
     ) -> Self {
         Self {
             id,
@@ -270,13 +340,39 @@ impl RoomActor {
             subscribers: HashMap::new(),
             pending: VecDeque::new(),
             writing: false,
+            isolate: 0,
+            removals: HashMap::new(),
+            presence: HashMap::new(),
             broken: None,
             retired: false,
+            retired_flag,
             idle_since: Instant::now(),
             idle_timer: None,
             outbox: Vec::new(),
             last_flush: Instant::now(),
             flush_timer: None,
+            #[cfg(feature = "fault-injection")]
+            faults: Faults::default(),
+        }
+    }
+
+    fn is_idle(&self) -> bool {
+        self.subscribers.is_empty() && self.pending.is_empty() && !self.writing
+    }
+
+    /// Stops taking work: every later request is answered with a retry error, and
+    /// the registry hands out a fresh actor instead of this one.
+    fn retire(&mut self, ctx: &mut Context<Self>) {
+        self.retired = true;
+        self.retired_flag.store(true, Ordering::Release);
+        if let Some(timer) = self.idle_timer.take() {
+            ctx.cancel_future(timer);
+        }
+        tracing::debug!(room = %self.id, "room retired");
+        if let Some(registry) = &self.registry {
+            registry.do_send(RoomIdle {
+                room_id: self.id.clone(),
+            });
         }
     }
 
@@ -326,18 +422,44 @@ impl RoomActor {
             return;
         }
         self.writing = true;
-        let take = self.pending.len().min(self.settings.rooms.max_batch);
+        let isolated = self.isolate > 0;
+        let take = if isolated {
+            1
+        } else {
+            self.pending.len().min(self.settings.rooms.max_batch.max(1))
+        };
         let batch: Vec<PendingAppend> = self.pending.drain(..take).collect();
         let messages: Vec<NewMessage> = batch.iter().map(|(m, _)| m.clone()).collect();
         let store = self.store.clone();
         let room = self.id.clone();
+        #[cfg(feature = "fault-injection")]
+        let fault = self.faults.for_commit(&messages);
+        let commit = async move {
+            #[cfg(feature = "fault-injection")]
+            if let Some(result) = fault.apply().await {
+                return result;
+            }
+            store.append_messages(&room, &messages).await
+        };
+        // A panic in the commit must not drop the actor's task unseen: it stops the
+        // actor, the supervisor restarts it, and the batch's senders are told to
+        // retry (their replies are dropped with the batch).
         ctx.spawn(
-            async move { store.append_messages(&room, &messages).await }
+            catch_panic(commit)
                 .into_actor(self)
                 .map(move |result, act, ctx| {
                     act.writing = false;
-                    act.committed(batch, result, ctx);
-                    act.flush(ctx);
+                    match result {
+                        Ok(result) => {
+                            act.committed(batch, isolated, result, ctx);
+                            act.flush(ctx);
+                        }
+                        Err(panicked) => {
+                            tracing::error!(room = %act.id, error = %panicked, "room commit panicked; restarting the room");
+                            drop(batch);
+                            ctx.stop();
+                        }
+                    }
                 }),
         );
     }
@@ -345,12 +467,26 @@ impl RoomActor {
     /// Answers the senders of a committed batch and fans its events out.
     fn committed(
         &mut self,
-        batch: Vec<PendingAppend>,
+        mut batch: Vec<PendingAppend>,
+        isolated: bool,
         result: Result<Vec<Appended>, StoreError>,
         ctx: &mut Context<Self>,
     ) {
+        if isolated {
+            self.isolate = self.isolate.saturating_sub(1);
+        }
         let results = match result {
             Ok(results) => results,
+            Err(e) if batch.len() > 1 => {
+                // Nothing of the batch was stored: commit its messages one at a time,
+                // in order, so that only a message the store refuses fails.
+                tracing::warn!(room = %self.id, batch = batch.len(), error = %e, "group commit failed; retrying its messages one by one");
+                self.isolate += batch.len();
+                while let Some(item) = batch.pop() {
+                    self.pending.push_front(item);
+                }
+                return;
+            }
             Err(e) => {
                 let error = ApiError::from(e);
                 for (_, reply) in batch {
@@ -389,6 +525,7 @@ impl RoomActor {
             self.last_seq = event.seq;
             self.ring.push_back(event.clone());
             self.outbox.push(event);
+            self.amend_ring(record);
         }
         while self.ring.len() > self.settings.rooms.ring_size {
             self.ring.pop_front();
@@ -408,6 +545,55 @@ impl RoomActor {
                 act.flush_timer = None;
                 act.flush_outbox();
             }));
+        }
+    }
+
+    /// Makes the ring show an edit or deletion in its target as the store does
+    /// (see `apply_to_target` in the store): a replay from the ring and a page of
+    /// history must never disagree.
+    fn amend_ring(&mut self, event: &MessageRecord) {
+        match event.kind {
+            MessageKind::Text => {}
+            MessageKind::Edit => self.amend_in_ring(event.target_seq, |target| {
+                target.text = event.text.clone();
+                target.edited_at = Some(event.created_at);
+            }),
+            MessageKind::Delete => {
+                self.amend_in_ring(event.target_seq, |target| {
+                    target.text = event.text.clone();
+                    target.metadata.clear();
+                    target.deleted = true;
+                });
+                // The deleted text must not stay readable through earlier edits.
+                let edits: Vec<u64> = self
+                    .ring
+                    .iter()
+                    .filter(|e| {
+                        e.record.kind == MessageKind::Edit
+                            && e.record.target_seq == event.target_seq
+                    })
+                    .map(|e| e.seq)
+                    .collect();
+                for seq in edits {
+                    self.amend_in_ring(seq, |edit| edit.text.clear());
+                }
+            }
+        }
+    }
+
+    /// Replaces the ring's event `seq` (if it holds it) with a changed copy; the
+    /// old event stays valid for whoever holds it already.
+    fn amend_in_ring(&mut self, seq: u64, change: impl FnOnce(&mut MessageRecord)) {
+        let Some(first) = self.ring.front().map(|e| e.seq) else {
+            return;
+        };
+        let Some(index) = seq.checked_sub(first).and_then(|i| usize::try_from(i).ok()) else {
+            return;
+        };
+        if let Some(slot) = self.ring.get_mut(index).filter(|e| e.seq == seq) {
+            let mut record = slot.record.clone();
+            change(&mut record);
+            *slot = Arc::new(RoomEvent::new(&record));
         }
     }
 
@@ -469,18 +655,16 @@ impl RoomActor {
         }
     }
 
-    fn check_idle(&mut self) {
-        let idle = self.subscribers.is_empty() && self.pending.is_empty() && !self.writing;
-        if !idle {
+    fn check_idle(&mut self, ctx: &mut Context<Self>) {
+        self.removals.retain(|_, at| at.elapsed() < REMOVAL_MEMORY);
+        if !self.is_idle() {
             self.idle_since = Instant::now();
             return;
         }
-        if self.idle_since.elapsed() >= Duration::from_secs(self.settings.rooms.idle_stop_secs) {
-            if let Some(registry) = &self.registry {
-                registry.do_send(RoomIdle {
-                    room_id: self.id.clone(),
-                });
-            }
+        if self.registry.is_some()
+            && self.idle_since.elapsed() >= Duration::from_secs(self.settings.rooms.idle_stop_secs)
+        {
+            self.retire(ctx);
         }
     }
 }
@@ -512,7 +696,7 @@ impl Actor for RoomActor {
         let every = IDLE_CHECK_INTERVAL
             .min(idle_stop / 2)
             .max(Duration::from_millis(100));
-        self.idle_timer = Some(ctx.run_interval(every, |act, _| act.check_idle()));
+        self.idle_timer = Some(ctx.run_interval(every, |act, ctx| act.check_idle(ctx)));
     }
 }
 
@@ -522,6 +706,7 @@ impl Supervised for RoomActor {
         // In-flight commits were dropped with the old context: their senders get
         // an error and retry with the same client message id (idempotent).
         self.writing = false;
+        self.isolate = 0;
         for (_, reply) in self.pending.drain(..) {
             let _ = reply.send(Err(ApiError::unavailable(
                 "room restarted; retry with the same client_message_id",
@@ -545,114 +730,184 @@ impl Handler<Append> for RoomActor {
     type Result = ResponseFuture<Result<Appended, ApiError>>;
 
     fn handle(&mut self, msg: Append, ctx: &mut Self::Context) -> Self::Result {
-        let (reply, outcome) = oneshot::channel();
-        self.pending.push_back((msg.message, reply));
-        self.flush(ctx);
-        Box::pin(async move {
-            outcome.await.unwrap_or_else(|_| {
-                Err(ApiError::unavailable(
-                    "room restarted; retry with the same client_message_id",
-                ))
-            })
-        })
+        guarded(
+            self,
+            ctx,
+            || Box::pin(async { Err(ApiError::unavailable(RESTARTING_MESSAGE)) }) as Self::Result,
+            move |act, ctx| {
+                let limit = act.settings.rooms.max_pending_appends;
+                if act.pending.len() >= limit {
+                    // Admission control: the room cannot commit as fast as it is sent to.
+                    return Box::pin(async move {
+                        Err(ApiError::unavailable(format!(
+                        "the room has {limit} sends waiting for the store; retry shortly with the same client_message_id"
+                    )))
+                    });
+                }
+                let (reply, outcome) = oneshot::channel();
+                act.pending.push_back((msg.message, reply));
+                act.flush(ctx);
+                Box::pin(async move {
+                    outcome.await.unwrap_or_else(|_| {
+                        Err(ApiError::unavailable(
+                            "room restarted; retry with the same client_message_id",
+                        ))
+                    })
+                })
+            },
+        )
     }
 }
 
 impl Handler<Subscribe> for RoomActor {
     type Result = Result<SubscribeReply, ApiError>;
 
-    fn handle(&mut self, msg: Subscribe, _ctx: &mut Self::Context) -> Self::Result {
-        if let Some(error) = self.unavailable() {
-            return Err(error);
-        }
-        let last_seq = self.last_seq;
-        let replay = match msg.since {
-            None => Vec::new(),
-            Some(since) if since > last_seq => {
-                return Err(ApiError::new(
-                    Code::OutOfRange,
-                    format!("since_seq {since} is beyond the room's last sequence {last_seq}"),
-                ))
-            }
-            Some(since) if since == last_seq => Vec::new(),
-            Some(since) => {
-                let first_in_ring = self.ring.front().map_or(u64::MAX, |e| e.seq);
-                if first_in_ring > since + 1 {
-                    return Ok(SubscribeReply::Behind { last_seq });
+    fn handle(&mut self, msg: Subscribe, ctx: &mut Self::Context) -> Self::Result {
+        guarded(
+            self,
+            ctx,
+            // The connection looks the room up again and subscribes anew.
+            || Err(ApiError::unavailable(RETIRED_MESSAGE)),
+            move |act, _ctx| {
+                #[cfg(feature = "fault-injection")]
+                if std::mem::take(&mut act.faults.retire_on_subscribe) && act.is_idle() {
+                    act.retire(_ctx);
                 }
-                self.ring
-                    .iter()
-                    .filter(|e| e.seq > since)
-                    .cloned()
-                    .collect()
-            }
-        };
-        self.subscribers
-            .insert(msg.subscriber.conn_id, msg.subscriber);
-        self.idle_since = Instant::now();
-        Ok(SubscribeReply::Live { last_seq, replay })
+                if let Some(error) = act.unavailable() {
+                    return Err(error);
+                }
+                if act
+                    .removals
+                    .get(&msg.subscriber.user_id)
+                    .is_some_and(|removed_at| *removed_at >= msg.access_checked_at)
+                {
+                    return Err(ApiError::denied(
+                        "you were removed from this room; you may no longer read it",
+                    ));
+                }
+                let last_seq = act.last_seq;
+                let replay = match msg.since {
+                    None => Vec::new(),
+                    Some(since) if since > last_seq => {
+                        return Err(ApiError::new(
+                            Code::OutOfRange,
+                            format!(
+                                "since_seq {since} is beyond the room's last sequence {last_seq}"
+                            ),
+                        ))
+                    }
+                    Some(since) if since == last_seq => Vec::new(),
+                    Some(since) => {
+                        let first_in_ring = act.ring.front().map_or(u64::MAX, |e| e.seq);
+                        if first_in_ring > since + 1 {
+                            return Ok(SubscribeReply::Behind { last_seq });
+                        }
+                        act.ring.iter().filter(|e| e.seq > since).cloned().collect()
+                    }
+                };
+                act.subscribers
+                    .insert(msg.subscriber.conn_id, msg.subscriber);
+                act.idle_since = Instant::now();
+                Ok(SubscribeReply::Live { last_seq, replay })
+            },
+        )
     }
 }
 
 impl Handler<Unsubscribe> for RoomActor {
     type Result = ();
 
-    fn handle(&mut self, msg: Unsubscribe, _ctx: &mut Self::Context) {
-        self.subscribers.remove(&msg.conn_id);
+    fn handle(&mut self, msg: Unsubscribe, ctx: &mut Self::Context) {
+        guarded(
+            self,
+            ctx,
+            || (),
+            move |act, _ctx| {
+                act.subscribers.remove(&msg.conn_id);
+            },
+        )
     }
 }
 
 impl Handler<Relay> for RoomActor {
     type Result = ();
 
-    fn handle(&mut self, msg: Relay, _ctx: &mut Self::Context) {
-        self.notice(msg.frame, msg.except);
+    fn handle(&mut self, msg: Relay, ctx: &mut Self::Context) {
+        guarded(
+            self,
+            ctx,
+            || (),
+            move |act, _ctx| {
+                act.notice(msg.frame, msg.except);
+            },
+        )
     }
 }
 
 impl Handler<Notify> for RoomActor {
     type Result = ();
 
-    fn handle(&mut self, Notify(notice): Notify, _ctx: &mut Self::Context) {
-        use crate::protocol::push;
-        use pb::server_frame::Kind;
-        match notice {
-            RoomNotice::Member(event) => self.notice(push(Kind::Member(event)), None),
-            RoomNotice::Updated(room) => self.notice(push(Kind::RoomUpdated(room)), None),
-            RoomNotice::Presence { user_id, online } => self.notice(
-                push(Kind::Presence(pb::PresenceEvent {
-                    room_id: self.id.0.clone(),
-                    user_id: user_id.0,
-                    online,
-                })),
-                None,
-            ),
-            RoomNotice::Removed {
-                user_id,
-                reason,
-                message,
-            } => {
-                let frame = Arc::new(SharedFrame::new(push(Kind::Removed(pb::RemovedEvent {
-                    room_id: self.id.0.clone(),
-                    reason: reason as i32,
-                    message,
-                }))));
-                let gone: Vec<ConnectionId> = self
-                    .subscribers
-                    .iter()
-                    .filter(|(_, s)| s.user_id == user_id)
-                    .map(|(id, _)| *id)
-                    .collect();
-                for conn_id in gone {
-                    if let Some(sub) = self.subscribers.remove(&conn_id) {
-                        sub.addr.do_send(RoomPush::Removed {
-                            room_id: self.id.clone(),
-                            frame: frame.clone(),
-                        });
+    fn handle(&mut self, Notify(notice): Notify, ctx: &mut Self::Context) {
+        guarded(
+            self,
+            ctx,
+            || (),
+            move |act, _ctx| {
+                use crate::protocol::push;
+                use pb::server_frame::Kind;
+                match notice {
+                    RoomNotice::Member(event) => act.notice(push(Kind::Member(event)), None),
+                    RoomNotice::Updated(room) => act.notice(push(Kind::RoomUpdated(room)), None),
+                    RoomNotice::Presence {
+                        user_id,
+                        online,
+                        version,
+                    } => {
+                        let newest = act.presence.entry(user_id.clone()).or_insert(0);
+                        if version <= *newest {
+                            // A later change of this user was delivered already.
+                            return;
+                        }
+                        *newest = version;
+                        act.notice(
+                            push(Kind::Presence(pb::PresenceEvent {
+                                room_id: act.id.0.clone(),
+                                user_id: user_id.0,
+                                online,
+                            })),
+                            None,
+                        )
+                    }
+                    RoomNotice::Removed {
+                        user_id,
+                        reason,
+                        message,
+                    } => {
+                        act.removals.insert(user_id.clone(), Instant::now());
+                        let frame =
+                            Arc::new(SharedFrame::new(push(Kind::Removed(pb::RemovedEvent {
+                                room_id: act.id.0.clone(),
+                                reason: reason as i32,
+                                message,
+                            }))));
+                        let gone: Vec<ConnectionId> = act
+                            .subscribers
+                            .iter()
+                            .filter(|(_, s)| s.user_id == user_id)
+                            .map(|(id, _)| *id)
+                            .collect();
+                        for conn_id in gone {
+                            if let Some(sub) = act.subscribers.remove(&conn_id) {
+                                sub.addr.do_send(RoomPush::Removed {
+                                    room_id: act.id.clone(),
+                                    frame: frame.clone(),
+                                });
+                            }
+                        }
                     }
                 }
-            }
-        }
+            },
+        )
     }
 }
 
@@ -668,14 +923,79 @@ impl Handler<Retire> for RoomActor {
     type Result = bool;
 
     fn handle(&mut self, _msg: Retire, ctx: &mut Self::Context) -> bool {
-        if !(self.subscribers.is_empty() && self.pending.is_empty() && !self.writing) {
+        if self.retired {
+            return true;
+        }
+        if !self.is_idle() {
             return false;
         }
-        self.retired = true;
-        if let Some(timer) = self.idle_timer.take() {
-            ctx.cancel_future(timer);
-        }
-        tracing::debug!(room = %self.id, "room retired");
+        self.retire(ctx);
         true
+    }
+}
+
+#[cfg(feature = "fault-injection")]
+impl Handler<InjectFault> for RoomActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: InjectFault, ctx: &mut Self::Context) {
+        tracing::warn!(room = %self.id, fault = ?msg, "fault injected (test build)");
+        guarded(
+            self,
+            ctx,
+            || (),
+            move |act, _ctx| match msg {
+                InjectFault::PanicInNextCommit => act.faults.panic_next_commit = true,
+                InjectFault::DelayNextCommit(delay) => act.faults.delay_next_commit = Some(delay),
+                InjectFault::FailCommitsWithText(text) => act.faults.fail_text = Some(text),
+                InjectFault::RetireOnNextSubscribe => act.faults.retire_on_subscribe = true,
+                InjectFault::PanicInHandler => panic!("injected fault: a room handler panics"),
+            },
+        )
+    }
+}
+
+/// What an injected fault does to one commit.
+#[cfg(feature = "fault-injection")]
+enum CommitFault {
+    None,
+    Panic,
+    Delay(Duration),
+    Fail,
+}
+
+#[cfg(feature = "fault-injection")]
+impl Faults {
+    fn for_commit(&mut self, batch: &[NewMessage]) -> CommitFault {
+        if std::mem::take(&mut self.panic_next_commit) {
+            return CommitFault::Panic;
+        }
+        if let Some(delay) = self.delay_next_commit.take() {
+            return CommitFault::Delay(delay);
+        }
+        if let Some(text) = &self.fail_text {
+            if batch.iter().any(|m| &m.text == text) {
+                return CommitFault::Fail;
+            }
+        }
+        CommitFault::None
+    }
+}
+
+#[cfg(feature = "fault-injection")]
+impl CommitFault {
+    /// Runs the fault; `Some` replaces the commit's result.
+    async fn apply(self) -> Option<Result<Vec<Appended>, StoreError>> {
+        match self {
+            CommitFault::None => None,
+            CommitFault::Panic => panic!("injected fault: the room's commit panics"),
+            CommitFault::Delay(delay) => {
+                tokio::time::sleep(delay).await;
+                None
+            }
+            CommitFault::Fail => Some(Err(StoreError::Database(sqlx::Error::Protocol(
+                "injected store fault".into(),
+            )))),
+        }
     }
 }

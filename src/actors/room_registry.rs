@@ -1,15 +1,22 @@
 //! [`RoomRegistry`]: room id → running [`RoomActor`], under `actix::Supervisor`.
 //! Rooms start on demand, each supervised on one of a fixed set of arbiters (one per
 //! core) so that rooms run in parallel, and retire when idle.
+//!
+//! A room decides on its own that it retires and raises a flag it shares with the
+//! registry, so a lookup never waits for a round trip to a room: the registry hands
+//! out a fresh actor instead of a retired (or dead) one.
 
-use std::{collections::HashMap, sync::Arc};
-
-use actix::{
-    fut::WrapFuture as _, Actor, ActorFutureExt as _, Addr, Arbiter, ArbiterHandle,
-    AsyncContext as _, Context, Handler, Message, Supervised, Supervisor,
+use std::{
+    collections::HashMap,
+    sync::{atomic::Ordering, Arc},
 };
 
-use super::room::{Notify, Retire, RoomActor, RoomIdle, RoomNotice};
+use actix::{
+    Actor, Addr, Arbiter, ArbiterHandle, AsyncContext as _, Context, Handler, Message, Supervised,
+    Supervisor,
+};
+
+use super::room::{Notify, RetiredFlag, RoomActor, RoomIdle, RoomNotice};
 use crate::{ids::RoomId, settings::Settings, store::Store};
 
 /// The running actor of a room, started when needed.
@@ -48,7 +55,20 @@ pub struct RoomRegistry {
     /// Keeps the arbiters' threads alive for the registry's lifetime.
     _owned: Vec<Arbiter>,
     next_arbiter: usize,
-    rooms: HashMap<RoomId, Addr<RoomActor>>,
+    rooms: HashMap<RoomId, RoomEntry>,
+}
+
+/// A running room and the flag it raises when it retires.
+struct RoomEntry {
+    addr: Addr<RoomActor>,
+    retired: RetiredFlag,
+}
+
+impl RoomEntry {
+    /// Whether the actor still takes work: not retired, and its task is alive.
+    fn usable(&self) -> bool {
+        !self.retired.load(Ordering::Acquire) && self.addr.connected()
+    }
 }
 
 impl RoomRegistry {
@@ -72,8 +92,8 @@ impl RoomRegistry {
     }
 
     fn room(&mut self, room_id: RoomId, ctx: &mut Context<Self>) -> Addr<RoomActor> {
-        if let Some(addr) = self.rooms.get(&room_id).filter(|a| a.connected()) {
-            return addr.clone();
+        if let Some(entry) = self.rooms.get(&room_id).filter(|e| e.usable()) {
+            return entry.addr.clone();
         }
         let arbiter = &self.arbiters[self.next_arbiter % self.arbiters.len()];
         self.next_arbiter = self.next_arbiter.wrapping_add(1);
@@ -81,10 +101,18 @@ impl RoomRegistry {
         let settings = self.settings.clone();
         let registry = ctx.address().recipient();
         let id = room_id.clone();
+        let retired = RetiredFlag::default();
+        let flag = retired.clone();
         let addr = Supervisor::start_in_arbiter(arbiter, move |_| {
-            RoomActor::new(id, store, settings, Some(registry))
+            RoomActor::new(id, store, settings, Some(registry), flag)
         });
-        self.rooms.insert(room_id, addr.clone());
+        self.rooms.insert(
+            room_id,
+            RoomEntry {
+                addr: addr.clone(),
+                retired,
+            },
+        );
         addr
     }
 }
@@ -113,7 +141,10 @@ impl Handler<FindRoom> for RoomRegistry {
     type Result = Option<Addr<RoomActor>>;
 
     fn handle(&mut self, msg: FindRoom, _ctx: &mut Self::Context) -> Self::Result {
-        self.rooms.get(&msg.room_id).cloned()
+        self.rooms
+            .get(&msg.room_id)
+            .filter(|e| e.usable())
+            .map(|e| e.addr.clone())
     }
 }
 
@@ -121,8 +152,8 @@ impl Handler<NotifyRoom> for RoomRegistry {
     type Result = ();
 
     fn handle(&mut self, msg: NotifyRoom, _ctx: &mut Self::Context) {
-        if let Some(addr) = self.rooms.get(&msg.room_id) {
-            addr.do_send(Notify(msg.notice));
+        if let Some(entry) = self.rooms.get(&msg.room_id) {
+            entry.addr.do_send(Notify(msg.notice));
         }
     }
 }
@@ -131,27 +162,17 @@ impl Handler<CountRooms> for RoomRegistry {
     type Result = usize;
 
     fn handle(&mut self, _msg: CountRooms, _ctx: &mut Self::Context) -> usize {
-        self.rooms.len()
+        self.rooms.values().filter(|e| e.usable()).count()
     }
 }
 
 impl Handler<RoomIdle> for RoomRegistry {
     type Result = ();
 
-    fn handle(&mut self, msg: RoomIdle, ctx: &mut Self::Context) {
-        let Some(addr) = self.rooms.get(&msg.room_id).cloned() else {
-            return;
-        };
-        // Wait for the answer before handing the address out again, so a room is
-        // never both retiring and gaining a subscriber.
-        ctx.wait(
-            addr.send(Retire)
-                .into_actor(self)
-                .map(move |retired, act, _| {
-                    if matches!(retired, Ok(true) | Err(_)) {
-                        act.rooms.remove(&msg.room_id);
-                    }
-                }),
-        );
+    fn handle(&mut self, msg: RoomIdle, _ctx: &mut Self::Context) {
+        // The entry may already be a fresh actor started after this one retired.
+        if self.rooms.get(&msg.room_id).is_some_and(|e| !e.usable()) {
+            self.rooms.remove(&msg.room_id);
+        }
     }
 }

@@ -1,12 +1,20 @@
 //! [`SessionRegistry`]: user id → [`UserSession`] of every user with a live
-//! connection on this node; answers "who is online" and routes sign-outs.
+//! connection on this node; answers "who is online" and routes sign-outs and
+//! removals from rooms to the user's connections.
+//!
+//! The registry counts each user's connections itself, so "online" changes in the
+//! order connections open and close, without waiting for the session actor: a user
+//! whose last connection closed is offline at once, and a quick reconnect starts a
+//! new session that is online at once. Every change carries a presence version
+//! taken here, in that order, so rooms drop an "offline" that arrives after the
+//! "online" of a reconnect.
 
-use std::collections::{HashMap, HashSet};
-
-use actix::{
-    fut::WrapFuture as _, Actor, ActorFutureExt as _, Addr, AsyncContext as _, Context, Handler,
-    Message, Recipient, Supervised,
+use std::{
+    collections::{HashMap, HashSet},
+    sync::atomic::{AtomicU64, Ordering},
 };
+
+use actix::{Actor, Addr, Context, Handler, Message, Recipient, Supervised};
 
 use super::{
     room::ConnectionId,
@@ -18,10 +26,28 @@ use crate::{
     store::Store,
 };
 
+/// Orders presence changes across this process (see the module docs).
+static PRESENCE_VERSION: AtomicU64 = AtomicU64::new(1);
+
+fn next_presence_version() -> u64 {
+    PRESENCE_VERSION.fetch_add(1, Ordering::Relaxed)
+}
+
 /// A connection authenticated as `user_id`.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct ConnectionOpened {
+    pub user_id: UserId,
+    pub conn_id: ConnectionId,
+    pub session_id: Option<SessionId>,
+    pub addr: Recipient<SessionSignal>,
+}
+
+/// An open connection authenticated again, possibly with another session's token:
+/// sign-outs of that session now end it.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ConnectionReauthenticated {
     pub user_id: UserId,
     pub conn_id: ConnectionId,
     pub session_id: Option<SessionId>,
@@ -44,6 +70,15 @@ pub struct SignOutUser {
     pub session_id: Option<SessionId>,
 }
 
+/// Passes a signal to every connection of a user on this node (a removal from a
+/// room reaches subscriptions the room itself does not hold at that moment).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct SignalUser {
+    pub user_id: UserId,
+    pub signal: SessionSignal,
+}
+
 /// Closes every authenticated connection with the "server shutting down" code.
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -60,11 +95,17 @@ pub struct OnlineUsers {
 #[derive(Debug, Default, actix::MessageResponse)]
 pub struct OnlineSet(pub HashSet<UserId>);
 
+/// One online user: their session actor and open connections.
+struct Online {
+    session: Addr<UserSession>,
+    connections: HashSet<ConnectionId>,
+}
+
 /// Owns the user sessions.
 pub struct SessionRegistry {
     store: Store,
     rooms: Addr<RoomRegistry>,
-    sessions: HashMap<UserId, Addr<UserSession>>,
+    sessions: HashMap<UserId, Online>,
 }
 
 impl SessionRegistry {
@@ -87,15 +128,21 @@ impl Handler<ConnectionOpened> for SessionRegistry {
     type Result = ();
 
     fn handle(&mut self, msg: ConnectionOpened, _ctx: &mut Self::Context) {
-        let session = self.sessions.entry(msg.user_id.clone()).or_insert_with(|| {
-            UserSession::new(msg.user_id.clone(), self.store.clone(), self.rooms.clone()).start()
-        });
-        if !session.connected() {
-            *session =
-                UserSession::new(msg.user_id.clone(), self.store.clone(), self.rooms.clone())
-                    .start();
-        }
-        session.do_send(Attach {
+        let online = self
+            .sessions
+            .entry(msg.user_id.clone())
+            .or_insert_with(|| Online {
+                session: UserSession::new(
+                    msg.user_id.clone(),
+                    self.store.clone(),
+                    self.rooms.clone(),
+                    next_presence_version(),
+                )
+                .start(),
+                connections: HashSet::new(),
+            });
+        online.connections.insert(msg.conn_id);
+        online.session.do_send(Attach {
             conn_id: msg.conn_id,
             session_id: msg.session_id,
             addr: msg.addr,
@@ -103,26 +150,40 @@ impl Handler<ConnectionOpened> for SessionRegistry {
     }
 }
 
+impl Handler<ConnectionReauthenticated> for SessionRegistry {
+    type Result = ();
+
+    fn handle(&mut self, msg: ConnectionReauthenticated, _ctx: &mut Self::Context) {
+        if let Some(online) = self.sessions.get(&msg.user_id) {
+            if online.connections.contains(&msg.conn_id) {
+                online.session.do_send(Attach {
+                    conn_id: msg.conn_id,
+                    session_id: msg.session_id,
+                    addr: msg.addr,
+                });
+            }
+        }
+    }
+}
+
 impl Handler<ConnectionClosed> for SessionRegistry {
     type Result = ();
 
-    fn handle(&mut self, msg: ConnectionClosed, ctx: &mut Self::Context) {
-        let Some(session) = self.sessions.get(&msg.user_id).cloned() else {
+    fn handle(&mut self, msg: ConnectionClosed, _ctx: &mut Self::Context) {
+        let Some(online) = self.sessions.get_mut(&msg.user_id) else {
             return;
         };
-        let user = msg.user_id;
-        ctx.wait(
-            session
-                .send(Detach {
-                    conn_id: msg.conn_id,
-                })
-                .into_actor(self)
-                .map(move |left, act, _| {
-                    if matches!(left, Ok(0) | Err(_)) {
-                        act.sessions.remove(&user);
-                    }
-                }),
-        );
+        if !online.connections.remove(&msg.conn_id) {
+            return;
+        }
+        let last = online.connections.is_empty();
+        online.session.do_send(Detach {
+            conn_id: msg.conn_id,
+            offline_version: last.then(next_presence_version),
+        });
+        if last {
+            self.sessions.remove(&msg.user_id);
+        }
     }
 }
 
@@ -130,10 +191,20 @@ impl Handler<SignOutUser> for SessionRegistry {
     type Result = ();
 
     fn handle(&mut self, msg: SignOutUser, _ctx: &mut Self::Context) {
-        if let Some(session) = self.sessions.get(&msg.user_id) {
-            session.do_send(EndSessions {
+        if let Some(online) = self.sessions.get(&msg.user_id) {
+            online.session.do_send(EndSessions {
                 session_id: msg.session_id,
             });
+        }
+    }
+}
+
+impl Handler<SignalUser> for SessionRegistry {
+    type Result = ();
+
+    fn handle(&mut self, msg: SignalUser, _ctx: &mut Self::Context) {
+        if let Some(online) = self.sessions.get(&msg.user_id) {
+            online.session.do_send(msg.signal);
         }
     }
 }
@@ -146,8 +217,8 @@ impl Handler<CloseAll> for SessionRegistry {
             users = self.sessions.len(),
             "closing live connections for shutdown"
         );
-        for session in self.sessions.values() {
-            session.do_send(ShutDown);
+        for online in self.sessions.values() {
+            online.session.do_send(ShutDown);
         }
     }
 }
@@ -159,7 +230,7 @@ impl Handler<OnlineUsers> for SessionRegistry {
         OnlineSet(
             msg.user_ids
                 .into_iter()
-                .filter(|u| self.sessions.get(u).is_some_and(Addr::connected))
+                .filter(|u| self.sessions.contains_key(u))
                 .collect(),
         )
     }

@@ -1,10 +1,16 @@
 //! [`UserSession`]: one per online user. It knows the user's live connections (one
-//! per device or tab), so it can say whether the user is online, announce presence
-//! changes to the user's rooms, and close connections when the user signs out.
+//! per device or tab), so it can announce presence changes to the user's rooms,
+//! close connections when the user signs out, and tell every connection that the
+//! user was removed from a room. The [`SessionRegistry`](super::session_registry)
+//! starts it with the user's first connection and detaches the last one; it then
+//! announces "offline" and stops.
 
 use std::{
     collections::HashMap,
-    sync::atomic::{AtomicUsize, Ordering},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
 };
 
 use actix::{
@@ -15,9 +21,11 @@ use actix::{
 use super::{
     room::{ConnectionId, RoomNotice},
     room_registry::{NotifyRoom, RoomRegistry},
+    supervision::catch_panic,
 };
 use crate::{
-    ids::{SessionId, UserId},
+    ids::{RoomId, SessionId, UserId},
+    protocol::SharedFrame,
     store::Store,
 };
 
@@ -30,6 +38,13 @@ pub fn live_sessions() -> usize {
     LIVE_SESSIONS.load(Ordering::Acquire)
 }
 
+/// Test-only (the `fault-injection` feature): every "offline" announcement of this
+/// process waits this many milliseconds first, so a test can make it arrive after
+/// the "online" of a quick reconnect.
+#[cfg(feature = "fault-injection")]
+pub static DELAY_OFFLINE_ANNOUNCEMENTS_MS: std::sync::atomic::AtomicU64 =
+    std::sync::atomic::AtomicU64::new(0);
+
 /// What a user session tells one of its connections.
 #[derive(Message, Debug, Clone)]
 #[rtype(result = "()")]
@@ -38,6 +53,12 @@ pub enum SessionSignal {
     SignedOut,
     /// The server is shutting down: reconnect (to another node).
     ServerShutdown,
+    /// The user may no longer read the room (kicked, banned, left): a subscription
+    /// to it ends with this `removed` frame, whatever phase it is in.
+    Removed {
+        room_id: RoomId,
+        frame: Arc<SharedFrame>,
+    },
 }
 
 /// Tells every connection of this user that the server is shutting down.
@@ -54,11 +75,13 @@ pub struct Attach {
     pub addr: Recipient<SessionSignal>,
 }
 
-/// A connection of this user closed; answers how many remain.
+/// A connection of this user closed. `offline_version` is set when it was the
+/// last one: the session announces "offline" with it and stops.
 #[derive(Message)]
-#[rtype(result = "usize")]
+#[rtype(result = "()")]
 pub struct Detach {
     pub conn_id: ConnectionId,
+    pub offline_version: Option<u64>,
 }
 
 /// Closes the connections of one session (`Some`) or of every session (`None`).
@@ -74,45 +97,71 @@ pub struct UserSession {
     store: Store,
     rooms: Addr<RoomRegistry>,
     connections: HashMap<ConnectionId, (Option<SessionId>, Recipient<SessionSignal>)>,
+    /// The presence version of the "online" announcement (see the registry).
+    online_version: u64,
 }
 
 impl UserSession {
-    pub fn new(user_id: UserId, store: Store, rooms: Addr<RoomRegistry>) -> Self {
+    pub fn new(
+        user_id: UserId,
+        store: Store,
+        rooms: Addr<RoomRegistry>,
+        online_version: u64,
+    ) -> Self {
         Self {
             user_id,
             store,
             rooms,
             connections: HashMap::new(),
+            online_version,
         }
     }
 
     /// Tells the running rooms the user is a member of that presence changed; an
-    /// offline announcement stops the actor once sent, unless a connection came back.
-    fn announce(&self, online: bool, ctx: &mut Context<Self>) {
+    /// offline announcement stops the actor once sent.
+    fn announce(&self, online: bool, version: u64, ctx: &mut Context<Self>) {
         let store = self.store.clone();
         let user = self.user_id.clone();
+        #[cfg(feature = "fault-injection")]
+        let delay = if online {
+            0
+        } else {
+            DELAY_OFFLINE_ANNOUNCEMENTS_MS.load(Ordering::Relaxed)
+        };
+        // A panic in the store call must not take the session's task with it: the
+        // session also carries sign-outs and removals to the user's connections.
         ctx.spawn(
-            async move { store.user_room_ids(&user).await }
-                .into_actor(self)
-                .map(move |rooms, act, ctx| {
-                    match rooms {
-                        Ok(rooms) => {
-                            for room_id in rooms {
-                                let notice = RoomNotice::Presence {
-                                    user_id: act.user_id.clone(),
-                                    online,
-                                };
-                                act.rooms.do_send(NotifyRoom { room_id, notice });
-                            }
-                        }
-                        Err(e) => {
-                            tracing::warn!(user = %act.user_id, error = %e, "cannot announce presence")
+            catch_panic(async move {
+                #[cfg(feature = "fault-injection")]
+                if delay > 0 {
+                    tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
+                }
+                store.user_room_ids(&user).await
+            })
+            .into_actor(self)
+            .map(move |rooms, act, ctx| {
+                match rooms {
+                    Ok(Ok(rooms)) => {
+                        for room_id in rooms {
+                            let notice = RoomNotice::Presence {
+                                user_id: act.user_id.clone(),
+                                online,
+                                version,
+                            };
+                            act.rooms.do_send(NotifyRoom { room_id, notice });
                         }
                     }
-                    if !online && act.connections.is_empty() {
-                        ctx.stop();
+                    Ok(Err(e)) => {
+                        tracing::warn!(user = %act.user_id, error = %e, "cannot announce presence")
                     }
-                }),
+                    Err(panicked) => {
+                        tracing::error!(user = %act.user_id, error = %panicked, "presence announcement panicked")
+                    }
+                }
+                if !online {
+                    ctx.stop();
+                }
+            }),
         );
     }
 }
@@ -122,7 +171,7 @@ impl Actor for UserSession {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         LIVE_SESSIONS.fetch_add(1, Ordering::AcqRel);
-        self.announce(true, ctx);
+        self.announce(true, self.online_version, ctx);
     }
 
     fn stopped(&mut self, _ctx: &mut Self::Context) {
@@ -140,14 +189,23 @@ impl Handler<Attach> for UserSession {
 }
 
 impl Handler<Detach> for UserSession {
-    type Result = usize;
+    type Result = ();
 
-    fn handle(&mut self, msg: Detach, ctx: &mut Self::Context) -> usize {
+    fn handle(&mut self, msg: Detach, ctx: &mut Self::Context) {
         self.connections.remove(&msg.conn_id);
-        if self.connections.is_empty() {
-            self.announce(false, ctx);
+        if let Some(version) = msg.offline_version {
+            self.announce(false, version, ctx);
         }
-        self.connections.len()
+    }
+}
+
+impl Handler<SessionSignal> for UserSession {
+    type Result = ();
+
+    fn handle(&mut self, msg: SessionSignal, _ctx: &mut Self::Context) {
+        for (_, addr) in self.connections.values() {
+            addr.do_send(msg.clone());
+        }
     }
 }
 

@@ -70,6 +70,9 @@ fn validate_text(state: &AppState, text: &str) -> Result<(), ApiError> {
     if text.trim().is_empty() {
         return Err(ApiError::invalid("text must not be empty"));
     }
+    // PostgreSQL refuses NUL in text; no client needs control characters but tab
+    // and line breaks.
+    validate::no_control_chars("text", text)?;
     let max = state.settings.rooms.max_message_bytes;
     if text.len() > max {
         return Err(ApiError::invalid(format!(
@@ -90,6 +93,8 @@ fn validate_metadata(
         )));
     }
     for (key, value) in metadata {
+        validate::no_control_chars("metadata key", key)?;
+        validate::no_control_chars("metadata value", value)?;
         if key.is_empty() || key.len() > METADATA_KEY_MAX_BYTES {
             return Err(ApiError::invalid(format!(
                 "metadata keys must be 1-{METADATA_KEY_MAX_BYTES} bytes"
@@ -121,9 +126,11 @@ pub async fn send_message(
             "client_message_id must be at most {CLIENT_MESSAGE_ID_MAX_CHARS} characters"
         )));
     }
+    validate::no_control_chars("client_message_id", &req.client_message_id)?;
+    // The rate limit comes before any database read: a flood costs no queries.
+    state.send_limiter.check(principal.require_user()?)?;
     let access = room_access(state, principal, &req.room_id).await?;
     access.require_send()?;
-    state.send_limiter.check(&access.user_id)?;
     let message = NewMessage {
         kind: MessageKind::Text,
         sender_id: access.user_id.clone(),
@@ -157,9 +164,9 @@ pub async fn edit_message(
     if req.seq == 0 {
         return Err(ApiError::invalid("seq is required"));
     }
+    state.send_limiter.check(principal.require_user()?)?;
     let access = room_access(state, principal, &req.room_id).await?;
     access.require_send()?;
-    state.send_limiter.check(&access.user_id)?;
     let message = NewMessage {
         kind: MessageKind::Edit,
         sender_id: access.user_id.clone(),

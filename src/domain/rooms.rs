@@ -25,7 +25,10 @@
 //! - `Member.muted_until` is set only while the member is muted; a mute without
 //!   expiry shows as 9999-12-31T23:59:59.999Z, the largest protobuf timestamp.
 
-use std::collections::{HashMap, HashSet};
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+};
 
 use super::{
     access::{room_access, RoomAccess},
@@ -33,11 +36,17 @@ use super::{
     validate, AppState, Principal,
 };
 use crate::{
-    actors::{room::RoomNotice, room_registry::NotifyRoom, session_registry::OnlineUsers},
+    actors::{
+        room::RoomNotice,
+        room_registry::NotifyRoom,
+        session_registry::{OnlineUsers, SignalUser},
+        user_session::SessionSignal,
+    },
     error::ApiError,
     ids::{now_ms, RoomId, UserId},
     model::{timestamp, MemberRole, Role, RoomKind},
     proto::v1 as pb,
+    protocol::{self, SharedFrame},
     store::{MemberRecord, MembershipChange, NewRoom, RoomRecord, RoomUpdate, StoreError},
 };
 
@@ -83,6 +92,14 @@ pub async fn create_room(
     })?;
     let title = title(kind, &req.title)?;
     let topic = topic(&req.topic)?;
+    let quota = state.settings.rooms.max_rooms_per_user;
+    if quota > 0 && !principal.is_admin() && state.store.count_rooms_created_by(&me).await? >= quota
+    {
+        return Err(ApiError::exhausted(format!(
+            "you have created {quota} rooms, the most one user may create \
+             (rooms.max_rooms_per_user); delete or leave some first"
+        )));
+    }
     let mut new = NewRoom {
         kind,
         title,
@@ -853,7 +870,10 @@ fn member_event(
 }
 
 /// Tells the room a user is gone (kicked, banned, left), and ends their live
-/// subscriptions to it with a `removed` push.
+/// subscriptions to it with a `removed` push: through the room for the connections
+/// it delivers to, and through the user's session for every connection of the user
+/// (one that is lagging, catching up or re-subscribing is not registered with the
+/// room at that moment).
 fn removed(
     state: &AppState,
     room_id: &RoomId,
@@ -868,6 +888,11 @@ fn removed(
         room_id,
         member_event(room_id, user_id, kind, None, actor),
     );
+    let frame = protocol::push(pb::server_frame::Kind::Removed(pb::RemovedEvent {
+        room_id: room_id.0.clone(),
+        reason: reason as i32,
+        message: message.clone(),
+    }));
     notify(
         state,
         room_id,
@@ -877,6 +902,13 @@ fn removed(
             message,
         },
     );
+    state.sessions.do_send(SignalUser {
+        user_id: user_id.clone(),
+        signal: SessionSignal::Removed {
+            room_id: room_id.clone(),
+            frame: Arc::new(SharedFrame::new(frame)),
+        },
+    });
 }
 
 /// A title: trimmed, one line, 1–100 characters; direct rooms may have none.

@@ -174,6 +174,22 @@ fn is_arabic_letter(c: char) -> bool {
         && c.general_category() == GeneralCategory::OtherLetter
 }
 
+/// Rejects NUL and the other control characters except tab and line breaks, in
+/// multi-line text (message text, metadata): PostgreSQL refuses NUL in text, and
+/// escapes and bells have no place in a chat message.
+pub fn no_control_chars(field: &str, value: &str) -> Result<(), ApiError> {
+    if let Some(c) = value
+        .chars()
+        .find(|c| c.is_control() && !matches!(c, '\t' | '\n' | '\r'))
+    {
+        return Err(ApiError::invalid(format!(
+            "{field} must not contain control characters (found U+{:04X})",
+            u32::from(c)
+        )));
+    }
+    Ok(())
+}
+
 /// An opaque id sent by a client: 1–64 printable ASCII characters.
 pub fn id<'a>(field: &str, value: &'a str) -> Result<&'a str, ApiError> {
     char_len(field, value, 1, ID_MAX_CHARS)?;

@@ -186,7 +186,9 @@ impl Store {
         );
         let rows: Vec<MessageRow> = sqlx::query_as(&sql)
             .bind(room.as_str())
-            .bind(after as i64)
+            // Sequences never reach 2^63: clamp instead of wrapping to a negative
+            // number, which would match the whole history.
+            .bind(after.min(i64::MAX as u64) as i64)
             .bind(upto.min(i64::MAX as u64) as i64)
             .bind(i64::from(limit))
             .fetch_all(&self.pool)

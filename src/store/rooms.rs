@@ -159,6 +159,15 @@ pub struct NewRoom {
 impl Store {
     /// Creates a room with its owner, members and invitations in one transaction.
     /// `Conflict` when a direct room for the same pair exists.
+    /// How many rooms `user` created (for the per-user room quota).
+    pub async fn count_rooms_created_by(&self, user: &UserId) -> StoreResult<u64> {
+        let (count,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM rooms WHERE created_by = $1")
+            .bind(user.as_str())
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(count.max(0) as u64)
+    }
+
     pub async fn create_room(&self, new: NewRoom) -> StoreResult<RoomRecord> {
         let id = RoomId::generate();
         let now = now_ms();
