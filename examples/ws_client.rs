@@ -135,19 +135,14 @@ async fn main() -> Result<(), Error> {
         .insert("authorization", format!("Bearer {token}").parse()?);
     let (mut ws, _) = tokio_tungstenite::connect_async(request).await?;
 
-    // 4. Subscribe from the start of the history, then send one message. Replies carry
-    //    the request's id; pushes (history and live events) carry none.
+    // 4. Subscribe from the start of the history. Replies carry the request's id;
+    //    pushes (history and live events) carry none. The history comes first, then
+    //    `resumed` marks the switch to live delivery.
+    let subscribe = json!({"id": "1", "subscribe": {"roomId": room_id, "sinceSeq": "0"}});
+    println!("> {subscribe}");
+    ws.send(Message::text(subscribe.to_string())).await?;
     let client_message_id = format!("ws_client-{}", std::process::id());
-    let frames = [
-        json!({"id": "1", "subscribe": {"roomId": room_id, "sinceSeq": "0"}}),
-        json!({"id": "2", "send": {"roomId": room_id, "text": format!("hello from {username}"), "clientMessageId": client_message_id}}),
-    ];
-    for frame in &frames {
-        println!("> {frame}");
-        ws.send(Message::text(frame.to_string())).await?;
-    }
-
-    // 5. Print frames until our own message came back as a live push.
+    let mut live = false;
     let mut sent_seq: Option<String> = None;
     let mut pushed_seq: Option<String> = None;
     loop {
@@ -168,10 +163,23 @@ async fn main() -> Result<(), Error> {
         if let Some(error) = frame.get("error") {
             return Err(format!("error frame: {error}").into());
         }
+        // 5. Once live, send one message.
+        if !live && frame.get("resumed").is_some() {
+            live = true;
+            let send = json!({"id": "2", "send": {
+                "roomId": room_id,
+                "text": format!("hello from {username}"),
+                "clientMessageId": client_message_id,
+            }});
+            println!("> {send}");
+            ws.send(Message::text(send.to_string())).await?;
+        }
+        // 6. Done when it is acknowledged (`sent`, after the commit) and came back as a
+        //    live push; the two may arrive in either order.
         if let Some(seq) = frame["sent"]["message"]["seq"].as_str() {
             sent_seq = Some(seq.to_owned());
         }
-        if frame["message"]["clientMessageId"] == client_message_id.as_str() {
+        if live && frame["message"]["clientMessageId"] == client_message_id.as_str() {
             pushed_seq = frame["message"]["seq"].as_str().map(str::to_owned);
         }
         if let (Some(sent), Some(pushed)) = (&sent_seq, &pushed_seq) {

@@ -20,17 +20,16 @@ fn example(name: &str) -> PathBuf {
         .and_then(|deps| deps.parent())
         .expect("the test binary lives in target/<profile>/deps");
     let path = profile_dir.join("examples").join(name);
-    if !path.exists() {
-        // `cargo test` builds the examples, but not when only some test targets were
-        // asked for (`cargo test --test examples`): build it the same way then.
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .args(["build", "--example", name, "--manifest-path"])
-            .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml"))
-            .status()
-            .expect("run cargo build --example");
-        assert!(status.success(), "cargo build --example {name} failed");
-    }
+    // `cargo test` builds the examples, but not when only some test targets were asked
+    // for (`cargo test --test examples`), where an old build may be lying around:
+    // build it (a no-op when it is up to date).
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo)
+        .args(["build", "--quiet", "--example", name, "--manifest-path"])
+        .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml"))
+        .status()
+        .expect("run cargo build --example");
+    assert!(status.success(), "cargo build --example {name} failed");
     assert!(path.exists(), "{} is missing", path.display());
     path
 }
