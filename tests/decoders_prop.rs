@@ -6,14 +6,16 @@
 //!
 //! Properties: arbitrary and structurally valid-but-weird input never panics and
 //! always yields a value or a clear error; a frame that decodes survives a
-//! re-encode unchanged; a request is answered with a Connect error (never a 500).
+//! re-encode unchanged; a request is answered with a Connect error (never a 500);
+//! over a live WebSocket, every frame gets exactly one answer and the connection
+//! stays usable.
 //! Each property runs a fixed number of cases, chosen so each takes a few seconds at
 //! most, so they run in the normal test command (stable Rust, no fuzzing toolchain).
 //! A failure is shrunk to a minimal input and printed; nothing is written to disk.
 
 mod common;
 
-use std::sync::OnceLock;
+use std::{sync::OnceLock, time::Duration};
 
 use common::{Backend, TestServer};
 use proptest::{prelude::*, test_runner::Config};
@@ -559,5 +561,99 @@ proptest! {
             prop_assert!(!code.is_empty() && code != "internal" && code != "unknown", "{}", error);
             prop_assert!(error["message"].as_str().is_some_and(|m| !m.is_empty()), "{}", error);
         }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// WebSocket frames against a live server
+// ---------------------------------------------------------------------------
+
+/// Connections (cases) for the live WebSocket property; each sends a few frames.
+const LIVE_WS_CASES: u32 = 96;
+
+/// One frame as sent on the wire.
+#[derive(Debug, Clone)]
+enum WireFrame {
+    Text(String),
+    Binary(Vec<u8>),
+}
+
+fn wire_frame() -> impl Strategy<Value = WireFrame> {
+    prop_oneof![
+        "\\PC{0,80}".prop_map(WireFrame::Text),
+        frame_shaped_json().prop_map(|v| WireFrame::Text(v.to_string())),
+        valid_frame().prop_map(|f| WireFrame::Text(serde_json::to_string(&f).expect("JSON"))),
+        valid_frame().prop_map(|f| WireFrame::Binary(f.encode_to_vec())),
+        (valid_frame(), prop::collection::vec(mutation(), 1..3))
+            .prop_map(|(f, m)| WireFrame::Binary(mutate(f.encode_to_vec(), &m))),
+        prop::collection::vec(any::<u8>(), 0..64).prop_map(WireFrame::Binary),
+    ]
+}
+
+/// The id the server must answer `frame` with: the frame's own id when it decodes
+/// with a non-zero id, else 0 (an `error` that answers no request).
+fn expected_reply_id(frame: &WireFrame) -> u64 {
+    let decoded = match frame {
+        WireFrame::Text(text) => decode_text_frame(text),
+        WireFrame::Binary(bytes) => decode_binary_frame(bytes),
+    };
+    decoded.map_or(0, |f| f.id)
+}
+
+proptest! {
+    #![proptest_config(config(LIVE_WS_CASES))]
+
+    /// docs/websocket.md: the server answers each client frame with exactly one frame
+    /// carrying its id (or an `error` of id 0 when the id cannot be read), and a
+    /// connection survives up to 20 malformed frames.
+    #[test]
+    fn any_websocket_frame_gets_exactly_one_answer(
+        frames in prop::collection::vec(wire_frame(), 1..12),
+        proto in any::<bool>(),
+    ) {
+        use common::ws::{Incoming, WsClient, WsCodec};
+        use tokio_tungstenite::tungstenite::Message;
+        let live = live();
+        let codec = if proto { WsCodec::Proto } else { WsCodec::Json };
+        let outcome: Result<(), String> = live.runtime.block_on(async {
+            let mut ws = WsClient::connect_authenticated(
+                &live.server.ws_url("/ws"),
+                codec,
+                &live.token,
+            )
+            .await;
+            for frame in &frames {
+                let want = expected_reply_id(frame);
+                let message = match frame {
+                    WireFrame::Text(text) => Message::text(text.clone()),
+                    WireFrame::Binary(bytes) => Message::binary(bytes.clone()),
+                };
+                ws.send_raw(message).await;
+                // Skip pushes (id 0, not an error); the answer is the next other frame.
+                loop {
+                    match ws.next_frame(Duration::from_secs(10)).await {
+                        Incoming::Frame(reply) => {
+                            let is_error = matches!(reply.kind, Some(pb::server_frame::Kind::Error(_)));
+                            if reply.id == 0 && !is_error {
+                                continue;
+                            }
+                            if reply.id != want {
+                                return Err(format!("{frame:?}: answered with id {} (want {want}): {reply:?}", reply.id));
+                            }
+                            break;
+                        }
+                        other => return Err(format!("{frame:?}: no answer: {other:?}")),
+                    }
+                }
+            }
+            // Still open and usable.
+            let reply = ws.request(pb::client_frame::Kind::Ping(pb::Ping {})).await;
+            if !matches!(reply.kind, Some(pb::server_frame::Kind::Pong(_))) {
+                return Err(format!("no pong after the frames: {reply:?}"));
+            }
+            ws.close().await;
+            Ok(())
+        });
+        prop_assert!(outcome.is_ok(), "{}", outcome.unwrap_err());
     }
 }
