@@ -12,7 +12,9 @@
 # tests/connect-es/` with ROOMCAST_URL set. The server (only the one this
 # script started) is stopped on any exit; the exit status is node's.
 #
-# Needs node >= 20 and npm (the buf CLI and protoc-gen-es come from npm).
+# Needs Node.js >= 18 and npm (the buf CLI and protoc-gen-es come from npm): when
+# they are missing, they are installed with apt (Debian's own nodejs and npm
+# packages are enough; see ensure_node in scripts/test-services.sh).
 # Environment knobs:
 #     ROOMCAST_CONNECT_ES_KEEP=1   keep the temp dir (server log, database)
 set -euo pipefail
@@ -23,15 +25,20 @@ pkg_dir=tests/connect-es
 
 say() { printf '\n==> %s\n' "$*"; }
 
-for tool in node npm cargo curl; do
+for tool in cargo curl; do
     if ! command -v "$tool" >/dev/null 2>&1; then
-        echo "ERROR: $tool not found on PATH (connect-es test needs node >= 20, npm, cargo, curl)" >&2
+        echo "ERROR: $tool not found on PATH (the connect-es test needs cargo and curl)" >&2
         exit 1
     fi
 done
-node_major=$(node -p 'process.versions.node.split(".")[0]')
-if ((node_major < 20)); then
-    echo "ERROR: node $(node --version) is too old; the connect-es test needs node >= 20" >&2
+
+# Node.js and npm: installed with apt when missing (Debian's own packages work).
+# shellcheck source=scripts/test-services.sh
+source "$repo_root/scripts/test-services.sh"
+say "connect-es: checking Node.js and npm"
+if ! ensure_node; then
+    cleanup_node
+    echo "ERROR: the connect-es test needs Node.js >= $ROOMCAST_NODE_MIN_MAJOR and npm (see above)" >&2
     exit 1
 fi
 
@@ -54,6 +61,7 @@ cleanup() {
         echo "---- last lines of the roomcast server log ($tmp_dir/server.log) ----" >&2
         tail -n 40 "$tmp_dir/server.log" >&2 || true
     fi
+    cleanup_node
     if [[ ${ROOMCAST_CONNECT_ES_KEEP:-0} == 1 ]]; then
         echo "kept $tmp_dir" >&2
     else

@@ -28,6 +28,10 @@
 #
 # Optional input: ROOMCAST_PG_BIN = a PostgreSQL bin dir (default: newest
 # /usr/lib/postgresql/*/bin holding pg_ctl and initdb).
+#
+# Also `ensure_node` (used by scripts/connect-es-test.sh): installs Node.js and npm
+# with apt when missing (Debian's own `nodejs` + `npm` packages do), and makes a
+# `node` command available when the distribution only installed `nodejs`.
 
 # Functions never rely on the caller's `set -e`; each checks its own steps.
 
@@ -103,6 +107,86 @@ ensure_packages() {
     mapfile -t missing < <(_rc_missing_packages | sed '/^$/d')
     ((${#missing[@]} == 0)) || _rc_die "still missing after apt-get install: ${missing[*]}" || return 1
     _rc_log "installed: postgresql ($(_rc_pg_bin)), $(redis-server --version | cut -d' ' -f1-3)"
+}
+
+# ---------------------------------------------------------------- Node.js
+
+# Oldest Node.js major version the connect-es step runs on (Debian 12's own
+# package is 18).
+ROOMCAST_NODE_MIN_MAJOR=${ROOMCAST_NODE_MIN_MAJOR:-18}
+
+# apt-get install PACKAGES... as root, or through sudo; quiet unless it fails.
+_rc_apt_install() {
+    local -a sudo=()
+    if ((EUID != 0)); then
+        command -v sudo >/dev/null 2>&1 || _rc_die "not root and no sudo: cannot apt-get install $*" || return 1
+        sudo=(sudo)
+    fi
+    command -v apt-get >/dev/null 2>&1 || _rc_die "apt-get not found: install $* by hand" || return 1
+    local log
+    log=$(mktemp /tmp/roomcast-apt.XXXXXX.log) || return 1
+    if ! "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -q >"$log" 2>&1; then
+        tail -n 40 "$log" >&2
+        rm -f "$log"
+        _rc_die "apt-get update failed (output above)"
+        return 1
+    fi
+    if ! "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive \
+        apt-get install -y -q -o Dpkg::Use-Pty=0 "$@" >>"$log" 2>&1; then
+        tail -n 60 "$log" >&2
+        rm -f "$log"
+        _rc_die "apt-get install $* failed (output above)"
+        return 1
+    fi
+    rm -f "$log"
+}
+
+# Make `node`, `npm` and `npx` available: install the distribution's nodejs and npm
+# packages when missing, and when only a `nodejs` binary exists (as older Debian
+# packages installed it), put a `node` link to it first on PATH (in a temp dir
+# that ROOMCAST_NODE_SHIM_DIR names; remove it when done). Fails when the version
+# is older than ROOMCAST_NODE_MIN_MAJOR.
+ensure_node() {
+    local -a missing=()
+    if ! command -v node >/dev/null 2>&1 && ! command -v nodejs >/dev/null 2>&1; then
+        missing+=(nodejs)
+    fi
+    # Debian packages npm (with npx) apart from nodejs; NodeSource's nodejs bundles it.
+    if ! command -v npm >/dev/null 2>&1 || ! command -v npx >/dev/null 2>&1; then
+        missing+=(npm)
+    fi
+    if ((${#missing[@]} > 0)); then
+        _rc_log "installing ${missing[*]} with apt-get (the connect-es test needs Node.js and npm)"
+        _rc_apt_install "${missing[@]}" || return 1
+    fi
+    if ! command -v node >/dev/null 2>&1; then
+        local nodejs
+        nodejs=$(command -v nodejs 2>/dev/null) || _rc_die "neither node nor nodejs is on PATH after installing" || return 1
+        ROOMCAST_NODE_SHIM_DIR=$(mktemp -d /tmp/roomcast-node.XXXXXX) || return 1
+        export ROOMCAST_NODE_SHIM_DIR
+        ln -s "$nodejs" "$ROOMCAST_NODE_SHIM_DIR/node" || return 1
+        export PATH="$ROOMCAST_NODE_SHIM_DIR:$PATH"
+        _rc_log "only 'nodejs' is installed; using it as 'node' ($nodejs)"
+    fi
+    local version major
+    version=$(node --version 2>/dev/null) || _rc_die "'node --version' failed" || return 1
+    major=${version#v}
+    major=${major%%.*}
+    if ! [[ $major =~ ^[0-9]+$ ]] || ((major < ROOMCAST_NODE_MIN_MAJOR)); then
+        _rc_die "node $version is too old: the connect-es test needs Node.js >= $ROOMCAST_NODE_MIN_MAJOR"
+        return 1
+    fi
+    command -v npm >/dev/null 2>&1 || _rc_die "npm is still missing" || return 1
+    _rc_log "node $version, npm $(npm --version 2>/dev/null)"
+}
+
+# Remove what ensure_node added (the `node` link dir), if anything.
+cleanup_node() {
+    local dir=${ROOMCAST_NODE_SHIM_DIR:-}
+    if [[ -n $dir && $dir == /tmp/roomcast-node.* && -d $dir ]]; then
+        rm -rf -- "$dir"
+    fi
+    unset ROOMCAST_NODE_SHIM_DIR
 }
 
 # ---------------------------------------------------------------- helpers
@@ -389,8 +473,12 @@ _rc_main() {
     ensure-packages)
         ensure_packages
         ;;
+    ensure-node)
+        ensure_node
+        cleanup_node
+        ;;
     *)
-        echo "usage: $0 start|stop|ensure-packages   (or: source $0)" >&2
+        echo "usage: $0 start|stop|ensure-packages|ensure-node   (or: source $0)" >&2
         echo "  eval \"\$($0 start)\"; ...; $0 stop" >&2
         exit 2
         ;;

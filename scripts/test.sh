@@ -13,9 +13,15 @@
 #     cargo test --doc            (only when there is a library and no EXTRA)
 #     scripts/connect-es-test.sh  (only when no EXTRA: a connect-es client
 #                                  generated from src/proto against a live
-#                                  server, JSON and binary; needs node >= 20)
+#                                  server, JSON and binary; needs Node.js >= 18
+#                                  and npm, installed with apt if missing)
 # with ROOMCAST_TEST_POSTGRES_URL and ROOMCAST_TEST_REDIS_URL exported, so the
-# tests run against SQLite and PostgreSQL (and Redis). Every step runs even if
+# tests run against SQLite and PostgreSQL (and Redis). PostgreSQL is required:
+# if it cannot be installed or started the script fails, and
+# ROOMCAST_TEST_REQUIRE_POSTGRES=1 makes any test that finds no database fail
+# rather than skip; a `SKIPPED` line in the test output fails the run too.
+# The connect-es step installs Node.js and npm with apt when they are missing
+# (Debian's own packages will do). Every step runs even if
 # an earlier one failed; the summary at the end lists each one, and the exit
 # status is non-zero if any failed. The services are stopped on any exit.
 #
@@ -86,6 +92,13 @@ say "starting PostgreSQL and Redis for the tests"
 start_postgres
 start_redis
 export ROOMCAST_TEST_POSTGRES_URL ROOMCAST_TEST_REDIS_URL
+if [[ -z ${ROOMCAST_TEST_POSTGRES_URL:-} ]]; then
+    echo "ERROR: PostgreSQL did not start (ROOMCAST_TEST_POSTGRES_URL is empty); the tests need it" >&2
+    exit 1
+fi
+# The PostgreSQL half of the suite must run here: a test that finds no database
+# fails instead of skipping (see tests/common/mod.rs).
+export ROOMCAST_TEST_REQUIRE_POSTGRES=1
 echo "ROOMCAST_TEST_POSTGRES_URL=$ROOMCAST_TEST_POSTGRES_URL"
 echo "ROOMCAST_TEST_REDIS_URL=$ROOMCAST_TEST_REDIS_URL"
 
@@ -178,7 +191,12 @@ while IFS= read -r line; do
     fi
 done <"$cargo_test_log"
 
+# A skipped test prints `SKIPPED <test>: <why>` (tests/common/mod.rs); none may
+# pass silently here.
+skipped=$(grep -c '^SKIPPED ' "$cargo_test_log" || true)
+
 overall=0
+((skipped == 0)) || overall=1
 {
     printf '\n==================== roomcast test summary ====================\n'
     for i in "${!step_names[@]}"; do
@@ -187,6 +205,10 @@ overall=0
     done
     printf '  tests:   %d passed, %d failed, %d ignored (%d test binaries)\n' \
         "$passed" "$failed" "$ignored" "$suites"
+    if ((skipped > 0)); then
+        printf '  skipped at run time (a failure here): %d\n' "$skipped"
+        grep '^SKIPPED ' "$cargo_test_log" | sort -u | sed 's/^/    /'
+    fi
     if [[ -s $connect_es_log ]]; then
         printf '  connect-es: %s passed, %s failed (node --test)\n' \
             "$(sed -n 's/^# pass \([0-9]*\)$/\1/p' "$connect_es_log" | tail -n 1 | grep . || echo 0)" \

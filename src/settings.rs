@@ -42,6 +42,8 @@ pub struct ServerSettings {
     pub request_timeout_ms: u64,
     /// How long a graceful shutdown waits for in-flight requests, in seconds.
     pub shutdown_timeout_secs: u64,
+    /// RPC replies at least this long are gzip-compressed for clients that accept it.
+    pub compress_min_bytes: usize,
 }
 
 /// The listen address of the embedded default.
@@ -52,6 +54,9 @@ pub const DEFAULT_MAX_REQUEST_BYTES: usize = 1024 * 1024;
 pub const DEFAULT_REQUEST_TIMEOUT_MS: u64 = 30_000;
 /// Graceful shutdown waits 30 s for in-flight requests.
 pub const DEFAULT_SHUTDOWN_TIMEOUT_SECS: u64 = 30;
+/// Replies from 1 KiB up are compressed (the threshold connect-es uses for requests):
+/// below it, gzip's header and CPU cost outweigh the bytes saved.
+pub const DEFAULT_COMPRESS_MIN_BYTES: usize = 1024;
 
 impl Default for ServerSettings {
     fn default() -> Self {
@@ -63,6 +68,7 @@ impl Default for ServerSettings {
             max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
             request_timeout_ms: DEFAULT_REQUEST_TIMEOUT_MS,
             shutdown_timeout_secs: DEFAULT_SHUTDOWN_TIMEOUT_SECS,
+            compress_min_bytes: DEFAULT_COMPRESS_MIN_BYTES,
         }
     }
 }

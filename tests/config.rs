@@ -346,6 +346,48 @@ fn environment_variables_override_the_file() {
 }
 
 #[test]
+fn list_values_can_be_given_in_environment_variables() {
+    let dir = temp_dir();
+    // As documented in config/default.toml and the README: a TOML-like array.
+    for (value, expected) in [
+        (
+            r#"["https://a.example", "https://b.example"]"#,
+            vec!["https://a.example", "https://b.example"],
+        ),
+        (r#"["https://only.example"]"#, vec!["https://only.example"]),
+        ("[]", vec![]),
+    ] {
+        let output = run(
+            dir.path(),
+            &["config", "check"],
+            &[("ROOMCAST_CORS__ALLOWED_ORIGINS", value)],
+        );
+        assert!(output.status.success(), "{value}: {}", text(&output.stderr));
+        let printed: toml::Value = toml::from_str(&text(&output.stdout)).expect("TOML");
+        let origins: Vec<&str> = printed["cors"]["allowed_origins"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{value}: allowed_origins is a list"))
+            .iter()
+            .map(|v| v.as_str().expect("a string"))
+            .collect();
+        assert_eq!(origins, expected, "from {value}");
+    }
+    // A bare string where a list is expected is an error naming the variable.
+    let output = run(
+        dir.path(),
+        &["config", "check"],
+        &[("ROOMCAST_CORS__ALLOWED_ORIGINS", "https://a.example")],
+    );
+    assert_eq!(output.status.code(), Some(2), "{}", text(&output.stdout));
+    let stderr = text(&output.stderr);
+    assert!(
+        stderr.contains("cors.allowed_origins")
+            && stderr.contains("ROOMCAST_CORS__ALLOWED_ORIGINS"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn bad_environment_values_are_errors_naming_the_key_and_the_variable() {
     let dir = temp_dir();
     let output = run(
@@ -722,6 +764,23 @@ async fn serve_exits_cleanly_and_promptly_on_sigterm() {
         started.elapsed()
     );
     assert!(cwd.path().join("data/roomcast.db").exists());
+}
+
+#[tokio::test]
+async fn logs_written_to_a_file_carry_no_colour_codes() {
+    let cwd = temp_dir();
+    let url = format!("sqlite://{}/data/roomcast.db", cwd.path().display());
+    let mut server = ServeProcess::start(cwd.path(), &url).await;
+    // A request, so that the log has a request line with fields too.
+    let _ = reqwest::get(format!("{}/readyz", server.base_url)).await;
+    let status = server.terminate().await;
+    assert!(status.success(), "{}", server.stderr());
+    let log = server.stderr();
+    assert!(log.contains("roomcast listening"), "{log}");
+    assert!(
+        !log.contains('\u{1b}'),
+        "a log written to a file must not carry ANSI escape codes:\n{log:?}"
+    );
 }
 
 #[tokio::test]

@@ -329,6 +329,64 @@ async fn a_passed_deadline_is_deadline_exceeded() {
 }
 
 #[tokio::test]
+async fn a_zero_connect_timeout_is_a_deadline_already_passed() {
+    let server = TestServer::spawn(Backend::Sqlite).await;
+    let account = server.sign_up("alice").await;
+    // Even the quickest RPC is not served: its deadline passed before it started.
+    for codec in Codec::ALL {
+        let body = match codec {
+            Codec::Json => b"{}".to_vec(),
+            Codec::Proto => Vec::new(),
+        };
+        let response = server
+            .http()
+            .post(server.url("/roomcast.v1.UserService/GetMe"))
+            .header("content-type", codec.content_type())
+            .header("connect-timeout-ms", "0")
+            .bearer_auth(&account.access_token)
+            .body(body)
+            .send()
+            .await
+            .expect("send");
+        let reply = common::json_reply(response).await;
+        assert_error(&reply, 504, "deadline_exceeded", "deadline");
+    }
+    // And it has no effect: the account a zero-deadline SignUp asked for does not exist.
+    let response = server
+        .http()
+        .post(server.url("/roomcast.v1.AuthService/SignUp"))
+        .header("content-type", "application/json")
+        .header("connect-timeout-ms", "0")
+        .body(json!({"username": "zero", "password": PASSWORD}).to_string())
+        .send()
+        .await
+        .expect("send");
+    let reply = common::json_reply(response).await;
+    assert_error(&reply, 504, "deadline_exceeded", "deadline");
+    let reply = server
+        .rpc()
+        .call_json(
+            "AuthService/SignIn",
+            json!({"username": "zero", "password": PASSWORD}),
+        )
+        .await;
+    assert_error(&reply, 401, "unauthenticated", "wrong username or password");
+    // "00" is zero too; "1" is a real (short) deadline and still validated as before.
+    let response = server
+        .http()
+        .post(server.url("/roomcast.v1.UserService/GetMe"))
+        .header("content-type", "application/json")
+        .header("connect-timeout-ms", "00")
+        .bearer_auth(&account.access_token)
+        .body("{}")
+        .send()
+        .await
+        .expect("send");
+    let reply = common::json_reply(response).await;
+    assert_error(&reply, 504, "deadline_exceeded", "deadline");
+}
+
+#[tokio::test]
 async fn errors_in_binary_calls_are_connect_json() {
     let server = TestServer::spawn(Backend::Sqlite).await;
     let (status, content_type, body) = server

@@ -1,8 +1,19 @@
 //! The Connect protocol's unary rules, once for every RPC: `POST /<service>/<method>`
 //! with a JSON (canonical proto3 JSON) or binary protobuf body, answered in the same
-//! codec; `Connect-Timeout-Ms` honoured; errors as Connect error JSON.
+//! codec; `Connect-Timeout-Ms` honoured; `Content-Encoding: gzip` bodies decompressed
+//! (the body limit applies to the decompressed size) and replies gzip-compressed when
+//! the client accepts it; errors as Connect error JSON.
+//!
+//! The extractor reads the raw payload (`web::Payload` does no decoding), so every
+//! content coding is handled here, where the body limit and the Connect error for an
+//! unsupported coding (`unimplemented`, with `Accept-Encoding` naming what is
+//! supported) can be applied.
 
-use std::{future::Future, time::Duration};
+use std::{
+    future::Future,
+    io::{Read as _, Write as _},
+    time::Duration,
+};
 
 use actix_web::{
     http::header::{self, HeaderMap},
@@ -122,6 +133,119 @@ pub fn bearer_token(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
 /// Longest `Connect-Timeout-Ms` value the protocol allows (10 digits).
 const MAX_TIMEOUT_DIGITS: usize = 10;
 
+/// The content codings this server reads in request bodies and may use for replies,
+/// as sent in the `Accept-Encoding` header of every RPC response.
+pub const ACCEPTED_ENCODINGS: &str = "gzip, identity";
+
+/// A content coding of a request or response body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ContentCoding {
+    /// No compression.
+    Identity,
+    /// gzip (RFC 1952).
+    Gzip,
+}
+
+impl ContentCoding {
+    /// The request body's coding from `Content-Encoding`; absent means identity.
+    /// Anything but `gzip` and `identity` is Connect's `unimplemented`.
+    pub fn of_request(headers: &HeaderMap) -> Result<Self, ApiError> {
+        let mut coding = ContentCoding::Identity;
+        for value in headers.get_all(header::CONTENT_ENCODING) {
+            let text = value.to_str().unwrap_or("(not ASCII)");
+            for token in text.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+                match token.to_ascii_lowercase().as_str() {
+                    "identity" => {}
+                    "gzip" | "x-gzip" if coding == ContentCoding::Identity => {
+                        coding = ContentCoding::Gzip;
+                    }
+                    _ => {
+                        return Err(ApiError::new(
+                            Code::Unimplemented,
+                            format!(
+                                "unsupported Content-Encoding `{text}`; \
+                                 supported encodings: {ACCEPTED_ENCODINGS}"
+                            ),
+                        ))
+                    }
+                }
+            }
+        }
+        Ok(coding)
+    }
+
+    /// The reply's coding: the first supported coding of `Accept-Encoding` (an
+    /// ordered list, as the Connect protocol reads it; a `q=0` entry is refused). Without
+    /// the header, the request's own coding, as the protocol says.
+    pub fn for_response(headers: &HeaderMap, request: ContentCoding) -> Self {
+        let values: Vec<&str> = headers
+            .get_all(header::ACCEPT_ENCODING)
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        if values.is_empty() {
+            return request;
+        }
+        for entry in values.iter().flat_map(|v| v.split(',')) {
+            let mut parts = entry.split(';').map(str::trim);
+            let name = parts.next().unwrap_or_default().to_ascii_lowercase();
+            let refused = parts.any(|param| {
+                param
+                    .strip_prefix("q=")
+                    .or_else(|| param.strip_prefix("Q="))
+                    .and_then(|q| q.trim().parse::<f32>().ok())
+                    .is_some_and(|q| q <= 0.0)
+            });
+            if refused {
+                continue;
+            }
+            match name.as_str() {
+                "gzip" | "x-gzip" | "*" => return ContentCoding::Gzip,
+                "identity" => return ContentCoding::Identity,
+                _ => {}
+            }
+        }
+        ContentCoding::Identity
+    }
+
+    fn header_value(self) -> Option<&'static str> {
+        match self {
+            ContentCoding::Identity => None,
+            ContentCoding::Gzip => Some("gzip"),
+        }
+    }
+}
+
+/// Decompresses a gzip body, refusing output larger than `limit` bytes without
+/// producing more than `limit + 1` of it (a small "gzip bomb" expands a
+/// thousandfold). An empty body stays empty: the protocol forbids decompressing it.
+pub fn gunzip_limited(body: &[u8], limit: usize) -> Result<Vec<u8>, ApiError> {
+    if body.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut out = Vec::new();
+    let cap = u64::try_from(limit).unwrap_or(u64::MAX).saturating_add(1);
+    flate2::read::MultiGzDecoder::new(body)
+        .take(cap)
+        .read_to_end(&mut out)
+        .map_err(|e| ApiError::invalid(format!("malformed gzip request body: {e}")))?;
+    if out.len() > limit {
+        return Err(ApiError::exhausted(format!(
+            "request body exceeds the limit of {limit} bytes after decompression"
+        )));
+    }
+    Ok(out)
+}
+
+/// Gzip-compresses a reply body.
+fn gzip(body: &[u8]) -> std::io::Result<Vec<u8>> {
+    let mut encoder = flate2::write::GzEncoder::new(
+        Vec::with_capacity(body.len() / 2 + 64),
+        flate2::Compression::default(),
+    );
+    encoder.write_all(body)?;
+    encoder.finish()
+}
+
 fn deadline(headers: &HeaderMap, ceiling_ms: u64) -> Result<Duration, ApiError> {
     let Some(value) = headers.get("connect-timeout-ms") else {
         return Ok(Duration::from_millis(ceiling_ms));
@@ -139,6 +263,11 @@ fn deadline(headers: &HeaderMap, ceiling_ms: u64) -> Result<Duration, ApiError> 
         .parse()
         .map_err(|_| ApiError::invalid("Connect-Timeout-Ms is not a number"))?;
     Ok(Duration::from_millis(ms.min(ceiling_ms)))
+}
+
+/// The answer to a request whose deadline has passed.
+fn deadline_exceeded() -> ApiError {
+    ApiError::new(Code::DeadlineExceeded, "the request deadline passed")
 }
 
 /// Reads the body up to `limit` bytes; a larger body is refused without reading it all.
@@ -196,6 +325,13 @@ where
             Some(415),
         );
     };
+    let request_coding = match ContentCoding::of_request(req.headers()) {
+        Ok(coding) => coding,
+        // The protocol's table gives `unimplemented` HTTP 501 (404 is kept for
+        // unknown RPCs, where clients infer `unimplemented` from the status alone).
+        Err(e) => return with_accepted_encodings(error_response(&e, Some(501))),
+    };
+    let response_coding = ContentCoding::for_response(req.headers(), request_coding);
     let Some(state) = req
         .app_data::<web::Data<AppState>>()
         .map(|d| d.get_ref().clone())
@@ -205,10 +341,19 @@ where
     let settings = &state.settings.server;
     let result = async {
         let timeout = deadline(req.headers(), settings.request_timeout_ms)?;
+        // A zero deadline has passed before any work could start: the handler must not
+        // run (a timer of 0 ms would only fire at the next tick, after it finished).
+        if timeout.is_zero() {
+            return Err(deadline_exceeded());
+        }
         let bearer = bearer_token(req.headers())?;
         let work = async {
-            let body = read_body(&req, payload, settings.max_request_bytes).await?;
-            let message: Req = codec.decode(&body)?;
+            let limit = settings.max_request_bytes;
+            let body = read_body(&req, payload, limit).await?;
+            let message: Req = match request_coding {
+                ContentCoding::Identity => codec.decode(&body)?,
+                ContentCoding::Gzip => codec.decode(&gunzip_limited(&body, limit)?)?,
+            };
             let context = RpcContext {
                 state: state.clone(),
                 bearer,
@@ -218,19 +363,49 @@ where
         };
         match actix_web::rt::time::timeout(timeout, work).await {
             Ok(outcome) => outcome,
-            Err(_) => Err(ApiError::new(
-                Code::DeadlineExceeded,
-                "the request deadline passed",
-            )),
+            Err(_) => Err(deadline_exceeded()),
         }
     }
     .await;
-    match result.and_then(|response| codec.encode(&response)) {
-        Ok(bytes) => HttpResponse::Ok()
-            .content_type(codec.content_type())
-            .body(bytes),
+    let response = match result.and_then(|response| codec.encode(&response)) {
+        Ok(bytes) => success_response(codec, bytes, response_coding, settings.compress_min_bytes),
         Err(e) => error_response(&e, None),
+    };
+    with_accepted_encodings(response)
+}
+
+/// A 200 reply, gzip-compressed when the client accepts it and the body is at least
+/// `compress_min_bytes` long (smaller bodies gain nothing from it).
+fn success_response(
+    codec: Codec,
+    bytes: Vec<u8>,
+    coding: ContentCoding,
+    compress_min_bytes: usize,
+) -> HttpResponse {
+    let mut builder = HttpResponse::Ok();
+    builder.content_type(codec.content_type());
+    if coding == ContentCoding::Gzip && bytes.len() >= compress_min_bytes {
+        match gzip(&bytes) {
+            Ok(compressed) => {
+                if let Some(value) = coding.header_value() {
+                    builder.insert_header((header::CONTENT_ENCODING, value));
+                }
+                return builder.body(compressed);
+            }
+            // Compressing into memory cannot fail in practice; answer uncompressed.
+            Err(e) => tracing::warn!(error = %e, "could not gzip a reply; sending it uncompressed"),
+        }
     }
+    builder.body(bytes)
+}
+
+/// Tells the client which request codings this server reads.
+fn with_accepted_encodings(mut response: HttpResponse) -> HttpResponse {
+    response.headers_mut().insert(
+        header::ACCEPT_ENCODING,
+        header::HeaderValue::from_static(ACCEPTED_ENCODINGS),
+    );
+    response
 }
 
 /// A Connect error response: JSON body, the code's HTTP status (or `status`).

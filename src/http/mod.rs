@@ -31,6 +31,8 @@ pub fn cors(settings: &CorsSettings) -> Cors {
         .allowed_methods(["GET", "POST", "OPTIONS"])
         .allowed_headers([
             header::CONTENT_TYPE,
+            // Connect clients may gzip request bodies (see `connect`).
+            header::CONTENT_ENCODING,
             header::AUTHORIZATION,
             header::ACCEPT,
             header::HeaderName::from_static("connect-protocol-version"),

@@ -9,8 +9,10 @@
 //! - [`both_backends!`] runs one test body against SQLite and against PostgreSQL.
 //!
 //! PostgreSQL tests need `ROOMCAST_TEST_POSTGRES_URL` (scripts/test.sh and
-//! scripts/test-services.sh set it). Without it they fail when `CI=true` and are
-//! skipped with a notice otherwise, so a plain `cargo test` works on a laptop.
+//! scripts/test-services.sh set it). Without it they fail when `CI=true` or
+//! `ROOMCAST_TEST_REQUIRE_POSTGRES=1` (scripts/test.sh sets it), and otherwise each
+//! prints a `SKIPPED <test>: ...` line on the console and returns, so a plain
+//! `cargo test` works on a laptop and shows what it did not run.
 
 #![allow(dead_code)] // each test binary uses its own subset of the helpers
 
@@ -20,7 +22,6 @@ pub mod ws;
 use std::{
     future::Future,
     net::{SocketAddr, TcpListener},
-    sync::atomic::{AtomicBool, Ordering},
     thread::JoinHandle,
     time::{Duration, Instant},
 };
@@ -61,28 +62,48 @@ pub enum Backend {
     Postgres,
 }
 
+/// Set (to `1`) by scripts/test.sh: PostgreSQL tests must run, so a missing
+/// `ROOMCAST_TEST_POSTGRES_URL` is a failure, as under `CI=true`.
+pub const REQUIRE_POSTGRES_ENV: &str = "ROOMCAST_TEST_REQUIRE_POSTGRES";
+
 /// Whether PostgreSQL tests can run. Without `ROOMCAST_TEST_POSTGRES_URL` this
-/// panics under CI (`CI=true`) and otherwise prints a notice (once) and answers
-/// false, so the caller skips the test.
+/// panics under CI (`CI=true`) or when `ROOMCAST_TEST_REQUIRE_POSTGRES=1`, and
+/// otherwise reports the test as skipped (see [`report_skipped`]) and answers
+/// false, so the caller returns without running it.
 pub fn postgres_available() -> bool {
-    static NOTICE_PRINTED: AtomicBool = AtomicBool::new(false);
     if std::env::var(POSTGRES_URL_ENV).is_ok_and(|v| !v.trim().is_empty()) {
         return true;
     }
-    let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+    let flag = |name: &str| std::env::var(name).is_ok_and(|v| v == "true" || v == "1");
+    let required = flag("CI") || flag(REQUIRE_POSTGRES_ENV);
     assert!(
-        !ci,
-        "{POSTGRES_URL_ENV} is not set but CI=true: PostgreSQL tests must run in CI. \
-         Run them through `bash scripts/test.sh`, or start the services with \
-         `eval \"$(scripts/test-services.sh start)\"`."
+        !required,
+        "{POSTGRES_URL_ENV} is not set but PostgreSQL tests are required (CI=true or \
+         {REQUIRE_POSTGRES_ENV}=1). Run them through `bash scripts/test.sh`, or start the \
+         services with `eval \"$(scripts/test-services.sh start)\"`."
     );
-    if !NOTICE_PRINTED.swap(true, Ordering::Relaxed) {
-        eprintln!(
-            "NOTICE: {POSTGRES_URL_ENV} is not set; skipping PostgreSQL tests. \
-             Run `bash scripts/test.sh` (or `eval \"$(scripts/test-services.sh start)\"`) to include them."
-        );
-    }
+    report_skipped(&format!(
+        "{POSTGRES_URL_ENV} is not set; run `bash scripts/test.sh` \
+         (or `eval \"$(scripts/test-services.sh start)\"`) to include PostgreSQL"
+    ));
     false
+}
+
+/// Prints `SKIPPED <test>: <why>` where the person running the tests sees it. The
+/// test harness captures what `eprintln!` prints in a passing test and never shows
+/// it, so the line is written to the process's stderr directly, once per skipped
+/// test. (Stable libtest cannot mark a test ignored at run time; the test itself is
+/// still counted as passed.)
+pub fn report_skipped(why: &str) {
+    use std::io::Write as _;
+    let thread = std::thread::current();
+    // libtest names each test's thread after the test (not with --test-threads=1).
+    let test = match thread.name() {
+        Some(name) if name != "main" => name,
+        _ => "a PostgreSQL test",
+    };
+    let line = format!("SKIPPED {test}: {why}\n");
+    let _ = std::io::stderr().lock().write_all(line.as_bytes());
 }
 
 /// Runs one async test body against both backends: generates a module `$name`
