@@ -159,12 +159,18 @@ impl Store {
         let grace = match used_at {
             None => false,
             Some(used_at) if now.saturating_sub(used_at) <= grace_ms => {
-                // Within the window only while the chain has not moved on.
+                // Within the window only while the chain has not moved on: no token
+                // issued since this one was consumed (its successor was created in
+                // that same transaction, at `used_at`) has been consumed. Comparing
+                // creation with consumption, not two consumption times, stays right
+                // when both fall in the same millisecond.
                 let later: Option<(i64,)> = sqlx::query_as(
                     "SELECT used_at FROM refresh_tokens \
-                     WHERE session_id = $1 AND used_at > $2 LIMIT 1",
+                     WHERE session_id = $1 AND token_hash <> $2 AND created_at >= $3 \
+                     AND used_at IS NOT NULL LIMIT 1",
                 )
                 .bind(&session_id)
+                .bind(hash)
                 .bind(used_at)
                 .fetch_optional(&mut *tx)
                 .await?;
