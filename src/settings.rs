@@ -42,6 +42,12 @@ pub struct ServerSettings {
     pub request_timeout_ms: u64,
     /// How long a graceful shutdown waits for in-flight requests, in seconds.
     pub shutdown_timeout_secs: u64,
+    /// How long a new connection may take to send its first request's headers (or
+    /// the HTTP/2 preface), in milliseconds; slower clients get `408` and are closed.
+    pub header_timeout_ms: u64,
+    /// Most open connections (HTTP and WebSocket); more get `503`. Kept below the
+    /// process's open file limit (`ulimit -n`), with room for the store and logs.
+    pub max_connections: usize,
 }
 
 /// The listen address of the embedded default.
@@ -52,6 +58,10 @@ pub const DEFAULT_MAX_REQUEST_BYTES: usize = 1024 * 1024;
 pub const DEFAULT_REQUEST_TIMEOUT_MS: u64 = 30_000;
 /// Graceful shutdown waits 30 s for in-flight requests.
 pub const DEFAULT_SHUTDOWN_TIMEOUT_SECS: u64 = 30;
+/// A new connection has 5 s to send its request headers.
+pub const DEFAULT_HEADER_TIMEOUT_MS: u64 = 5_000;
+/// At most 10,000 open connections (lowered to fit the file descriptor limit).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 
 impl Default for ServerSettings {
     fn default() -> Self {
@@ -63,6 +73,8 @@ impl Default for ServerSettings {
             max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
             request_timeout_ms: DEFAULT_REQUEST_TIMEOUT_MS,
             shutdown_timeout_secs: DEFAULT_SHUTDOWN_TIMEOUT_SECS,
+            header_timeout_ms: DEFAULT_HEADER_TIMEOUT_MS,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
         }
     }
 }
@@ -272,6 +284,26 @@ pub struct RealtimeSettings {
     pub send_rate_per_sec: u32,
     /// Sends a user may burst above the rate.
     pub send_burst: u32,
+    /// Most WebSocket connections from one peer address; 0: no limit. Behind a
+    /// reverse proxy every connection comes from the proxy: set 0 and limit there.
+    pub max_connections_per_ip: usize,
+    /// Most WebSocket connections of one user (or API key); 0: no limit.
+    pub max_connections_per_user: usize,
+    /// Most WebSocket connections that have not authenticated yet; 0: no limit.
+    pub max_unauthenticated: usize,
+    /// Browser origins allowed to open WebSockets besides the server's own (an
+    /// `Origin` whose host is the request's `Host`), e.g. `["https://chat.example.com"]`;
+    /// `["*"]` allows any. Clients that send no `Origin` (not browsers) are allowed.
+    pub allowed_origins: Vec<String>,
+    /// A connection whose socket accepted no bytes for this long is dropped, in
+    /// milliseconds (its peer stopped reading).
+    pub write_stall_timeout_ms: u64,
+    /// Most bytes queued for one connection (replies, catch-up pages and pushes)
+    /// before it is closed with TOO_SLOW.
+    pub max_write_queue_bytes: usize,
+    /// Path of a WebSocket echo endpoint over roomcast's own framing, for protocol
+    /// conformance tests (the Autobahn suite); "" (the default) turns it off.
+    pub echo_path: String,
 }
 
 impl Default for RealtimeSettings {
@@ -288,6 +320,13 @@ impl Default for RealtimeSettings {
             max_catch_up_rounds: 8,
             send_rate_per_sec: 20,
             send_burst: 40,
+            max_connections_per_ip: 256,
+            max_connections_per_user: 32,
+            max_unauthenticated: 1024,
+            allowed_origins: Vec::new(),
+            write_stall_timeout_ms: 30_000,
+            max_write_queue_bytes: 8 * 1024 * 1024,
+            echo_path: String::new(),
         }
     }
 }
@@ -472,6 +511,24 @@ impl Settings {
         }
         if rt.send_rate_per_sec == 0 || rt.send_burst == 0 {
             return bad("realtime.send_rate_per_sec", "rate limits must be positive");
+        }
+        if self.server.header_timeout_ms == 0 {
+            return bad("server.header_timeout_ms", "must be positive");
+        }
+        if self.server.max_connections == 0 {
+            return bad("server.max_connections", "must be at least 1");
+        }
+        if rt.write_stall_timeout_ms == 0 || rt.max_write_queue_bytes == 0 {
+            return bad(
+                "realtime.write_stall_timeout_ms",
+                "write limits must be positive",
+            );
+        }
+        if !rt.echo_path.is_empty() && (!rt.echo_path.starts_with('/') || rt.echo_path == "/ws") {
+            return bad(
+                "realtime.echo_path",
+                "must be empty or a path starting with `/` other than /ws",
+            );
         }
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return bad("log.format", "must be `text` or `json`");

@@ -26,7 +26,6 @@ use actix::{
     fut::WrapFuture as _, Actor, ActorContext as _, ActorFutureExt as _, Addr, AsyncContext as _,
     Handler, SpawnHandle, StreamHandler,
 };
-use actix_web_actors::ws;
 use prost::Message as _;
 
 use super::{
@@ -44,6 +43,10 @@ use crate::{
     ids::{now_ms, RoomId},
     proto::v1 as pb,
     protocol::{self, close, FrameCodec, RoomEvent, WireFrame},
+    ws::{
+        decoder::{Message as WsMessage, CLOSE_TOO_BIG},
+        transport::{ReadError, Transport},
+    },
 };
 
 use pb::server_frame::Kind as Out;
@@ -60,8 +63,10 @@ const TYPING_INTERVAL: Duration = Duration::from_millis(1000);
 /// Lag rounds are counted over this window to decide a client is too slow.
 const LAG_WINDOW: Duration = Duration::from_secs(60);
 
-/// The connection's actor context; the transport's framing lives behind it.
-type Ctx = ws::WebsocketContext<Connection>;
+/// The connection's actor context: a plain one. The socket is driven by
+/// [`crate::ws::transport`]: its reader is a stream of this actor, its writes go
+/// through [`Connection::write`] into a queue that never blocks the actor.
+type Ctx = actix::Context<Connection>;
 
 static NEXT_CONNECTION_ID: AtomicU64 = AtomicU64::new(1);
 
@@ -111,13 +116,25 @@ pub struct Connection {
     expiry: Option<SpawnHandle>,
     lags: VecDeque<Instant>,
     next_generation: u64,
+    /// The write side of the socket.
+    transport: Transport,
 }
 
 impl Connection {
-    pub fn new(state: AppState, codec: FrameCodec, token: Option<String>) -> Self {
+    /// A connection writing through `transport`; its reader must be added to the
+    /// actor's context as a stream.
+    pub fn new(
+        state: AppState,
+        codec: FrameCodec,
+        token: Option<String>,
+        transport: Transport,
+    ) -> Self {
         let gauge = Arc::new(OutboundGauge::new(
             state.settings.realtime.outbound_queue_bytes,
         ));
+        // Bytes queued for the socket count against the same budget as pushes
+        // waiting in the mailbox: a peer that stops reading lags.
+        transport.attach_gauge(gauge.clone());
         Self {
             id: NEXT_CONNECTION_ID.fetch_add(1, Ordering::Relaxed),
             state,
@@ -131,6 +148,7 @@ impl Connection {
             expiry: None,
             lags: VecDeque::new(),
             next_generation: 1,
+            transport,
         }
     }
 
@@ -142,9 +160,18 @@ impl Connection {
     }
 
     fn write(&self, ctx: &mut Ctx, wire: WireFrame) {
-        match wire {
-            WireFrame::Text(text) => ctx.text(text),
-            WireFrame::Binary(bytes) => ctx.binary(bytes),
+        let queued = match wire {
+            WireFrame::Text(text) => self.transport.text(text),
+            WireFrame::Binary(bytes) => self.transport.binary(bytes),
+        };
+        if let Err(full) = queued {
+            // The peer reads slower than catch-up and replies fill its queue.
+            tracing::debug!(conn = self.id, %full, "write queue over budget; closing");
+            self.transport.close(
+                Some(close::TOO_SLOW),
+                "the connection cannot keep up; reconnect and resume",
+            );
+            ctx.stop();
         }
     }
 
@@ -156,13 +183,7 @@ impl Connection {
         self.send_frame(ctx, &protocol::reply(id, kind));
     }
 
-    fn reply_error(
-        &self,
-        ctx: &mut Ctx,
-        id: u64,
-        error: &ApiError,
-        room_id: &str,
-    ) {
+    fn reply_error(&self, ctx: &mut Ctx, id: u64, error: &ApiError, room_id: &str) {
         let kind = Out::Error(pb::Error {
             code: error.code.as_str().to_owned(),
             message: error.message.clone(),
@@ -173,10 +194,7 @@ impl Connection {
 
     fn close(&mut self, ctx: &mut Ctx, code: u16, reason: &str) {
         tracing::debug!(conn = self.id, code, reason, "closing connection");
-        ctx.close(Some(ws::CloseReason {
-            code: ws::CloseCode::Other(code),
-            description: Some(reason.to_owned()),
-        }));
+        self.transport.close(Some(code), reason);
         ctx.stop();
     }
 
@@ -190,12 +208,7 @@ impl Connection {
 
     // --- authentication -------------------------------------------------------
 
-    fn authenticate(
-        &mut self,
-        ctx: &mut Ctx,
-        request_id: Option<u64>,
-        token: String,
-    ) {
+    fn authenticate(&mut self, ctx: &mut Ctx, request_id: Option<u64>, token: String) {
         let auth = self.state.auth.clone();
         ctx.wait(
             async move { auth.send(Authenticate { bearer: token }).await }
@@ -221,12 +234,7 @@ impl Connection {
         );
     }
 
-    fn authenticated(
-        &mut self,
-        ctx: &mut Ctx,
-        request_id: Option<u64>,
-        principal: Principal,
-    ) {
+    fn authenticated(&mut self, ctx: &mut Ctx, request_id: Option<u64>, principal: Principal) {
         let first = self.principal.is_none();
         if let Some(timer) = self.expiry.take() {
             ctx.cancel_future(timer);
@@ -243,6 +251,13 @@ impl Connection {
             }));
         }
         if first {
+            // The per-user connection cap (crate::admission).
+            if let Err(refusal) = self.transport.admit_user(&principal.user_id.0) {
+                let error = ApiError::exhausted(refusal.to_string());
+                self.reply_error(ctx, request_id.unwrap_or(0), &error, "");
+                self.close(ctx, close::TOO_MANY_CONNECTIONS, &error.message);
+                return;
+            }
             let session_id = match &principal.credential {
                 Credential::Session(id) => Some(id.clone()),
                 _ => None,
@@ -391,13 +406,7 @@ impl Connection {
 
     // --- subscriptions ---------------------------------------------------------
 
-    fn subscribe(
-        &mut self,
-        ctx: &mut Ctx,
-        id: u64,
-        principal: Principal,
-        req: pb::Subscribe,
-    ) {
+    fn subscribe(&mut self, ctx: &mut Ctx, id: u64, principal: Principal, req: pb::Subscribe) {
         let room_id = RoomId(req.room_id.clone());
         if self.subs.contains_key(&room_id) {
             self.reply_error(
@@ -456,12 +465,7 @@ impl Connection {
     }
 
     /// Sends `Subscribe` to the room for the subscription's current position.
-    fn register(
-        &mut self,
-        ctx: &mut Ctx,
-        room_id: &RoomId,
-        live_only: bool,
-    ) {
+    fn register(&mut self, ctx: &mut Ctx, room_id: &RoomId, live_only: bool) {
         let generation = self.next_generation;
         self.next_generation += 1;
         let subscriber = Subscriber {
@@ -537,24 +541,14 @@ impl Connection {
         );
     }
 
-    fn drop_sub(
-        &mut self,
-        ctx: &mut Ctx,
-        room_id: &RoomId,
-        error: &ApiError,
-    ) {
+    fn drop_sub(&mut self, ctx: &mut Ctx, room_id: &RoomId, error: &ApiError) {
         if let Some(sub) = self.subs.remove(room_id) {
             sub.room.do_send(Unsubscribe { conn_id: self.id });
             self.reply_error(ctx, sub.pending_reply.unwrap_or(0), error, &room_id.0);
         }
     }
 
-    fn registered(
-        &mut self,
-        ctx: &mut Ctx,
-        room_id: &RoomId,
-        reply: SubscribeReply,
-    ) {
+    fn registered(&mut self, ctx: &mut Ctx, room_id: &RoomId, reply: SubscribeReply) {
         let last_seq = match &reply {
             SubscribeReply::Live { last_seq, .. } | SubscribeReply::Behind { last_seq } => {
                 *last_seq
@@ -614,12 +608,7 @@ impl Connection {
 
     /// Writes one event if it is the next one; on a gap, goes back to catch-up.
     /// Returns false when the subscription left the live phase.
-    fn deliver(
-        &mut self,
-        ctx: &mut Ctx,
-        room_id: &RoomId,
-        event: &Arc<RoomEvent>,
-    ) -> bool {
+    fn deliver(&mut self, ctx: &mut Ctx, room_id: &RoomId, event: &Arc<RoomEvent>) -> bool {
         let Some(sub) = self.subs.get_mut(room_id) else {
             return false;
         };
@@ -638,12 +627,7 @@ impl Connection {
     }
 
     /// Leaves the room's live delivery and resumes from the last delivered event.
-    fn restart_delivery(
-        &mut self,
-        ctx: &mut Ctx,
-        room_id: &RoomId,
-        lagged: bool,
-    ) {
+    fn restart_delivery(&mut self, ctx: &mut Ctx, room_id: &RoomId, lagged: bool) {
         let Some(sub) = self.subs.get_mut(room_id) else {
             return;
         };
@@ -721,7 +705,7 @@ impl Connection {
 }
 
 impl Actor for Connection {
-    type Context = ws::WebsocketContext<Self>;
+    type Context = Ctx;
 
     fn started(&mut self, ctx: &mut Self::Context) {
         let rt = self.state.settings.realtime.clone();
@@ -732,7 +716,7 @@ impl Actor for Connection {
                 if act.last_heard.elapsed() > Duration::from_millis(rt.idle_timeout_ms) {
                     act.close(ctx, close::IDLE_TIMEOUT, "no heartbeat received");
                 } else {
-                    ctx.ping(b"");
+                    act.transport.ping(b"");
                 }
             },
         );
@@ -759,12 +743,12 @@ impl Actor for Connection {
     }
 }
 
-impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for Connection {
-    fn handle(&mut self, item: Result<ws::Message, ws::ProtocolError>, ctx: &mut Self::Context) {
+impl StreamHandler<Result<WsMessage, ReadError>> for Connection {
+    fn handle(&mut self, item: Result<WsMessage, ReadError>, ctx: &mut Self::Context) {
         self.last_heard = Instant::now();
         let message = match item {
             Ok(message) => message,
-            Err(ws::ProtocolError::Overflow) => {
+            Err(ReadError::Protocol(e)) if e.code == CLOSE_TOO_BIG => {
                 let limit = self.state.settings.realtime.max_frame_bytes;
                 self.close(
                     ctx,
@@ -773,34 +757,36 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for Connection {
                 );
                 return;
             }
-            Err(e) => {
+            Err(ReadError::Protocol(e)) => {
                 self.close(
                     ctx,
-                    close::PROTOCOL_ERROR,
-                    &format!("WebSocket protocol error: {e}"),
+                    e.code,
+                    &format!("WebSocket protocol error: {}", e.reason),
                 );
+                return;
+            }
+            Err(ReadError::Lost(why)) => {
+                tracing::debug!(conn = self.id, %why, "connection lost");
+                ctx.stop();
                 return;
             }
         };
         match message {
-            ws::Message::Text(text) => match serde_json::from_str::<pb::ClientFrame>(&text) {
+            WsMessage::Text(text) => match serde_json::from_str::<pb::ClientFrame>(&text) {
                 Ok(frame) => self.on_frame(ctx, frame),
                 Err(e) => self.malformed(ctx, 0, format!("malformed JSON frame: {e}")),
             },
-            ws::Message::Binary(bytes) => match pb::ClientFrame::decode(bytes) {
+            WsMessage::Binary(bytes) => match pb::ClientFrame::decode(bytes) {
                 Ok(frame) => self.on_frame(ctx, frame),
                 Err(e) => self.malformed(ctx, 0, format!("malformed protobuf frame: {e}")),
             },
-            ws::Message::Ping(payload) => ctx.pong(&payload),
-            ws::Message::Pong(_) => {}
-            ws::Message::Close(reason) => {
-                ctx.close(reason);
+            WsMessage::Ping(payload) => self.transport.pong(payload),
+            WsMessage::Pong(_) => {}
+            WsMessage::Close(frame) => {
+                // Answer the close handshake with the client's own code.
+                self.transport.close(frame.map(|f| f.code), "");
                 ctx.stop();
             }
-            ws::Message::Continuation(_) => {
-                self.malformed(ctx, 0, "fragmented frames are not supported".into());
-            }
-            ws::Message::Nop => {}
         }
     }
 }
