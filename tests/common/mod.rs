@@ -305,6 +305,20 @@ impl TestServer {
         }
     }
 
+    /// Stops the server the way SIGTERM does: live WebSockets are closed with the
+    /// "shutting down" code, then the HTTP server drains (for at most
+    /// `server.shutdown_timeout_secs`). Answers how long that took.
+    pub async fn stop_gracefully(&self) -> Duration {
+        let started = Instant::now();
+        let _ = self
+            .state
+            .sessions
+            .send(roomcast::actors::session_registry::CloseAll)
+            .await;
+        self.handle.stop(true).await;
+        started.elapsed()
+    }
+
     /// `http://127.0.0.1:PORT`.
     pub fn base_url(&self) -> String {
         format!("http://{}", self.addr)
