@@ -322,3 +322,18 @@ pub async fn create_user(
     state.store.close().await;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_connection_cap_fits_under_the_open_file_limit() {
+        let Some(limit) = raise_fd_limit() else {
+            return; // unlimited or unreadable: nothing to fit under
+        };
+        let cap = connection_cap(usize::MAX);
+        assert!(cap as u64 <= limit.saturating_sub(RESERVED_FDS as u64).max(1));
+        assert_eq!(connection_cap(1), 1, "a cap that fits is kept");
+    }
+}
