@@ -49,7 +49,7 @@ use crate::{
 const READ_BUF_INITIAL: usize = 1024;
 /// A read buffer that grew past this for a big frame is replaced by a small one
 /// once that frame was decoded.
-const READ_BUF_KEEP: usize = 8 * 1024;
+const READ_BUF_KEEP: usize = 4 * 1024;
 /// Bytes each read asks for at least (more when a bigger frame is in flight).
 const READ_CHUNK: usize = 1024;
 /// Most bytes gathered into one `writev`.
@@ -135,10 +135,10 @@ pub fn split(io: TcpStream, read_buf: BytesMut, limits: Limits) -> (Reader, Tran
         gauge: OnceLock::new(),
         ticket: OnceLock::new(),
     });
-    let mut buf = read_buf;
-    if buf.capacity() > READ_BUF_KEEP && buf.len() <= READ_BUF_INITIAL {
-        buf = BytesMut::from(&buf[..]);
-    }
+    // The HTTP/1 dispatcher's read buffer is large; keep only what it read ahead.
+    let mut buf = BytesMut::with_capacity(READ_BUF_INITIAL.max(read_buf.len()));
+    buf.extend_from_slice(&read_buf);
+    drop(read_buf);
     let reader = Reader {
         io: io.clone(),
         buf,
