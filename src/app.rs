@@ -125,6 +125,7 @@ pub async fn start(settings: Settings, listener: TcpListener) -> Result<Running,
         unauthenticated: settings.realtime.max_unauthenticated,
     });
     let header_timeout = Duration::from_millis(settings.server.header_timeout_ms);
+    let request_timeout = Duration::from_millis(settings.server.request_timeout_ms);
     let workers = match settings.server.workers {
         0 => std::thread::available_parallelism().map_or(2, usize::from),
         n => n,
@@ -161,7 +162,12 @@ pub async fn start(settings: Settings, listener: TcpListener) -> Result<Running,
                 .local_addr(local_addr)
                 .upgrade(upgrade)
                 .finish(map_config(app, |_| AppConfig::default()));
-            http::accept::connection_service(service, admission.clone(), header_timeout)
+            http::accept::connection_service(
+                service,
+                admission.clone(),
+                header_timeout,
+                header_timeout + request_timeout,
+            )
         })
         .map_err(|e| StartError::Listen {
             addr: local_addr.to_string(),

@@ -44,6 +44,8 @@ pub struct ServerSettings {
     pub shutdown_timeout_secs: u64,
     /// How long a new connection may take to send its first request's headers (or
     /// the HTTP/2 preface), in milliseconds; slower clients get `408` and are closed.
+    /// A later request on a keep-alive connection may take this plus
+    /// `request_timeout_ms` from its first byte until its answer starts.
     pub header_timeout_ms: u64,
     /// Most open connections (HTTP and WebSocket); more get `503`. Kept below the
     /// process's open file limit (`ulimit -n`), with room for the store and logs.

@@ -91,6 +91,59 @@ async fn slow_headers_are_cut_off_after_the_header_timeout() {
 }
 
 #[tokio::test]
+async fn slow_headers_of_a_later_request_are_cut_off_too() {
+    let server = TestServer::spawn_with(Backend::Sqlite, |s| {
+        s.server.header_timeout_ms = 300;
+        s.server.request_timeout_ms = 700;
+    })
+    .await;
+    let mut stream = TcpStream::connect(server.addr).await.expect("connect");
+    // A first request, answered on a keep-alive connection.
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("first request");
+    let mut answer = vec![0u8; 4096];
+    let n = tokio::time::timeout(WAIT, stream.read(&mut answer))
+        .await
+        .expect("an answer in time")
+        .expect("read");
+    assert!(
+        answer[..n].starts_with(b"HTTP/1.1 200"),
+        "{:?}",
+        String::from_utf8_lossy(&answer[..n])
+    );
+    // Then the second request, one byte every 100 ms (it would take 6 s), while
+    // the keep-alive timer no longer applies.
+    let request = format!(
+        "GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: {}\r\n\r\n",
+        "a".repeat(30)
+    );
+    let started = Instant::now();
+    let mut cut_off = false;
+    for byte in request.as_bytes() {
+        if stream.write_all(&[*byte]).await.is_err() {
+            cut_off = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut probe = [0u8; 1];
+        if let Ok(Ok(0) | Err(_)) =
+            tokio::time::timeout(Duration::from_millis(1), stream.read(&mut probe)).await
+        {
+            cut_off = true;
+            break;
+        }
+    }
+    assert!(cut_off, "the trickling connection was closed");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "closed after header + request timeout, not after the whole request ({:?})",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
 async fn connections_past_the_cap_get_503() {
     let server = TestServer::spawn_with(Backend::Sqlite, |s| s.server.max_connections = 3).await;
     let mut held = Vec::new();

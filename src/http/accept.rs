@@ -3,12 +3,32 @@
 //! `server.header_timeout_ms` to send its first bytes, and is served as HTTP/2 when
 //! those bytes are the HTTP/2 connection preface (cleartext "prior knowledge", as
 //! gRPC and Connect clients send it), else as HTTP/1.x.
+//!
+//! actix-http's header timeout covers only a connection's first request. On an
+//! HTTP/1 connection, a [`WatchedStream`] closes that gap: a request that has been
+//! arriving (or waiting for its answer) for longer than `server.header_timeout_ms`
+//! plus `server.request_timeout_ms` ends the connection, so a client cannot hold it
+//! by trickling the headers of its second request. A WebSocket upgrade takes the
+//! socket out of the watch.
 
-use std::{net::SocketAddr, rc::Rc, sync::Arc, time::Duration};
+use std::{
+    cell::Cell,
+    io,
+    net::SocketAddr,
+    pin::Pin,
+    rc::Rc,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
 
 use actix_http::Protocol;
 use actix_service::{fn_factory, fn_service, Service, ServiceFactory};
-use tokio::{io::AsyncWriteExt as _, net::TcpStream};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, AsyncWriteExt as _, ReadBuf},
+    net::TcpStream,
+    time::Instant,
+};
 
 use crate::admission::{Admission, Refusal};
 
@@ -19,16 +39,18 @@ const PEEK_INTERVAL: Duration = Duration::from_millis(5);
 /// How long the `503` for a connection over the cap may take to write.
 const REFUSAL_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// Wraps the HTTP service factory with the connection cap, the first-bytes deadline
-/// and the HTTP/1 or HTTP/2 choice.
+/// Wraps the HTTP service factory with the connection cap, the first-bytes deadline,
+/// the HTTP/1 or HTTP/2 choice, and (HTTP/1) the per-request watch: a request may
+/// take `request_limit` from its first byte to the first byte of its answer.
 pub fn connection_service<F>(
     http: F,
     admission: Arc<Admission>,
     header_timeout: Duration,
+    request_limit: Duration,
 ) -> impl ServiceFactory<TcpStream, Config = (), Response = (), Error = (), InitError = ()>
 where
     F: ServiceFactory<
-            (TcpStream, Protocol, Option<SocketAddr>),
+            (WatchedStream, Protocol, Option<SocketAddr>),
             Config = (),
             Response = (),
             Error = actix_http::error::DispatchError,
@@ -58,8 +80,29 @@ where
                     };
                     let _ = io.set_nodelay(true);
                     let peer = io.peer_addr().ok();
-                    if let Err(e) = service.call((io, protocol, peer)).await {
-                        tracing::debug!(error = ?e, "connection ended with an error");
+                    let activity = Rc::new(Activity::default());
+                    let io = WatchedStream {
+                        io,
+                        activity: activity.clone(),
+                    };
+                    let serve = service.call((io, protocol, peer));
+                    let result = if protocol == Protocol::Http1 {
+                        tokio::select! {
+                            result = serve => Some(result),
+                            () = watch(&activity, request_limit) => None,
+                        }
+                    } else {
+                        Some(serve.await)
+                    };
+                    match result {
+                        Some(Err(e)) => {
+                            tracing::debug!(error = ?e, "connection ended with an error")
+                        }
+                        None => tracing::debug!(
+                            limit = ?request_limit,
+                            "a request took too long to arrive and be answered; closing"
+                        ),
+                        Some(Ok(())) => {}
                     }
                     drop(permit);
                     Ok(())
@@ -114,4 +157,103 @@ async fn refuse(mut io: TcpStream, refusal: &Refusal) {
         io.shutdown().await
     };
     let _ = tokio::time::timeout(REFUSAL_WRITE_TIMEOUT, write).await;
+}
+
+/// What the watch knows about a connection.
+#[derive(Default)]
+struct Activity {
+    /// When the request being received began: the first bytes read after the
+    /// last bytes written. `None` while the connection is idle or answering.
+    request_since: Cell<Option<Instant>>,
+    /// Set once a WebSocket upgrade took the socket: no more watching.
+    detached: Cell<bool>,
+}
+
+/// Completes when a request has been pending for longer than `limit`; never once
+/// the socket was detached.
+async fn watch(activity: &Activity, limit: Duration) {
+    loop {
+        if activity.detached.get() {
+            return std::future::pending().await;
+        }
+        match activity.request_since.get() {
+            Some(since) if since.elapsed() >= limit => return,
+            Some(since) => tokio::time::sleep_until(since + limit).await,
+            None => tokio::time::sleep(limit).await,
+        }
+    }
+}
+
+/// A TCP stream whose reads and writes are watched (see the module docs).
+pub struct WatchedStream {
+    io: TcpStream,
+    activity: Rc<Activity>,
+}
+
+impl WatchedStream {
+    /// Takes the socket out of the watch (a WebSocket upgrade).
+    pub fn into_inner(self) -> TcpStream {
+        self.activity.detached.set(true);
+        self.io
+    }
+}
+
+impl AsyncRead for WatchedStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let poll = Pin::new(&mut self.io).poll_read(cx, buf);
+        if matches!(poll, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            let activity = &self.activity;
+            if activity.request_since.get().is_none() {
+                activity.request_since.set(Some(Instant::now()));
+            }
+        }
+        poll
+    }
+}
+
+impl WatchedStream {
+    fn wrote(&self, poll: &Poll<io::Result<usize>>) {
+        if matches!(poll, Poll::Ready(Ok(n)) if *n > 0) {
+            self.activity.request_since.set(None);
+        }
+    }
+}
+
+impl AsyncWrite for WatchedStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let poll = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.wrote(&poll);
+        poll
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let poll = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.wrote(&poll);
+        poll
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
 }

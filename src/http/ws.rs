@@ -29,9 +29,11 @@ use actix_http::{
 use actix_web::HttpResponse;
 use bytes::Bytes;
 use futures_util::SinkExt as _;
-use tokio::net::TcpStream;
 
-use super::connect::{bearer_token, error_response};
+use super::{
+    accept::WatchedStream,
+    connect::{bearer_token, error_response},
+};
 use crate::{
     actors::connection::Connection,
     admission::{Admission, Refusal},
@@ -103,23 +105,25 @@ pub struct UpgradeContext {
 pub fn upgrade_service(
     context: UpgradeContext,
 ) -> impl actix_service::ServiceFactory<
-    (Request, Framed<TcpStream, Codec>),
+    (Request, Framed<WatchedStream, Codec>),
     Config = (),
     Response = (),
     Error = actix_http::Error,
     InitError = (),
 > {
-    actix_service::fn_service(move |(req, framed): (Request, Framed<TcpStream, Codec>)| {
-        let context = context.clone();
-        async move {
-            upgrade(context, req, framed).await;
-            Ok::<_, actix_http::Error>(())
-        }
-    })
+    actix_service::fn_service(
+        move |(req, framed): (Request, Framed<WatchedStream, Codec>)| {
+            let context = context.clone();
+            async move {
+                upgrade(context, req, framed).await;
+                Ok::<_, actix_http::Error>(())
+            }
+        },
+    )
 }
 
 /// Answers one upgrade request; for an accepted WebSocket, runs it to its end.
-async fn upgrade(context: UpgradeContext, req: Request, mut framed: Framed<TcpStream, Codec>) {
+async fn upgrade(context: UpgradeContext, req: Request, mut framed: Framed<WatchedStream, Codec>) {
     let settings = &context.state.settings;
     let path = req.path().to_owned();
     let echo_path = &settings.realtime.echo_path;
@@ -160,7 +164,8 @@ async fn upgrade(context: UpgradeContext, req: Request, mut framed: Framed<TcpSt
             return;
         }
         let parts = framed.into_parts();
-        let (reader, transport, writer) = transport::split(parts.io, parts.read_buf, limits);
+        let (reader, transport, writer) =
+            transport::split(parts.io.into_inner(), parts.read_buf, limits);
         return echo::run(reader, transport, writer).await;
     }
     let codec = match choose_codec(req.headers()) {
@@ -198,7 +203,8 @@ async fn upgrade(context: UpgradeContext, req: Request, mut framed: Framed<TcpSt
     // Whatever the client sent after its request (its first frames) is in the
     // HTTP codec's read buffer: the reader starts with it.
     let parts = framed.into_parts();
-    let (reader, transport, writer) = transport::split(parts.io, parts.read_buf, limits);
+    let (reader, transport, writer) =
+        transport::split(parts.io.into_inner(), parts.read_buf, limits);
     transport.hold_ticket(ticket);
     let state = context.state.clone();
     Connection::create(move |ctx| {
@@ -211,7 +217,7 @@ async fn upgrade(context: UpgradeContext, req: Request, mut framed: Framed<TcpSt
 }
 
 /// Answers with a Connect error and closes the connection.
-async fn refuse(framed: &mut Framed<TcpStream, Codec>, error: &ApiError, status: Option<u16>) {
+async fn refuse(framed: &mut Framed<WatchedStream, Codec>, error: &ApiError, status: Option<u16>) {
     let status = status.unwrap_or_else(|| error.code.http_status());
     let body = serde_json::json!({ "code": error.code.as_str(), "message": error.message });
     let body = Bytes::from(body.to_string());
@@ -231,7 +237,7 @@ async fn refuse(framed: &mut Framed<TcpStream, Codec>, error: &ApiError, status:
 
 /// Writes an HTTP/1.1 response head and body through the dispatcher's codec.
 async fn answer(
-    framed: &mut Framed<TcpStream, Codec>,
+    framed: &mut Framed<WatchedStream, Codec>,
     response: Response<()>,
     body: Bytes,
 ) -> std::io::Result<()> {
