@@ -379,3 +379,74 @@ async fn a_client_that_never_reads_is_dropped_and_stalls_nobody() {
     assert!(took < Duration::from_secs(10), "shutdown took {took:?}");
     assert!(closed_within(&mut other, WAIT).await);
 }
+
+#[tokio::test]
+async fn a_slow_reader_catching_up_a_long_history_is_paced_not_closed() {
+    const MESSAGES: u64 = 2000;
+    let server = TestServer::spawn_with(Backend::Sqlite, |s| {
+        s.realtime.send_rate_per_sec = 100_000;
+        s.realtime.send_burst = 100_000;
+        s.realtime.outbound_queue_bytes = 64 * 1024;
+        // More than one catch-up page (256 events), far less than the history
+        // (7 MB: more than the kernel's socket buffers take, too).
+        s.realtime.max_write_queue_bytes = 2 * 1024 * 1024;
+        s.realtime.max_catch_up_rounds = 1000;
+        s.rooms.ring_size = 16;
+    })
+    .await;
+    let owner = server.sign_up(&common::unique_name("owner")).await;
+    let room = create_room(&server, &owner, pb::RoomKind::Public).await;
+    let text = "y".repeat(3500);
+    let server = std::sync::Arc::new(server);
+    let mut senders = Vec::new();
+    for t in 0..4 {
+        let (server, owner, room, text) =
+            (server.clone(), owner.clone(), room.clone(), text.clone());
+        senders.push(tokio::spawn(async move {
+            for i in 0..MESSAGES / 4 {
+                let id = format!("{t}-{i}");
+                send_http(&server, &owner, &room, &text, &id).await;
+            }
+        }));
+    }
+    for sender in senders {
+        sender.await.expect("sender");
+    }
+    // A reader with a tiny receive buffer that reads one frame per millisecond:
+    // catch-up from the store must wait for it rather than queue everything.
+    let reader = server.sign_up(&common::unique_name("reader")).await;
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("small buffer");
+    let mut stream = socket.connect(server.addr).await.expect("connect");
+    let header = format!("Authorization: Bearer {}\r\n", reader.access_token);
+    let answer = raw_ws::handshake(&mut stream, "/ws", &header).await;
+    assert_eq!(answer.status, 101, "{}", answer.text);
+    let subscribe = format!(r#"{{"id": 1, "subscribe": {{"roomId": "{room}", "sinceSeq": "0"}}}}"#);
+    stream
+        .write_all(&frame(true, 1, subscribe.as_bytes(), true))
+        .await
+        .expect("subscribe");
+    let mut next_seq = 1u64;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while next_seq <= MESSAGES {
+        assert!(Instant::now() < deadline, "stalled at seq {next_seq}");
+        let frame = read_frame(&mut stream, WAIT)
+            .await
+            .unwrap_or_else(|| panic!("connection ended at seq {next_seq}"));
+        assert_ne!(
+            frame.opcode,
+            8,
+            "closed at seq {next_seq}: {:?}",
+            frame.close_code()
+        );
+        if frame.opcode != 1 {
+            continue;
+        }
+        let value: serde_json::Value = serde_json::from_slice(&frame.payload).expect("JSON");
+        if let Some(seq) = value["message"]["seq"].as_str() {
+            assert_eq!(seq, next_seq.to_string(), "in order, no gap");
+            next_seq += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}

@@ -677,29 +677,37 @@ impl Connection {
         }
         let store = self.state.store.clone();
         let id = room_id.clone();
+        // The next page is read once the socket took most of the last one, so
+        // catch-up goes at the pace the client reads (crate::ws::transport).
+        let drained = self
+            .transport
+            .drained(self.state.settings.realtime.outbound_queue_bytes);
         ctx.spawn(
-            async move { store.messages_after(&id, after, upto, CATCH_UP_PAGE).await }
-                .into_actor(self)
-                .map(move |result, act, ctx| {
-                    if !act.is_current(&room_id, generation) {
-                        return;
-                    }
-                    match result {
-                        Ok(page) => {
-                            for record in &page {
-                                let frame = protocol::push(protocol::event_kind(record));
-                                act.send_frame(ctx, &frame);
-                            }
-                            let Some(sub) = act.subs.get_mut(&room_id) else {
-                                return;
-                            };
-                            // An empty page means the rest was pruned by retention.
-                            sub.delivered = page.last().map_or(upto, |r| r.seq);
-                            act.catch_up(ctx, room_id, upto);
+            async move {
+                drained.await;
+                store.messages_after(&id, after, upto, CATCH_UP_PAGE).await
+            }
+            .into_actor(self)
+            .map(move |result, act, ctx| {
+                if !act.is_current(&room_id, generation) {
+                    return;
+                }
+                match result {
+                    Ok(page) => {
+                        for record in &page {
+                            let frame = protocol::push(protocol::event_kind(record));
+                            act.send_frame(ctx, &frame);
                         }
-                        Err(e) => act.drop_sub(ctx, &room_id, &ApiError::from(e)),
+                        let Some(sub) = act.subs.get_mut(&room_id) else {
+                            return;
+                        };
+                        // An empty page means the rest was pruned by retention.
+                        sub.delivered = page.last().map_or(upto, |r| r.seq);
+                        act.catch_up(ctx, room_id, upto);
                     }
-                }),
+                    Err(e) => act.drop_sub(ctx, &room_id, &ApiError::from(e)),
+                }
+            }),
         );
     }
 }

@@ -33,7 +33,7 @@ use bytestring::ByteString;
 use futures_util::Stream;
 use tokio::{
     net::TcpStream,
-    sync::{mpsc, oneshot},
+    sync::{mpsc, oneshot, Notify},
 };
 
 use super::{
@@ -112,6 +112,9 @@ struct Shared {
     gauge: OnceLock<Arc<OutboundGauge>>,
     /// The connection's admission slots, returned when both halves are gone.
     ticket: OnceLock<WsTicket>,
+    /// Woken whenever the writer took bytes off the queue, and when it ends.
+    drained: Notify,
+    writer_done: AtomicBool,
 }
 
 impl Shared {
@@ -134,6 +137,8 @@ pub fn split(io: TcpStream, read_buf: BytesMut, limits: Limits) -> (Reader, Tran
         closing: AtomicBool::new(false),
         gauge: OnceLock::new(),
         ticket: OnceLock::new(),
+        drained: Notify::new(),
+        writer_done: AtomicBool::new(false),
     });
     // The HTTP/1 dispatcher's read buffer is large; keep only what it read ahead.
     let mut buf = BytesMut::with_capacity(READ_BUF_INITIAL.max(read_buf.len()));
@@ -263,6 +268,26 @@ impl Transport {
         self.shared.queued.load(Ordering::Acquire)
     }
 
+    /// Completes once at most `below` bytes are queued, or the writer is gone: a
+    /// producer that can wait (catch-up from the store) goes at the pace the
+    /// client reads instead of filling the queue.
+    pub fn drained(&self, below: usize) -> impl Future<Output = ()> + 'static {
+        let shared = self.shared.clone();
+        async move {
+            loop {
+                let notified = shared.drained.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                if shared.queued.load(Ordering::Acquire) <= below
+                    || shared.writer_done.load(Ordering::Acquire)
+                {
+                    return;
+                }
+                notified.await;
+            }
+        }
+    }
+
     /// Whether a close frame was queued (nothing is sent after it).
     pub fn is_closing(&self) -> bool {
         self.shared.closing.load(Ordering::Acquire)
@@ -369,6 +394,8 @@ impl Writer {
         while let Ok(frame) = self.rx.try_recv() {
             self.shared.release(frame.len());
         }
+        self.shared.writer_done.store(true, Ordering::Release);
+        self.shared.drained.notify_waiters();
         end
     }
 
@@ -393,6 +420,7 @@ impl Writer {
             for frame in batch.drain(..) {
                 self.shared.release(frame.len());
             }
+            self.shared.drained.notify_waiters();
             if let Err(end) = result {
                 return end;
             }
