@@ -204,7 +204,15 @@ autobahn() {
         rc=1
     else
         echo "echo endpoint: ws://$addr/autobahn-echo (server PID $pid)"
-        "$tool" "ws://$addr/autobahn-echo" "$dir/autobahn" || rc=$?
+        # The suite needs Python 2.7. Under pyenv, name 2.7.18 (with the system
+        # Python for python3) so the tool finds it whichever way it looks: its own
+        # `pyenv versions | grep -q` check can lose to SIGPIPE under pipefail.
+        local pyenv_version=${PYENV_VERSION:-}
+        if command -v pyenv >/dev/null 2>&1 &&
+            pyenv versions --bare 2>/dev/null | grep -x '2.7.18' >/dev/null; then
+            pyenv_version=2.7.18:system
+        fi
+        PYENV_VERSION=$pyenv_version "$tool" "ws://$addr/autobahn-echo" "$dir/autobahn" || rc=$?
     fi
     kill "$pid" 2>/dev/null || true
     wait "$pid" 2>/dev/null || true
