@@ -10,7 +10,9 @@
 # start target/release/roomcast on a free 127.0.0.1 port with its own SQLite file
 # in a temp dir, log level warn and the per-user send limit lifted
 # (ROOMCAST_REALTIME__SEND_RATE_PER_SEC / _SEND_BURST = 1000000: the default 20/s
-# would refuse most benchmark sends); run the scenario with
+# would refuse most benchmark sends) and the connection caps lifted (every
+# bench connection comes from 127.0.0.1; server.max_connections is still fitted
+# under the open-files limit); run the scenario with
 # target/release/roomcast-bench; stop that server by its PID. The temp dir goes at
 # the end. Nothing else is started or stopped, and every connection goes to
 # 127.0.0.1. A fresh server per scenario keeps one scenario's freed memory and
@@ -159,6 +161,10 @@ print(s.getsockname()[1])')
         ROOMCAST_REALTIME__SEND_BURST=1000000 \
         ROOMCAST_AUTH__SIGN_UP_IP_PER_HOUR=0 \
         ROOMCAST_AUTH__SIGN_IN_IP_PER_MINUTE=0 \
+        ROOMCAST_SERVER__MAX_CONNECTIONS=10000000 \
+        ROOMCAST_REALTIME__MAX_CONNECTIONS_PER_IP=0 \
+        ROOMCAST_REALTIME__MAX_CONNECTIONS_PER_USER=0 \
+        ROOMCAST_REALTIME__MAX_UNAUTHENTICATED=0 \
         target/release/roomcast serve >"$log_prefix.$name.server.log" 2>&1 &
     server_pid=$!
     for _ in $(seq 1 300); do

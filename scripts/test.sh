@@ -15,6 +15,9 @@
 #                                  generated from src/proto against a live
 #                                  server, JSON and binary; needs Node.js >= 18
 #                                  and npm, installed with apt if missing)
+#     ../shared/tools/autobahn.sh (only when no EXTRA: the Autobahn WebSocket
+#                                  conformance suite against the server's echo
+#                                  endpoint, realtime.echo_path; needs Python 2.7)
 # with ROOMCAST_TEST_POSTGRES_URL and ROOMCAST_TEST_REDIS_URL exported, so the
 # tests run against SQLite and PostgreSQL (and Redis). PostgreSQL is required:
 # if it cannot be installed or started the script fails, and
@@ -29,6 +32,7 @@
 #     ROOMCAST_TEST_THREADS=N     --test-threads for cargo test (default 4)
 #     ROOMCAST_TEST_SKIP_LINT=1   skip fmt and clippy (local iteration only)
 #     ROOMCAST_TEST_SKIP_CONNECT_ES=1  skip the connect-es step (local iteration only)
+#     ROOMCAST_TEST_SKIP_AUTOBAHN=1    skip the autobahn step (local iteration only)
 set -euo pipefail
 
 repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -40,7 +44,7 @@ if (($# > 0)); then
     case $1 in
     --) shift ;;
     -h | --help)
-        sed -n '2,25p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+        sed -n '2,28p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
         exit 0
         ;;
     esac
@@ -178,6 +182,62 @@ elif [[ ${ROOMCAST_TEST_SKIP_CONNECT_ES:-0} == 1 ]]; then
     echo "ROOMCAST_TEST_SKIP_CONNECT_ES=1: skipping the connect-es step" >&2
 else
     run_step "connect-es" connect_es
+fi
+
+# shellcheck disable=SC2317  # invoked through run_step
+autobahn() {
+    # The Autobahn|Testsuite against an echo endpoint built on roomcast's own
+    # WebSocket framing (src/ws/): the roomcast binary with realtime.echo_path
+    # set, on an ephemeral loopback port, with its own temp data directory.
+    local tool=$repo_root/../shared/tools/autobahn.sh
+    if [[ ! -x $tool ]]; then
+        echo "ERROR: $tool not found (CI has shared/ next to the clone);" \
+            "set ROOMCAST_TEST_SKIP_AUTOBAHN=1 to skip locally" >&2
+        return 1
+    fi
+    cargo build --quiet --bin roomcast || return 1
+    local dir pid addr="" rc=0
+    dir=$(mktemp -d /tmp/roomcast-autobahn.XXXXXX)
+    ROOMCAST_SERVER__LISTEN=127.0.0.1:0 \
+        ROOMCAST_STORE__URL="sqlite://$dir/roomcast.db" \
+        ROOMCAST_REALTIME__ECHO_PATH=/autobahn-echo \
+        ROOMCAST_LOG__FORMAT=json \
+        ROOMCAST_LOG__LEVEL=info \
+        "$repo_root/target/debug/roomcast" serve >"$dir/server.log" 2>&1 &
+    pid=$!
+    for _ in $(seq 1 300); do
+        addr=$(grep -o '"addr":"127\.0\.0\.1:[0-9]*"' "$dir/server.log" | head -n 1 | cut -d'"' -f4 || true)
+        [[ -n $addr ]] && break
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    if [[ -z $addr ]]; then
+        echo "ERROR: the echo server did not start:" >&2
+        cat "$dir/server.log" >&2
+        rc=1
+    else
+        echo "echo endpoint: ws://$addr/autobahn-echo (server PID $pid)"
+        # The suite needs Python 2.7. Under pyenv, name 2.7.18 (with the system
+        # Python for python3) so the tool finds it whichever way it looks: its own
+        # `pyenv versions | grep -q` check can lose to SIGPIPE under pipefail.
+        local pyenv_version=${PYENV_VERSION:-}
+        if command -v pyenv >/dev/null 2>&1 &&
+            pyenv versions --bare 2>/dev/null | grep -x '2.7.18' >/dev/null; then
+            pyenv_version=2.7.18:system
+        fi
+        PYENV_VERSION=$pyenv_version "$tool" "ws://$addr/autobahn-echo" "$dir/autobahn" || rc=$?
+    fi
+    kill "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+    ((rc == 0)) && rm -rf "$dir"
+    return "$rc"
+}
+if ((${#extra[@]} > 0)); then
+    echo "extra cargo test arguments given: skipping the autobahn step" >&2
+elif [[ ${ROOMCAST_TEST_SKIP_AUTOBAHN:-0} == 1 ]]; then
+    echo "ROOMCAST_TEST_SKIP_AUTOBAHN=1: skipping the autobahn step" >&2
+else
+    run_step "autobahn" autobahn
 fi
 
 # ---------------------------------------------------------------- summary

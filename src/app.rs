@@ -5,7 +5,9 @@
 use std::{net::TcpListener, sync::Arc, time::Duration};
 
 use actix::{Supervisor, SyncArbiter};
-use actix_web::{middleware::from_fn, web, App, HttpServer};
+use actix_http::{HttpService, KeepAlive};
+use actix_service::{map_config, IntoServiceFactory as _, ServiceFactoryExt as _};
+use actix_web::{dev::AppConfig, middleware::from_fn, web, App};
 
 use crate::{
     actors::{
@@ -16,6 +18,7 @@ use crate::{
         session_registry::{CloseAll, SessionRegistry},
         user_session,
     },
+    admission::{self, Admission},
     domain::{AppState, SendLimiter},
     error::ApiError,
     http,
@@ -25,6 +28,13 @@ use crate::{
 
 /// How long shutdown waits for user sessions to finish their presence writes.
 const SESSION_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// An idle keep-alive HTTP connection is closed after 5 s (actix-web's default).
+const KEEP_ALIVE: Duration = Duration::from_secs(5);
+/// How long a closing HTTP connection may take to shut down (actix-web's default).
+const CLIENT_DISCONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// File descriptors kept free of connections: the store's pool, logs, the
+/// listener, files the process opens.
+const RESERVED_FDS: usize = 64;
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -33,8 +43,14 @@ pub enum StartError {
     Store(#[from] StoreError),
     #[error("auth: {0}")]
     Auth(#[from] ApiError),
-    #[error("cannot listen: {0}")]
-    Listen(#[from] std::io::Error),
+    #[error("cannot listen on {addr} (server.listen): {source}")]
+    Listen {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
 }
 
 /// A started server.
@@ -91,26 +107,73 @@ pub async fn start_state(settings: Arc<Settings>, store: Store) -> Result<AppSta
 }
 
 /// Starts everything on `listener`. Must run inside an actix `System`.
+///
+/// The HTTP service is built from actix-http's parts rather than actix-web's
+/// `HttpServer`, for its upgrade hook: WebSocket upgrades leave the HTTP/1
+/// dispatcher and run over roomcast's own framing ([`http::ws`]). In front of it,
+/// [`http::accept`] applies the connection cap and the header timeout and serves
+/// HTTP/2 prior-knowledge clients on the same port.
 pub async fn start(settings: Settings, listener: TcpListener) -> Result<Running, StartError> {
     let settings = Arc::new(settings);
     let store = open_store(&settings).await?;
     let state = start_state(settings.clone(), store).await?;
     let local_addr = listener.local_addr()?;
+    let admission = Admission::new(admission::Limits {
+        max_connections: connection_cap(settings.server.max_connections),
+        per_ip: settings.realtime.max_connections_per_ip,
+        per_user: settings.realtime.max_connections_per_user,
+        unauthenticated: settings.realtime.max_unauthenticated,
+    });
+    let header_timeout = Duration::from_millis(settings.server.header_timeout_ms);
+    let request_timeout = Duration::from_millis(settings.server.request_timeout_ms);
+    let workers = match settings.server.workers {
+        0 => std::thread::available_parallelism().map_or(2, usize::from),
+        n => n,
+    };
+    let builder = actix_server::Server::build();
+    let shutdown_signal = builder.graceful_shutdown_signal();
     let app_state = state.clone();
-    let mut server = HttpServer::new(move || {
-        App::new()
-            .app_data(web::Data::new(app_state.clone()))
-            .wrap(http::cors(&app_state.settings.cors))
-            .wrap(from_fn(http::request_context))
-            .configure(http::configure)
-    })
-    .shutdown_timeout(settings.server.shutdown_timeout_secs)
-    .disable_signals()
-    .client_request_timeout(Duration::from_secs(30));
-    if settings.server.workers > 0 {
-        server = server.workers(settings.server.workers);
-    }
-    let server = server.listen(listener)?.run();
+    let server = builder
+        .workers(workers)
+        .shutdown_timeout(settings.server.shutdown_timeout_secs)
+        .disable_signals()
+        .listen("roomcast", listener, move || {
+            let app_state = app_state.clone();
+            let upgrade = http::ws::upgrade_service(http::ws::UpgradeContext {
+                state: app_state.clone(),
+                admission: admission.clone(),
+            });
+            let shutdown_signal = shutdown_signal.clone();
+            let app = App::new()
+                .app_data(web::Data::new(app_state.clone()))
+                .wrap(http::cors(&app_state.settings.cors))
+                .wrap(from_fn(http::request_context))
+                .configure(http::configure)
+                .into_factory()
+                .map_err(|e: actix_web::Error| e.error_response());
+            let service = HttpService::build()
+                .graceful_shutdown_signal(move || {
+                    let signal = shutdown_signal.clone();
+                    async move { signal.notified().await }
+                })
+                .keep_alive(KeepAlive::Timeout(KEEP_ALIVE))
+                .client_request_timeout(header_timeout)
+                .client_disconnect_timeout(CLIENT_DISCONNECT_TIMEOUT)
+                .local_addr(local_addr)
+                .upgrade(upgrade)
+                .finish(map_config(app, |_| AppConfig::default()));
+            http::accept::connection_service(
+                service,
+                admission.clone(),
+                header_timeout,
+                header_timeout + request_timeout,
+            )
+        })
+        .map_err(|e| StartError::Listen {
+            addr: local_addr.to_string(),
+            source: e,
+        })?
+        .run();
     tracing::info!(addr = %local_addr, store = ?state.store.backend(), "roomcast listening");
     Ok(Running {
         server,
@@ -119,9 +182,69 @@ pub async fn start(settings: Settings, listener: TcpListener) -> Result<Running,
     })
 }
 
+/// The connection cap in force: `configured`, lowered (with a warning) to fit the
+/// open file limit less [`RESERVED_FDS`] after raising the soft limit as far as
+/// the hard one allows.
+fn connection_cap(configured: usize) -> usize {
+    let Some(limit) = raise_fd_limit() else {
+        return configured;
+    };
+    let fits = usize::try_from(limit)
+        .unwrap_or(usize::MAX)
+        .saturating_sub(RESERVED_FDS)
+        .max(1);
+    if configured > fits {
+        tracing::warn!(
+            configured,
+            open_file_limit = limit,
+            effective = fits,
+            "server.max_connections is above the open file limit (ulimit -n) less {RESERVED_FDS} \
+             descriptors for the store and logs; lowering it"
+        );
+        return fits;
+    }
+    configured
+}
+
+/// Raises the soft RLIMIT_NOFILE to the hard limit; the soft limit in force, or
+/// `None` when it cannot be read (or is unlimited).
+fn raise_fd_limit() -> Option<u64> {
+    #[cfg(unix)]
+    {
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit and setrlimit only read and write the struct passed in.
+        unsafe {
+            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+                return None;
+            }
+            if limit.rlim_cur < limit.rlim_max {
+                let raised = libc::rlimit {
+                    rlim_cur: limit.rlim_max,
+                    rlim_max: limit.rlim_max,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                    limit = raised;
+                }
+            }
+        }
+        (limit.rlim_cur != libc::RLIM_INFINITY).then_some(limit.rlim_cur)
+    }
+    #[cfg(not(unix))]
+    {
+        None
+    }
+}
+
 /// Runs until SIGTERM/SIGINT, then drains and closes the store.
 pub async fn serve(settings: Settings) -> Result<(), StartError> {
-    let listener = TcpListener::bind(settings.server.listen)?;
+    let addr = settings.server.listen;
+    let listener = TcpListener::bind(addr).map_err(|source| StartError::Listen {
+        addr: addr.to_string(),
+        source,
+    })?;
     let running = start(settings, listener).await?;
     let handle = running.server.handle();
     let sessions = running.state.sessions.clone();
@@ -204,4 +327,19 @@ pub async fn create_user(
     );
     state.store.close().await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_connection_cap_fits_under_the_open_file_limit() {
+        let Some(limit) = raise_fd_limit() else {
+            return; // unlimited or unreadable: nothing to fit under
+        };
+        let cap = connection_cap(usize::MAX);
+        assert!(cap as u64 <= limit.saturating_sub(RESERVED_FDS as u64).max(1));
+        assert_eq!(connection_cap(1), 1, "a cap that fits is kept");
+    }
 }

@@ -14,11 +14,17 @@
 //! - [`domain`]: the operations behind each RPC, shared by HTTP and WebSocket.
 //! - [`http`]: the route table, the Connect codec (one extractor/responder for every
 //!   RPC), the error mapping, the WebSocket upgrade, health checks.
+//! - [`ws`]: the WebSocket protocol owned by roomcast: frame decoder, handshake, the
+//!   upgraded socket's transport (non-blocking writes, stalled peers dropped), an
+//!   echo endpoint for conformance tests.
+//! - [`admission`]: connection caps (server-wide, per address, per user, before
+//!   authentication).
 //! - [`app`]: starts the actors and the HTTP server, and shuts them down in order.
 //! - [`error`]: `ApiError`, the Connect error code and message every request answers with.
 //! - [`ids`], [`model`]: id newtypes and domain enums.
 
 pub mod actors;
+pub mod admission;
 pub mod app;
 pub mod domain;
 pub mod error;
@@ -30,3 +36,4 @@ pub mod protocol;
 pub mod settings;
 pub mod store;
 pub mod telemetry;
+pub mod ws;

@@ -44,6 +44,14 @@ pub struct ServerSettings {
     pub shutdown_timeout_secs: u64,
     /// RPC replies at least this long are gzip-compressed for clients that accept it.
     pub compress_min_bytes: usize,
+    /// How long a new connection may take to send its first request's headers (or
+    /// the HTTP/2 preface), in milliseconds; slower clients get `408` and are closed.
+    /// A later request on a keep-alive connection may take this plus
+    /// `request_timeout_ms` from its first byte until its answer starts.
+    pub header_timeout_ms: u64,
+    /// Most open connections (HTTP and WebSocket); more get `503`. Kept below the
+    /// process's open file limit (`ulimit -n`), with room for the store and logs.
+    pub max_connections: usize,
 }
 
 /// The listen address of the embedded default.
@@ -57,6 +65,10 @@ pub const DEFAULT_SHUTDOWN_TIMEOUT_SECS: u64 = 30;
 /// Replies from 1 KiB up are compressed (the threshold connect-es uses for requests):
 /// below it, gzip's header and CPU cost outweigh the bytes saved.
 pub const DEFAULT_COMPRESS_MIN_BYTES: usize = 1024;
+/// A new connection has 5 s to send its request headers.
+pub const DEFAULT_HEADER_TIMEOUT_MS: u64 = 5_000;
+/// At most 10,000 open connections (lowered to fit the file descriptor limit).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 
 impl Default for ServerSettings {
     fn default() -> Self {
@@ -69,6 +81,8 @@ impl Default for ServerSettings {
             request_timeout_ms: DEFAULT_REQUEST_TIMEOUT_MS,
             shutdown_timeout_secs: DEFAULT_SHUTDOWN_TIMEOUT_SECS,
             compress_min_bytes: DEFAULT_COMPRESS_MIN_BYTES,
+            header_timeout_ms: DEFAULT_HEADER_TIMEOUT_MS,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
         }
     }
 }
@@ -349,6 +363,26 @@ pub struct RealtimeSettings {
     /// Most store reads (access checks of subscriptions, catch-up pages) one
     /// connection runs at once; the others wait their turn.
     pub max_parallel_reads: usize,
+    /// Most WebSocket connections from one peer address; 0: no limit. Behind a
+    /// reverse proxy every connection comes from the proxy: set 0 and limit there.
+    pub max_connections_per_ip: usize,
+    /// Most WebSocket connections of one user (or API key); 0: no limit.
+    pub max_connections_per_user: usize,
+    /// Most WebSocket connections that have not authenticated yet; 0: no limit.
+    pub max_unauthenticated: usize,
+    /// Browser origins allowed to open WebSockets besides the server's own (an
+    /// `Origin` whose host is the request's `Host`), e.g. `["https://chat.example.com"]`;
+    /// `["*"]` allows any. Clients that send no `Origin` (not browsers) are allowed.
+    pub allowed_origins: Vec<String>,
+    /// A connection whose socket accepted no bytes for this long is dropped, in
+    /// milliseconds (its peer stopped reading).
+    pub write_stall_timeout_ms: u64,
+    /// Most bytes queued for one connection (replies, catch-up pages and pushes)
+    /// before it is closed with TOO_SLOW.
+    pub max_write_queue_bytes: usize,
+    /// Path of a WebSocket echo endpoint over roomcast's own framing, for protocol
+    /// conformance tests (the Autobahn suite); "" (the default) turns it off.
+    pub echo_path: String,
 }
 
 impl Default for RealtimeSettings {
@@ -367,6 +401,13 @@ impl Default for RealtimeSettings {
             send_burst: 40,
             max_inflight_requests: 64,
             max_parallel_reads: 2,
+            max_connections_per_ip: 256,
+            max_connections_per_user: 32,
+            max_unauthenticated: 1024,
+            allowed_origins: Vec::new(),
+            write_stall_timeout_ms: 30_000,
+            max_write_queue_bytes: 8 * 1024 * 1024,
+            echo_path: String::new(),
         }
     }
 }
@@ -593,6 +634,24 @@ impl Settings {
         }
         if rt.max_parallel_reads == 0 {
             return bad("realtime.max_parallel_reads", "must be positive");
+        }
+        if self.server.header_timeout_ms == 0 {
+            return bad("server.header_timeout_ms", "must be positive");
+        }
+        if self.server.max_connections == 0 {
+            return bad("server.max_connections", "must be at least 1");
+        }
+        if rt.write_stall_timeout_ms == 0 || rt.max_write_queue_bytes == 0 {
+            return bad(
+                "realtime.write_stall_timeout_ms",
+                "write limits must be positive",
+            );
+        }
+        if !rt.echo_path.is_empty() && (!rt.echo_path.starts_with('/') || rt.echo_path == "/ws") {
+            return bad(
+                "realtime.echo_path",
+                "must be empty or a path starting with `/` other than /ws",
+            );
         }
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return bad("log.format", "must be `text` or `json`");

@@ -808,10 +808,11 @@ async fn serve_refuses_to_start_on_a_bad_config() {
         ],
     );
     assert!(!output.status.success());
+    // The message names the address and the setting to change.
+    let stderr = text(&output.stderr);
     assert!(
-        text(&output.stderr).contains("listen"),
-        "{}",
-        text(&output.stderr)
+        stderr.contains(&listen) && stderr.contains("server.listen"),
+        "{stderr}"
     );
     // Nothing touched the default ./data.
     assert!(!cwd.path().join("data").exists());

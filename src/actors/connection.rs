@@ -34,7 +34,6 @@ use actix::{
     fut::WrapFuture as _, Actor, ActorContext as _, ActorFutureExt as _, Addr, AsyncContext as _,
     Handler, SpawnHandle, StreamHandler,
 };
-use actix_web_actors::ws;
 use prost::Message as _;
 use tokio::sync::{Semaphore, SemaphorePermit};
 
@@ -54,6 +53,10 @@ use crate::{
     proto::v1 as pb,
     protocol::{self, close, FrameCodec, RoomEvent, SharedFrame, WireFrame},
     store::MessageRecord,
+    ws::{
+        decoder::{Message as WsMessage, CLOSE_TOO_BIG},
+        transport::{ReadError, Transport},
+    },
 };
 
 use pb::server_frame::Kind as Out;
@@ -70,8 +73,10 @@ const TYPING_INTERVAL: Duration = Duration::from_millis(1000);
 /// Lag rounds are counted over this window to decide a client is too slow.
 const LAG_WINDOW: Duration = Duration::from_secs(60);
 
-/// The connection's actor context; the transport's framing lives behind it.
-type Ctx = ws::WebsocketContext<Connection>;
+/// The connection's actor context: a plain one. The socket is driven by
+/// [`crate::ws::transport`]: its reader is a stream of this actor, its writes go
+/// through [`Connection::write`] into a queue that never blocks the actor.
+type Ctx = actix::Context<Connection>;
 
 static NEXT_CONNECTION_ID: AtomicU64 = AtomicU64::new(1);
 
@@ -133,14 +138,26 @@ pub struct Connection {
     /// Store reads this connection may run at once (`realtime.max_parallel_reads`):
     /// subscription access checks and catch-up pages wait here, in order.
     reads: Arc<Semaphore>,
+    /// The write side of the socket.
+    transport: Transport,
 }
 
 impl Connection {
-    pub fn new(state: AppState, codec: FrameCodec, token: Option<String>) -> Self {
+    /// A connection writing through `transport`; its reader must be added to the
+    /// actor's context as a stream.
+    pub fn new(
+        state: AppState,
+        codec: FrameCodec,
+        token: Option<String>,
+        transport: Transport,
+    ) -> Self {
         let gauge = Arc::new(OutboundGauge::new(
             state.settings.realtime.outbound_queue_bytes,
         ));
         let reads = Arc::new(Semaphore::new(state.settings.realtime.max_parallel_reads));
+        // Bytes queued for the socket count against the same budget as pushes
+        // waiting in the mailbox: a peer that stops reading lags.
+        transport.attach_gauge(gauge.clone());
         Self {
             id: NEXT_CONNECTION_ID.fetch_add(1, Ordering::Relaxed),
             state,
@@ -158,6 +175,7 @@ impl Connection {
             removed_while_pending: HashSet::new(),
             inflight: 0,
             reads,
+            transport,
         }
     }
 
@@ -169,9 +187,18 @@ impl Connection {
     }
 
     fn write(&self, ctx: &mut Ctx, wire: WireFrame) {
-        match wire {
-            WireFrame::Text(text) => ctx.text(text),
-            WireFrame::Binary(bytes) => ctx.binary(bytes),
+        let queued = match wire {
+            WireFrame::Text(text) => self.transport.text(text),
+            WireFrame::Binary(bytes) => self.transport.binary(bytes),
+        };
+        if let Err(full) = queued {
+            // The peer reads slower than catch-up and replies fill its queue.
+            tracing::debug!(conn = self.id, %full, "write queue over budget; closing");
+            self.transport.close(
+                Some(close::TOO_SLOW),
+                "the connection cannot keep up; reconnect and resume",
+            );
+            ctx.stop();
         }
     }
 
@@ -194,10 +221,7 @@ impl Connection {
 
     fn close(&mut self, ctx: &mut Ctx, code: u16, reason: &str) {
         tracing::debug!(conn = self.id, code, reason, "closing connection");
-        ctx.close(Some(ws::CloseReason {
-            code: ws::CloseCode::Other(code),
-            description: Some(reason.to_owned()),
-        }));
+        self.transport.close(Some(code), reason);
         ctx.stop();
     }
 
@@ -254,6 +278,13 @@ impl Connection {
             }));
         }
         if first {
+            // The per-user connection cap (crate::admission).
+            if let Err(refusal) = self.transport.admit_user(&principal.user_id.0) {
+                let error = ApiError::exhausted(refusal.to_string());
+                self.reply_error(ctx, request_id.unwrap_or(0), &error, "");
+                self.close(ctx, close::TOO_MANY_CONNECTIONS, &error.message);
+                return;
+            }
             let session_id = match &principal.credential {
                 Credential::Session(id) => Some(id.clone()),
                 _ => None,
@@ -811,7 +842,13 @@ impl Connection {
         let principal = self.principal.clone();
         let id = room_id.clone();
         let reads = self.reads.clone();
+        // The next page is read once the socket took most of the last one, so
+        // catch-up goes at the pace the client reads (crate::ws::transport).
+        let drained = self
+            .transport
+            .drained(self.state.settings.realtime.outbound_queue_bytes);
         let fut = async move {
+            drained.await;
             let _slot = read_slot(&reads).await?;
             check_read(&state, principal, &id).await?;
             Ok::<_, ApiError>(
@@ -903,7 +940,7 @@ async fn check_read(
 }
 
 impl Actor for Connection {
-    type Context = ws::WebsocketContext<Self>;
+    type Context = Ctx;
 
     fn started(&mut self, ctx: &mut Self::Context) {
         let rt = self.state.settings.realtime.clone();
@@ -914,7 +951,7 @@ impl Actor for Connection {
                 if act.last_heard.elapsed() > Duration::from_millis(rt.idle_timeout_ms) {
                     act.close(ctx, close::IDLE_TIMEOUT, "no heartbeat received");
                 } else {
-                    ctx.ping(b"");
+                    act.transport.ping(b"");
                 }
             },
         );
@@ -941,12 +978,12 @@ impl Actor for Connection {
     }
 }
 
-impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for Connection {
-    fn handle(&mut self, item: Result<ws::Message, ws::ProtocolError>, ctx: &mut Self::Context) {
+impl StreamHandler<Result<WsMessage, ReadError>> for Connection {
+    fn handle(&mut self, item: Result<WsMessage, ReadError>, ctx: &mut Self::Context) {
         self.last_heard = Instant::now();
         let message = match item {
             Ok(message) => message,
-            Err(ws::ProtocolError::Overflow) => {
+            Err(ReadError::Protocol(e)) if e.code == CLOSE_TOO_BIG => {
                 let limit = self.state.settings.realtime.max_frame_bytes;
                 self.close(
                     ctx,
@@ -955,34 +992,36 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for Connection {
                 );
                 return;
             }
-            Err(e) => {
+            Err(ReadError::Protocol(e)) => {
                 self.close(
                     ctx,
-                    close::PROTOCOL_ERROR,
-                    &format!("WebSocket protocol error: {e}"),
+                    e.code,
+                    &format!("WebSocket protocol error: {}", e.reason),
                 );
+                return;
+            }
+            Err(ReadError::Lost(why)) => {
+                tracing::debug!(conn = self.id, %why, "connection lost");
+                ctx.stop();
                 return;
             }
         };
         match message {
-            ws::Message::Text(text) => match serde_json::from_str::<pb::ClientFrame>(&text) {
+            WsMessage::Text(text) => match serde_json::from_str::<pb::ClientFrame>(&text) {
                 Ok(frame) => self.on_frame(ctx, frame),
                 Err(e) => self.malformed(ctx, 0, format!("malformed JSON frame: {e}")),
             },
-            ws::Message::Binary(bytes) => match pb::ClientFrame::decode(bytes) {
+            WsMessage::Binary(bytes) => match pb::ClientFrame::decode(bytes) {
                 Ok(frame) => self.on_frame(ctx, frame),
                 Err(e) => self.malformed(ctx, 0, format!("malformed protobuf frame: {e}")),
             },
-            ws::Message::Ping(payload) => ctx.pong(&payload),
-            ws::Message::Pong(_) => {}
-            ws::Message::Close(reason) => {
-                ctx.close(reason);
+            WsMessage::Ping(payload) => self.transport.pong(payload),
+            WsMessage::Pong(_) => {}
+            WsMessage::Close(frame) => {
+                // Answer the close handshake with the client's own code.
+                self.transport.close(frame.map(|f| f.code), "");
                 ctx.stop();
             }
-            ws::Message::Continuation(_) => {
-                self.malformed(ctx, 0, "fragmented frames are not supported".into());
-            }
-            ws::Message::Nop => {}
         }
     }
 }

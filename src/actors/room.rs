@@ -91,6 +91,12 @@ impl OutboundGauge {
             .is_ok()
     }
 
+    /// Adds `n` bytes however full the gauge is: bytes already committed to the
+    /// connection (queued for its socket) that the room must see.
+    pub fn charge(&self, n: usize) {
+        self.bytes.fetch_add(n, Ordering::AcqRel);
+    }
+
     /// Returns `n` bytes once written (or dropped).
     pub fn release(&self, n: usize) {
         let _ = self

@@ -1,12 +1,14 @@
-//! The HTTP surface: the RPC route table over the Connect codec, health checks, the
-//! WebSocket upgrade. Handlers stay thin: extract, call [`crate::domain`], encode.
+//! The HTTP surface: what happens before HTTP ([`accept`]), the RPC route table over
+//! the Connect codec, health checks, the WebSocket upgrade ([`ws`]). Handlers stay
+//! thin: extract, call [`crate::domain`], encode.
 //! [`configure`] is used by the server and by the tests alike.
 
+pub mod accept;
 pub mod connect;
 mod health;
 mod request_context;
 mod routes;
-mod ws;
+pub mod ws;
 
 use actix_cors::Cors;
 use actix_web::{http::header, web};
@@ -20,7 +22,7 @@ pub use routes::configure as rpc_routes;
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.route("/healthz", web::get().to(health::healthz));
     cfg.route("/readyz", web::get().to(health::readyz));
-    cfg.route("/ws", web::get().to(ws::upgrade));
+    cfg.route(ws::WS_PATH, web::get().to(ws::not_an_upgrade));
     routes::configure(cfg);
     cfg.default_service(web::to(routes::unknown_rpc));
 }

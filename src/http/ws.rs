@@ -1,23 +1,56 @@
-//! `GET /ws`: the WebSocket upgrade. Picks the subprotocol (`roomcast.v1.json`, the
-//! default, or `roomcast.v1.proto`), takes an access token from the
-//! `Authorization` header or the `access_token` query parameter when given, and
-//! hands the socket to a [`Connection`] actor.
+//! WebSocket upgrades. actix-http hands every `Upgrade: websocket` request to
+//! [`upgrade_service`] together with its socket (the HTTP service is built with its
+//! upgrade hook in [`crate::app`]); this module answers the handshake itself and
+//! takes the socket out of the HTTP/1 dispatcher, so roomcast's own framing
+//! ([`crate::ws`]) runs over it:
+//!
+//! - `GET /ws`: picks the subprotocol (`roomcast.v1.json`, the default, or
+//!   `roomcast.v1.proto`), checks `Origin` against `realtime.allowed_origins`, takes
+//!   the connection's admission slots, reads an access token from the
+//!   `Authorization` header or the `access_token` query parameter, and hands the
+//!   socket to a new [`Connection`] actor;
+//! - `realtime.echo_path` (off by default): the echo endpoint of [`crate::ws::echo`];
+//! - any other path, or a request that is not a valid handshake: a Connect error
+//!   answered over HTTP/1.1, then the socket is closed.
+//!
+//! A plain `GET /ws` without the upgrade headers reaches the route table and gets
+//! [`not_an_upgrade`].
 
-use actix_web::{http::header, web, HttpRequest, HttpResponse};
-use actix_web_actors::ws;
+use std::{net::IpAddr, sync::Arc, time::Duration};
 
-use super::connect::{bearer_token, error_response};
+use actix::{Actor as _, AsyncContext as _};
+use actix_codec::Framed;
+use actix_http::{
+    body::BodySize,
+    h1::{self, Codec},
+    header::{self, HeaderMap},
+    HttpMessage as _, Request, Response, StatusCode,
+};
+use actix_web::HttpResponse;
+use bytes::Bytes;
+use futures_util::SinkExt as _;
+
+use super::{
+    accept::WatchedStream,
+    connect::{bearer_token, error_response},
+};
 use crate::{
     actors::connection::Connection,
+    admission::{Admission, Refusal},
     domain::AppState,
-    error::ApiError,
+    error::{ApiError, Code},
     protocol::{FrameCodec, SUBPROTOCOL_JSON, SUBPROTOCOL_PROTO},
+    ws::{echo, handshake, transport},
 };
 
+/// The roomcast WebSocket endpoint.
+pub const WS_PATH: &str = "/ws";
+/// How long writing a handshake answer may take.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// The subprotocol to answer with; `Err` when the client offered only unknown ones.
-fn choose_codec(req: &HttpRequest) -> Result<FrameCodec, ApiError> {
-    let offered: Vec<String> = req
-        .headers()
+fn choose_codec(headers: &HeaderMap) -> Result<FrameCodec, ApiError> {
+    let offered: Vec<String> = headers
         .get_all(header::SEC_WEBSOCKET_PROTOCOL)
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
@@ -39,44 +72,191 @@ fn choose_codec(req: &HttpRequest) -> Result<FrameCodec, ApiError> {
     )))
 }
 
-fn query_token(req: &HttpRequest) -> Option<String> {
-    web::Query::<std::collections::HashMap<String, String>>::from_query(req.query_string())
+fn query_token(query: &str) -> Option<String> {
+    actix_web::web::Query::<std::collections::HashMap<String, String>>::from_query(query)
         .ok()
         .and_then(|q| q.get("access_token").cloned())
         .filter(|t| !t.is_empty())
 }
 
-/// Upgrades to a WebSocket served by a new [`Connection`].
-pub async fn upgrade(
-    req: HttpRequest,
-    stream: web::Payload,
-    state: web::Data<AppState>,
-) -> HttpResponse {
-    let codec = match choose_codec(&req) {
+/// `GET /ws` that reached the route table: it did not ask for a WebSocket upgrade.
+pub async fn not_an_upgrade() -> HttpResponse {
+    let mut response = error_response(
+        &ApiError::invalid(
+            "WebSocket handshake failed: /ws needs `Connection: upgrade` and `Upgrade: websocket`",
+        ),
+        Some(426),
+    );
+    response.headers_mut().insert(
+        header::UPGRADE,
+        header::HeaderValue::from_static("websocket"),
+    );
+    response
+}
+
+/// What the upgrade service needs from the server.
+#[derive(Clone)]
+pub struct UpgradeContext {
+    pub state: AppState,
+    pub admission: Arc<Admission>,
+}
+
+/// The service actix-http calls with every upgrade request and its socket.
+pub fn upgrade_service(
+    context: UpgradeContext,
+) -> impl actix_service::ServiceFactory<
+    (Request, Framed<WatchedStream, Codec>),
+    Config = (),
+    Response = (),
+    Error = actix_http::Error,
+    InitError = (),
+> {
+    actix_service::fn_service(
+        move |(req, framed): (Request, Framed<WatchedStream, Codec>)| {
+            let context = context.clone();
+            async move {
+                upgrade(context, req, framed).await;
+                Ok::<_, actix_http::Error>(())
+            }
+        },
+    )
+}
+
+/// Answers one upgrade request; for an accepted WebSocket, runs it to its end.
+async fn upgrade(context: UpgradeContext, req: Request, mut framed: Framed<WatchedStream, Codec>) {
+    let settings = &context.state.settings;
+    let path = req.path().to_owned();
+    let echo_path = &settings.realtime.echo_path;
+    let is_echo = !echo_path.is_empty() && path == *echo_path;
+    if path != WS_PATH && !is_echo {
+        let error = ApiError::not_found(format!("no WebSocket endpoint at {path}"));
+        return refuse(&mut framed, &error, None).await;
+    }
+    let accept = match handshake::verify(req.head()) {
+        Ok(accept) => accept,
+        Err(e) => return refuse(&mut framed, &ApiError::invalid(e.to_string()), None).await,
+    };
+    if !handshake::origin_allowed(req.head(), &settings.realtime.allowed_origins) {
+        let origin = req
+            .headers()
+            .get(header::ORIGIN)
+            .and_then(|o| o.to_str().ok())
+            .unwrap_or("?");
+        let error = ApiError::denied(format!(
+            "WebSocket connections from origin {origin} are not allowed (realtime.allowed_origins)"
+        ));
+        return refuse(&mut framed, &error, None).await;
+    }
+    let limits = transport::Limits {
+        max_message: settings.realtime.max_frame_bytes,
+        max_queued: settings.realtime.max_write_queue_bytes,
+        write_stall: Duration::from_millis(settings.realtime.write_stall_timeout_ms),
+    };
+    if is_echo {
+        if let Err(e) = answer(
+            &mut framed,
+            handshake::switching_protocols(accept, None),
+            Bytes::new(),
+        )
+        .await
+        {
+            tracing::debug!(error = %e, "echo handshake not written");
+            return;
+        }
+        let parts = framed.into_parts();
+        let (reader, transport, writer) =
+            transport::split(parts.io.into_inner(), parts.read_buf, limits);
+        return echo::run(reader, transport, writer).await;
+    }
+    let codec = match choose_codec(req.headers()) {
         Ok(codec) => codec,
-        Err(e) => return error_response(&e, None),
+        Err(e) => return refuse(&mut framed, &e, None).await,
     };
     let token = match bearer_token(req.headers()) {
-        Ok(token) => token.or_else(|| query_token(&req)),
-        Err(e) => return error_response(&e, None),
+        Ok(token) => token.or_else(|| query_token(req.uri().query().unwrap_or_default())),
+        Err(e) => return refuse(&mut framed, &e, None).await,
     };
-    let protocol = match codec {
-        FrameCodec::Json => SUBPROTOCOL_JSON,
-        FrameCodec::Proto => SUBPROTOCOL_PROTO,
+    let peer: Option<IpAddr> = req.peer_addr().map(|a| a.ip());
+    let ticket = match context.admission.open_websocket(peer) {
+        Ok(ticket) => ticket,
+        Err(refusal) => {
+            let (error, status) = match refusal {
+                Refusal::PerIp(_) => (ApiError::exhausted(refusal.to_string()), Some(429)),
+                _ => (ApiError::unavailable(refusal.to_string()), Some(503)),
+            };
+            tracing::info!(peer = ?peer, %refusal, "WebSocket refused");
+            return refuse(&mut framed, &error, status).await;
+        }
     };
-    let offered_any = req.headers().contains_key(header::SEC_WEBSOCKET_PROTOCOL);
-    let max_frame = state.settings.realtime.max_frame_bytes;
-    let actor = Connection::new(state.get_ref().clone(), codec, token);
-    let mut builder = ws::WsResponseBuilder::new(actor, &req, stream).frame_size(max_frame);
-    let protocols = [protocol];
-    if offered_any {
-        builder = builder.protocols(&protocols);
+    let protocol = req
+        .headers()
+        .contains_key(header::SEC_WEBSOCKET_PROTOCOL)
+        .then_some(match codec {
+            FrameCodec::Json => SUBPROTOCOL_JSON,
+            FrameCodec::Proto => SUBPROTOCOL_PROTO,
+        });
+    let response = handshake::switching_protocols(accept, protocol);
+    if let Err(e) = answer(&mut framed, response, Bytes::new()).await {
+        tracing::debug!(error = %e, "WebSocket handshake not written");
+        return;
     }
-    match builder.start() {
-        Ok(response) => response,
-        Err(e) => error_response(
-            &ApiError::invalid(format!("WebSocket handshake failed: {e}")),
-            None,
-        ),
+    // Whatever the client sent after its request (its first frames) is in the
+    // HTTP codec's read buffer: the reader starts with it.
+    let parts = framed.into_parts();
+    let (reader, transport, writer) =
+        transport::split(parts.io.into_inner(), parts.read_buf, limits);
+    transport.hold_ticket(ticket);
+    let state = context.state.clone();
+    Connection::create(move |ctx| {
+        ctx.add_stream(reader);
+        Connection::new(state, codec, token, transport)
+    });
+    // The connection lives as long as its writer: the server's graceful shutdown
+    // waits for it like for any request in flight.
+    writer.run().await;
+}
+
+/// Answers with a Connect error and closes the connection.
+async fn refuse(framed: &mut Framed<WatchedStream, Codec>, error: &ApiError, status: Option<u16>) {
+    let status = status.unwrap_or_else(|| error.code.http_status());
+    let body = serde_json::json!({ "code": error.code.as_str(), "message": error.message });
+    let body = Bytes::from(body.to_string());
+    let mut response =
+        Response::build(StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST));
+    response
+        .insert_header((header::CONTENT_TYPE, "application/json"))
+        .force_close();
+    if error.code == Code::ResourceExhausted || error.code == Code::Unavailable {
+        response.insert_header((header::RETRY_AFTER, "1"));
     }
+    let response = response.body(()).drop_body();
+    if let Err(e) = answer(framed, response, body).await {
+        tracing::debug!(error = %e, "WebSocket refusal not written");
+    }
+}
+
+/// Writes an HTTP/1.1 response head and body through the dispatcher's codec.
+async fn answer(
+    framed: &mut Framed<WatchedStream, Codec>,
+    response: Response<()>,
+    body: Bytes,
+) -> std::io::Result<()> {
+    let write = async {
+        let size = if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+            BodySize::None
+        } else {
+            BodySize::Sized(body.len() as u64)
+        };
+        framed.feed(h1::Message::Item((response, size))).await?;
+        if !body.is_empty() {
+            framed.feed(h1::Message::Chunk(Some(body))).await?;
+        }
+        if size != BodySize::None {
+            framed.feed(h1::Message::Chunk(None)).await?;
+        }
+        framed.flush().await
+    };
+    tokio::time::timeout(ANSWER_TIMEOUT, write)
+        .await
+        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
 }

@@ -16,6 +16,7 @@
 
 #![allow(dead_code)] // each test binary uses its own subset of the helpers
 
+pub mod raw_ws;
 pub mod rooms;
 pub mod ws;
 
@@ -323,6 +324,20 @@ impl TestServer {
         } else if thread.join().is_err() && !std::thread::panicking() {
             panic!("the test server thread panicked");
         }
+    }
+
+    /// Stops the server the way SIGTERM does: live WebSockets are closed with the
+    /// "shutting down" code, then the HTTP server drains (for at most
+    /// `server.shutdown_timeout_secs`). Answers how long that took.
+    pub async fn stop_gracefully(&self) -> Duration {
+        let started = Instant::now();
+        let _ = self
+            .state
+            .sessions
+            .send(roomcast::actors::session_registry::CloseAll)
+            .await;
+        self.handle.stop(true).await;
+        started.elapsed()
     }
 
     /// `http://127.0.0.1:PORT`.

@@ -1,0 +1,259 @@
+//! What happens to a TCP connection before HTTP: it takes a slot of the server-wide
+//! connection cap (`server.max_connections`; past it, `503` and close), has
+//! `server.header_timeout_ms` to send its first bytes, and is served as HTTP/2 when
+//! those bytes are the HTTP/2 connection preface (cleartext "prior knowledge", as
+//! gRPC and Connect clients send it), else as HTTP/1.x.
+//!
+//! actix-http's header timeout covers only a connection's first request. On an
+//! HTTP/1 connection, a [`WatchedStream`] closes that gap: a request that has been
+//! arriving (or waiting for its answer) for longer than `server.header_timeout_ms`
+//! plus `server.request_timeout_ms` ends the connection, so a client cannot hold it
+//! by trickling the headers of its second request. A WebSocket upgrade takes the
+//! socket out of the watch.
+
+use std::{
+    cell::Cell,
+    io,
+    net::SocketAddr,
+    pin::Pin,
+    rc::Rc,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use actix_http::Protocol;
+use actix_service::{fn_factory, fn_service, Service, ServiceFactory};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, AsyncWriteExt as _, ReadBuf},
+    net::TcpStream,
+    time::Instant,
+};
+
+use crate::admission::{Admission, Refusal};
+
+/// The HTTP/2 connection preface (RFC 9113 §3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// How often to look again while the first bytes could still be the preface.
+const PEEK_INTERVAL: Duration = Duration::from_millis(5);
+/// How long the `503` for a connection over the cap may take to write.
+const REFUSAL_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Wraps the HTTP service factory with the connection cap, the first-bytes deadline,
+/// the HTTP/1 or HTTP/2 choice, and (HTTP/1) the per-request watch: a request may
+/// take `request_limit` from its first byte to the first byte of its answer.
+pub fn connection_service<F>(
+    http: F,
+    admission: Arc<Admission>,
+    header_timeout: Duration,
+    request_limit: Duration,
+) -> impl ServiceFactory<TcpStream, Config = (), Response = (), Error = (), InitError = ()>
+where
+    F: ServiceFactory<
+            (WatchedStream, Protocol, Option<SocketAddr>),
+            Config = (),
+            Response = (),
+            Error = actix_http::error::DispatchError,
+            InitError = (),
+        > + 'static,
+    F::Service: 'static,
+    F::Future: 'static,
+{
+    fn_factory(move || {
+        let service = http.new_service(());
+        let admission = admission.clone();
+        async move {
+            let service = Rc::new(service.await?);
+            Ok::<_, ()>(fn_service(move |io: TcpStream| {
+                let service = service.clone();
+                let admission = admission.clone();
+                async move {
+                    let permit = match admission.open_connection() {
+                        Ok(permit) => permit,
+                        Err(refusal) => {
+                            refuse(io, &refusal).await;
+                            return Ok(());
+                        }
+                    };
+                    let Some(protocol) = detect(&io, header_timeout).await else {
+                        return Ok(());
+                    };
+                    let _ = io.set_nodelay(true);
+                    let peer = io.peer_addr().ok();
+                    let activity = Rc::new(Activity::default());
+                    let io = WatchedStream {
+                        io,
+                        activity: activity.clone(),
+                    };
+                    let serve = service.call((io, protocol, peer));
+                    let result = if protocol == Protocol::Http1 {
+                        tokio::select! {
+                            result = serve => Some(result),
+                            () = watch(&activity, request_limit) => None,
+                        }
+                    } else {
+                        Some(serve.await)
+                    };
+                    match result {
+                        Some(Err(e)) => {
+                            tracing::debug!(error = ?e, "connection ended with an error")
+                        }
+                        None => tracing::debug!(
+                            limit = ?request_limit,
+                            "a request took too long to arrive and be answered; closing"
+                        ),
+                        Some(Ok(())) => {}
+                    }
+                    drop(permit);
+                    Ok(())
+                }
+            }))
+        }
+    })
+}
+
+/// Waits (up to `timeout`) for the first bytes: HTTP/2 when they are the preface,
+/// HTTP/1.x otherwise; `None` when nothing useful came in time or the peer left.
+async fn detect(io: &TcpStream, timeout: Duration) -> Option<Protocol> {
+    let look = async {
+        let mut buf = [0u8; H2_PREFACE.len()];
+        loop {
+            let n = io.peek(&mut buf).await.ok()?;
+            if n == 0 {
+                return None;
+            }
+            if buf[..n] != H2_PREFACE[..n] {
+                return Some(Protocol::Http1);
+            }
+            if n == H2_PREFACE.len() {
+                return Some(Protocol::Http2);
+            }
+            // A prefix of the preface: wait for more (peeking again at once would
+            // only see the same bytes).
+            tokio::time::sleep(PEEK_INTERVAL).await;
+        }
+    };
+    match tokio::time::timeout(timeout, look).await {
+        Ok(protocol) => protocol,
+        Err(_) => {
+            tracing::debug!("no request within the header timeout; closing");
+            None
+        }
+    }
+}
+
+/// Answers a connection over the cap with `503` and closes it.
+async fn refuse(mut io: TcpStream, refusal: &Refusal) {
+    tracing::warn!(%refusal, "connection refused");
+    let body =
+        serde_json::json!({ "code": "unavailable", "message": refusal.to_string() }).to_string();
+    let response = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
+         retry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let write = async {
+        io.write_all(response.as_bytes()).await?;
+        io.shutdown().await
+    };
+    let _ = tokio::time::timeout(REFUSAL_WRITE_TIMEOUT, write).await;
+}
+
+/// What the watch knows about a connection.
+#[derive(Default)]
+struct Activity {
+    /// When the request being received began: the first bytes read after the
+    /// last bytes written. `None` while the connection is idle or answering.
+    request_since: Cell<Option<Instant>>,
+    /// Set once a WebSocket upgrade took the socket: no more watching.
+    detached: Cell<bool>,
+}
+
+/// Completes when a request has been pending for longer than `limit`; never once
+/// the socket was detached.
+async fn watch(activity: &Activity, limit: Duration) {
+    loop {
+        if activity.detached.get() {
+            return std::future::pending().await;
+        }
+        match activity.request_since.get() {
+            Some(since) if since.elapsed() >= limit => return,
+            Some(since) => tokio::time::sleep_until(since + limit).await,
+            None => tokio::time::sleep(limit).await,
+        }
+    }
+}
+
+/// A TCP stream whose reads and writes are watched (see the module docs).
+pub struct WatchedStream {
+    io: TcpStream,
+    activity: Rc<Activity>,
+}
+
+impl WatchedStream {
+    /// Takes the socket out of the watch (a WebSocket upgrade).
+    pub fn into_inner(self) -> TcpStream {
+        self.activity.detached.set(true);
+        self.io
+    }
+}
+
+impl AsyncRead for WatchedStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let poll = Pin::new(&mut self.io).poll_read(cx, buf);
+        if matches!(poll, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            let activity = &self.activity;
+            if activity.request_since.get().is_none() {
+                activity.request_since.set(Some(Instant::now()));
+            }
+        }
+        poll
+    }
+}
+
+impl WatchedStream {
+    fn wrote(&self, poll: &Poll<io::Result<usize>>) {
+        if matches!(poll, Poll::Ready(Ok(n)) if *n > 0) {
+            self.activity.request_since.set(None);
+        }
+    }
+}
+
+impl AsyncWrite for WatchedStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let poll = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.wrote(&poll);
+        poll
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let poll = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.wrote(&poll);
+        poll
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
