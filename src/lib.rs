@@ -6,22 +6,24 @@
 //!
 //! ## Layout
 //!
-//! - [`settings`]: the one configuration tree (defaults → file → environment).
-//! - [`proto`]: the generated protobuf types; `src/proto/**/*.proto` is the source of truth.
-//! - [`store`]: sqlx persistence on SQLite or PostgreSQL, with per-backend migrations.
-//! - [`actors`]: every actix actor, one per file: the auth actors, the room registry
-//!   and room actors, user sessions, WebSocket connections.
-//! - [`domain`]: the operations behind each RPC, shared by HTTP and WebSocket.
-//! - [`http`]: the route table, the Connect codec (one extractor/responder for every
-//!   RPC), the error mapping, the WebSocket upgrade, health checks.
-//! - [`ws`]: the WebSocket protocol owned by roomcast: frame decoder, handshake, the
-//!   upgraded socket's transport (non-blocking writes, stalled peers dropped), an
-//!   echo endpoint for conformance tests.
-//! - [`admission`]: connection caps (server-wide, per address, per user, before
-//!   authentication).
+//! `docs/architecture.md` (in the repository) shows how these fit together and
+//! traces one message from the socket through the actors and the store back out
+//! to subscribers, file by file.
+//!
+//! - [`actors`]: every actix actor, one per file (auth, rooms, sessions, connections).
+//! - [`admission`]: connection caps: server-wide, per address, per user, unauthenticated.
 //! - [`app`]: starts the actors and the HTTP server, and shuts them down in order.
+//! - [`domain`]: the operations behind each RPC, shared by HTTP and WebSocket.
 //! - [`error`]: `ApiError`, the Connect error code and message every request answers with.
-//! - [`ids`], [`model`]: id newtypes and domain enums.
+//! - [`http`]: connection accept (h1/h2c), Connect codec, route table, WebSocket upgrade.
+//! - [`ids`]: id newtypes and their generation.
+//! - [`model`]: domain enums with their stored and protobuf forms.
+//! - [`proto`]: the generated protobuf types; `src/proto/**/*.proto` is the source of truth.
+//! - [`protocol`]: WebSocket wire details: subprotocols, shared encoded frames, close codes.
+//! - [`settings`]: the one configuration tree (defaults → file → environment).
+//! - [`store`]: sqlx persistence on SQLite or PostgreSQL, with per-backend migrations.
+//! - [`telemetry`]: structured logging with `tracing`, as text or JSON lines.
+//! - [`ws`]: roomcast's own WebSocket framing: decoder, handshake, transport, echo.
 
 pub mod actors;
 pub mod admission;
