@@ -157,6 +157,9 @@ pub mod close {
     pub const SIGNED_OUT: u16 = 4501;
     /// Too many malformed frames; fix the client.
     pub const PROTOCOL_ERROR: u16 = 4502;
+    /// The application's backend disconnected the user (PublishService.DisconnectUser,
+    /// e.g. after banning them); do not reconnect without user action.
+    pub const DISCONNECTED: u16 = 4503;
     /// A frame was larger than the server accepts (standard code).
     pub const MESSAGE_TOO_BIG: u16 = 1009;
 }

@@ -48,12 +48,17 @@ use super::{
 };
 use crate::{
     actors::{authenticator::Authenticate, room::Relay},
-    domain::{access::room_access, messages, AppState, Credential, Principal},
+    domain::{
+        access::room_access,
+        messages,
+        notifications::{self, LiveStep, NotificationFeed},
+        AppState, Credential, Principal,
+    },
     error::ApiError,
     ids::{now_ms, RoomId},
     proto::v1 as pb,
     protocol::{self, close, FrameCodec, RoomEvent, SharedFrame, WireFrame},
-    store::MessageRecord,
+    store::{MessageRecord, NotificationRecord},
 };
 
 use pb::server_frame::Kind as Out;
@@ -133,6 +138,8 @@ pub struct Connection {
     /// Store reads this connection may run at once (`realtime.max_parallel_reads`):
     /// subscription access checks and catch-up pages wait here, in order.
     reads: Arc<Semaphore>,
+    /// The user's notification stream, after `subscribe_notifications`.
+    notifications: Option<NotificationFeed>,
 }
 
 impl Connection {
@@ -158,6 +165,7 @@ impl Connection {
             removed_while_pending: HashSet::new(),
             inflight: 0,
             reads,
+            notifications: None,
         }
     }
 
@@ -353,6 +361,9 @@ impl Connection {
             In::Send(request) => self.send_message(ctx, id, principal, request),
             In::MarkRead(request) => self.mark_read(ctx, id, principal, request),
             In::Typing(typing) => self.typing(ctx, id, principal, typing),
+            In::SubscribeNotifications(req) => {
+                self.subscribe_notifications(ctx, id, principal, req)
+            }
             In::Authenticate(_) | In::Ping(_) => {}
         }
     }
@@ -1043,6 +1054,131 @@ impl Handler<SessionSignal> for Connection {
                 self.close(ctx, close::SIGNED_OUT, "the session was signed out")
             }
             SessionSignal::Removed { room_id, frame } => self.removed(ctx, &room_id, &frame),
+            SessionSignal::Notification(record) => self.notification_pushed(ctx, &record),
+            SessionSignal::Disconnected { reason } => self.close(ctx, close::DISCONNECTED, &reason),
         }
+    }
+}
+
+// --- user notifications ---------------------------------------------------------
+//
+// Self-contained: the cursor logic is `NotificationFeed` (domain::notifications);
+// this part only starts reads and writes frames.
+
+impl Connection {
+    fn subscribe_notifications(
+        &mut self,
+        ctx: &mut Ctx,
+        id: u64,
+        principal: Principal,
+        req: pb::SubscribeNotifications,
+    ) {
+        let user = match principal.require_user() {
+            Ok(user) => user.clone(),
+            Err(error) => return self.reply_error(ctx, id, &error, ""),
+        };
+        let generation = self
+            .notifications
+            .as_ref()
+            .map_or(1, |feed| feed.generation() + 1);
+        self.notifications = Some(NotificationFeed::starting(generation));
+        let state = self.state.clone();
+        ctx.spawn(
+            async move { notifications::feed_start(&state, &user, req.since_seq).await }
+                .into_actor(self)
+                .map(move |result, act, ctx| {
+                    let Some(feed) = act
+                        .notifications
+                        .as_mut()
+                        .filter(|f| f.generation() == generation)
+                    else {
+                        return;
+                    };
+                    match result {
+                        Ok((last_seq, since)) => {
+                            feed.start(since);
+                            let reply = pb::NotificationsSubscribed { last_seq };
+                            act.reply(ctx, id, Out::NotificationsSubscribed(reply));
+                            act.read_notifications(ctx);
+                        }
+                        Err(error) => {
+                            act.notifications = None;
+                            act.reply_error(ctx, id, &error, "");
+                        }
+                    }
+                }),
+        );
+    }
+
+    /// Reads the next page after the feed's cursor and writes it.
+    fn read_notifications(&mut self, ctx: &mut Ctx) {
+        let (Some(feed), Some(principal)) = (&self.notifications, &self.principal) else {
+            return;
+        };
+        let generation = feed.generation();
+        let after = feed.delivered();
+        let user = principal.user_id.clone();
+        let state = self.state.clone();
+        let page_max = state.settings.notifications.page_max as usize;
+        ctx.spawn(
+            async move { notifications::feed_page(&state, &user, after).await }
+                .into_actor(self)
+                .map(move |result, act, ctx| {
+                    let Some(feed) = act
+                        .notifications
+                        .as_mut()
+                        .filter(|f| f.generation() == generation)
+                    else {
+                        return;
+                    };
+                    match result {
+                        Ok(page) => {
+                            let full = page.len() >= page_max;
+                            let (out, again) = feed.on_page(page, full);
+                            for record in &out {
+                                act.write_notification(ctx, record);
+                            }
+                            if again {
+                                act.read_notifications(ctx);
+                            }
+                        }
+                        Err(error) => {
+                            // The subscription ends; the client subscribes again
+                            // from the last notification it got.
+                            act.notifications = None;
+                            act.send_frame(
+                                ctx,
+                                &protocol::push(Out::Error(pb::Error {
+                                    code: error.code.as_str().to_owned(),
+                                    message: format!(
+                                        "notification subscription ended: {}",
+                                        error.message
+                                    ),
+                                    room_id: String::new(),
+                                })),
+                            );
+                        }
+                    }
+                }),
+        );
+    }
+
+    /// A notification of the user was stored (through the user's session).
+    fn notification_pushed(&mut self, ctx: &mut Ctx, record: &NotificationRecord) {
+        let Some(feed) = self.notifications.as_mut() else {
+            return;
+        };
+        match feed.on_live(record.seq) {
+            LiveStep::Deliver => self.write_notification(ctx, record),
+            LiveStep::Read => self.read_notifications(ctx),
+            LiveStep::Skip => {}
+        }
+    }
+
+    fn write_notification(&self, ctx: &mut Ctx, record: &NotificationRecord) {
+        let frame = protocol::push(Out::Notification(notifications::notification_to_proto(
+            record, 0,
+        )));
+        self.send_frame(ctx, &frame);
     }
 }

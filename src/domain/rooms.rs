@@ -47,7 +47,10 @@ use crate::{
     model::{timestamp, MemberRole, Role, RoomKind},
     proto::v1 as pb,
     protocol::{self, SharedFrame},
-    store::{MemberRecord, MembershipChange, NewRoom, RoomRecord, RoomUpdate, StoreError},
+    store::{
+        MemberRecord, MembershipChange, NewRoom, NotificationKind, RoomRecord, RoomUpdate,
+        StoreError,
+    },
 };
 
 /// Longest room title.
@@ -435,12 +438,17 @@ pub async fn invite_member(
             "user `{target}` is banned from this room; unban them before inviting"
         )));
     }
+    let already_invited = state.store.has_invite(room_id, &target).await?;
     state
         .store
         .invite(room_id, &target, &access.user_id)
         .await
         .map_err(|e| room_gone(e, room_id))?;
     tracing::info!(room = %room_id, user = %target, by = %access.user_id, "invited");
+    if !already_invited {
+        super::invitations::invited(state, room_id, &access.room.title, &target, &access.user_id)
+            .await;
+    }
     notify(
         state,
         room_id,
@@ -883,6 +891,17 @@ fn removed(
     reason: pb::RemovedReason,
     message: String,
 ) {
+    let notification = match reason {
+        pb::RemovedReason::Kicked => Some(NotificationKind::Kicked),
+        pb::RemovedReason::Banned => Some(NotificationKind::Banned),
+        _ => None,
+    };
+    if let (Some(kind), Some(actor)) = (notification, actor) {
+        super::notifications::deliver_later(
+            state,
+            super::notifications::room_notification(user_id, kind, actor, room_id, message.clone()),
+        );
+    }
     notify(
         state,
         room_id,
