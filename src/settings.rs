@@ -506,6 +506,18 @@ impl Settings {
         if self.store.max_connections == 0 {
             return bad("store.max_connections", "must be at least 1");
         }
+        if self.publish.max_broadcast_rooms == 0 {
+            return bad("publish.max_broadcast_rooms", "must be at least 1");
+        }
+        if self.notifications.page_max == 0 {
+            return bad("notifications.page_max", "must be at least 1");
+        }
+        if self.notifications.retention_secs == 0 {
+            return bad(
+                "notifications.retention_secs",
+                "must be at least 1 (notifications are kept this many seconds)",
+            );
+        }
         if !self.auth.token_secret.is_empty() && self.auth.token_secret.len() < 32 {
             return bad(
                 "auth.token_secret",
