@@ -561,3 +561,88 @@ async fn gapless_under_concurrent_publishers(backend: Backend) {
 }
 
 both_backends!(gapless_sequence, gapless_under_concurrent_publishers);
+
+both_backends!(resubscribe_replaces_the_cursor, |backend| async move {
+    let (server, admin) = TestServer::spawn_with_admin(backend, |_| {}).await;
+    let user = server.sign_up(&unique_name("again")).await;
+    let key: pb::CreateApiKeyResponse = server
+        .rpc_as(&admin.access_token)
+        .call_proto(
+            "AuthService/CreateApiKey",
+            &pb::CreateApiKeyRequest { name: "k".into() },
+        )
+        .await
+        .unwrap();
+    let publish = |text: String| {
+        let rpc = server.rpc_as(&key.secret);
+        let user_id = user.user_id.clone();
+        async move {
+            let _: pb::PublishToUserResponse = rpc
+                .call(
+                    Codec::Proto,
+                    "PublishService/PublishToUser",
+                    &pb::PublishToUserRequest {
+                        user_id,
+                        sender: "app".into(),
+                        text,
+                        ..Default::default()
+                    },
+                )
+                .await
+                .unwrap();
+        }
+    };
+    for i in 1..=3 {
+        publish(format!("n{i}")).await;
+    }
+    let mut ws =
+        WsClient::connect_authenticated(&server.ws_url("/ws"), WsCodec::Json, &user.access_token)
+            .await;
+    // Two subscribes back to back: each gets exactly one reply; the second wins.
+    for (id, since) in [(101, 0), (102, 2)] {
+        ws.send_frame(&pb::ClientFrame {
+            id,
+            kind: Some(In::SubscribeNotifications(pb::SubscribeNotifications {
+                since_seq: Some(since),
+            })),
+        })
+        .await;
+    }
+    let mut replies = Vec::new();
+    while replies.len() < 2 {
+        match ws.next_frame(WAIT).await {
+            Incoming::Frame(f) if f.id == 101 || f.id == 102 => replies.push(f),
+            Incoming::Frame(_) => {}
+            other => panic!("waiting for the replies: {other:?}"),
+        }
+    }
+    assert_eq!(replies[0].id, 101);
+    match &replies[0].kind {
+        Some(Out::NotificationsSubscribed(_)) => {}
+        Some(Out::Error(e)) => assert_eq!(e.code, "aborted"),
+        other => panic!("unexpected first reply: {other:?}"),
+    }
+    assert!(
+        matches!(replies[1].kind, Some(Out::NotificationsSubscribed(_))),
+        "{:?}",
+        replies[1]
+    );
+    // After the second reply: only the second subscription's stream.
+    publish("n4".into()).await;
+    let mut seqs = Vec::new();
+    while seqs.len() < 2 {
+        match ws.next_frame(WAIT).await {
+            Incoming::Frame(pb::ServerFrame {
+                kind: Some(Out::Notification(n)),
+                ..
+            }) => seqs.push(n.seq),
+            Incoming::Frame(_) => {}
+            other => panic!("after {seqs:?}: {other:?}"),
+        }
+    }
+    assert_eq!(seqs, vec![3, 4]);
+    assert!(matches!(
+        ws.next_frame(Duration::from_millis(300)).await,
+        Incoming::Timeout
+    ));
+});

@@ -1077,36 +1077,52 @@ impl Connection {
             Ok(user) => user.clone(),
             Err(error) => return self.reply_error(ctx, id, &error, ""),
         };
+        // Counted like other requests, and its store reads share the connection's
+        // read slots: a client repeating the frame cannot flood the store.
+        if !self.admit(ctx, id, "") {
+            return;
+        }
         let generation = self
             .notifications
             .as_ref()
             .map_or(1, |feed| feed.generation() + 1);
         self.notifications = Some(NotificationFeed::starting(generation));
         let state = self.state.clone();
+        let reads = self.reads.clone();
         ctx.spawn(
-            async move { notifications::feed_start(&state, &user, req.since_seq).await }
-                .into_actor(self)
-                .map(move |result, act, ctx| {
-                    let Some(feed) = act
-                        .notifications
-                        .as_mut()
-                        .filter(|f| f.generation() == generation)
-                    else {
-                        return;
-                    };
-                    match result {
-                        Ok((last_seq, since)) => {
-                            feed.start(since);
-                            let reply = pb::NotificationsSubscribed { last_seq };
-                            act.reply(ctx, id, Out::NotificationsSubscribed(reply));
-                            act.read_notifications(ctx);
-                        }
-                        Err(error) => {
-                            act.notifications = None;
-                            act.reply_error(ctx, id, &error, "");
-                        }
+            async move {
+                let _slot = read_slot(&reads).await?;
+                notifications::feed_start(&state, &user, req.since_seq).await
+            }
+            .into_actor(self)
+            .map(move |result, act, ctx| {
+                act.inflight -= 1;
+                let Some(feed) = act
+                    .notifications
+                    .as_mut()
+                    .filter(|f| f.generation() == generation)
+                else {
+                    // A later subscribe_notifications replaced this one; it still
+                    // gets its one reply.
+                    let error = ApiError::new(
+                        crate::error::Code::Aborted,
+                        "replaced by a later subscribe_notifications",
+                    );
+                    return act.reply_error(ctx, id, &error, "");
+                };
+                match result {
+                    Ok((last_seq, since)) => {
+                        feed.start(since);
+                        let reply = pb::NotificationsSubscribed { last_seq };
+                        act.reply(ctx, id, Out::NotificationsSubscribed(reply));
+                        act.read_notifications(ctx);
                     }
-                }),
+                    Err(error) => {
+                        act.notifications = None;
+                        act.reply_error(ctx, id, &error, "");
+                    }
+                }
+            }),
         );
     }
 
@@ -1120,46 +1136,50 @@ impl Connection {
         let user = principal.user_id.clone();
         let state = self.state.clone();
         let page_max = state.settings.notifications.page_max as usize;
+        let reads = self.reads.clone();
         ctx.spawn(
-            async move { notifications::feed_page(&state, &user, after).await }
-                .into_actor(self)
-                .map(move |result, act, ctx| {
-                    let Some(feed) = act
-                        .notifications
-                        .as_mut()
-                        .filter(|f| f.generation() == generation)
-                    else {
-                        return;
-                    };
-                    match result {
-                        Ok(page) => {
-                            let full = page.len() >= page_max;
-                            let (out, again) = feed.on_page(page, full);
-                            for record in &out {
-                                act.write_notification(ctx, record);
-                            }
-                            if again {
-                                act.read_notifications(ctx);
-                            }
+            async move {
+                let _slot = read_slot(&reads).await?;
+                notifications::feed_page(&state, &user, after).await
+            }
+            .into_actor(self)
+            .map(move |result, act, ctx| {
+                let Some(feed) = act
+                    .notifications
+                    .as_mut()
+                    .filter(|f| f.generation() == generation)
+                else {
+                    return;
+                };
+                match result {
+                    Ok(page) => {
+                        let full = page.len() >= page_max;
+                        let (out, again) = feed.on_page(page, full);
+                        for record in &out {
+                            act.write_notification(ctx, record);
                         }
-                        Err(error) => {
-                            // The subscription ends; the client subscribes again
-                            // from the last notification it got.
-                            act.notifications = None;
-                            act.send_frame(
-                                ctx,
-                                &protocol::push(Out::Error(pb::Error {
-                                    code: error.code.as_str().to_owned(),
-                                    message: format!(
-                                        "notification subscription ended: {}",
-                                        error.message
-                                    ),
-                                    room_id: String::new(),
-                                })),
-                            );
+                        if again {
+                            act.read_notifications(ctx);
                         }
                     }
-                }),
+                    Err(error) => {
+                        // The subscription ends; the client subscribes again
+                        // from the last notification it got.
+                        act.notifications = None;
+                        act.send_frame(
+                            ctx,
+                            &protocol::push(Out::Error(pb::Error {
+                                code: error.code.as_str().to_owned(),
+                                message: format!(
+                                    "notification subscription ended: {}",
+                                    error.message
+                                ),
+                                room_id: String::new(),
+                            })),
+                        );
+                    }
+                }
+            }),
         );
     }
 
