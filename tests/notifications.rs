@@ -113,7 +113,6 @@ both_backends!(
         let owner = server.sign_up(&unique_name("owner")).await;
         let guest = server.sign_up(&unique_name("guest")).await;
         let first = create_room(&server, &owner, pb::RoomKind::Private).await;
-        let second = create_room(&server, &owner, pb::RoomKind::Private).await;
         let url = server.ws_url("/ws");
         let mut ws =
             WsClient::connect_authenticated(&url, WsCodec::Proto, &guest.access_token).await;
@@ -128,9 +127,25 @@ both_backends!(
         );
 
         invite(&server, &owner, &first, &guest).await;
-        invite(&server, &owner, &second, &guest).await;
         // Inviting again does not notify again.
         invite(&server, &owner, &first, &guest).await;
+        // An invitation made with CreateRoom notifies too.
+        let second: String = server
+            .rpc_as(&owner.access_token)
+            .call_proto::<_, pb::CreateRoomResponse>(
+                "RoomService/CreateRoom",
+                &pb::CreateRoomRequest {
+                    kind: pb::RoomKind::Private as i32,
+                    title: "test room".into(),
+                    member_ids: vec![guest.user_id.clone()],
+                    ..Default::default()
+                },
+            )
+            .await
+            .expect("create a room with an invitation")
+            .room
+            .unwrap()
+            .id;
 
         // Arrives live as a notification.
         for room in [&first, &second] {

@@ -134,6 +134,7 @@ pub async fn create_room(
             new.members = vec![(other, MemberRole::Member)];
         }
     }
+    let invited = new.invites.clone();
     let room = match state.store.create_room(new).await {
         Ok(room) => room,
         // Two first messages to the same person raced; the other one won.
@@ -150,6 +151,12 @@ pub async fn create_room(
         Err(e) => return Err(e.into()),
     };
     tracing::info!(room = %room.id, user = %me, kind = %kind, "room created");
+    futures_util::future::join_all(
+        invited
+            .iter()
+            .map(|user| super::invitations::invited(state, &room.id, &room.title, user, &me)),
+    )
+    .await;
     let member = state.store.get_member(&room.id, &me).await?;
     Ok(pb::CreateRoomResponse {
         room: Some(room_proto(state, &room, member.as_ref()).await?),
