@@ -493,6 +493,35 @@ both_backends!(
             "unauthenticated",
             401,
         );
+
+        // Without revoke_sessions: closed (default reason), but the user may come back.
+        let resp: pb::DisconnectUserResponse = rpc
+            .call(
+                Codec::Proto,
+                "PublishService/DisconnectUser",
+                &pb::DisconnectUserRequest {
+                    user_id: other.user_id.clone(),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(resp.sessions_revoked, 0);
+        loop {
+            match bystander.next_frame(WAIT).await {
+                Incoming::Closed(code, reason) => {
+                    assert_eq!(code, close::DISCONNECTED);
+                    assert!(!reason.is_empty());
+                    break;
+                }
+                Incoming::Frame(_) => continue,
+                Incoming::Timeout => panic!("the connection was not closed"),
+            }
+        }
+        let mut back =
+            WsClient::connect_authenticated(&url, WsCodec::Json, &other.access_token).await;
+        let pong = back.request(In::Ping(pb::Ping {})).await;
+        assert!(matches!(pong.kind, Some(Out::Pong(_))));
     }
 );
 
