@@ -10,6 +10,8 @@ const PROTOS: &[&str] = &[
     "roomcast/v1/auth.proto",
     "roomcast/v1/users.proto",
     "roomcast/v1/rooms.proto",
+    "roomcast/v1/notifications.proto",
+    "roomcast/v1/publish.proto",
     "roomcast/v1/realtime.proto",
 ];
 

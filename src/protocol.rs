@@ -160,6 +160,9 @@ pub mod close {
     /// The user already holds `realtime.max_connections_per_user` connections;
     /// close another one first.
     pub const TOO_MANY_CONNECTIONS: u16 = 4503;
+    /// The application's backend disconnected the user (PublishService.DisconnectUser,
+    /// e.g. after banning them); do not reconnect without user action.
+    pub const DISCONNECTED: u16 = 4504;
     /// A frame was larger than the server accepts (standard code).
     pub const MESSAGE_TOO_BIG: u16 = 1009;
 }

@@ -26,6 +26,8 @@ pub struct Settings {
     pub rooms: RoomSettings,
     pub realtime: RealtimeSettings,
     pub log: LogSettings,
+    pub publish: PublishSettings,
+    pub notifications: NotificationSettings,
 }
 
 /// The HTTP listener.
@@ -431,6 +433,49 @@ impl Default for LogSettings {
     }
 }
 
+/// The server publish API (PublishService).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PublishSettings {
+    /// Most rooms one Broadcast or GetOnlineCounts call may name.
+    pub max_broadcast_rooms: usize,
+}
+
+/// Default of `publish.max_broadcast_rooms`.
+pub const MAX_BROADCAST_ROOMS: usize = 100;
+
+impl Default for PublishSettings {
+    fn default() -> Self {
+        Self {
+            max_broadcast_rooms: MAX_BROADCAST_ROOMS,
+        }
+    }
+}
+
+/// Per-user notification streams (NotificationService).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NotificationSettings {
+    /// Notifications older than this many seconds are removed (and no longer listed).
+    pub retention_secs: u64,
+    /// Largest page of ListNotifications and of a WebSocket replay read.
+    pub page_max: u32,
+}
+
+/// Default of `notifications.retention_secs`: 30 days.
+pub const NOTIFICATION_RETENTION_SECS: u64 = 30 * 24 * 3600;
+/// Default of `notifications.page_max`.
+pub const NOTIFICATION_PAGE_MAX: u32 = 200;
+
+impl Default for NotificationSettings {
+    fn default() -> Self {
+        Self {
+            retention_secs: NOTIFICATION_RETENTION_SECS,
+            page_max: NOTIFICATION_PAGE_MAX,
+        }
+    }
+}
+
 /// Why settings could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum SettingsError {
@@ -507,6 +552,18 @@ impl Settings {
         }
         if self.store.max_connections == 0 {
             return bad("store.max_connections", "must be at least 1");
+        }
+        if self.publish.max_broadcast_rooms == 0 {
+            return bad("publish.max_broadcast_rooms", "must be at least 1");
+        }
+        if self.notifications.page_max == 0 {
+            return bad("notifications.page_max", "must be at least 1");
+        }
+        if self.notifications.retention_secs == 0 {
+            return bad(
+                "notifications.retention_secs",
+                "must be at least 1 (notifications are kept this many seconds)",
+            );
         }
         if !self.auth.token_secret.is_empty() && self.auth.token_secret.len() < 32 {
             return bad(

@@ -47,12 +47,17 @@ use super::{
 };
 use crate::{
     actors::{authenticator::Authenticate, room::Relay},
-    domain::{access::room_access, messages, AppState, Credential, Principal},
+    domain::{
+        access::room_access,
+        messages,
+        notifications::{self, LiveStep, NotificationFeed},
+        AppState, Credential, Principal,
+    },
     error::ApiError,
     ids::{now_ms, RoomId},
     proto::v1 as pb,
     protocol::{self, close, FrameCodec, RoomEvent, SharedFrame, WireFrame},
-    store::MessageRecord,
+    store::{MessageRecord, NotificationRecord},
     ws::{
         decoder::{Message as WsMessage, CLOSE_TOO_BIG},
         transport::{ReadError, Transport},
@@ -140,6 +145,8 @@ pub struct Connection {
     reads: Arc<Semaphore>,
     /// The write side of the socket.
     transport: Transport,
+    /// The user's notification stream, after `subscribe_notifications`.
+    notifications: Option<NotificationFeed>,
 }
 
 impl Connection {
@@ -176,6 +183,7 @@ impl Connection {
             inflight: 0,
             reads,
             transport,
+            notifications: None,
         }
     }
 
@@ -384,6 +392,9 @@ impl Connection {
             In::Send(request) => self.send_message(ctx, id, principal, request),
             In::MarkRead(request) => self.mark_read(ctx, id, principal, request),
             In::Typing(typing) => self.typing(ctx, id, principal, typing),
+            In::SubscribeNotifications(req) => {
+                self.subscribe_notifications(ctx, id, principal, req)
+            }
             In::Authenticate(_) | In::Ping(_) => {}
         }
     }
@@ -1082,6 +1093,151 @@ impl Handler<SessionSignal> for Connection {
                 self.close(ctx, close::SIGNED_OUT, "the session was signed out")
             }
             SessionSignal::Removed { room_id, frame } => self.removed(ctx, &room_id, &frame),
+            SessionSignal::Notification(record) => self.notification_pushed(ctx, &record),
+            SessionSignal::Disconnected { reason } => self.close(ctx, close::DISCONNECTED, &reason),
         }
+    }
+}
+
+// --- user notifications ---------------------------------------------------------
+//
+// Self-contained: the cursor logic is `NotificationFeed` (domain::notifications);
+// this part only starts reads and writes frames.
+
+impl Connection {
+    fn subscribe_notifications(
+        &mut self,
+        ctx: &mut Ctx,
+        id: u64,
+        principal: Principal,
+        req: pb::SubscribeNotifications,
+    ) {
+        let user = match principal.require_user() {
+            Ok(user) => user.clone(),
+            Err(error) => return self.reply_error(ctx, id, &error, ""),
+        };
+        // Counted like other requests, and its store reads share the connection's
+        // read slots: a client repeating the frame cannot flood the store.
+        if !self.admit(ctx, id, "") {
+            return;
+        }
+        let generation = self
+            .notifications
+            .as_ref()
+            .map_or(1, |feed| feed.generation() + 1);
+        self.notifications = Some(NotificationFeed::starting(generation));
+        let state = self.state.clone();
+        let reads = self.reads.clone();
+        ctx.spawn(
+            async move {
+                let _slot = read_slot(&reads).await?;
+                notifications::feed_start(&state, &user, req.since_seq).await
+            }
+            .into_actor(self)
+            .map(move |result, act, ctx| {
+                act.inflight -= 1;
+                let Some(feed) = act
+                    .notifications
+                    .as_mut()
+                    .filter(|f| f.generation() == generation)
+                else {
+                    // A later subscribe_notifications replaced this one; it still
+                    // gets its one reply.
+                    let error = ApiError::new(
+                        crate::error::Code::Aborted,
+                        "replaced by a later subscribe_notifications",
+                    );
+                    return act.reply_error(ctx, id, &error, "");
+                };
+                match result {
+                    Ok((last_seq, since)) => {
+                        feed.start(since);
+                        let reply = pb::NotificationsSubscribed { last_seq };
+                        act.reply(ctx, id, Out::NotificationsSubscribed(reply));
+                        act.read_notifications(ctx);
+                    }
+                    Err(error) => {
+                        act.notifications = None;
+                        act.reply_error(ctx, id, &error, "");
+                    }
+                }
+            }),
+        );
+    }
+
+    /// Reads the next page after the feed's cursor and writes it.
+    fn read_notifications(&mut self, ctx: &mut Ctx) {
+        let (Some(feed), Some(principal)) = (&self.notifications, &self.principal) else {
+            return;
+        };
+        let generation = feed.generation();
+        let after = feed.delivered();
+        let user = principal.user_id.clone();
+        let state = self.state.clone();
+        let page_max = state.settings.notifications.page_max as usize;
+        let reads = self.reads.clone();
+        ctx.spawn(
+            async move {
+                let _slot = read_slot(&reads).await?;
+                notifications::feed_page(&state, &user, after).await
+            }
+            .into_actor(self)
+            .map(move |result, act, ctx| {
+                let Some(feed) = act
+                    .notifications
+                    .as_mut()
+                    .filter(|f| f.generation() == generation)
+                else {
+                    return;
+                };
+                match result {
+                    Ok(page) => {
+                        let full = page.len() >= page_max;
+                        let (out, again) = feed.on_page(page, full);
+                        for record in &out {
+                            act.write_notification(ctx, record);
+                        }
+                        if again {
+                            act.read_notifications(ctx);
+                        }
+                    }
+                    Err(error) => {
+                        // The subscription ends; the client subscribes again
+                        // from the last notification it got.
+                        act.notifications = None;
+                        act.send_frame(
+                            ctx,
+                            &protocol::push(Out::Error(pb::Error {
+                                code: error.code.as_str().to_owned(),
+                                message: format!(
+                                    "notification subscription ended: {}",
+                                    error.message
+                                ),
+                                room_id: String::new(),
+                            })),
+                        );
+                    }
+                }
+            }),
+        );
+    }
+
+    /// A notification of the user was stored (through the user's session).
+    fn notification_pushed(&mut self, ctx: &mut Ctx, record: &NotificationRecord) {
+        let Some(feed) = self.notifications.as_mut() else {
+            return;
+        };
+        match feed.on_live(record.seq) {
+            LiveStep::Deliver => self.write_notification(ctx, record),
+            LiveStep::Read => self.read_notifications(ctx),
+            LiveStep::Skip => {}
+        }
+    }
+
+    fn write_notification(&self, ctx: &mut Ctx, record: &NotificationRecord) {
+        let frame = protocol::push(Out::Notification(notifications::notification_to_proto(
+            record, 0,
+        )));
+        self.send_frame(ctx, &frame);
     }
 }

@@ -26,7 +26,7 @@ use super::{
 use crate::{
     ids::{RoomId, SessionId, UserId},
     protocol::SharedFrame,
-    store::Store,
+    store::{NotificationRecord, Store},
 };
 
 /// User session actors alive in this process (started and not yet stopped).
@@ -59,6 +59,12 @@ pub enum SessionSignal {
         room_id: RoomId,
         frame: Arc<SharedFrame>,
     },
+    /// A notification of the user was stored: connections that subscribed to the
+    /// user's notification stream deliver it (or catch up to it from the store).
+    Notification(Arc<NotificationRecord>),
+    /// A backend called PublishService.DisconnectUser: close with
+    /// [`close::DISCONNECTED`](crate::protocol::close::DISCONNECTED).
+    Disconnected { reason: String },
 }
 
 /// Tells every connection of this user that the server is shutting down.

@@ -42,7 +42,7 @@ pub async fn room_actor(state: &AppState, room_id: &RoomId) -> Result<Addr<RoomA
 
 /// Appends through the room actor; if the actor was retiring or restarting, asks
 /// the registry again once.
-async fn append(
+pub(crate) async fn append(
     state: &AppState,
     room_id: &RoomId,
     message: NewMessage,
@@ -66,7 +66,7 @@ async fn append(
     ))
 }
 
-fn validate_text(state: &AppState, text: &str) -> Result<(), ApiError> {
+pub(crate) fn validate_text(state: &AppState, text: &str) -> Result<(), ApiError> {
     if text.trim().is_empty() {
         return Err(ApiError::invalid("text must not be empty"));
     }
@@ -83,7 +83,7 @@ fn validate_text(state: &AppState, text: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn validate_metadata(
+pub(crate) fn validate_metadata(
     metadata: &std::collections::HashMap<String, String>,
 ) -> Result<BTreeMap<String, String>, ApiError> {
     if metadata.len() > METADATA_MAX_ENTRIES {
@@ -142,10 +142,13 @@ pub async fn send_message(
         moderator: false,
     };
     match append(state, &access.room.id, message).await? {
-        Appended::Stored(record) => Ok(pb::SendMessageResponse {
-            message: Some(message_to_proto(&record)),
-            duplicate: false,
-        }),
+        Appended::Stored(record) => {
+            super::notifications::after_message_stored(state, &record);
+            Ok(pb::SendMessageResponse {
+                message: Some(message_to_proto(&record)),
+                duplicate: false,
+            })
+        }
         Appended::Duplicate(record) => Ok(pb::SendMessageResponse {
             message: Some(message_to_proto(&record)),
             duplicate: true,

@@ -7,8 +7,11 @@
 pub mod access;
 pub mod auth;
 pub mod convert;
+pub mod invitations;
 pub mod messages;
+pub mod notifications;
 mod principal;
+pub mod publish;
 pub mod rooms;
 pub mod users;
 pub mod validate;

@@ -47,7 +47,10 @@ use crate::{
     model::{timestamp, MemberRole, Role, RoomKind},
     proto::v1 as pb,
     protocol::{self, SharedFrame},
-    store::{MemberRecord, MembershipChange, NewRoom, RoomRecord, RoomUpdate, StoreError},
+    store::{
+        MemberRecord, MembershipChange, NewRoom, NotificationKind, RoomRecord, RoomUpdate,
+        StoreError,
+    },
 };
 
 /// Longest room title.
@@ -131,6 +134,7 @@ pub async fn create_room(
             new.members = vec![(other, MemberRole::Member)];
         }
     }
+    let invited = new.invites.clone();
     let room = match state.store.create_room(new).await {
         Ok(room) => room,
         // Two first messages to the same person raced; the other one won.
@@ -147,6 +151,12 @@ pub async fn create_room(
         Err(e) => return Err(e.into()),
     };
     tracing::info!(room = %room.id, user = %me, kind = %kind, "room created");
+    futures_util::future::join_all(
+        invited
+            .iter()
+            .map(|user| super::invitations::invited(state, &room.id, &room.title, user, &me)),
+    )
+    .await;
     let member = state.store.get_member(&room.id, &me).await?;
     Ok(pb::CreateRoomResponse {
         room: Some(room_proto(state, &room, member.as_ref()).await?),
@@ -435,12 +445,17 @@ pub async fn invite_member(
             "user `{target}` is banned from this room; unban them before inviting"
         )));
     }
+    let already_invited = state.store.has_invite(room_id, &target).await?;
     state
         .store
         .invite(room_id, &target, &access.user_id)
         .await
         .map_err(|e| room_gone(e, room_id))?;
     tracing::info!(room = %room_id, user = %target, by = %access.user_id, "invited");
+    if !already_invited {
+        super::invitations::invited(state, room_id, &access.room.title, &target, &access.user_id)
+            .await;
+    }
     notify(
         state,
         room_id,
@@ -883,6 +898,17 @@ fn removed(
     reason: pb::RemovedReason,
     message: String,
 ) {
+    let notification = match reason {
+        pb::RemovedReason::Kicked => Some(NotificationKind::Kicked),
+        pb::RemovedReason::Banned => Some(NotificationKind::Banned),
+        _ => None,
+    };
+    if let (Some(kind), Some(actor)) = (notification, actor) {
+        super::notifications::deliver_later(
+            state,
+            super::notifications::room_notification(user_id, kind, actor, room_id, message.clone()),
+        );
+    }
     notify(
         state,
         room_id,

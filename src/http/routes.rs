@@ -10,7 +10,7 @@ use super::connect::{error_response, unary, RpcContext};
 use crate::{
     domain,
     error::{ApiError, Code},
-    proto::v1::{auth_service, room_service, user_service},
+    proto::v1::{auth_service, notification_service, publish_service, room_service, user_service},
 };
 
 /// Registers every RPC route; returns the `Service/Method` names it registered.
@@ -22,6 +22,8 @@ pub fn configure(cfg: &mut web::ServiceConfig) -> Vec<String> {
     auth_routes(&mut table);
     user_routes(&mut table);
     room_routes(&mut table);
+    publish_routes(&mut table);
+    notification_routes(&mut table);
     table.routed
 }
 
@@ -144,6 +146,39 @@ fn room_routes(t: &mut Table<'_>) {
     authed!(t, s, "SetMemberRole", rooms::set_member_role);
 }
 
+/// PublishService: API keys and server admins (checked in the domain).
+fn publish_routes(t: &mut Table<'_>) {
+    use domain::publish;
+    let s = publish_service::NAME;
+    authed!(t, s, "Publish", publish::publish);
+    authed!(t, s, "Broadcast", publish::broadcast);
+    authed!(t, s, "PublishToUser", publish::publish_to_user);
+    authed!(t, s, "DisconnectUser", publish::disconnect_user);
+    authed!(t, s, "GetPresence", publish::get_presence);
+    authed!(t, s, "GetOnlineCounts", publish::get_online_counts);
+}
+
+fn notification_routes(t: &mut Table<'_>) {
+    use domain::{invitations, notifications};
+    let s = notification_service::NAME;
+    authed!(t, s, "ListNotifications", notifications::list_notifications);
+    authed!(
+        t,
+        s,
+        "MarkNotificationsRead",
+        notifications::mark_notifications_read
+    );
+    authed!(
+        t,
+        s,
+        "CountUnreadNotifications",
+        notifications::count_unread_notifications
+    );
+    authed!(t, s, "ListInvitations", invitations::list_invitations);
+    authed!(t, s, "AcceptInvitation", invitations::accept_invitation);
+    authed!(t, s, "DeclineInvitation", invitations::decline_invitation);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -156,6 +191,11 @@ mod tests {
             (auth_service::NAME, auth_service::UNARY_METHODS),
             (user_service::NAME, user_service::UNARY_METHODS),
             (room_service::NAME, room_service::UNARY_METHODS),
+            (publish_service::NAME, publish_service::UNARY_METHODS),
+            (
+                notification_service::NAME,
+                notification_service::UNARY_METHODS,
+            ),
         ] {
             expected.extend(methods.iter().map(|m| format!("{name}/{m}")));
         }

@@ -6,6 +6,7 @@
 
 mod api_keys;
 mod messages;
+mod notifications;
 mod rooms;
 mod sessions;
 mod users;
@@ -21,6 +22,10 @@ use crate::settings::StoreSettings;
 
 pub use api_keys::ApiKeyRecord;
 pub use messages::{AppendRejection, Appended, MessageRecord, NewMessage};
+pub use notifications::{
+    InvitationRecord, NewNotification, NotificationInserted, NotificationKind, NotificationRecord,
+    NotificationState,
+};
 pub use rooms::{BanRecord, MemberRecord, MembershipChange, NewRoom, RoomRecord, RoomUpdate};
 pub use sessions::{RefreshOutcome, SessionRecord};
 pub use users::{username_skeleton, NewUser, ProfileUpdate, UserRecord};
