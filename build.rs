@@ -11,6 +11,7 @@ const PROTOS: &[&str] = &[
     "roomcast/v1/users.proto",
     "roomcast/v1/rooms.proto",
     "roomcast/v1/realtime.proto",
+    "roomcast/v1/admin.proto",
 ];
 
 /// Emits `pub mod <service_snake> { NAME, METHODS }` for each service.

@@ -10,7 +10,7 @@ use super::connect::{error_response, unary, RpcContext};
 use crate::{
     domain,
     error::{ApiError, Code},
-    proto::v1::{auth_service, room_service, user_service},
+    proto::v1::{admin_service, auth_service, room_service, user_service},
 };
 
 /// Registers every RPC route; returns the `Service/Method` names it registered.
@@ -22,6 +22,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) -> Vec<String> {
     auth_routes(&mut table);
     user_routes(&mut table);
     room_routes(&mut table);
+    admin_routes(&mut table);
     table.routed
 }
 
@@ -144,6 +145,24 @@ fn room_routes(t: &mut Table<'_>) {
     authed!(t, s, "SetMemberRole", rooms::set_member_role);
 }
 
+fn admin_routes(t: &mut Table<'_>) {
+    use domain::admin;
+    let s = admin_service::NAME;
+    authed!(t, s, "ListConnections", admin::list_connections);
+    authed!(t, s, "GetRoomStats", admin::get_room_stats);
+    authed!(t, s, "RevokeUserSessions", admin::revoke_user_sessions);
+    authed!(t, s, "SuspendUser", admin::suspend_user);
+    authed!(t, s, "ReinstateUser", admin::reinstate_user);
+    authed!(t, s, "DeleteRoom", admin::delete_room);
+    authed!(t, s, "GetConfig", admin::get_config);
+    authed!(t, s, "Announce", admin::announce);
+    authed!(t, s, "ListAuditLog", admin::list_audit_log);
+    authed!(t, s, "ListAccessRules", admin::list_access_rules);
+    authed!(t, s, "CreateAccessRule", admin::create_access_rule);
+    authed!(t, s, "UpdateAccessRule", admin::update_access_rule);
+    authed!(t, s, "DeleteAccessRule", admin::delete_access_rule);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -156,6 +175,7 @@ mod tests {
             (auth_service::NAME, auth_service::UNARY_METHODS),
             (user_service::NAME, user_service::UNARY_METHODS),
             (room_service::NAME, room_service::UNARY_METHODS),
+            (admin_service::NAME, admin_service::UNARY_METHODS),
         ] {
             expected.extend(methods.iter().map(|m| format!("{name}/{m}")));
         }
