@@ -27,6 +27,17 @@ pub const FRAME_PREFIX: &str = "ws:";
 /// Client frame kinds that rules may name (the authenticated ones).
 pub const FRAME_KINDS: &[&str] = &["subscribe", "unsubscribe", "send", "typing", "mark_read"];
 
+/// The RPC a frame kind performs over the socket (`send` is
+/// RoomService.SendMessage, same rules): rules naming that RPC, or its service,
+/// govern the frame too.
+pub fn frame_rpc(kind: &str) -> Option<&'static str> {
+    match kind {
+        "send" => Some("roomcast.v1.RoomService/SendMessage"),
+        "mark_read" => Some("roomcast.v1.RoomService/MarkRead"),
+        _ => None,
+    }
+}
+
 /// Highest (and, negated, lowest) rule priority.
 pub const MAX_PRIORITY: i64 = 1_000_000;
 
@@ -117,9 +128,16 @@ impl Rule {
                         .strip_suffix("/*")
                         .is_some_and(|service| name.split('/').next() == Some(service))
             }
-            Operation::Frame(kind) => pattern
-                .strip_prefix(FRAME_PREFIX)
-                .is_some_and(|p| p == "*" || p == kind),
+            Operation::Frame(kind) => {
+                pattern
+                    .strip_prefix(FRAME_PREFIX)
+                    .is_some_and(|p| p == "*" || p == kind)
+                    // A frame that is an RPC over the socket follows that RPC's rules.
+                    || frame_rpc(kind).is_some_and(|rpc| {
+                        pattern == rpc
+                            || pattern.strip_suffix("/*") == rpc.split('/').next()
+                    })
+            }
         }
     }
 }
@@ -335,8 +353,28 @@ mod tests {
                 Operation::Rpc("roomcast.v1.RoomService/CreateRoom")
             )
             .is_err());
-        assert!(rules.check(Role::Guest, Operation::Frame("send")).is_err());
-        assert!(rules.check(Role::Member, Operation::Frame("send")).is_ok());
+        // The allow on SendMessage covers the `send` frame; `*` still denies typing.
+        assert!(rules.check(Role::Guest, Operation::Frame("send")).is_ok());
+        assert!(rules
+            .check(Role::Guest, Operation::Frame("typing"))
+            .is_err());
+        assert!(rules
+            .check(Role::Member, Operation::Frame("typing"))
+            .is_ok());
+
+        // A rule on the RPC governs the frame that performs it, not the others.
+        let rpc_only = RuleSet::from_records(&[record("guest", send, "deny", 1)]);
+        assert!(rpc_only
+            .check(Role::Guest, Operation::Frame("send"))
+            .is_err());
+        assert!(rpc_only
+            .check(Role::Guest, Operation::Frame("typing"))
+            .is_ok());
+        let frame_only = RuleSet::from_records(&[record("guest", "ws:send", "deny", 1)]);
+        assert!(frame_only.check(Role::Guest, Operation::Rpc(send)).is_ok());
+        assert!(frame_only
+            .check(Role::Guest, Operation::Frame("send"))
+            .is_err());
 
         let tie = RuleSet::from_records(&[
             record("*", "roomcast.v1.RoomService/*", "allow", 5),
