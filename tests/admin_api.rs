@@ -211,7 +211,8 @@ both_backends!(
             .rpc_as(&user.access_token)
             .call_proto::<_, pb::GetMeResponse>("UserService/GetMe", &pb::GetMeRequest {})
             .await;
-        expect_error(old, "unauthenticated", 401);
+        let message = expect_error(old, "unauthenticated", 401);
+        assert!(message.contains("suspended"), "{message}");
         // An admin cannot suspend themselves.
         let own = server
             .rpc_as(&admin.access_token)

@@ -649,6 +649,11 @@ async fn authenticate_session(store: &Store, claims: AccessClaims) -> Result<Pri
     )
     .await;
     let signed_out = || ApiError::unauthenticated("session has been signed out");
+    // First: a suspended account's sessions were ended too, and "suspended" is
+    // the answer that tells the user what happened.
+    if suspended? {
+        return Err(suspended_error());
+    }
     let session = match session {
         Ok(session) => session,
         Err(StoreError::NotFound) => return Err(signed_out()),
@@ -662,9 +667,6 @@ async fn authenticate_session(store: &Store, claims: AccessClaims) -> Result<Pri
         Err(StoreError::NotFound) => return Err(signed_out()),
         Err(e) => return Err(e.into()),
     };
-    if suspended? {
-        return Err(suspended_error());
-    }
     Ok(Principal {
         user_id,
         role: user.role,

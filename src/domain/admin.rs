@@ -147,7 +147,7 @@ pub async fn revoke_user_sessions(
         session_id: None,
     });
     tracing::info!(user = %user, by = %principal.user_id, revoked, "sessions revoked by an admin");
-    let detail = format!("{revoked} sessions");
+    let detail = format!("sessions ended: {revoked}");
     audit::record(
         state,
         principal,
