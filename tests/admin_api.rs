@@ -771,3 +771,101 @@ both_backends!(
         expect_error(bad, "invalid_argument", 400);
     }
 );
+
+/// The shared secret of the external application in these tests.
+const EXTERNAL_SECRET: &str = "my-app-shared-secret-of-at-least-32-bytes";
+
+both_backends!(
+    suspended_external_users_are_refused_at_once,
+    |backend: Backend| async move {
+        let (server, admin) = TestServer::spawn_with_admin(backend, |s| {
+            let ext = &mut s.auth.external;
+            ext.enabled = true;
+            ext.algorithm = "HS256".into();
+            ext.secret = EXTERNAL_SECRET.into();
+        })
+        .await;
+        let token = common::sign_roomcast_token(
+            EXTERNAL_SECRET,
+            &json!({"sub": "viewer-1", "name": "Viewer", "exp": common::now_secs() + 600}),
+        );
+        let get_me = || async {
+            server
+                .rpc_as(&token)
+                .call_proto::<_, pb::GetMeResponse>("UserService/GetMe", &pb::GetMeRequest {})
+                .await
+        };
+        // Twice: the second is answered from the authenticator's cache.
+        let me = get_me()
+            .await
+            .expect("an external token")
+            .user
+            .expect("user");
+        get_me().await.expect("an external token, cached");
+        let mut ws = WsClient::connect_authenticated(&ws_url(&server), WsCodec::Json, &token).await;
+
+        let _: pb::SuspendUserResponse = admin_call(
+            &server,
+            &admin,
+            "SuspendUser",
+            &pb::SuspendUserRequest {
+                user_id: me.id.clone(),
+                reason: String::new(),
+            },
+        )
+        .await;
+        assert_eq!(closed_with(&mut ws).await, 4501);
+        let message = expect_error(get_me().await, "unauthenticated", 401);
+        assert!(message.contains("suspended"), "{message}");
+
+        let _: pb::ReinstateUserResponse = admin_call(
+            &server,
+            &admin,
+            "ReinstateUser",
+            &pb::ReinstateUserRequest { user_id: me.id },
+        )
+        .await;
+        get_me().await.expect("reinstated: the token works again");
+    }
+);
+
+both_backends!(
+    rules_written_by_another_node_apply_after_the_refresh_interval,
+    |backend: Backend| async move {
+        let server =
+            TestServer::spawn_with(backend, |s| s.auth.access_rules_refresh_ms = 100).await;
+        let owner = server.sign_up("nina").await;
+        let room = create_room(&server, &owner, pb::RoomKind::Public).await;
+        try_send_rpc(&server, &owner, &room, "n1")
+            .await
+            .expect("members send");
+        // Another node sharing the store adds a rule: this node has no word of it
+        // but re-reads the rules every 100 ms.
+        server
+            .state()
+            .store
+            .create_access_rule(
+                &roomcast::store::AccessRuleFields {
+                    role: "member".into(),
+                    operation: "*".into(),
+                    effect: "deny".into(),
+                    priority: 1,
+                    description: String::new(),
+                },
+                &UserId("u_elsewhere".into()),
+            )
+            .await
+            .expect("write a rule");
+        let mut n = 0;
+        let applied = common::eventually(Duration::from_secs(10), || {
+            n += 1;
+            let id = format!("n-{n}");
+            let (server, owner, room) = (&server, &owner, &room);
+            async move {
+                try_send_rpc(server, owner, room, &id).await == Err("permission_denied".into())
+            }
+        })
+        .await;
+        assert!(applied, "the rule never applied");
+    }
+);
