@@ -11,7 +11,9 @@
 //! - [`store`]: sqlx persistence on SQLite or PostgreSQL, with per-backend migrations.
 //! - [`actors`]: every actix actor, one per file: the auth actors, the room registry
 //!   and room actors, user sessions, WebSocket connections.
-//! - [`domain`]: the operations behind each RPC, shared by HTTP and WebSocket.
+//! - [`domain`]: the operations behind each RPC, shared by HTTP and WebSocket, with
+//!   the access rules every RPC and frame passes and the audit log of moderation and
+//!   admin actions (`domain::access_rules`, `domain::audit`, `domain::admin`).
 //! - [`http`]: the route table, the Connect codec (one extractor/responder for every
 //!   RPC), the error mapping, the WebSocket upgrade, health checks.
 //! - [`app`]: starts the actors and the HTTP server, and shuts them down in order.
