@@ -13,6 +13,7 @@ const PROTOS: &[&str] = &[
     "roomcast/v1/notifications.proto",
     "roomcast/v1/publish.proto",
     "roomcast/v1/realtime.proto",
+    "roomcast/v1/admin.proto",
 ];
 
 /// Emits `pub mod <service_snake> { NAME, METHODS }` for each service.

@@ -13,7 +13,9 @@
 //! - [`actors`]: every actix actor, one per file (auth, rooms, sessions, connections).
 //! - [`admission`]: connection caps: server-wide, per address, per user, unauthenticated.
 //! - [`app`]: starts the actors and the HTTP server, and shuts them down in order.
-//! - [`domain`]: the operations behind each RPC, shared by HTTP and WebSocket.
+//! - [`domain`]: the operations behind each RPC, shared by HTTP and WebSocket, with
+//!   the access rules every RPC and frame passes and the audit log of moderation and
+//!   admin actions.
 //! - [`error`]: `ApiError`, the Connect error code and message every request answers with.
 //! - [`http`]: connection accept (h1/h2c), Connect codec, route table, WebSocket upgrade.
 //! - [`ids`]: id newtypes and their generation.

@@ -191,6 +191,9 @@ pub struct AuthSettings {
     pub sign_up_ip_per_hour: u32,
     /// SignUps one address may make in a burst above that rate.
     pub sign_up_ip_burst: u32,
+    /// How often the auth actors re-read the access rules from the store (ms);
+    /// 0 = only when changed on this node.
+    pub access_rules_refresh_ms: u64,
     /// Tokens signed by an external application.
     pub external: ExternalAuthSettings,
 }
@@ -221,6 +224,9 @@ pub const DEFAULT_SIGN_IN_FAILURE_MEMORY_SECS: u64 = 3600;
 pub const DEFAULT_SIGN_UP_IP_PER_HOUR: u32 = 20;
 /// SignUp burst from one address.
 pub const DEFAULT_SIGN_UP_IP_BURST: u32 = 5;
+/// Access rules are re-read from the store every 5 s, so a change made on another
+/// node applies here within that time (a change made here applies at once).
+pub const DEFAULT_ACCESS_RULES_REFRESH_MS: u64 = 5_000;
 
 impl Default for AuthSettings {
     fn default() -> Self {
@@ -245,6 +251,7 @@ impl Default for AuthSettings {
             sign_in_failure_memory_secs: DEFAULT_SIGN_IN_FAILURE_MEMORY_SECS,
             sign_up_ip_per_hour: DEFAULT_SIGN_UP_IP_PER_HOUR,
             sign_up_ip_burst: DEFAULT_SIGN_UP_IP_BURST,
+            access_rules_refresh_ms: DEFAULT_ACCESS_RULES_REFRESH_MS,
             external: ExternalAuthSettings::default(),
         }
     }

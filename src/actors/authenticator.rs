@@ -40,13 +40,16 @@ use serde_json::{Map, Value};
 use tracing::{debug, info, warn};
 
 mod limits;
+mod rules;
 
 pub use limits::{AuthLimits, ClientAddr};
+pub use rules::AccessRules;
 
 use super::password_hasher::{Caller, HasherQueue, PasswordHasher};
 use crate::{
     domain::{
         access::{load_room_access, RoomAccess},
+        access_rules::Operation,
         validate, Credential, Principal,
     },
     error::ApiError,
@@ -93,6 +96,23 @@ const API_KEY_NAME_MAX_CHARS: usize = 64;
 // ---------------------------------------------------------------------------
 // Messages
 // ---------------------------------------------------------------------------
+
+/// Authenticates the bearer credential of an RPC call (as [`Authenticate`]) and
+/// checks the access rules for the caller's role and the RPC: `permission_denied`
+/// when a rule denies it. Every RPC that has a caller goes through this.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<Principal, ApiError>")]
+pub struct AuthorizeCall {
+    pub bearer: String,
+    /// The full RPC name, `roomcast.v1.RoomService/SendMessage`.
+    pub rpc: String,
+}
+
+/// Re-reads the access rules from the store and puts them in force on this node;
+/// answers how many there are.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<usize, ApiError>")]
+pub struct ReloadAccessRules;
 
 /// Turns a bearer credential (API key, roomcast access token or external token)
 /// into a [`Principal`]; `unauthenticated` when it is not acceptable.
@@ -248,6 +268,7 @@ pub struct AuthPool {
     arbiters: Arc<[ArbiterHandle]>,
     next: Arc<AtomicUsize>,
     hasher: HasherQueue,
+    rules: AccessRules,
 }
 
 impl AuthPool {
@@ -276,7 +297,12 @@ impl AuthPool {
         })?;
         let keys = TokenKeys::new(secret.as_bytes(), &auth)
             .map_err(|e| ApiError::failed_precondition(format!("auth.external: {e}")))?;
+        let rules = AccessRules::default();
+        rules.reload(&store).await.map_err(|e| {
+            ApiError::unavailable(format!("cannot load the access rules from the store: {e}"))
+        })?;
         let shared = Shared {
+            rules: rules.clone(),
             hasher: HasherQueue::new(hasher, auth.hasher_max_pending),
             limits: Arc::new(AuthLimits::new(&auth)),
             settings: auth,
@@ -286,11 +312,15 @@ impl AuthPool {
         let n = n.max(1);
         let mut actors = Vec::with_capacity(n);
         let mut arbiters = Vec::with_capacity(n);
-        for _ in 0..n {
+        for i in 0..n {
             let arbiter = Arbiter::new().handle();
             let shared = shared.clone();
+            // One authenticator re-reads the rules for the whole pool.
+            let refresher = i == 0;
             actors.push(Supervisor::start_in_arbiter(&arbiter, move |_ctx| {
-                Authenticator::new(shared)
+                let mut actor = Authenticator::new(shared);
+                actor.refreshes_rules = refresher;
+                actor
             }));
             arbiters.push(arbiter);
         }
@@ -304,6 +334,7 @@ impl AuthPool {
             arbiters: arbiters.into(),
             next: Arc::new(AtomicUsize::new(0)),
             hasher: shared.hasher.clone(),
+            rules,
         })
     }
 
@@ -324,6 +355,16 @@ impl AuthPool {
             bearer: bearer.into(),
         })
         .await
+    }
+
+    /// The access rules in force (connections check WebSocket frames against them).
+    pub fn rules(&self) -> &AccessRules {
+        &self.rules
+    }
+
+    /// Re-reads the access rules now (after a change made through the admin API).
+    pub async fn reload_rules(&self) -> Result<usize, ApiError> {
+        self.send(ReloadAccessRules).await
     }
 
     /// Password hashing jobs waiting or running now (for health checks and tests).
@@ -392,6 +433,9 @@ pub struct Authenticator {
     shared: Shared,
     /// (subject, display name, role) of external users seen lately → their user id.
     external_users: HashMap<ExternalIdentityKey, UserId>,
+    /// Whether this one re-reads the access rules every
+    /// `auth.access_rules_refresh_ms` (one per pool).
+    refreshes_rules: bool,
 }
 
 type ExternalIdentityKey = (String, String, Role);
@@ -401,6 +445,7 @@ impl Authenticator {
         Self {
             shared,
             external_users: HashMap::new(),
+            refreshes_rules: false,
         }
     }
 }
@@ -410,6 +455,25 @@ impl Actor for Authenticator {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         ctx.set_mailbox_capacity(AUTH_MAILBOX_CAPACITY);
+        let every = self.shared.settings.access_rules_refresh_ms;
+        if self.refreshes_rules && every > 0 {
+            actix::AsyncContext::run_interval(
+                ctx,
+                std::time::Duration::from_millis(every),
+                |act, ctx| {
+                    let shared = act.shared.clone();
+                    actix::AsyncContext::spawn(
+                    ctx,
+                    async move {
+                        if let Err(e) = shared.rules.reload(&shared.store).await {
+                            warn!(error = %e, "cannot re-read the access rules; keeping the old ones");
+                        }
+                    }
+                    .into_actor(act),
+                );
+                },
+            );
+        }
     }
 }
 
@@ -430,6 +494,38 @@ struct Shared {
     /// Credential-attack limits, shared by every authenticator of the pool.
     limits: Arc<AuthLimits>,
     keys: Arc<TokenKeys>,
+    /// The access rules in force, shared by the pool.
+    rules: AccessRules,
+}
+
+impl Handler<AuthorizeCall> for Authenticator {
+    type Result = ResponseActFuture<Self, Result<Principal, ApiError>>;
+
+    fn handle(&mut self, msg: AuthorizeCall, ctx: &mut Context<Self>) -> Self::Result {
+        let authenticated =
+            <Self as Handler<Authenticate>>::handle(self, Authenticate { bearer: msg.bearer }, ctx);
+        let rpc = msg.rpc;
+        Box::pin(authenticated.map(move |result, act, _ctx| {
+            let principal = result?;
+            act.shared
+                .rules
+                .check(principal.role, Operation::Rpc(&rpc))?;
+            Ok(principal)
+        }))
+    }
+}
+
+impl Handler<ReloadAccessRules> for Authenticator {
+    type Result = ResponseFuture<Result<usize, ApiError>>;
+
+    fn handle(&mut self, _msg: ReloadAccessRules, _ctx: &mut Context<Self>) -> Self::Result {
+        let shared = self.shared.clone();
+        Box::pin(async move {
+            let n = shared.rules.reload(&shared.store).await?;
+            debug!(rules = n, "access rules re-read");
+            Ok(n)
+        })
+    }
 }
 
 impl Handler<Authenticate> for Authenticator {
@@ -488,13 +584,20 @@ impl Authenticator {
             identity.role,
         );
         if let Some(user_id) = self.external_users.get(&key) {
-            return Box::pin(ready(Ok(identity.principal(user_id.clone()))));
+            let store = self.shared.store.clone();
+            let principal = identity.principal(user_id.clone());
+            return Box::pin(
+                async move { refuse_suspended(&store, principal).await }.into_actor(self),
+            );
         }
         let store = self.shared.store.clone();
         let upsert = async move {
             let user = store
                 .upsert_external_user(&identity.subject, &identity.display_name, identity.role)
                 .await?;
+            if store.is_suspended(&user.id).await? {
+                return Err(suspended_error());
+            }
             debug!(user = %user.id, subject = %identity.subject, "external user authenticated");
             Ok::<_, ApiError>((user.id, identity))
         };
@@ -507,6 +610,19 @@ impl Authenticator {
             Ok(identity.principal(user_id))
         }))
     }
+}
+
+/// The answer to any credential of a suspended account.
+fn suspended_error() -> ApiError {
+    ApiError::unauthenticated("this account is suspended; ask an admin")
+}
+
+/// Refuses a suspended user (external users, whose tokens cannot be revoked).
+async fn refuse_suspended(store: &Store, principal: Principal) -> Result<Principal, ApiError> {
+    if store.is_suspended(&principal.user_id).await? {
+        return Err(suspended_error());
+    }
+    Ok(principal)
 }
 
 async fn authenticate_api_key(store: &Store, secret: &str) -> Result<Principal, ApiError> {
@@ -526,9 +642,18 @@ async fn authenticate_api_key(store: &Store, secret: &str) -> Result<Principal, 
 async fn authenticate_session(store: &Store, claims: AccessClaims) -> Result<Principal, ApiError> {
     let session_id = SessionId(claims.sid);
     let user_id = UserId(claims.sub);
-    let (session, user) =
-        futures_util::future::join(store.get_session(&session_id), store.get_user(&user_id)).await;
+    let (session, user, suspended) = futures_util::future::join3(
+        store.get_session(&session_id),
+        store.get_user(&user_id),
+        store.is_suspended(&user_id),
+    )
+    .await;
     let signed_out = || ApiError::unauthenticated("session has been signed out");
+    // First: a suspended account's sessions were ended too, and "suspended" is
+    // the answer that tells the user what happened.
+    if suspended? {
+        return Err(suspended_error());
+    }
     let session = match session {
         Ok(session) => session,
         Err(StoreError::NotFound) => return Err(signed_out()),
@@ -624,6 +749,11 @@ impl Handler<SignIn> for Authenticator {
                     return Err(ApiError::unauthenticated("wrong username or password"));
                 }
             };
+            // Checked after the password, so that it tells nothing to a guesser.
+            if shared.store.is_suspended(&user.id).await? {
+                info!(user = %user.id, "sign-in refused: account suspended");
+                return Err(ApiError::denied("this account is suspended; ask an admin"));
+            }
             let tokens = shared.issue_tokens(&user).await?;
             info!(user = %user.id, session = %tokens.session_id, "signed in");
             Ok(SignedIn { user, tokens })
@@ -659,6 +789,9 @@ impl Handler<Refresh> for Authenticator {
                         Err(StoreError::NotFound) => return Err(invalid()),
                         Err(e) => return Err(e.into()),
                     };
+                    if shared.store.is_suspended(&user.id).await? {
+                        return Err(suspended_error());
+                    }
                     let session_id = SessionId(session.id);
                     let (access_token, access_expires_at) = shared.keys.sign_access(
                         &user,

@@ -43,12 +43,13 @@ use super::{
         Subscriber, Unsubscribe,
     },
     session_registry::{ConnectionClosed, ConnectionOpened, ConnectionReauthenticated},
-    user_session::SessionSignal,
+    user_session::{ConnectionDetails, SessionSignal},
 };
 use crate::{
     actors::{authenticator::Authenticate, room::Relay},
     domain::{
         access::room_access,
+        access_rules::Operation,
         messages,
         notifications::{self, LiveStep, NotificationFeed},
         AppState, Credential, Principal,
@@ -147,6 +148,9 @@ pub struct Connection {
     transport: Transport,
     /// The user's notification stream, after `subscribe_notifications`.
     notifications: Option<NotificationFeed>,
+    /// The peer's address, when the transport passed it ([`Connection::with_remote_addr`]);
+    /// listed by the admin API.
+    remote_addr: Option<String>,
 }
 
 impl Connection {
@@ -184,7 +188,14 @@ impl Connection {
             reads,
             transport,
             notifications: None,
+            remote_addr: None,
         }
+    }
+
+    /// Records the peer's address, for the admin API's connection list.
+    pub fn with_remote_addr(mut self, addr: Option<std::net::IpAddr>) -> Self {
+        self.remote_addr = addr.map(|a| a.to_string());
+        self
     }
 
     /// Whether `generation` is still the subscription's latest (re)subscription.
@@ -368,6 +379,26 @@ impl Connection {
             );
             return;
         };
+        // The access rules, as for RPCs (the same snapshot the auth actors keep).
+        let (frame_kind, room_id) = match &kind {
+            In::Subscribe(f) => ("subscribe", f.room_id.as_str()),
+            In::Unsubscribe(f) => ("unsubscribe", f.room_id.as_str()),
+            In::Send(f) => ("send", f.room_id.as_str()),
+            In::Typing(f) => ("typing", f.room_id.as_str()),
+            In::MarkRead(f) => ("mark_read", f.room_id.as_str()),
+            In::SubscribeNotifications(_) => ("subscribe_notifications", ""),
+            In::Authenticate(_) | In::Ping(_) => ("", ""),
+        };
+        if let Err(error) = self
+            .state
+            .auth
+            .rules()
+            .check(principal.role, Operation::Frame(frame_kind))
+        {
+            let room_id = room_id.to_owned();
+            self.reply_error(ctx, id, &error, &room_id);
+            return;
+        }
         match kind {
             In::Subscribe(sub) => self.subscribe(ctx, id, principal, sub),
             In::Unsubscribe(unsub) => {
@@ -1095,6 +1126,19 @@ impl Handler<SessionSignal> for Connection {
             SessionSignal::Removed { room_id, frame } => self.removed(ctx, &room_id, &frame),
             SessionSignal::Notification(record) => self.notification_pushed(ctx, &record),
             SessionSignal::Disconnected { reason } => self.close(ctx, close::DISCONNECTED, &reason),
+            SessionSignal::Announcement { frame } => self.write(ctx, frame.wire(self.codec)),
+            SessionSignal::Describe(reply) => {
+                let mut subscriptions: Vec<RoomId> = self.subs.keys().cloned().collect();
+                subscriptions.sort();
+                reply.send(ConnectionDetails {
+                    transport: match self.codec {
+                        FrameCodec::Json => "websocket+json".into(),
+                        FrameCodec::Proto => "websocket+proto".into(),
+                    },
+                    remote_address: self.remote_addr.clone(),
+                    subscriptions,
+                });
+            }
         }
     }
 }

@@ -925,6 +925,36 @@ impl Handler<Restart> for RoomActor {
     }
 }
 
+/// The room was deleted (AdminService.DeleteRoom): every subscriber gets this
+/// `removed` push, and the actor answers not_found and retires.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Deleted {
+    pub frame: Arc<SharedFrame>,
+}
+
+impl Handler<Deleted> for RoomActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Deleted, ctx: &mut Self::Context) {
+        for (_, sub) in self.subscribers.drain() {
+            sub.addr.do_send(RoomPush::Removed {
+                room_id: self.id.clone(),
+                frame: msg.frame.clone(),
+            });
+        }
+        let gone = ApiError::not_found("room not found");
+        for (_, reply) in self.pending.drain(..) {
+            let _ = reply.send(Err(gone.clone()));
+        }
+        self.broken = Some(gone);
+        if !self.retired {
+            self.retire(ctx);
+        }
+        tracing::info!(room = %self.id, "room deleted; actor retired");
+    }
+}
+
 impl Handler<Retire> for RoomActor {
     type Result = bool;
 

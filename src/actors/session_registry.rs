@@ -19,7 +19,10 @@ use actix::{Actor, Addr, Context, Handler, Message, Recipient, Supervised};
 use super::{
     room::ConnectionId,
     room_registry::RoomRegistry,
-    user_session::{Attach, Detach, EndSessions, SessionSignal, ShutDown, UserSession},
+    user_session::{
+        Attach, ConnectionSummary, DescribeConnections, Detach, EndSessions, SessionSignal,
+        ShutDown, UserSession,
+    },
 };
 use crate::{
     ids::{SessionId, UserId},
@@ -83,6 +86,44 @@ pub struct SignalUser {
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct CloseAll;
+
+/// Sends a signal (an announcement) to every connection of every online user;
+/// answers how many users it reached.
+#[derive(Message)]
+#[rtype(result = "usize")]
+pub struct SignalEveryone {
+    pub signal: SessionSignal,
+}
+
+/// The user sessions to ask about live connections (of one user, or of all), and
+/// how many users are online; the caller asks each session (so this registry,
+/// which every connect and disconnect goes through, is not held up).
+#[derive(Message)]
+#[rtype(result = "LiveSessions")]
+pub struct ListSessions {
+    pub user_id: Option<UserId>,
+}
+
+/// The answer to [`ListSessions`].
+#[derive(actix::MessageResponse)]
+pub struct LiveSessions {
+    pub sessions: Vec<Addr<UserSession>>,
+    pub users_online: usize,
+}
+
+/// Asks every session of a [`LiveSessions`] for its connections.
+pub async fn describe_connections(live: &LiveSessions) -> Vec<ConnectionSummary> {
+    let asked = live.sessions.iter().map(|s| s.send(DescribeConnections));
+    let mut out: Vec<ConnectionSummary> = futures_util::future::join_all(asked)
+        .await
+        .into_iter()
+        // A session that stopped meanwhile has no connections left to list.
+        .filter_map(Result::ok)
+        .flatten()
+        .collect();
+    out.sort_by_key(|c| c.conn_id);
+    out
+}
 
 /// Which of these users are online.
 #[derive(Message)]
@@ -233,5 +274,36 @@ impl Handler<OnlineUsers> for SessionRegistry {
                 .filter(|u| self.sessions.contains_key(u))
                 .collect(),
         )
+    }
+}
+
+impl Handler<SignalEveryone> for SessionRegistry {
+    type Result = usize;
+
+    fn handle(&mut self, msg: SignalEveryone, _ctx: &mut Self::Context) -> usize {
+        for online in self.sessions.values() {
+            online.session.do_send(msg.signal.clone());
+        }
+        self.sessions.len()
+    }
+}
+
+impl Handler<ListSessions> for SessionRegistry {
+    type Result = LiveSessions;
+
+    fn handle(&mut self, msg: ListSessions, _ctx: &mut Self::Context) -> LiveSessions {
+        let sessions = match &msg.user_id {
+            Some(user) => self
+                .sessions
+                .get(user)
+                .map(|o| o.session.clone())
+                .into_iter()
+                .collect(),
+            None => self.sessions.values().map(|o| o.session.clone()).collect(),
+        };
+        LiveSessions {
+            sessions,
+            users_online: self.sessions.len(),
+        }
     }
 }

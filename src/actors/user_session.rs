@@ -65,7 +65,70 @@ pub enum SessionSignal {
     /// A backend called PublishService.DisconnectUser: close with
     /// [`close::DISCONNECTED`](crate::protocol::close::DISCONNECTED).
     Disconnected { reason: String },
+    /// An operator's announcement (AdminService.Announce): written as is.
+    Announcement { frame: Arc<SharedFrame> },
+    /// The admin API asks what the connection is doing.
+    Describe(DescribeReply),
 }
+
+/// What a connection tells the admin API about itself.
+#[derive(Debug, Clone, Default)]
+pub struct ConnectionDetails {
+    /// "websocket+json", "websocket+proto", ...
+    pub transport: String,
+    /// The peer's address, when the transport knows it.
+    pub remote_address: Option<String>,
+    /// Rooms the connection is subscribed to.
+    pub subscriptions: Vec<RoomId>,
+}
+
+/// Where a connection answers a [`SessionSignal::Describe`]; the signal is cloned
+/// per connection, the answer is taken once.
+#[derive(Debug, Clone)]
+pub struct DescribeReply(
+    Arc<std::sync::Mutex<Option<tokio::sync::oneshot::Sender<ConnectionDetails>>>>,
+);
+
+impl DescribeReply {
+    /// A reply slot and the receiver of its answer.
+    pub fn new() -> (Self, tokio::sync::oneshot::Receiver<ConnectionDetails>) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        (Self(Arc::new(std::sync::Mutex::new(Some(tx)))), rx)
+    }
+
+    /// Answers (the first answer counts; the asker may have given up).
+    pub fn send(&self, details: ConnectionDetails) {
+        let taken = match self.0.lock() {
+            Ok(mut slot) => slot.take(),
+            Err(poisoned) => poisoned.into_inner().take(),
+        };
+        if let Some(tx) = taken {
+            let _ = tx.send(details);
+        }
+    }
+}
+
+/// What the admin API lists about one connection of this user.
+#[derive(Debug, Clone)]
+pub struct ConnectionSummary {
+    pub conn_id: ConnectionId,
+    pub user_id: UserId,
+    pub session_id: Option<SessionId>,
+    /// When the connection attached to this session (Unix ms).
+    pub attached_at: i64,
+    pub transport: String,
+    pub remote_address: Option<String>,
+    pub subscriptions: Vec<RoomId>,
+}
+
+/// How long the admin API waits for a connection to describe itself; one that
+/// does not answer in time (busy, closing) is listed without its details.
+pub const DESCRIBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The user's live connections, for the admin API.
+#[derive(Message)]
+#[rtype(result = "Vec<ConnectionSummary>")]
+pub struct DescribeConnections;
 
 /// Tells every connection of this user that the server is shutting down.
 #[derive(Message)]
@@ -103,6 +166,8 @@ pub struct UserSession {
     store: Store,
     rooms: Addr<RoomRegistry>,
     connections: HashMap<ConnectionId, (Option<SessionId>, Recipient<SessionSignal>)>,
+    /// When each connection attached (Unix ms), for the admin API.
+    attached_at: HashMap<ConnectionId, i64>,
     /// The presence version of the "online" announcement (see the registry).
     online_version: u64,
 }
@@ -119,6 +184,7 @@ impl UserSession {
             store,
             rooms,
             connections: HashMap::new(),
+            attached_at: HashMap::new(),
             online_version,
         }
     }
@@ -191,6 +257,9 @@ impl Handler<Attach> for UserSession {
     fn handle(&mut self, msg: Attach, _ctx: &mut Self::Context) {
         self.connections
             .insert(msg.conn_id, (msg.session_id, msg.addr));
+        self.attached_at
+            .entry(msg.conn_id)
+            .or_insert_with(crate::ids::now_ms);
     }
 }
 
@@ -199,6 +268,7 @@ impl Handler<Detach> for UserSession {
 
     fn handle(&mut self, msg: Detach, ctx: &mut Self::Context) {
         self.connections.remove(&msg.conn_id);
+        self.attached_at.remove(&msg.conn_id);
         if let Some(version) = msg.offline_version {
             self.announce(false, version, ctx);
         }
@@ -234,5 +304,39 @@ impl Handler<EndSessions> for UserSession {
                 addr.do_send(SessionSignal::SignedOut);
             }
         }
+    }
+}
+
+impl Handler<DescribeConnections> for UserSession {
+    type Result = actix::ResponseFuture<Vec<ConnectionSummary>>;
+
+    fn handle(&mut self, _msg: DescribeConnections, _ctx: &mut Self::Context) -> Self::Result {
+        let asked: Vec<_> = self
+            .connections
+            .iter()
+            .map(|(conn_id, (session_id, addr))| {
+                let (reply, answer) = DescribeReply::new();
+                addr.do_send(SessionSignal::Describe(reply));
+                let summary = ConnectionSummary {
+                    conn_id: *conn_id,
+                    user_id: self.user_id.clone(),
+                    session_id: session_id.clone(),
+                    attached_at: self.attached_at.get(conn_id).copied().unwrap_or_default(),
+                    transport: String::new(),
+                    remote_address: None,
+                    subscriptions: Vec::new(),
+                };
+                async move {
+                    let mut summary = summary;
+                    if let Ok(Ok(details)) = tokio::time::timeout(DESCRIBE_TIMEOUT, answer).await {
+                        summary.transport = details.transport;
+                        summary.remote_address = details.remote_address;
+                        summary.subscriptions = details.subscriptions;
+                    }
+                    summary
+                }
+            })
+            .collect();
+        Box::pin(futures_util::future::join_all(asked))
     }
 }

@@ -211,6 +211,17 @@ pub async fn delete_message(
         moderator,
     };
     let record = stored(append(state, &access.room.id, message).await?)?;
+    if moderator {
+        super::audit::record(
+            state,
+            principal,
+            "delete_message",
+            &format!("seq {}", req.seq),
+            Some(&access.room.id),
+            "",
+        )
+        .await;
+    }
     Ok(pb::DeleteMessageResponse {
         message: Some(message_to_proto(&record)),
     })

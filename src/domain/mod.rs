@@ -5,6 +5,9 @@
 //! changes a room's history goes through its room actor.
 
 pub mod access;
+pub mod access_rules;
+pub mod admin;
+pub mod audit;
 pub mod auth;
 pub mod convert;
 pub mod invitations;

@@ -32,6 +32,7 @@ use std::{
 
 use super::{
     access::{room_access, RoomAccess},
+    audit,
     convert::{room_to_proto, user_to_proto},
     validate, AppState, Principal,
 };
@@ -552,6 +553,15 @@ pub async fn kick_member(
         MembershipChange::LastOwner => return Err(last_owner(&target, "removed")),
     }
     tracing::info!(room = %room_id, user = %target, by = %access.user_id, "kicked");
+    audit::record(
+        state,
+        principal,
+        "kick",
+        target.as_str(),
+        Some(room_id),
+        &reason,
+    )
+    .await;
     removed(
         state,
         room_id,
@@ -589,6 +599,19 @@ pub async fn ban_member(
         MembershipChange::LastOwner => return Err(last_owner(&target, "banned")),
     }
     tracing::info!(room = %room_id, user = %target, by = %access.user_id, ?expires_at, "banned");
+    let detail = match expires_at {
+        Some(_) => format!("for {} s: {reason}", req.duration_seconds),
+        None => reason.clone(),
+    };
+    audit::record(
+        state,
+        principal,
+        "ban",
+        target.as_str(),
+        Some(room_id),
+        &detail,
+    )
+    .await;
     removed(
         state,
         room_id,
@@ -619,6 +642,15 @@ pub async fn unban_member(
         Err(e) => return Err(e.into()),
     }
     tracing::info!(room = %access.room.id, user = %target, by = %access.user_id, "unbanned");
+    audit::record(
+        state,
+        principal,
+        "unban",
+        target.as_str(),
+        Some(&access.room.id),
+        "",
+    )
+    .await;
     Ok(pb::UnbanMemberResponse {})
 }
 
@@ -634,6 +666,19 @@ pub async fn mute_member(
         seconds => after_seconds(seconds),
     };
     set_mute(state, &access, &target, Some(until), "mute").await?;
+    let detail = match req.duration_seconds {
+        0 => String::new(),
+        seconds => format!("for {seconds} s"),
+    };
+    audit::record(
+        state,
+        principal,
+        "mute",
+        target.as_str(),
+        Some(&access.room.id),
+        &detail,
+    )
+    .await;
     Ok(pb::MuteMemberResponse {})
 }
 
@@ -646,6 +691,15 @@ pub async fn unmute_member(
     let (access, target) =
         moderation(state, principal, &req.room_id, &req.user_id, "unmute").await?;
     set_mute(state, &access, &target, None, "unmute").await?;
+    audit::record(
+        state,
+        principal,
+        "unmute",
+        target.as_str(),
+        Some(&access.room.id),
+        "",
+    )
+    .await;
     Ok(pb::UnmuteMemberResponse {})
 }
 
@@ -688,6 +742,16 @@ pub async fn set_member_role(
         MembershipChange::LastOwner => return Err(last_owner(&target, "demoted")),
     }
     tracing::info!(room = %room_id, user = %target, by = %access.user_id, role = %role, "role changed");
+    let detail = format!("{} -> {role}", member.role);
+    audit::record(
+        state,
+        principal,
+        "set_member_role",
+        target.as_str(),
+        Some(room_id),
+        &detail,
+    )
+    .await;
     notify(
         state,
         room_id,

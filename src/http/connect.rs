@@ -23,7 +23,7 @@ use futures_util::StreamExt as _;
 use serde::{de::DeserializeOwned, Serialize};
 
 use crate::{
-    actors::authenticator::{Authenticate, ClientAddr},
+    actors::authenticator::{AuthorizeCall, ClientAddr},
     domain::{AppState, Principal},
     error::{ApiError, Code},
 };
@@ -90,6 +90,9 @@ impl Codec {
 pub struct RpcContext {
     pub state: AppState,
     bearer: Option<String>,
+    /// The RPC being served, `roomcast.v1.RoomService/SendMessage` (the access
+    /// rules are checked against it).
+    pub rpc: String,
     /// Where the request came from (for per-address limits); see [`client_addr`].
     pub client: ClientAddr,
 }
@@ -109,7 +112,8 @@ impl RpcContext {
                 "missing `Authorization: Bearer <token>` header",
             ));
         };
-        self.state.auth.send(Authenticate { bearer }).await
+        let rpc = self.rpc.clone();
+        self.state.auth.send(AuthorizeCall { bearer, rpc }).await
     }
 }
 
@@ -357,6 +361,7 @@ where
             let context = RpcContext {
                 state: state.clone(),
                 bearer,
+                rpc: req.path().trim_start_matches('/').to_owned(),
                 client: client_addr(&req),
             };
             handler(context, message).await

@@ -10,7 +10,10 @@ use super::connect::{error_response, unary, RpcContext};
 use crate::{
     domain,
     error::{ApiError, Code},
-    proto::v1::{auth_service, notification_service, publish_service, room_service, user_service},
+    proto::v1::{
+        admin_service, auth_service, notification_service, publish_service, room_service,
+        user_service,
+    },
 };
 
 /// Registers every RPC route; returns the `Service/Method` names it registered.
@@ -24,6 +27,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) -> Vec<String> {
     room_routes(&mut table);
     publish_routes(&mut table);
     notification_routes(&mut table);
+    admin_routes(&mut table);
     table.routed
 }
 
@@ -179,6 +183,24 @@ fn notification_routes(t: &mut Table<'_>) {
     authed!(t, s, "DeclineInvitation", invitations::decline_invitation);
 }
 
+fn admin_routes(t: &mut Table<'_>) {
+    use domain::admin;
+    let s = admin_service::NAME;
+    authed!(t, s, "ListConnections", admin::list_connections);
+    authed!(t, s, "GetRoomStats", admin::get_room_stats);
+    authed!(t, s, "RevokeUserSessions", admin::revoke_user_sessions);
+    authed!(t, s, "SuspendUser", admin::suspend_user);
+    authed!(t, s, "ReinstateUser", admin::reinstate_user);
+    authed!(t, s, "DeleteRoom", admin::delete_room);
+    authed!(t, s, "GetConfig", admin::get_config);
+    authed!(t, s, "Announce", admin::announce);
+    authed!(t, s, "ListAuditLog", admin::list_audit_log);
+    authed!(t, s, "ListAccessRules", admin::list_access_rules);
+    authed!(t, s, "CreateAccessRule", admin::create_access_rule);
+    authed!(t, s, "UpdateAccessRule", admin::update_access_rule);
+    authed!(t, s, "DeleteAccessRule", admin::delete_access_rule);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -196,6 +218,7 @@ mod tests {
                 notification_service::NAME,
                 notification_service::UNARY_METHODS,
             ),
+            (admin_service::NAME, admin_service::UNARY_METHODS),
         ] {
             expected.extend(methods.iter().map(|m| format!("{name}/{m}")));
         }

@@ -209,7 +209,7 @@ async fn upgrade(context: UpgradeContext, req: Request, mut framed: Framed<Watch
     let state = context.state.clone();
     Connection::create(move |ctx| {
         ctx.add_stream(reader);
-        Connection::new(state, codec, token, transport)
+        Connection::new(state, codec, token, transport).with_remote_addr(peer)
     });
     // The connection lives as long as its writer: the server's graceful shutdown
     // waits for it like for any request in flight.

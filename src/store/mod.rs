@@ -4,6 +4,7 @@
 //! `$n` placeholders, integer flags and times, no sequences, no advisory locks.
 //! Migrations are kept per backend under `migrations/`.
 
+mod admin;
 mod api_keys;
 mod messages;
 mod notifications;
@@ -20,6 +21,7 @@ use sqlx::{
 
 use crate::settings::StoreSettings;
 
+pub use admin::{AccessRuleFields, AccessRuleRecord, AuditRecord, NewAudit};
 pub use api_keys::ApiKeyRecord;
 pub use messages::{AppendRejection, Appended, MessageRecord, NewMessage};
 pub use notifications::{
