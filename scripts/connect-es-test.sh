@@ -84,7 +84,10 @@ find "$pkg_dir/gen" -name '*_pb.js' | sort
 
 # ---------------------------------------------------------------- server
 say "connect-es: building the server"
-cargo build --bin roomcast
+# --all-targets: the feature set `cargo test --all-targets` built (dev-dependencies
+# unify features), so after scripts/test.sh's test step this compiles nothing;
+# `--bin roomcast` alone would rebuild much of the tree with other features.
+cargo build --all-targets
 server_bin=${CARGO_TARGET_DIR:-target}/debug/roomcast
 
 # A free loopback port: ask the kernel for one, then let the server bind it.

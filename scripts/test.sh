@@ -195,7 +195,8 @@ autobahn() {
             "set ROOMCAST_TEST_SKIP_AUTOBAHN=1 to skip locally" >&2
         return 1
     fi
-    cargo build --quiet --bin roomcast || return 1
+    # --all-targets reuses the test step's build (see scripts/connect-es-test.sh).
+    cargo build --quiet --all-targets || return 1
     local dir pid addr="" rc=0
     dir=$(mktemp -d /tmp/roomcast-autobahn.XXXXXX)
     ROOMCAST_SERVER__LISTEN=127.0.0.1:0 \
