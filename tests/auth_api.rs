@@ -1143,3 +1143,34 @@ both_backends!(role_changes_apply_to_live_tokens, |backend| async move {
         .await
         .expect("the same token now has the admin role");
 });
+
+// ---------------------------------------------------------------------------
+// Supervision (issue 6 item 14)
+// ---------------------------------------------------------------------------
+
+/// A panic inside an authenticator, in its handler or in the future it runs on
+/// its own task, answers that one request with a retryable `unavailable` (the
+/// actor is restarting) and must not silently take the actor out of the pool: its
+/// supervisor restarts it, and every later authentication, whichever
+/// authenticator of the pool it lands on, succeeds.
+#[tokio::test]
+async fn a_panicking_authenticator_is_restarted_and_the_pool_keeps_serving() {
+    use roomcast::actors::authenticator::faults;
+    let server = TestServer::spawn(Backend::Sqlite).await;
+    let account = server.sign_up("grace").await;
+    // The pool hands requests out round robin: enough panics to hit every
+    // authenticator with both kinds.
+    for bearer in [faults::PANIC_IN_HANDLER, faults::PANIC_IN_FUTURE].repeat(8) {
+        expect_error(
+            get_me(&server, Codec::Json, bearer).await,
+            "unavailable",
+            503,
+        );
+    }
+    for attempt in 0..32 {
+        let me = get_me(&server, Codec::Json, &account.access_token)
+            .await
+            .unwrap_or_else(|e| panic!("authentication {attempt} after the panics: {e:?}"));
+        assert_eq!(me.username, account.username);
+    }
+}

@@ -45,7 +45,10 @@ mod rules;
 pub use limits::{AuthLimits, ClientAddr};
 pub use rules::AccessRules;
 
-use super::password_hasher::{Caller, HasherQueue, PasswordHasher};
+use super::{
+    password_hasher::{Caller, HasherQueue, PasswordHasher},
+    supervision::{guarded, stop_on_panic},
+};
 use crate::{
     domain::{
         access::{load_room_access, RoomAccess},
@@ -531,7 +534,51 @@ impl Handler<ReloadAccessRules> for Authenticator {
 impl Handler<Authenticate> for Authenticator {
     type Result = ResponseActFuture<Self, Result<Principal, ApiError>>;
 
-    fn handle(&mut self, msg: Authenticate, _ctx: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, msg: Authenticate, ctx: &mut Context<Self>) -> Self::Result {
+        // This handler and its future run on the actor's own task: a panic in either
+        // stops this authenticator, which its supervisor restarts, instead of
+        // silently taking one actor out of the pool.
+        // Answered as when the reply is lost to the stop: retryable.
+        let failed = || {
+            Err(ApiError::unavailable(
+                "the authenticator failed and is restarting; retry",
+            ))
+        };
+        match guarded(self, ctx, || None, |act, _ctx| Some(act.authenticate(msg))) {
+            Some(fut) => Box::pin(stop_on_panic(fut, failed)),
+            None => Box::pin(ready(failed())),
+        }
+    }
+}
+
+/// Bearer tokens that make an authenticator panic, in its handler or in its
+/// future, to prove that the pool survives it (tests only).
+#[cfg(feature = "fault-injection")]
+pub mod faults {
+    /// Panics in the handler itself.
+    pub const PANIC_IN_HANDLER: &str = "fault-injection-panic-in-handler";
+    /// Panics in the handler's future.
+    pub const PANIC_IN_FUTURE: &str = "fault-injection-panic-in-future";
+}
+
+#[cfg(feature = "fault-injection")]
+fn injected_panic() -> Result<Principal, ApiError> {
+    panic!("injected authenticator panic (fault-injection)")
+}
+
+impl Authenticator {
+    fn authenticate(
+        &mut self,
+        msg: Authenticate,
+    ) -> ResponseActFuture<Self, Result<Principal, ApiError>> {
+        #[cfg(feature = "fault-injection")]
+        match msg.bearer.as_str() {
+            faults::PANIC_IN_HANDLER => return Box::pin(ready(injected_panic())),
+            faults::PANIC_IN_FUTURE => {
+                return Box::pin(async { injected_panic() }.into_actor(self));
+            }
+            _ => {}
+        }
         let bearer = msg.bearer.trim();
         if bearer.is_empty() {
             return Box::pin(ready(Err(ApiError::unauthenticated(

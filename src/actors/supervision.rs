@@ -68,3 +68,58 @@ where
         }
     }
 }
+
+/// An actor future (what `ResponseActFuture` handlers return; it runs on the
+/// actor's own task) whose panic stops the actor, so its supervisor restarts it,
+/// and resolves to `fallback()` for the caller waiting on it.
+pub struct StopOnPanic<F, G> {
+    inner: F,
+    fallback: Option<G>,
+}
+
+/// Wraps `fut`; see [`StopOnPanic`].
+pub fn stop_on_panic<F, G>(fut: F, fallback: G) -> StopOnPanic<F, G> {
+    StopOnPanic {
+        inner: fut,
+        fallback: Some(fallback),
+    }
+}
+
+impl<A, F, G> actix::ActorFuture<A> for StopOnPanic<F, G>
+where
+    A: Actor<Context = Context<A>>,
+    F: actix::ActorFuture<A> + Unpin,
+    G: FnOnce() -> F::Output + Unpin,
+{
+    type Output = F::Output;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        act: &mut A,
+        ctx: &mut Context<A>,
+        task: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<F::Output> {
+        let this = self.get_mut();
+        if this.fallback.is_none() {
+            // Already answered with the fallback after a panic: never poll the
+            // panicked future again.
+            return std::task::Poll::Pending;
+        }
+        let inner = &mut this.inner;
+        match std::panic::catch_unwind(AssertUnwindSafe(|| {
+            std::pin::Pin::new(&mut *inner).poll(&mut *act, &mut *ctx, task)
+        })) {
+            Ok(poll) => poll,
+            Err(payload) => {
+                tracing::error!(
+                    actor = std::any::type_name::<A>(),
+                    error = %panic_message(payload.as_ref()),
+                    "actor future panicked; stopping the actor so that its supervisor restarts it"
+                );
+                ctx.stop();
+                let fallback = this.fallback.take().expect("checked above");
+                std::task::Poll::Ready(fallback())
+            }
+        }
+    }
+}
