@@ -15,11 +15,11 @@ use crate::{
         password_hasher::PasswordHasher,
         retention::RetentionSweeper,
         room_registry::RoomRegistry,
-        session_registry::{CloseAll, SessionRegistry},
+        session_registry::SessionRegistry,
         user_session,
     },
     admission::{self, Admission},
-    domain::{AppState, SendLimiter},
+    domain::{drain, AppState, SendLimiter},
     error::ApiError,
     http,
     settings::Settings,
@@ -103,6 +103,7 @@ pub async fn start_state(settings: Arc<Settings>, store: Store) -> Result<AppSta
         rooms,
         sessions,
         send_limiter,
+        drain: Arc::default(),
     })
 }
 
@@ -247,14 +248,15 @@ pub async fn serve(settings: Settings) -> Result<(), StartError> {
     })?;
     let running = start(settings, listener).await?;
     let handle = running.server.handle();
-    let sessions = running.state.sessions.clone();
+    let state = running.state.clone();
     actix_web::rt::spawn(async move {
         shutdown_signal().await;
         tracing::info!(
             "shutdown requested: closing live connections, finishing in-flight requests"
         );
-        // WebSocket clients get the "reconnect" close code instead of a dropped socket.
-        let _ = sessions.send(CloseAll).await;
+        // The same drain as AdminService.DrainNode: not ready, no new WebSockets,
+        // live ones get the "reconnect" close code instead of a dropped socket.
+        drain::drain(&state, "shutting down").await;
         handle.stop(true).await;
     });
     running.server.await?;

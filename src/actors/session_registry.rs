@@ -21,7 +21,7 @@ use super::{
     room_registry::RoomRegistry,
     user_session::{
         Attach, ConnectionSummary, DescribeConnections, Detach, EndSessions, SessionSignal,
-        ShutDown, UserSession,
+        ShutDown, SignalConnection, UserSession,
     },
 };
 use crate::{
@@ -82,9 +82,19 @@ pub struct SignalUser {
     pub signal: SessionSignal,
 }
 
-/// Closes every authenticated connection with the "server shutting down" code.
+/// Passes a signal to one connection, wherever its user is; answers the user the
+/// connection belongs to, or `None` when this node has no such connection.
 #[derive(Message)]
-#[rtype(result = "()")]
+#[rtype(result = "Option<UserId>")]
+pub struct SignalOneConnection {
+    pub conn_id: ConnectionId,
+    pub signal: SessionSignal,
+}
+
+/// Closes every authenticated connection with the "server shutting down" code.
+/// Answers how many users were told.
+#[derive(Message)]
+#[rtype(result = "usize")]
 pub struct CloseAll;
 
 /// Sends a signal (an announcement) to every connection of every online user;
@@ -250,10 +260,26 @@ impl Handler<SignalUser> for SessionRegistry {
     }
 }
 
-impl Handler<CloseAll> for SessionRegistry {
-    type Result = ();
+impl Handler<SignalOneConnection> for SessionRegistry {
+    type Result = Option<UserId>;
 
-    fn handle(&mut self, _msg: CloseAll, _ctx: &mut Self::Context) {
+    fn handle(&mut self, msg: SignalOneConnection, _ctx: &mut Self::Context) -> Option<UserId> {
+        let (user, online) = self
+            .sessions
+            .iter()
+            .find(|(_, online)| online.connections.contains(&msg.conn_id))?;
+        online.session.do_send(SignalConnection {
+            conn_id: msg.conn_id,
+            signal: msg.signal,
+        });
+        Some(user.clone())
+    }
+}
+
+impl Handler<CloseAll> for SessionRegistry {
+    type Result = usize;
+
+    fn handle(&mut self, _msg: CloseAll, _ctx: &mut Self::Context) -> usize {
         tracing::info!(
             users = self.sessions.len(),
             "closing live connections for shutdown"
@@ -261,6 +287,7 @@ impl Handler<CloseAll> for SessionRegistry {
         for online in self.sessions.values() {
             online.session.do_send(ShutDown);
         }
+        self.sessions.len()
     }
 }
 

@@ -153,6 +153,15 @@ pub struct Detach {
     pub offline_version: Option<u64>,
 }
 
+/// Passes a signal to one connection of this user (AdminService.DisconnectConnection);
+/// answers whether the session holds that connection.
+#[derive(Message)]
+#[rtype(result = "bool")]
+pub struct SignalConnection {
+    pub conn_id: ConnectionId,
+    pub signal: SessionSignal,
+}
+
 /// Closes the connections of one session (`Some`) or of every session (`None`).
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -281,6 +290,20 @@ impl Handler<SessionSignal> for UserSession {
     fn handle(&mut self, msg: SessionSignal, _ctx: &mut Self::Context) {
         for (_, addr) in self.connections.values() {
             addr.do_send(msg.clone());
+        }
+    }
+}
+
+impl Handler<SignalConnection> for UserSession {
+    type Result = bool;
+
+    fn handle(&mut self, msg: SignalConnection, _ctx: &mut Self::Context) -> bool {
+        match self.connections.get(&msg.conn_id) {
+            Some((_, addr)) => {
+                addr.do_send(msg.signal);
+                true
+            }
+            None => false,
         }
     }
 }

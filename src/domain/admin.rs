@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use super::{
     access_rules::{validate_rule, Effect},
-    audit, validate, AppState, Principal,
+    audit, drain, publish, validate, AppState, Principal,
 };
 use crate::{
     actors::{
@@ -14,7 +14,7 @@ use crate::{
         room_registry::FindRoom,
         session_registry::{
             describe_connections, ListSessions, OnlineUsers, SignOutUser, SignalEveryone,
-            SignalUser,
+            SignalOneConnection, SignalUser,
         },
         user_session::SessionSignal,
     },
@@ -530,4 +530,85 @@ pub async fn delete_access_rule(
     tracing::info!(rule = %id, by = %principal.user_id, "access rule deleted");
     audit::record(state, principal, "delete_access_rule", &id, None, "").await;
     Ok(pb::DeleteAccessRuleResponse {})
+}
+
+/// DisconnectConnection: closes one live connection with 4504 (disconnected).
+pub async fn disconnect_connection(
+    state: &AppState,
+    principal: &Principal,
+    req: pb::DisconnectConnectionRequest,
+) -> Result<pb::DisconnectConnectionResponse, ApiError> {
+    principal.require_admin()?;
+    let raw = req.connection_id.trim();
+    let conn_id: crate::actors::room::ConnectionId = raw.parse().map_err(|_| {
+        ApiError::invalid(format!(
+            "connection_id: `{raw}` is not a connection id as ListConnections lists them"
+        ))
+    })?;
+    let reason = req.reason.trim();
+    validate::char_len("reason", reason, 0, publish::DISCONNECT_REASON_MAX_CHARS)?;
+    validate::single_line("reason", reason)?;
+    let reason = if reason.is_empty() {
+        "disconnected by an administrator".to_owned()
+    } else {
+        reason.to_owned()
+    };
+    let user = state
+        .sessions
+        .send(SignalOneConnection {
+            conn_id,
+            signal: SessionSignal::Disconnected {
+                reason: reason.clone(),
+            },
+        })
+        .await?
+        .ok_or_else(|| {
+            ApiError::not_found(format!("no live connection `{conn_id}` on this node"))
+        })?;
+    tracing::info!(connection = conn_id, user = %user, by = %principal.user_id, "connection disconnected by an admin");
+    let target = format!("connection {conn_id} of {user}");
+    audit::record(
+        state,
+        principal,
+        "disconnect_connection",
+        &target,
+        None,
+        &reason,
+    )
+    .await;
+    Ok(pb::DisconnectConnectionResponse { user_id: user.0 })
+}
+
+/// DisconnectUser: PublishService.DisconnectUser's path, written to the audit log.
+pub async fn disconnect_user(
+    state: &AppState,
+    principal: &Principal,
+    req: pb::DisconnectUserRequest,
+) -> Result<pb::DisconnectUserResponse, ApiError> {
+    principal.require_admin()?;
+    let target = req.user_id.trim().to_owned();
+    let detail = req.reason.trim().to_owned();
+    let response = publish::disconnect_user(state, principal, req).await?;
+    audit::record(state, principal, "disconnect_user", &target, None, &detail).await;
+    Ok(response)
+}
+
+/// DrainNode: the drain SIGTERM starts, without stopping the process.
+pub async fn drain_node(
+    state: &AppState,
+    principal: &Principal,
+    req: pb::DrainNodeRequest,
+) -> Result<pb::DrainNodeResponse, ApiError> {
+    principal.require_admin()?;
+    // Required: /readyz shows it to whoever wonders why the node left the pool.
+    let reason = req.reason.trim();
+    validate::char_len("reason", reason, 1, REASON_MAX_CHARS)?;
+    validate::single_line("reason", reason)?;
+    let drained = drain::drain(state, reason).await;
+    tracing::info!(by = %principal.user_id, started = drained.started, users = drained.users_closed, "node drained by an admin");
+    audit::record(state, principal, "drain_node", "node", None, reason).await;
+    Ok(pb::DrainNodeResponse {
+        users_closed: drained.users_closed as u64,
+        started: drained.started,
+    })
 }

@@ -10,6 +10,7 @@ pub mod admin;
 pub mod audit;
 pub mod auth;
 pub mod convert;
+pub mod drain;
 pub mod invitations;
 pub mod messages;
 pub mod notifications;
@@ -45,6 +46,8 @@ pub struct AppState {
     pub rooms: Addr<RoomRegistry>,
     pub sessions: Addr<SessionRegistry>,
     pub send_limiter: Arc<SendLimiter>,
+    /// Set once the node drains (SIGTERM or AdminService.DrainNode).
+    pub drain: Arc<drain::Drain>,
 }
 
 /// Per-user token bucket for sends (HTTP and WebSocket share it).

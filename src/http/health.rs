@@ -1,4 +1,5 @@
-//! `GET /healthz` (the process answers) and `GET /readyz` (the store answers too).
+//! `GET /healthz` (the process answers) and `GET /readyz` (the store answers too,
+//! and the node is not draining: see [`crate::domain::drain`]).
 
 use actix_web::{web, HttpResponse};
 
@@ -9,6 +10,11 @@ pub async fn healthz() -> HttpResponse {
 }
 
 pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
+    if let Some(reason) = state.drain.reason() {
+        return HttpResponse::ServiceUnavailable()
+            .content_type("text/plain")
+            .body(format!("draining: {reason}\n"));
+    }
     match state.store.ping().await {
         Ok(()) => HttpResponse::Ok()
             .content_type("text/plain")

@@ -199,6 +199,9 @@ fn admin_routes(t: &mut Table<'_>) {
     authed!(t, s, "CreateAccessRule", admin::create_access_rule);
     authed!(t, s, "UpdateAccessRule", admin::update_access_rule);
     authed!(t, s, "DeleteAccessRule", admin::delete_access_rule);
+    authed!(t, s, "DisconnectConnection", admin::disconnect_connection);
+    authed!(t, s, "DisconnectUser", admin::disconnect_user);
+    authed!(t, s, "DrainNode", admin::drain_node);
 }
 
 #[cfg(test)]

@@ -177,6 +177,12 @@ async fn upgrade(context: UpgradeContext, req: Request, mut framed: Framed<Watch
         Err(e) => return refuse(&mut framed, &e, None).await,
     };
     let peer: Option<IpAddr> = req.peer_addr().map(|a| a.ip());
+    if let Some(reason) = context.state.drain.reason() {
+        let error = ApiError::unavailable(format!(
+            "this node is draining ({reason}): connect to another node"
+        ));
+        return refuse(&mut framed, &error, Some(503)).await;
+    }
     let ticket = match context.admission.open_websocket(peer) {
         Ok(ticket) => ticket,
         Err(refusal) => {
