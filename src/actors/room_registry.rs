@@ -16,12 +16,16 @@ use actix::{
     Supervisor,
 };
 
-use super::room::{Notify, RetiredFlag, RoomActor, RoomIdle, RoomNotice};
+use super::{
+    room::{Notify, RetiredFlag, RoomActor, RoomIdle, RoomNotice},
+    supervision::guarded,
+};
 use crate::{ids::RoomId, settings::Settings, store::Store};
 
-/// The running actor of a room, started when needed.
+/// The running actor of a room, started when needed; `None` only when the registry
+/// failed while answering (it is then restarting: retry).
 #[derive(Message)]
-#[rtype(result = "Addr<RoomActor>")]
+#[rtype(result = "Option<Addr<RoomActor>>")]
 pub struct GetRoom {
     pub room_id: RoomId,
 }
@@ -130,49 +134,80 @@ impl Supervised for RoomRegistry {
 }
 
 impl Handler<GetRoom> for RoomRegistry {
-    type Result = Addr<RoomActor>;
+    type Result = Option<Addr<RoomActor>>;
 
     fn handle(&mut self, msg: GetRoom, ctx: &mut Self::Context) -> Self::Result {
-        self.room(msg.room_id, ctx)
+        guarded(
+            self,
+            ctx,
+            || None,
+            move |act, ctx| Some(act.room(msg.room_id, ctx)),
+        )
     }
 }
 
 impl Handler<FindRoom> for RoomRegistry {
     type Result = Option<Addr<RoomActor>>;
 
-    fn handle(&mut self, msg: FindRoom, _ctx: &mut Self::Context) -> Self::Result {
-        self.rooms
-            .get(&msg.room_id)
-            .filter(|e| e.usable())
-            .map(|e| e.addr.clone())
+    fn handle(&mut self, msg: FindRoom, ctx: &mut Self::Context) -> Self::Result {
+        guarded(
+            self,
+            ctx,
+            || None,
+            move |act, _ctx| {
+                act.rooms
+                    .get(&msg.room_id)
+                    .filter(|e| e.usable())
+                    .map(|e| e.addr.clone())
+            },
+        )
     }
 }
 
 impl Handler<NotifyRoom> for RoomRegistry {
     type Result = ();
 
-    fn handle(&mut self, msg: NotifyRoom, _ctx: &mut Self::Context) {
-        if let Some(entry) = self.rooms.get(&msg.room_id) {
-            entry.addr.do_send(Notify(msg.notice));
-        }
+    fn handle(&mut self, msg: NotifyRoom, ctx: &mut Self::Context) {
+        guarded(
+            self,
+            ctx,
+            || (),
+            move |act, _ctx| {
+                if let Some(entry) = act.rooms.get(&msg.room_id) {
+                    entry.addr.do_send(Notify(msg.notice));
+                }
+            },
+        )
     }
 }
 
 impl Handler<CountRooms> for RoomRegistry {
     type Result = usize;
 
-    fn handle(&mut self, _msg: CountRooms, _ctx: &mut Self::Context) -> usize {
-        self.rooms.values().filter(|e| e.usable()).count()
+    fn handle(&mut self, _msg: CountRooms, ctx: &mut Self::Context) -> usize {
+        guarded(
+            self,
+            ctx,
+            || 0,
+            move |act, _ctx| act.rooms.values().filter(|e| e.usable()).count(),
+        )
     }
 }
 
 impl Handler<RoomIdle> for RoomRegistry {
     type Result = ();
 
-    fn handle(&mut self, msg: RoomIdle, _ctx: &mut Self::Context) {
-        // The entry may already be a fresh actor started after this one retired.
-        if self.rooms.get(&msg.room_id).is_some_and(|e| !e.usable()) {
-            self.rooms.remove(&msg.room_id);
-        }
+    fn handle(&mut self, msg: RoomIdle, ctx: &mut Self::Context) {
+        guarded(
+            self,
+            ctx,
+            || (),
+            move |act, _ctx| {
+                // The entry may already be a fresh actor started after this one retired.
+                if act.rooms.get(&msg.room_id).is_some_and(|e| !e.usable()) {
+                    act.rooms.remove(&msg.room_id);
+                }
+            },
+        )
     }
 }

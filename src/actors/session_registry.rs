@@ -19,6 +19,7 @@ use actix::{Actor, Addr, Context, Handler, Message, Recipient, Supervised};
 use super::{
     room::ConnectionId,
     room_registry::RoomRegistry,
+    supervision::guarded,
     user_session::{
         Attach, ConnectionSummary, DescribeConnections, Detach, EndSessions, SessionSignal,
         ShutDown, SignalConnection, UserSession,
@@ -178,128 +179,184 @@ impl Supervised for SessionRegistry {}
 impl Handler<ConnectionOpened> for SessionRegistry {
     type Result = ();
 
-    fn handle(&mut self, msg: ConnectionOpened, _ctx: &mut Self::Context) {
-        let online = self
-            .sessions
-            .entry(msg.user_id.clone())
-            .or_insert_with(|| Online {
-                session: UserSession::new(
-                    msg.user_id.clone(),
-                    self.store.clone(),
-                    self.rooms.clone(),
-                    next_presence_version(),
-                )
-                .start(),
-                connections: HashSet::new(),
-            });
-        online.connections.insert(msg.conn_id);
-        online.session.do_send(Attach {
-            conn_id: msg.conn_id,
-            session_id: msg.session_id,
-            addr: msg.addr,
-        });
+    fn handle(&mut self, msg: ConnectionOpened, ctx: &mut Self::Context) {
+        guarded(
+            self,
+            ctx,
+            || (),
+            move |act, _ctx| {
+                let online = act
+                    .sessions
+                    .entry(msg.user_id.clone())
+                    .or_insert_with(|| Online {
+                        session: UserSession::new(
+                            msg.user_id.clone(),
+                            act.store.clone(),
+                            act.rooms.clone(),
+                            next_presence_version(),
+                        )
+                        .start(),
+                        connections: HashSet::new(),
+                    });
+                online.connections.insert(msg.conn_id);
+                online.session.do_send(Attach {
+                    conn_id: msg.conn_id,
+                    session_id: msg.session_id,
+                    addr: msg.addr,
+                });
+            },
+        )
     }
 }
 
 impl Handler<ConnectionReauthenticated> for SessionRegistry {
     type Result = ();
 
-    fn handle(&mut self, msg: ConnectionReauthenticated, _ctx: &mut Self::Context) {
-        if let Some(online) = self.sessions.get(&msg.user_id) {
-            if online.connections.contains(&msg.conn_id) {
-                online.session.do_send(Attach {
-                    conn_id: msg.conn_id,
-                    session_id: msg.session_id,
-                    addr: msg.addr,
-                });
-            }
-        }
+    fn handle(&mut self, msg: ConnectionReauthenticated, ctx: &mut Self::Context) {
+        guarded(
+            self,
+            ctx,
+            || (),
+            move |act, _ctx| {
+                if let Some(online) = act.sessions.get(&msg.user_id) {
+                    if online.connections.contains(&msg.conn_id) {
+                        online.session.do_send(Attach {
+                            conn_id: msg.conn_id,
+                            session_id: msg.session_id,
+                            addr: msg.addr,
+                        });
+                    }
+                }
+            },
+        )
     }
 }
 
 impl Handler<ConnectionClosed> for SessionRegistry {
     type Result = ();
 
-    fn handle(&mut self, msg: ConnectionClosed, _ctx: &mut Self::Context) {
-        let Some(online) = self.sessions.get_mut(&msg.user_id) else {
-            return;
-        };
-        if !online.connections.remove(&msg.conn_id) {
-            return;
-        }
-        let last = online.connections.is_empty();
-        online.session.do_send(Detach {
-            conn_id: msg.conn_id,
-            offline_version: last.then(next_presence_version),
-        });
-        if last {
-            self.sessions.remove(&msg.user_id);
-        }
+    fn handle(&mut self, msg: ConnectionClosed, ctx: &mut Self::Context) {
+        guarded(
+            self,
+            ctx,
+            || (),
+            move |act, _ctx| {
+                let Some(online) = act.sessions.get_mut(&msg.user_id) else {
+                    return;
+                };
+                if !online.connections.remove(&msg.conn_id) {
+                    return;
+                }
+                let last = online.connections.is_empty();
+                online.session.do_send(Detach {
+                    conn_id: msg.conn_id,
+                    offline_version: last.then(next_presence_version),
+                });
+                if last {
+                    act.sessions.remove(&msg.user_id);
+                }
+            },
+        )
     }
 }
 
 impl Handler<SignOutUser> for SessionRegistry {
     type Result = ();
 
-    fn handle(&mut self, msg: SignOutUser, _ctx: &mut Self::Context) {
-        if let Some(online) = self.sessions.get(&msg.user_id) {
-            online.session.do_send(EndSessions {
-                session_id: msg.session_id,
-            });
-        }
+    fn handle(&mut self, msg: SignOutUser, ctx: &mut Self::Context) {
+        guarded(
+            self,
+            ctx,
+            || (),
+            move |act, _ctx| {
+                if let Some(online) = act.sessions.get(&msg.user_id) {
+                    online.session.do_send(EndSessions {
+                        session_id: msg.session_id,
+                    });
+                }
+            },
+        )
     }
 }
 
 impl Handler<SignalUser> for SessionRegistry {
     type Result = ();
 
-    fn handle(&mut self, msg: SignalUser, _ctx: &mut Self::Context) {
-        if let Some(online) = self.sessions.get(&msg.user_id) {
-            online.session.do_send(msg.signal);
-        }
+    fn handle(&mut self, msg: SignalUser, ctx: &mut Self::Context) {
+        guarded(
+            self,
+            ctx,
+            || (),
+            move |act, _ctx| {
+                if let Some(online) = act.sessions.get(&msg.user_id) {
+                    online.session.do_send(msg.signal);
+                }
+            },
+        )
     }
 }
 
 impl Handler<SignalOneConnection> for SessionRegistry {
     type Result = Option<UserId>;
 
-    fn handle(&mut self, msg: SignalOneConnection, _ctx: &mut Self::Context) -> Option<UserId> {
-        let (user, online) = self
-            .sessions
-            .iter()
-            .find(|(_, online)| online.connections.contains(&msg.conn_id))?;
-        online.session.do_send(SignalConnection {
-            conn_id: msg.conn_id,
-            signal: msg.signal,
-        });
-        Some(user.clone())
+    fn handle(&mut self, msg: SignalOneConnection, ctx: &mut Self::Context) -> Option<UserId> {
+        guarded(
+            self,
+            ctx,
+            || None,
+            move |act, _ctx| {
+                let (user, online) = act
+                    .sessions
+                    .iter()
+                    .find(|(_, online)| online.connections.contains(&msg.conn_id))?;
+                online.session.do_send(SignalConnection {
+                    conn_id: msg.conn_id,
+                    signal: msg.signal,
+                });
+                Some(user.clone())
+            },
+        )
     }
 }
 
 impl Handler<CloseAll> for SessionRegistry {
     type Result = usize;
 
-    fn handle(&mut self, _msg: CloseAll, _ctx: &mut Self::Context) -> usize {
-        tracing::info!(
-            users = self.sessions.len(),
-            "closing live connections for shutdown"
-        );
-        for online in self.sessions.values() {
-            online.session.do_send(ShutDown);
-        }
-        self.sessions.len()
+    fn handle(&mut self, _msg: CloseAll, ctx: &mut Self::Context) -> usize {
+        guarded(
+            self,
+            ctx,
+            || 0,
+            move |act, _ctx| {
+                tracing::info!(
+                    users = act.sessions.len(),
+                    "closing live connections for shutdown"
+                );
+                for online in act.sessions.values() {
+                    online.session.do_send(ShutDown);
+                }
+                act.sessions.len()
+            },
+        )
     }
 }
 
 impl Handler<OnlineUsers> for SessionRegistry {
     type Result = OnlineSet;
 
-    fn handle(&mut self, msg: OnlineUsers, _ctx: &mut Self::Context) -> Self::Result {
-        OnlineSet(
-            msg.user_ids
-                .into_iter()
-                .filter(|u| self.sessions.contains_key(u))
-                .collect(),
+    fn handle(&mut self, msg: OnlineUsers, ctx: &mut Self::Context) -> Self::Result {
+        guarded(
+            self,
+            ctx,
+            || OnlineSet(HashSet::new()),
+            move |act, _ctx| {
+                OnlineSet(
+                    msg.user_ids
+                        .into_iter()
+                        .filter(|u| act.sessions.contains_key(u))
+                        .collect(),
+                )
+            },
         )
     }
 }
@@ -307,30 +364,47 @@ impl Handler<OnlineUsers> for SessionRegistry {
 impl Handler<SignalEveryone> for SessionRegistry {
     type Result = usize;
 
-    fn handle(&mut self, msg: SignalEveryone, _ctx: &mut Self::Context) -> usize {
-        for online in self.sessions.values() {
-            online.session.do_send(msg.signal.clone());
-        }
-        self.sessions.len()
+    fn handle(&mut self, msg: SignalEveryone, ctx: &mut Self::Context) -> usize {
+        guarded(
+            self,
+            ctx,
+            || 0,
+            move |act, _ctx| {
+                for online in act.sessions.values() {
+                    online.session.do_send(msg.signal.clone());
+                }
+                act.sessions.len()
+            },
+        )
     }
 }
 
 impl Handler<ListSessions> for SessionRegistry {
     type Result = LiveSessions;
 
-    fn handle(&mut self, msg: ListSessions, _ctx: &mut Self::Context) -> LiveSessions {
-        let sessions = match &msg.user_id {
-            Some(user) => self
-                .sessions
-                .get(user)
-                .map(|o| o.session.clone())
-                .into_iter()
-                .collect(),
-            None => self.sessions.values().map(|o| o.session.clone()).collect(),
-        };
-        LiveSessions {
-            sessions,
-            users_online: self.sessions.len(),
-        }
+    fn handle(&mut self, msg: ListSessions, ctx: &mut Self::Context) -> LiveSessions {
+        guarded(
+            self,
+            ctx,
+            || LiveSessions {
+                sessions: Vec::new(),
+                users_online: 0,
+            },
+            move |act, _ctx| {
+                let sessions = match &msg.user_id {
+                    Some(user) => act
+                        .sessions
+                        .get(user)
+                        .map(|o| o.session.clone())
+                        .into_iter()
+                        .collect(),
+                    None => act.sessions.values().map(|o| o.session.clone()).collect(),
+                };
+                LiveSessions {
+                    sessions,
+                    users_online: act.sessions.len(),
+                }
+            },
+        )
     }
 }

@@ -32,12 +32,13 @@ pub const DEFAULT_HISTORY_PAGE: u32 = 50;
 
 /// The room's actor, started if needed.
 pub async fn room_actor(state: &AppState, room_id: &RoomId) -> Result<Addr<RoomActor>, ApiError> {
-    Ok(state
+    state
         .rooms
         .send(GetRoom {
             room_id: room_id.clone(),
         })
-        .await?)
+        .await?
+        .ok_or_else(|| ApiError::unavailable("the room registry is restarting; retry"))
 }
 
 /// Appends through the room actor; if the actor was retiring or restarting, asks
