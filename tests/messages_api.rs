@@ -588,3 +588,56 @@ both_backends!(direct_rooms_and_retention, |backend| async move {
         .expect("send");
     assert_eq!(next.message.expect("m").seq, 2);
 });
+
+/// The send rate limit, like the sign-in limits, tells the client when to retry:
+/// in the message, as `Retry-After` (whole seconds, rounded up) and as a
+/// `google.rpc.RetryInfo` detail.
+#[tokio::test]
+async fn send_rate_limit_says_when_to_retry() {
+    let server = TestServer::spawn_with(common::Backend::Sqlite, |s| {
+        s.realtime.send_rate_per_sec = 1;
+        s.realtime.send_burst = 2;
+    })
+    .await;
+    let alice = server.sign_up(&common::unique_name("alice")).await;
+    let room = create_room(&server, &alice, pb::RoomKind::Public).await;
+    let rpc = server.rpc_as(&alice.access_token);
+    let mut refused = None;
+    for i in 0..4 {
+        let body = serde_json::json!({ "roomId": room, "text": format!("burst {i}") });
+        let (status, reply) = rpc.call_json("RoomService/SendMessage", body).await;
+        if status == 429 {
+            refused = Some(reply);
+            break;
+        }
+        assert_eq!(status, 200, "{reply}");
+    }
+    let reply = refused.expect("the third send within a second is refused");
+    assert_eq!(reply["code"], "resource_exhausted", "{reply}");
+    let message = reply["message"].as_str().unwrap_or_default();
+    assert!(message.contains("retry in"), "{message}");
+    assert_eq!(
+        reply["details"][0]["type"], "google.rpc.RetryInfo",
+        "{reply}"
+    );
+    let response = server
+        .http()
+        .post(format!(
+            "{}/roomcast.v1.RoomService/SendMessage",
+            server.base_url()
+        ))
+        .bearer_auth(&alice.access_token)
+        .header("content-type", "application/json")
+        .body(serde_json::json!({ "roomId": room, "text": "again" }).to_string())
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(response.status().as_u16(), 429);
+    let retry_after: u64 = response
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .expect("a Retry-After header in seconds");
+    assert!((1..=2).contains(&retry_after), "{retry_after}");
+}

@@ -63,12 +63,17 @@ impl SendLimiter {
         ))
     }
 
-    /// Takes one token for `user`, or says how long to wait.
+    /// Takes one token for `user`, or says how long to wait (in the message, and as
+    /// the retry delay that HTTP answers carry in `Retry-After` and `RetryInfo`).
     pub fn check(&self, user: &UserId) -> Result<(), ApiError> {
-        self.0.check_key(user).map_err(|_| {
-            ApiError::exhausted(
-                "send rate limit exceeded; slow down and retry with the same client_message_id",
-            )
+        use governor::clock::{Clock as _, DefaultClock};
+        self.0.check_key(user).map_err(|not_until| {
+            let wait = not_until.wait_time_from(DefaultClock::default().now());
+            ApiError::exhausted(format!(
+                "send rate limit exceeded; retry in {} ms with the same client_message_id",
+                wait.as_millis().max(1)
+            ))
+            .with_retry_after(wait)
         })
     }
 }
