@@ -1,6 +1,7 @@
 //! [`RetentionSweeper`]: removes history older than each room's retention, on a
 //! fixed interval. Sequences are untouched, so a client resuming from before the
-//! pruned range receives what is left (catch-up skips the removed part).
+//! pruned range receives a `gap` frame naming exactly the removed range, then what
+//! is left.
 
 use std::time::Duration;
 

@@ -127,8 +127,9 @@ impl Actor for RoomRegistry {
 
 impl Supervised for RoomRegistry {
     fn restarting(&mut self, _ctx: &mut Self::Context) {
-        // Room actors keep running; the ones this registry no longer knows retire
-        // on their own once idle, and new lookups start fresh ones.
+        // A restart keeps this value, so the room map survives: room actors keep
+        // running and lookups keep finding them; retired ones are replaced on the
+        // next lookup as usual.
         tracing::warn!(rooms = self.rooms.len(), "room registry restarting");
     }
 }
