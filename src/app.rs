@@ -130,10 +130,15 @@ pub async fn start(settings: Settings, listener: TcpListener) -> Result<Running,
         0 => std::thread::available_parallelism().map_or(2, usize::from),
         n => n,
     };
+    let metrics_listener =
+        crate::metrics::bind_listener(&settings.metrics).map_err(|source| StartError::Listen {
+            addr: settings.metrics.listen.clone(),
+            source,
+        })?;
     let builder = actix_server::Server::build();
     let shutdown_signal = builder.graceful_shutdown_signal();
     let app_state = state.clone();
-    let server = builder
+    let mut builder = builder
         .workers(workers)
         .shutdown_timeout(settings.server.shutdown_timeout_secs)
         .disable_signals()
@@ -148,6 +153,11 @@ pub async fn start(settings: Settings, listener: TcpListener) -> Result<Running,
                 .app_data(web::Data::new(app_state.clone()))
                 .wrap(http::cors(&app_state.settings.cors))
                 .wrap(from_fn(http::request_context))
+                .configure(|cfg| {
+                    if app_state.settings.metrics.listen.is_empty() {
+                        crate::metrics::configure(cfg, &app_state.settings.metrics);
+                    }
+                })
                 .configure(http::configure)
                 .into_factory()
                 .map_err(|e: actix_web::Error| e.error_response());
@@ -172,8 +182,14 @@ pub async fn start(settings: Settings, listener: TcpListener) -> Result<Running,
         .map_err(|e| StartError::Listen {
             addr: local_addr.to_string(),
             source: e,
-        })?
-        .run();
+        })?;
+    if let Some(listener) = metrics_listener {
+        let metrics = settings.metrics.clone();
+        builder = builder.listen("metrics", listener, move || {
+            crate::metrics::listener_service(metrics.clone())
+        })?;
+    }
+    let server = builder.run();
     tracing::info!(addr = %local_addr, store = ?state.store.backend(), "roomcast listening");
     Ok(Running {
         server,

@@ -450,11 +450,13 @@ impl RoomActor {
         // A panic in the commit must not drop the actor's task unseen: it stops the
         // actor, the supervisor restarts it, and the batch's senders are told to
         // retry (their replies are dropped with the batch).
+        let started = Instant::now();
         ctx.spawn(
             catch_panic(commit)
                 .into_actor(self)
                 .map(move |result, act, ctx| {
                     act.writing = false;
+                    crate::metrics::metrics().commit_duration.observe(started.elapsed().as_secs_f64());
                     match result {
                         Ok(result) => {
                             act.committed(batch, isolated, result, ctx);
@@ -513,6 +515,7 @@ impl RoomActor {
             }
             let _ = reply.send(Ok(outcome));
         }
+        crate::metrics::metrics().committed(events.len());
         self.publish(&events, ctx);
     }
 
@@ -628,11 +631,16 @@ impl RoomActor {
             if sub.addr.try_send(push).is_err() {
                 sub.gauge.release(bytes);
                 lagged.push(*conn_id);
+                continue;
             }
+            crate::metrics::metrics()
+                .messages_delivered
+                .inc_by(batch.events.len() as u64);
         }
         for conn_id in lagged {
             if let Some(sub) = self.subscribers.remove(&conn_id) {
                 tracing::debug!(room = %self.id, conn = conn_id, "subscriber lagged");
+                crate::metrics::metrics().subscribers_lagged.inc();
                 sub.addr.do_send(RoomPush::Lagged {
                     room_id: self.id.clone(),
                 });
@@ -744,6 +752,7 @@ impl Handler<Append> for RoomActor {
                 let limit = act.settings.rooms.max_pending_appends;
                 if act.pending.len() >= limit {
                     // Admission control: the room cannot commit as fast as it is sent to.
+                    crate::metrics::metrics().refused("room_pending_appends");
                     return Box::pin(async move {
                         Err(ApiError::unavailable(format!(
                         "the room has {limit} sends waiting for the store; retry shortly with the same client_message_id"
@@ -752,6 +761,7 @@ impl Handler<Append> for RoomActor {
                 }
                 let (reply, outcome) = oneshot::channel();
                 act.pending.push_back((msg.message, reply));
+                crate::metrics::metrics().messages_received.inc();
                 act.flush(ctx);
                 Box::pin(async move {
                     outcome.await.unwrap_or_else(|_| {

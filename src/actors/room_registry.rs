@@ -113,6 +113,9 @@ impl RoomRegistry {
                 retired,
             },
         );
+        crate::metrics::metrics()
+            .rooms_loaded
+            .set(self.rooms.len() as i64);
         addr
     }
 }
@@ -173,6 +176,9 @@ impl Handler<RoomIdle> for RoomRegistry {
         // The entry may already be a fresh actor started after this one retired.
         if self.rooms.get(&msg.room_id).is_some_and(|e| !e.usable()) {
             self.rooms.remove(&msg.room_id);
+            crate::metrics::metrics()
+                .rooms_loaded
+                .set(self.rooms.len() as i64);
         }
     }
 }
