@@ -824,6 +824,9 @@ impl Handler<Subscribe> for RoomActor {
                 act.subscribers
                     .insert(msg.subscriber.conn_id, msg.subscriber);
                 act.idle_since = Instant::now();
+                crate::metrics::metrics()
+                    .messages_delivered
+                    .inc_by(replay.len() as u64);
                 Ok(SubscribeReply::Live { last_seq, replay })
             },
         )
