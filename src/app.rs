@@ -117,6 +117,7 @@ pub async fn start(settings: Settings, listener: TcpListener) -> Result<Running,
     let settings = Arc::new(settings);
     let store = open_store(&settings).await?;
     let state = start_state(settings.clone(), store).await?;
+    crate::metrics::watch_store(&state.store);
     let local_addr = listener.local_addr()?;
     let admission = Admission::new(admission::Limits {
         max_connections: connection_cap(settings.server.max_connections),

@@ -234,6 +234,7 @@ impl Metrics {
         );
         // Process metrics carry the conventional unprefixed `process_` names.
         self.registry.register_collector(Box::new(ProcessCollector));
+        self.registry.register_collector(Box::new(StoreCollector));
         self
     }
 
@@ -277,6 +278,50 @@ impl Metrics {
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
+
+/// The store whose pool [`StoreCollector`] reports: the last one [`watch_store`]
+/// was given (a process runs one server).
+static STORE: std::sync::Mutex<Option<crate::store::Store>> = std::sync::Mutex::new(None);
+
+/// Reports `store`'s pool in the metrics from now on.
+pub fn watch_store(store: &crate::store::Store) {
+    *STORE.lock().unwrap_or_else(|e| e.into_inner()) = Some(store.clone());
+}
+
+/// The store pool's size and idle connections, read at each scrape (sqlx keeps
+/// both as atomics).
+#[derive(Debug)]
+struct StoreCollector;
+
+impl Collector for StoreCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let stats = STORE
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(crate::store::Store::pool_stats);
+        let Some((size, idle)) = stats else {
+            return Ok(());
+        };
+        for (name, help, value) in [
+            (
+                "roomcast_store_pool_connections",
+                "Connections the store's pool holds open",
+                i64::from(size),
+            ),
+            (
+                "roomcast_store_pool_idle_connections",
+                "Open store connections not checked out (0 with waiting queries means pool waits)",
+                i64::try_from(idle).unwrap_or(i64::MAX),
+            ),
+        ] {
+            let m = ConstGauge::new(value);
+            let e = encoder.encode_descriptor(name, help, None, m.metric_type())?;
+            m.encode(e)?;
+        }
+        Ok(())
+    }
+}
 
 /// The process's metrics.
 pub fn metrics() -> &'static Metrics {

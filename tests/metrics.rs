@@ -292,6 +292,9 @@ async fn session(backend: Backend) {
     assert!(m6.get("process_resident_memory_bytes", &[]) > 0.0);
     assert!(m6.get("process_open_fds", &[]) > 0.0);
     assert!(m6.get("process_max_fds", &[]) >= m6.get("process_open_fds", &[]));
+    // The pool is the last started server's (the other test here may start one).
+    assert!(m6.0.contains_key("roomcast_store_pool_connections{}"));
+    assert!(m6.0.contains_key("roomcast_store_pool_idle_connections{}"));
     // The default path is not served when another is configured.
     let other = server
         .http()
