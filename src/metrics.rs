@@ -91,12 +91,8 @@ pub struct Metrics {
     registry: Registry,
     /// Open realtime connections by transport and codec.
     pub connections: Family<ConnectionLabels, Gauge>,
-    /// Connections whose user authenticated (one per connection, not per user).
-    pub authenticated_connections: Gauge,
     /// Room actors running (a room is loaded while it has subscribers or writes).
     pub rooms_loaded: Gauge,
-    /// Subscriptions held by room actors.
-    pub subscriptions: Gauge,
     /// Messages handed to room actors for commit (HTTP and WebSocket sends).
     pub messages_received: Counter,
     /// Messages stored by a group commit.
@@ -129,9 +125,7 @@ impl Metrics {
         let m = Metrics {
             registry: Registry::default(),
             connections: Family::default(),
-            authenticated_connections: Gauge::default(),
             rooms_loaded: Gauge::default(),
-            subscriptions: Gauge::default(),
             messages_received: Counter::default(),
             messages_committed: Counter::default(),
             messages_delivered: Counter::default(),
@@ -156,19 +150,9 @@ impl Metrics {
             self.connections.clone(),
         );
         r.register(
-            "roomcast_authenticated_connections",
-            "Open realtime connections whose user authenticated",
-            self.authenticated_connections.clone(),
-        );
-        r.register(
             "roomcast_rooms_loaded",
             "Room actors running on this node",
             self.rooms_loaded.clone(),
-        );
-        r.register(
-            "roomcast_subscriptions",
-            "Room subscriptions held by room actors",
-            self.subscriptions.clone(),
         );
         r.register(
             "roomcast_messages_received",
