@@ -93,6 +93,8 @@ pub struct Metrics {
     pub connections: Family<ConnectionLabels, Gauge>,
     /// Room actors running (a room is loaded while it has subscribers or writes).
     pub rooms_loaded: Gauge,
+    /// Subscriptions held by room actors (see [`GaugeShare`]).
+    pub subscriptions: Gauge,
     /// Messages handed to room actors for commit (HTTP and WebSocket sends).
     pub messages_received: Counter,
     /// Messages stored by a group commit.
@@ -126,6 +128,7 @@ impl Metrics {
             registry: Registry::default(),
             connections: Family::default(),
             rooms_loaded: Gauge::default(),
+            subscriptions: Gauge::default(),
             messages_received: Counter::default(),
             messages_committed: Counter::default(),
             messages_delivered: Counter::default(),
@@ -153,6 +156,11 @@ impl Metrics {
             "roomcast_rooms_loaded",
             "Room actors running on this node",
             self.rooms_loaded.clone(),
+        );
+        r.register(
+            "roomcast_subscriptions",
+            "Room subscriptions held by room actors",
+            self.subscriptions.clone(),
         );
         r.register(
             "roomcast_messages_received",
@@ -216,6 +224,7 @@ impl Metrics {
             "WebSocket close frames sent by the server, by close code",
             self.ws_closes.clone(),
         );
+        self.registry.register_collector(Box::new(UsersOnline));
         // Process metrics carry the conventional unprefixed `process_` names.
         self.registry.register_collector(Box::new(ProcessCollector));
         self.registry.register_collector(Box::new(StoreCollector));
@@ -310,6 +319,59 @@ impl Collector for StoreCollector {
 /// The process's metrics.
 pub fn metrics() -> &'static Metrics {
     &METRICS
+}
+
+/// One owner's share of a gauge summed over many owners (each room's subscribers in
+/// [`Metrics::subscriptions`]): the owner sets its current count after a change,
+/// the share adds the difference, and takes its whole share back when dropped, so
+/// the sum stays right however the owner ends.
+pub struct GaugeShare {
+    gauge: &'static Gauge,
+    counted: i64,
+}
+
+impl GaugeShare {
+    /// A room's share of [`Metrics::subscriptions`].
+    pub fn subscriptions() -> Self {
+        GaugeShare {
+            gauge: &metrics().subscriptions,
+            counted: 0,
+        }
+    }
+
+    /// Makes this share `n`.
+    pub fn set(&mut self, n: usize) {
+        let n = i64::try_from(n).unwrap_or(i64::MAX);
+        if n != self.counted {
+            self.gauge.inc_by(n - self.counted);
+            self.counted = n;
+        }
+    }
+}
+
+impl Drop for GaugeShare {
+    fn drop(&mut self) {
+        self.gauge.dec_by(self.counted);
+    }
+}
+
+/// Users online on this node: the user session actors alive (one per user with a
+/// connection, kept briefly after the last one closes for presence).
+#[derive(Debug)]
+struct UsersOnline;
+
+impl Collector for UsersOnline {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let online = crate::actors::user_session::live_sessions();
+        let m = ConstGauge::new(i64::try_from(online).unwrap_or(i64::MAX));
+        let e = encoder.encode_descriptor(
+            "roomcast_users_online",
+            "Authenticated users with a user session on this node",
+            None,
+            m.metric_type(),
+        )?;
+        m.encode(e)
+    }
 }
 
 /// Holds a connection in the [`Metrics::connections`] gauge until dropped.

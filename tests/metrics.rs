@@ -149,6 +149,8 @@ async fn session(backend: Backend) {
     let m2 = Metrics::scrape(&server, path).await;
     assert_eq!(m2.delta(&m0, "roomcast_connections", &ws_json), 1.0);
     assert!(m2.get("roomcast_rooms_loaded", &[]) >= 1.0);
+    assert_eq!(m2.delta(&m0, "roomcast_subscriptions", &[]), 1.0);
+    assert_eq!(m2.delta(&m0, "roomcast_users_online", &[]), 1.0);
     for i in 0..3 {
         send_http(
             &server,
@@ -280,8 +282,20 @@ async fn session(backend: Backend) {
         }
     })
     .await;
+    // The rooms notice their subscribers are gone (at the latest at their idle
+    // check, every 5 s).
+    let subscriptions = m0.get("roomcast_subscriptions", &[]);
+    let unsubscribed = common::eventually(WAIT, || {
+        let server = server.clone();
+        async move {
+            let m = Metrics::scrape(&server, "/internal/metrics").await;
+            m.get("roomcast_subscriptions", &[]) == subscriptions
+        }
+    })
+    .await;
     let m6 = Metrics::scrape(&server, path).await;
     assert!(back, "connections gauge returns to zero");
+    assert!(unsubscribed, "subscriptions gauge returns to where it was");
     assert_eq!(
         m6.delta(&m5, "roomcast_websocket_closes_total", &[("code", "1007")]),
         1.0

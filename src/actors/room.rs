@@ -301,6 +301,8 @@ pub struct RoomActor {
     /// Committed events `last_seq - ring.len() + 1 ..= last_seq`, contiguous.
     ring: VecDeque<Arc<RoomEvent>>,
     subscribers: HashMap<ConnectionId, Subscriber>,
+    /// This room's share of the `roomcast_subscriptions` gauge.
+    subscriptions_gauge: crate::metrics::GaugeShare,
     pending: VecDeque<PendingAppend>,
     writing: bool,
     /// Appends still to be committed one at a time, because the batch they were
@@ -344,6 +346,7 @@ impl RoomActor {
             last_seq: 0,
             ring: VecDeque::new(),
             subscribers: HashMap::new(),
+            subscriptions_gauge: crate::metrics::GaugeShare::subscriptions(),
             pending: VecDeque::new(),
             writing: false,
             isolate: 0,
@@ -646,6 +649,7 @@ impl RoomActor {
                 });
             }
         }
+        self.subscriptions_gauge.set(self.subscribers.len());
     }
 
     /// Sends a non-history push to subscribers, dropping it for full queues.
@@ -670,6 +674,7 @@ impl RoomActor {
     }
 
     fn check_idle(&mut self, ctx: &mut Context<Self>) {
+        self.subscriptions_gauge.set(self.subscribers.len());
         self.removals.retain(|_, at| at.elapsed() < REMOVAL_MEMORY);
         if !self.is_idle() {
             self.idle_since = Instant::now();
@@ -823,6 +828,7 @@ impl Handler<Subscribe> for RoomActor {
                 };
                 act.subscribers
                     .insert(msg.subscriber.conn_id, msg.subscriber);
+                act.subscriptions_gauge.set(act.subscribers.len());
                 act.idle_since = Instant::now();
                 crate::metrics::metrics()
                     .messages_delivered
@@ -843,6 +849,7 @@ impl Handler<Unsubscribe> for RoomActor {
             || (),
             move |act, _ctx| {
                 act.subscribers.remove(&msg.conn_id);
+                act.subscriptions_gauge.set(act.subscribers.len());
             },
         )
     }
