@@ -82,9 +82,49 @@ impl Metrics {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scripted_session_moves_the_counters_by_what_happened() {
     session(Backend::Sqlite).await;
+    send_rate_limit().await;
     if common::postgres_available() {
         session(Backend::Postgres).await;
     }
+}
+
+/// A second send within the per-user rate is refused and counted by its rule.
+async fn send_rate_limit() {
+    let server = TestServer::spawn_with(Backend::Sqlite, |s| {
+        s.realtime.send_rate_per_sec = 1;
+        s.realtime.send_burst = 1;
+    })
+    .await;
+    let owner = server.sign_up(&common::unique_name("owner")).await;
+    let room = create_room(&server, &owner, pb::RoomKind::Public).await;
+    let m0 = Metrics::scrape(&server, "/metrics").await;
+    send_http(&server, &owner, &room, "first", "r1").await;
+    let refused = server
+        .rpc_as(&owner.access_token)
+        .call_proto::<_, pb::SendMessageResponse>(
+            "RoomService/SendMessage",
+            &pb::SendMessageRequest {
+                room_id: room.clone(),
+                text: "second".into(),
+                client_message_id: "r2".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect_err("the second send is over the rate");
+    refused.expect("resource_exhausted", 429);
+    let m1 = Metrics::scrape(&server, "/metrics").await;
+    let rule = [("rule", "send_rate")];
+    assert_eq!(m1.delta(&m0, "roomcast_rate_limited_total", &rule), 1.0);
+    let exhausted = [
+        ("method", "roomcast.v1.RoomService/SendMessage"),
+        ("code", "resource_exhausted"),
+    ];
+    assert_eq!(
+        m1.delta(&m0, "roomcast_rpc_requests_total", &exhausted),
+        1.0
+    );
+    assert_eq!(m1.delta(&m0, "roomcast_messages_committed_total", &[]), 1.0);
 }
 
 async fn session(backend: Backend) {

@@ -63,6 +63,7 @@ impl SendLimiter {
     /// Takes one token for `user`, or says how long to wait.
     pub fn check(&self, user: &UserId) -> Result<(), ApiError> {
         self.0.check_key(user).map_err(|_| {
+            crate::metrics::metrics().limited("send_rate");
             ApiError::exhausted(
                 "send rate limit exceeded; slow down and retry with the same client_message_id",
             )
