@@ -43,6 +43,24 @@ pub enum Refusal {
     PerUser(usize),
 }
 
+impl Refusal {
+    /// The config key of the rule that refused, as the metrics label it.
+    pub fn rule(&self) -> &'static str {
+        match self {
+            Refusal::Server(_) => "max_connections",
+            Refusal::PerIp(_) => "max_connections_per_ip",
+            Refusal::Unauthenticated(_) => "max_unauthenticated",
+            Refusal::PerUser(_) => "max_connections_per_user",
+        }
+    }
+
+    /// Counts the refusal in the metrics (`roomcast_admission_refusals_total`).
+    fn counted(self) -> Self {
+        crate::metrics::metrics().refused(self.rule());
+        self
+    }
+}
+
 #[derive(Default)]
 struct Counts {
     per_ip: HashMap<IpAddr, usize>,
@@ -83,7 +101,7 @@ impl Admission {
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                 (max == 0 || n < max).then_some(n + 1)
             })
-            .map_err(|_| Refusal::Server(max))?;
+            .map_err(|_| Refusal::Server(max).counted())?;
         Ok(ConnectionPermit {
             admission: self.clone(),
         })
@@ -94,12 +112,12 @@ impl Admission {
         let mut counts = self.lock();
         let limits = self.limits;
         if limits.unauthenticated > 0 && counts.unauthenticated >= limits.unauthenticated {
-            return Err(Refusal::Unauthenticated(limits.unauthenticated));
+            return Err(Refusal::Unauthenticated(limits.unauthenticated).counted());
         }
         if let Some(ip) = ip {
             let n = counts.per_ip.entry(ip).or_default();
             if limits.per_ip > 0 && *n >= limits.per_ip {
-                return Err(Refusal::PerIp(limits.per_ip));
+                return Err(Refusal::PerIp(limits.per_ip).counted());
             }
             *n += 1;
         }
@@ -157,7 +175,7 @@ impl WsTicket {
             if *n == 0 {
                 counts.per_user.remove(user);
             }
-            return Err(Refusal::PerUser(limit));
+            return Err(Refusal::PerUser(limit).counted());
         }
         *n += 1;
         counts.unauthenticated -= 1;

@@ -118,6 +118,7 @@ pub async fn start(settings: Settings, listener: TcpListener) -> Result<Running,
     let settings = Arc::new(settings);
     let store = open_store(&settings).await?;
     let state = start_state(settings.clone(), store).await?;
+    crate::metrics::watch_store(&state.store);
     let local_addr = listener.local_addr()?;
     let admission = Admission::new(admission::Limits {
         max_connections: connection_cap(settings.server.max_connections),
@@ -131,10 +132,15 @@ pub async fn start(settings: Settings, listener: TcpListener) -> Result<Running,
         0 => std::thread::available_parallelism().map_or(2, usize::from),
         n => n,
     };
+    let metrics_listener =
+        crate::metrics::bind_listener(&settings.metrics).map_err(|source| StartError::Listen {
+            addr: settings.metrics.listen.clone(),
+            source,
+        })?;
     let builder = actix_server::Server::build();
     let shutdown_signal = builder.graceful_shutdown_signal();
     let app_state = state.clone();
-    let server = builder
+    let mut builder = builder
         .workers(workers)
         .shutdown_timeout(settings.server.shutdown_timeout_secs)
         .disable_signals()
@@ -149,6 +155,11 @@ pub async fn start(settings: Settings, listener: TcpListener) -> Result<Running,
                 .app_data(web::Data::new(app_state.clone()))
                 .wrap(http::cors(&app_state.settings.cors))
                 .wrap(from_fn(http::request_context))
+                .configure(|cfg| {
+                    if app_state.settings.metrics.listen.is_empty() {
+                        crate::metrics::configure(cfg, &app_state.settings.metrics);
+                    }
+                })
                 .configure(http::configure)
                 .into_factory()
                 .map_err(|e: actix_web::Error| e.error_response());
@@ -173,8 +184,14 @@ pub async fn start(settings: Settings, listener: TcpListener) -> Result<Running,
         .map_err(|e| StartError::Listen {
             addr: local_addr.to_string(),
             source: e,
-        })?
-        .run();
+        })?;
+    if let Some(listener) = metrics_listener {
+        let metrics = settings.metrics.clone();
+        builder = builder.listen("metrics", listener, move || {
+            crate::metrics::listener_service(metrics.clone())
+        })?;
+    }
+    let server = builder.run();
     tracing::info!(addr = %local_addr, store = ?state.store.backend(), "roomcast listening");
     Ok(Running {
         server,

@@ -24,6 +24,7 @@
 //! - [`protocol`]: WebSocket wire details: subprotocols, shared encoded frames, close codes.
 //! - [`settings`]: the one configuration tree (defaults → file → environment).
 //! - [`store`]: sqlx persistence on SQLite or PostgreSQL, with per-backend migrations.
+//! - [`metrics`]: Prometheus metrics (one registry, its handles, `/metrics`).
 //! - [`telemetry`]: structured logging with `tracing`, as text or JSON lines.
 //! - [`ws`]: roomcast's own WebSocket framing: decoder, handshake, transport, echo.
 
@@ -34,6 +35,7 @@ pub mod domain;
 pub mod error;
 pub mod http;
 pub mod ids;
+pub mod metrics;
 pub mod model;
 pub mod proto;
 pub mod protocol;

@@ -28,6 +28,7 @@ pub struct Settings {
     pub log: LogSettings,
     pub publish: PublishSettings,
     pub notifications: NotificationSettings,
+    pub metrics: MetricsSettings,
 }
 
 /// The HTTP listener.
@@ -467,6 +468,32 @@ pub struct NotificationSettings {
     pub retention_secs: u64,
     /// Largest page of ListNotifications and of a WebSocket replay read.
     pub page_max: u32,
+}
+
+/// The Prometheus metrics endpoint (docs/operations.md).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsSettings {
+    /// Serve the metrics at all.
+    pub enabled: bool,
+    /// The HTTP path of the text exposition.
+    pub path: String,
+    /// A separate listener for the metrics only, e.g. `127.0.0.1:9464` (loopback,
+    /// so they are not public); empty serves them on `server.listen`.
+    pub listen: String,
+}
+
+/// Default of `metrics.path`: where Prometheus looks by default.
+pub const METRICS_PATH: &str = "/metrics";
+
+impl Default for MetricsSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            path: METRICS_PATH.to_owned(),
+            listen: String::new(),
+        }
+    }
 }
 
 /// Default of `notifications.retention_secs`: 30 days.

@@ -301,6 +301,8 @@ pub struct RoomActor {
     /// Committed events `last_seq - ring.len() + 1 ..= last_seq`, contiguous.
     ring: VecDeque<Arc<RoomEvent>>,
     subscribers: HashMap<ConnectionId, Subscriber>,
+    /// This room's share of the `roomcast_subscriptions` gauge.
+    subscriptions_gauge: crate::metrics::GaugeShare,
     pending: VecDeque<PendingAppend>,
     writing: bool,
     /// Appends still to be committed one at a time, because the batch they were
@@ -344,6 +346,7 @@ impl RoomActor {
             last_seq: 0,
             ring: VecDeque::new(),
             subscribers: HashMap::new(),
+            subscriptions_gauge: crate::metrics::GaugeShare::subscriptions(),
             pending: VecDeque::new(),
             writing: false,
             isolate: 0,
@@ -450,11 +453,13 @@ impl RoomActor {
         // A panic in the commit must not drop the actor's task unseen: it stops the
         // actor, the supervisor restarts it, and the batch's senders are told to
         // retry (their replies are dropped with the batch).
+        let started = Instant::now();
         ctx.spawn(
             catch_panic(commit)
                 .into_actor(self)
                 .map(move |result, act, ctx| {
                     act.writing = false;
+                    crate::metrics::metrics().commit_duration.observe(started.elapsed().as_secs_f64());
                     match result {
                         Ok(result) => {
                             act.committed(batch, isolated, result, ctx);
@@ -513,6 +518,7 @@ impl RoomActor {
             }
             let _ = reply.send(Ok(outcome));
         }
+        crate::metrics::metrics().committed(events.len());
         self.publish(&events, ctx);
     }
 
@@ -628,16 +634,22 @@ impl RoomActor {
             if sub.addr.try_send(push).is_err() {
                 sub.gauge.release(bytes);
                 lagged.push(*conn_id);
+                continue;
             }
+            crate::metrics::metrics()
+                .messages_delivered
+                .inc_by(batch.events.len() as u64);
         }
         for conn_id in lagged {
             if let Some(sub) = self.subscribers.remove(&conn_id) {
                 tracing::debug!(room = %self.id, conn = conn_id, "subscriber lagged");
+                crate::metrics::metrics().subscribers_lagged.inc();
                 sub.addr.do_send(RoomPush::Lagged {
                     room_id: self.id.clone(),
                 });
             }
         }
+        self.subscriptions_gauge.set(self.subscribers.len());
     }
 
     /// Sends a non-history push to subscribers, dropping it for full queues.
@@ -662,6 +674,7 @@ impl RoomActor {
     }
 
     fn check_idle(&mut self, ctx: &mut Context<Self>) {
+        self.subscriptions_gauge.set(self.subscribers.len());
         self.removals.retain(|_, at| at.elapsed() < REMOVAL_MEMORY);
         if !self.is_idle() {
             self.idle_since = Instant::now();
@@ -744,6 +757,7 @@ impl Handler<Append> for RoomActor {
                 let limit = act.settings.rooms.max_pending_appends;
                 if act.pending.len() >= limit {
                     // Admission control: the room cannot commit as fast as it is sent to.
+                    crate::metrics::metrics().refused("room_pending_appends");
                     return Box::pin(async move {
                         Err(ApiError::unavailable(format!(
                         "the room has {limit} sends waiting for the store; retry shortly with the same client_message_id"
@@ -752,6 +766,7 @@ impl Handler<Append> for RoomActor {
                 }
                 let (reply, outcome) = oneshot::channel();
                 act.pending.push_back((msg.message, reply));
+                crate::metrics::metrics().messages_received.inc();
                 act.flush(ctx);
                 Box::pin(async move {
                     outcome.await.unwrap_or_else(|_| {
@@ -813,7 +828,11 @@ impl Handler<Subscribe> for RoomActor {
                 };
                 act.subscribers
                     .insert(msg.subscriber.conn_id, msg.subscriber);
+                act.subscriptions_gauge.set(act.subscribers.len());
                 act.idle_since = Instant::now();
+                crate::metrics::metrics()
+                    .messages_delivered
+                    .inc_by(replay.len() as u64);
                 Ok(SubscribeReply::Live { last_seq, replay })
             },
         )
@@ -830,6 +849,7 @@ impl Handler<Unsubscribe> for RoomActor {
             || (),
             move |act, _ctx| {
                 act.subscribers.remove(&msg.conn_id);
+                act.subscriptions_gauge.set(act.subscribers.len());
             },
         )
     }

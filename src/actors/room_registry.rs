@@ -117,6 +117,9 @@ impl RoomRegistry {
                 retired,
             },
         );
+        crate::metrics::metrics()
+            .rooms_loaded
+            .set(self.rooms.len() as i64);
         addr
     }
 }
@@ -207,6 +210,9 @@ impl Handler<RoomIdle> for RoomRegistry {
                 // The entry may already be a fresh actor started after this one retired.
                 if act.rooms.get(&msg.room_id).is_some_and(|e| !e.usable()) {
                     act.rooms.remove(&msg.room_id);
+                    crate::metrics::metrics()
+                        .rooms_loaded
+                        .set(act.rooms.len() as i64);
                 }
             },
         )

@@ -68,6 +68,7 @@ impl SendLimiter {
     pub fn check(&self, user: &UserId) -> Result<(), ApiError> {
         use governor::clock::{Clock as _, DefaultClock};
         self.0.check_key(user).map_err(|not_until| {
+            crate::metrics::metrics().limited("send_rate");
             let wait = not_until.wait_time_from(DefaultClock::default().now());
             ApiError::exhausted(format!(
                 "send rate limit exceeded; retry in {} ms with the same client_message_id",

@@ -304,7 +304,8 @@ async fn read_body(
     Ok(body)
 }
 
-/// Serves one unary RPC: decode, run `handler` under the deadline, encode.
+/// Serves one unary RPC: decode, run `handler` under the deadline, encode; counted
+/// in the metrics by method and Connect code.
 pub async fn unary<Req, Resp, F, Fut>(
     req: HttpRequest,
     payload: web::Payload,
@@ -316,31 +317,54 @@ where
     F: FnOnce(RpcContext, Req) -> Fut,
     Fut: Future<Output = Result<Resp, ApiError>>,
 {
+    let started = std::time::Instant::now();
+    let (response, code) = serve_unary(&req, payload, handler).await;
+    crate::metrics::metrics().rpc(req.path().trim_start_matches('/'), code, started.elapsed());
+    response
+}
+
+/// [`unary`]'s work; the response and its Connect code (`ok` on success).
+async fn serve_unary<Req, Resp, F, Fut>(
+    req: &HttpRequest,
+    payload: web::Payload,
+    handler: F,
+) -> (HttpResponse, &'static str)
+where
+    Req: prost::Message + DeserializeOwned + Default,
+    Resp: prost::Message + Serialize,
+    F: FnOnce(RpcContext, Req) -> Fut,
+    Fut: Future<Output = Result<Resp, ApiError>>,
+{
+    let req = req.clone();
     let Some(codec) = Codec::from_headers(req.headers()) else {
         let given = req
             .headers()
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .unwrap_or("none");
-        return error_response(
-            &ApiError::invalid(format!(
-                "unsupported content type `{given}`; use application/json or application/proto"
-            )),
-            Some(415),
-        );
+        let error = ApiError::invalid(format!(
+            "unsupported content type `{given}`; use application/json or application/proto"
+        ));
+        return (error_response(&error, Some(415)), error.code.as_str());
     };
     let request_coding = match ContentCoding::of_request(req.headers()) {
         Ok(coding) => coding,
         // The protocol's table gives `unimplemented` HTTP 501 (404 is kept for
         // unknown RPCs, where clients infer `unimplemented` from the status alone).
-        Err(e) => return with_accepted_encodings(error_response(&e, Some(501))),
+        Err(e) => {
+            return (
+                with_accepted_encodings(error_response(&e, Some(501))),
+                e.code.as_str(),
+            )
+        }
     };
     let response_coding = ContentCoding::for_response(req.headers(), request_coding);
     let Some(state) = req
         .app_data::<web::Data<AppState>>()
         .map(|d| d.get_ref().clone())
     else {
-        return error_response(&ApiError::internal("AppState missing from the app"), None);
+        let error = ApiError::internal("AppState missing from the app");
+        return (error_response(&error, None), error.code.as_str());
     };
     let settings = &state.settings.server;
     let result = async {
@@ -372,11 +396,14 @@ where
         }
     }
     .await;
-    let response = match result.and_then(|response| codec.encode(&response)) {
-        Ok(bytes) => success_response(codec, bytes, response_coding, settings.compress_min_bytes),
-        Err(e) => error_response(&e, None),
+    let (response, code) = match result.and_then(|response| codec.encode(&response)) {
+        Ok(bytes) => (
+            success_response(codec, bytes, response_coding, settings.compress_min_bytes),
+            "ok",
+        ),
+        Err(e) => (error_response(&e, None), e.code.as_str()),
     };
-    with_accepted_encodings(response)
+    (with_accepted_encodings(response), code)
 }
 
 /// A 200 reply, gzip-compressed when the client accepts it and the body is at least

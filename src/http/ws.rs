@@ -213,6 +213,13 @@ async fn upgrade(context: UpgradeContext, req: Request, mut framed: Framed<Watch
         transport::split(parts.io.into_inner(), parts.read_buf, limits);
     transport.hold_ticket(ticket);
     let state = context.state.clone();
+    let _open = crate::metrics::ConnectionGauge::open(
+        "websocket",
+        match codec {
+            FrameCodec::Json => "json",
+            FrameCodec::Proto => "proto",
+        },
+    );
     Connection::create(move |ctx| {
         ctx.add_stream(reader);
         Connection::new(state, codec, token, transport).with_remote_addr(peer)

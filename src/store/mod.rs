@@ -249,6 +249,11 @@ impl Store {
         self.backend
     }
 
+    /// The pool's open connections and how many of them are idle (for the metrics).
+    pub fn pool_stats(&self) -> (u32, usize) {
+        (self.pool.size(), self.pool.num_idle())
+    }
+
     /// Closes the pool, waiting for checked-out connections to return.
     pub async fn close(&self) {
         self.pool.close().await;

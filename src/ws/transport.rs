@@ -317,6 +317,10 @@ impl Transport {
     /// Queues the close frame (`None`: without a status code) and stops accepting
     /// anything else. Only the first call sends a frame.
     pub fn close(&self, code: Option<u16>, reason: &str) {
+        if !self.is_closing() {
+            // 1005: "no status code", the code a close without one is reported as.
+            crate::metrics::metrics().closed(code.unwrap_or(1005));
+        }
         let payload = code.map_or_else(Bytes::new, |code| close_payload(code, reason));
         let _ = self.push(OpCode::Close, payload, true);
     }
@@ -345,6 +349,7 @@ impl Transport {
             return Ok(());
         }
         if queued > self.max_queued && !close {
+            crate::metrics::metrics().outbound_overflows.inc();
             return Err(QueueFull {
                 queued,
                 budget: self.max_queued,

@@ -215,6 +215,7 @@ fn check_addr(
 
 /// `resource_exhausted` saying how long to wait (rounded up to whole seconds).
 fn exhausted(what: &str, wait: Duration) -> ApiError {
+    crate::metrics::metrics().limited("auth");
     let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
     let secs = secs.max(1);
     ApiError::exhausted(format!("{what}; retry in {secs} s"))

@@ -1,0 +1,392 @@
+//! Prometheus metrics (`/metrics`), read with a real text-format parser
+//! (`prometheus-parse`) after a scripted session: the counters moved by exactly
+//! what the clients did and saw.
+//!
+//! The metrics are process-wide (src/metrics.rs says why), so this binary runs one
+//! test, which runs its backends one after the other and compares scrapes taken
+//! before and after each step.
+
+mod common;
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use common::{
+    raw_ws,
+    rooms::{create_room, join, send_http},
+    ws::{room_event, Incoming, WsClient, WsCodec},
+    Backend, TestServer,
+};
+use prometheus_parse::{Scrape, Value};
+use roomcast::proto::v1 as pb;
+
+use pb::server_frame::Kind as Out;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// One scrape: every sample by its name and sorted labels.
+struct Metrics(HashMap<String, f64>);
+
+impl Metrics {
+    async fn scrape(server: &TestServer, path: &str) -> Self {
+        let response = server
+            .http()
+            .get(server.url(path))
+            .send()
+            .await
+            .expect("GET /metrics");
+        assert_eq!(response.status().as_u16(), 200);
+        let body = response.text().await.expect("body");
+        Self::parse(&body)
+    }
+
+    fn parse(body: &str) -> Self {
+        let lines = body.lines().map(|l| Ok(l.to_owned()));
+        let scrape = Scrape::parse(lines).expect("the exposition parses");
+        let mut samples = HashMap::new();
+        for sample in scrape.samples {
+            let mut labels: Vec<String> = sample
+                .labels
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            labels.sort();
+            let key = format!("{}{{{}}}", sample.metric, labels.join(","));
+            match sample.value {
+                Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => {
+                    samples.insert(key, v);
+                }
+                Value::Histogram(buckets) => {
+                    let count = buckets.iter().map(|b| b.count).fold(0.0, f64::max);
+                    samples.insert(key, count);
+                }
+                Value::Summary(_) => {}
+            }
+        }
+        Metrics(samples)
+    }
+
+    /// A sample's value; 0 when absent (a labelled series not yet created).
+    fn get(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let mut labels: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        labels.sort();
+        let key = format!("{name}{{{}}}", labels.join(","));
+        self.0.get(&key).copied().unwrap_or(0.0)
+    }
+
+    /// How much a sample moved since `before`.
+    fn delta(&self, before: &Metrics, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.get(name, labels) - before.get(name, labels)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scripted_session_moves_the_counters_by_what_happened() {
+    session(Backend::Sqlite).await;
+    send_rate_limit().await;
+    if common::postgres_available() {
+        session(Backend::Postgres).await;
+    }
+}
+
+/// A second send within the per-user rate is refused and counted by its rule.
+async fn send_rate_limit() {
+    let server = TestServer::spawn_with(Backend::Sqlite, |s| {
+        s.realtime.send_rate_per_sec = 1;
+        s.realtime.send_burst = 1;
+    })
+    .await;
+    let owner = server.sign_up(&common::unique_name("owner")).await;
+    let room = create_room(&server, &owner, pb::RoomKind::Public).await;
+    let m0 = Metrics::scrape(&server, "/metrics").await;
+    send_http(&server, &owner, &room, "first", "r1").await;
+    let refused = server
+        .rpc_as(&owner.access_token)
+        .call_proto::<_, pb::SendMessageResponse>(
+            "RoomService/SendMessage",
+            &pb::SendMessageRequest {
+                room_id: room.clone(),
+                text: "second".into(),
+                client_message_id: "r2".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect_err("the second send is over the rate");
+    refused.expect("resource_exhausted", 429);
+    let m1 = Metrics::scrape(&server, "/metrics").await;
+    let rule = [("rule", "send_rate")];
+    assert_eq!(m1.delta(&m0, "roomcast_rate_limited_total", &rule), 1.0);
+    let exhausted = [
+        ("method", "roomcast.v1.RoomService/SendMessage"),
+        ("code", "resource_exhausted"),
+    ];
+    assert_eq!(
+        m1.delta(&m0, "roomcast_rpc_requests_total", &exhausted),
+        1.0
+    );
+    assert_eq!(m1.delta(&m0, "roomcast_messages_committed_total", &[]), 1.0);
+}
+
+async fn session(backend: Backend) {
+    let server = Arc::new(
+        TestServer::spawn_with(backend, |s| {
+            s.realtime.send_rate_per_sec = 100_000;
+            s.realtime.send_burst = 100_000;
+            s.rooms.max_message_bytes = 16 * 1024;
+            s.realtime.outbound_queue_frames = 8;
+            s.realtime.outbound_queue_bytes = 64 * 1024;
+            s.realtime.max_catch_up_rounds = 1000;
+            s.metrics.path = "/internal/metrics".into();
+        })
+        .await,
+    );
+    let path = "/internal/metrics";
+    let m0 = Metrics::scrape(&server, path).await;
+    let sign_up = [("method", "roomcast.v1.AuthService/SignUp"), ("code", "ok")];
+    let send = [
+        ("method", "roomcast.v1.RoomService/SendMessage"),
+        ("code", "ok"),
+    ];
+    let send_unauth = [
+        ("method", "roomcast.v1.RoomService/SendMessage"),
+        ("code", "unauthenticated"),
+    ];
+
+    // Two accounts and a room (RPCs), one refused call.
+    let owner = server.sign_up(&common::unique_name("owner")).await;
+    let member = server.sign_up(&common::unique_name("member")).await;
+    let room = create_room(&server, &owner, pb::RoomKind::Public).await;
+    join(&server, &member, &room).await;
+    let (status, _) = server
+        .rpc()
+        .call_json(
+            "RoomService/SendMessage",
+            serde_json::json!({"roomId": room, "text": "x", "clientMessageId": "x"}),
+        )
+        .await;
+    assert_eq!(status, 401);
+    let m1 = Metrics::scrape(&server, path).await;
+    assert_eq!(m1.delta(&m0, "roomcast_rpc_requests_total", &sign_up), 2.0);
+    assert_eq!(
+        m1.delta(&m0, "roomcast_rpc_requests_total", &send_unauth),
+        1.0
+    );
+    assert_eq!(
+        m1.delta(
+            &m0,
+            "roomcast_rpc_duration_seconds_count",
+            &[("method", "roomcast.v1.AuthService/SignUp")]
+        ),
+        2.0
+    );
+
+    // A WebSocket subscriber reads three messages sent over HTTP.
+    let ws_json = [("transport", "websocket"), ("codec", "json")];
+    let mut reader =
+        WsClient::connect_authenticated(&server.ws_url("/ws"), WsCodec::Json, &member.access_token)
+            .await;
+    reader.subscribe(&room, None).await.expect("subscribe");
+    let m2 = Metrics::scrape(&server, path).await;
+    assert_eq!(m2.delta(&m0, "roomcast_connections", &ws_json), 1.0);
+    assert!(m2.get("roomcast_rooms_loaded", &[]) >= 1.0);
+    assert_eq!(m2.delta(&m0, "roomcast_subscriptions", &[]), 1.0);
+    assert_eq!(m2.delta(&m0, "roomcast_users_online", &[]), 1.0);
+    for i in 0..3 {
+        send_http(
+            &server,
+            &owner,
+            &room,
+            &format!("hello {i}"),
+            &format!("h{i}"),
+        )
+        .await;
+    }
+    let mut read = 0;
+    while read < 3 {
+        match reader.next_push(WAIT).await {
+            Incoming::Frame(frame) => {
+                if room_event(&frame).is_some() {
+                    read += 1;
+                }
+            }
+            other => panic!("expected three events; got {other:?}"),
+        }
+    }
+    // The room actor counts a delivery on its own thread just after handing the
+    // events to the connection, so the count may trail what the client read by a
+    // moment.
+    let delivered = common::eventually(WAIT, || {
+        let server = server.clone();
+        let before = m2.get("roomcast_messages_delivered_total", &[]);
+        async move {
+            let m = Metrics::scrape(&server, "/internal/metrics").await;
+            m.get("roomcast_messages_delivered_total", &[]) - before >= 3.0
+        }
+    })
+    .await;
+    assert!(delivered, "three deliveries counted");
+    let m3 = Metrics::scrape(&server, path).await;
+    assert_eq!(m3.delta(&m2, "roomcast_rpc_requests_total", &send), 3.0);
+    assert_eq!(m3.delta(&m2, "roomcast_messages_received_total", &[]), 3.0);
+    assert_eq!(m3.delta(&m2, "roomcast_messages_committed_total", &[]), 3.0);
+    assert_eq!(
+        m3.delta(&m2, "roomcast_messages_delivered_total", &[]),
+        3.0,
+        "one subscriber, three events"
+    );
+    assert!(m3.delta(&m2, "roomcast_commit_batch_size_count", &[]) >= 1.0);
+    assert_eq!(m3.delta(&m2, "roomcast_commit_batch_size_sum", &[]), 3.0);
+    assert!(m3.delta(&m2, "roomcast_commit_duration_seconds_count", &[]) >= 1.0);
+    drop(reader);
+
+    // A subscriber that stops reading while the room fills its small queue lags.
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("small buffer");
+    let stream = socket.connect(server.addr).await.expect("connect");
+    let mut slow = WsClient::from_stream(
+        stream,
+        &server.ws_url("/ws"),
+        WsCodec::Json,
+        &member.access_token,
+    )
+    .await;
+    slow.subscribe(&room, None).await.expect("subscribe");
+    let m4 = Metrics::scrape(&server, path).await;
+    let big = "x".repeat(12 * 1024);
+    const SENDS: usize = 240;
+    let mut tasks = Vec::new();
+    for t in 0..4 {
+        let (server, owner, room, big) = (server.clone(), owner.clone(), room.clone(), big.clone());
+        tasks.push(tokio::spawn(async move {
+            for i in 0..SENDS / 4 {
+                let id = format!("b{t}-{i}");
+                send_http(&server, &owner, &room, &format!("{id} {big}"), &id).await;
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.expect("sender");
+    }
+    let mut lagging_frames = 0.0;
+    let mut events = 0;
+    while events < SENDS {
+        match slow.next_push(WAIT).await {
+            Incoming::Frame(frame) => match frame.kind {
+                Some(Out::Lagging(_)) => lagging_frames += 1.0,
+                _ if room_event(&frame).is_some() => events += 1,
+                _ => {}
+            },
+            other => panic!("the slow reader gets every event; got {other:?}"),
+        }
+    }
+    let m5 = Metrics::scrape(&server, path).await;
+    assert!(
+        lagging_frames >= 1.0,
+        "the test must make the reader lag (lagged: {}, overflows: {})",
+        m5.delta(&m4, "roomcast_subscribers_lagged_total", &[]),
+        m5.delta(&m4, "roomcast_outbound_overflows_total", &[])
+    );
+    // Each `lagging` frame follows a room dropping the subscriber; a drop while the
+    // connection is still catching up from an earlier one sends no second frame.
+    let lagged = m5.delta(&m4, "roomcast_subscribers_lagged_total", &[]);
+    assert!(
+        lagged >= lagging_frames,
+        "every `lagging` frame the client read was counted ({lagged} < {lagging_frames})"
+    );
+    assert_eq!(
+        m5.delta(&m4, "roomcast_messages_committed_total", &[]),
+        SENDS as f64
+    );
+    assert_eq!(
+        m5.delta(&m4, "roomcast_rpc_requests_total", &send),
+        SENDS as f64
+    );
+    drop(slow);
+
+    // A client breaking the protocol is closed with 1007 (invalid UTF-8 in text).
+    let mut raw = raw_ws::connect(server.addr, "/ws", "").await;
+    let invalid = raw_ws::frame(true, 0x1, &[0xff, 0xfe], true);
+    tokio::io::AsyncWriteExt::write_all(&mut raw, &invalid)
+        .await
+        .expect("write");
+    assert_eq!(raw_ws::read_close(&mut raw, WAIT).await, Some(1007));
+    drop(raw);
+
+    // Every connection gone: the gauge is back where it was.
+    let before = m0.get("roomcast_connections", &ws_json);
+    let back = common::eventually(WAIT, || {
+        let server = server.clone();
+        async move {
+            let m = Metrics::scrape(&server, "/internal/metrics").await;
+            m.get("roomcast_connections", &ws_json) == before
+        }
+    })
+    .await;
+    // The rooms notice their subscribers are gone (at the latest at their idle
+    // check, every 5 s).
+    let subscriptions = m0.get("roomcast_subscriptions", &[]);
+    let unsubscribed = common::eventually(WAIT, || {
+        let server = server.clone();
+        async move {
+            let m = Metrics::scrape(&server, "/internal/metrics").await;
+            m.get("roomcast_subscriptions", &[]) == subscriptions
+        }
+    })
+    .await;
+    let m6 = Metrics::scrape(&server, path).await;
+    assert!(back, "connections gauge returns to zero");
+    assert!(unsubscribed, "subscriptions gauge returns to where it was");
+    assert_eq!(
+        m6.delta(&m5, "roomcast_websocket_closes_total", &[("code", "1007")]),
+        1.0
+    );
+
+    // The process collector read /proc/self.
+    assert!(m6.get("process_cpu_seconds_total", &[]) > 0.0);
+    assert!(m6.get("process_resident_memory_bytes", &[]) > 0.0);
+    assert!(m6.get("process_open_fds", &[]) > 0.0);
+    assert!(m6.get("process_max_fds", &[]) >= m6.get("process_open_fds", &[]));
+    // The pool is the last started server's (the other test here may start one).
+    assert!(m6.0.contains_key("roomcast_store_pool_connections{}"));
+    assert!(m6.0.contains_key("roomcast_store_pool_idle_connections{}"));
+    // The default path is not served when another is configured.
+    let other = server
+        .http()
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .expect("GET");
+    assert_ne!(other.status().as_u16(), 200);
+}
+
+/// `metrics.listen` moves the metrics to their own listener: served there, not on
+/// the API's port. (Reads no values, so it may run beside the session above.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_separate_listener_serves_the_metrics_and_the_api_port_does_not() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let server = TestServer::spawn_with(Backend::Sqlite, |s| {
+        s.metrics.listen = listen.clone();
+    })
+    .await;
+    let response = server
+        .http()
+        .get(format!("http://{listen}/metrics"))
+        .send()
+        .await
+        .expect("GET the metrics listener");
+    assert_eq!(response.status().as_u16(), 200);
+    let body = response.text().await.expect("body");
+    let m = Metrics::parse(&body);
+    assert!(m.get("process_open_fds", &[]) > 0.0);
+    let on_api = server
+        .http()
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .expect("GET the API port");
+    assert_ne!(on_api.status().as_u16(), 200);
+}
