@@ -37,6 +37,7 @@ pub mod ids;
 pub mod model;
 pub mod proto;
 pub mod protocol;
+pub mod realtime;
 pub mod settings;
 pub mod store;
 pub mod telemetry;
