@@ -64,6 +64,9 @@ fn parse(query: &str, last_event_id: Option<&str>) -> Result<Request, ApiError> 
                         }
                         None => (item, None),
                     };
+                    if room.is_empty() {
+                        return Err(ApiError::invalid(format!("rooms: `{item}` names no room")));
+                    }
                     if request.rooms.iter().any(|(r, _)| r == room) {
                         return Err(ApiError::invalid(format!("rooms: {room} is listed twice")));
                     }
@@ -230,6 +233,7 @@ mod tests {
         assert_eq!(r.notifications, Some(Some(3)));
         assert!(parse("rooms=a:x", None).is_err());
         assert!(parse("rooms=a,a", None).is_err());
+        assert!(parse("rooms=:0", None).is_err());
         assert!(parse("rooms=a", Some("garbage!")).is_err());
     }
 }
