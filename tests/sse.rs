@@ -354,3 +354,75 @@ both_backends!(errors_notifications_and_sign_out, |backend| async move {
     assert_eq!(closed.json()["code"], close::SIGNED_OUT);
     assert!(sse.next(WAIT).await.is_none(), "the stream ends");
 });
+
+both_backends!(publish_to_user_and_disconnect_user, |backend| async move {
+    let (server, admin) = common::TestServer::spawn_with_admin(backend, |_| {}).await;
+    let key: pb::CreateApiKeyResponse = server
+        .rpc_as(&admin.access_token)
+        .call_proto(
+            "AuthService/CreateApiKey",
+            &pb::CreateApiKeyRequest {
+                name: "shop backend".into(),
+            },
+        )
+        .await
+        .expect("create an API key");
+    let backend_rpc = server.rpc_as(&key.secret);
+    let user = server.sign_up(&unique_name("shopper")).await;
+    // Offline first: the notification is stored and replayed from cursor 0.
+    let _: pb::PublishToUserResponse = backend_rpc
+        .call_proto(
+            "PublishService/PublishToUser",
+            &pb::PublishToUserRequest {
+                user_id: user.user_id.clone(),
+                sender: "shop".into(),
+                text: "your order shipped".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("publish to user");
+    let mut sse = Sse::open(&server, "notifications=0", &user.access_token, None).await;
+    let first = sse.next_named("notification").await;
+    assert_eq!(first.json()["notification"]["text"], "your order shipped");
+    assert_eq!(first.json()["notification"]["seq"], "1");
+    // Live.
+    let _: pb::PublishToUserResponse = backend_rpc
+        .call_proto(
+            "PublishService/PublishToUser",
+            &pb::PublishToUserRequest {
+                user_id: user.user_id.clone(),
+                sender: "shop".into(),
+                text: "delivered".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("publish to user");
+    let second = sse.next_named("notification").await;
+    assert_eq!(second.json()["notification"]["seq"], "2");
+    let id = second.id.expect("a cursor");
+    // The backend disconnects the user: the stream ends with 4504 and the reason.
+    let _: pb::DisconnectUserResponse = backend_rpc
+        .call_proto(
+            "PublishService/DisconnectUser",
+            &pb::DisconnectUserRequest {
+                user_id: user.user_id.clone(),
+                reason: "account on hold".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("disconnect user");
+    let closed = sse.next_named("close").await;
+    assert_eq!(closed.json()["code"], close::DISCONNECTED);
+    assert_eq!(closed.json()["reason"], "account on hold");
+    assert!(sse.next(WAIT).await.is_none(), "the stream ends");
+    // Resuming from the last id replays nothing old.
+    let mut sse = Sse::open(&server, "", &user.access_token, Some(&id)).await;
+    let subscribed = sse.next_named("notificationsSubscribed").await;
+    assert_eq!(subscribed.json()["notificationsSubscribed"]["lastSeq"], "2");
+    while let Some(e) = sse.next(Duration::from_millis(300)).await {
+        assert_ne!(e.event, "notification", "duplicate: {e:?}");
+    }
+});
