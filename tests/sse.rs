@@ -426,3 +426,65 @@ both_backends!(publish_to_user_and_disconnect_user, |backend| async move {
         assert_ne!(e.event, "notification", "duplicate: {e:?}");
     }
 });
+
+/// The admin API lists an SSE stream (transport `sse`, its rooms), and a client
+/// that goes away leaves no connection behind (noticed at the latest when the
+/// next heartbeat cannot be written).
+async fn connections_of(
+    server: &TestServer,
+    admin: &Account,
+    user: &Account,
+) -> Vec<pb::LiveConnection> {
+    let listed: pb::ListConnectionsResponse = server
+        .rpc_as(&admin.access_token)
+        .call_proto(
+            "AdminService/ListConnections",
+            &pb::ListConnectionsRequest {
+                user_id: user.user_id.clone(),
+            },
+        )
+        .await
+        .expect("list connections");
+    listed.connections
+}
+
+both_backends!(
+    listed_while_open_gone_when_the_client_leaves,
+    |backend| async move {
+        let (server, admin) = common::TestServer::spawn_with_admin(backend, |s| {
+            s.realtime.sse_heartbeat_interval_ms = 200;
+        })
+        .await;
+        let (_owner, reader, room) = room_with_member(&server).await;
+        // A plain socket: the test decides exactly when the client is gone.
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let mut socket = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+        let request = format!(
+            "GET /sse?rooms={room} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\r\n",
+            reader.access_token
+        );
+        socket.write_all(request.as_bytes()).await.unwrap();
+        let mut seen = String::new();
+        let mut buf = [0u8; 4096];
+        while !seen.contains("event: subscribed") {
+            let n = tokio::time::timeout(WAIT, socket.read(&mut buf))
+                .await
+                .expect("the stream answers")
+                .unwrap();
+            assert!(n > 0, "the stream ended early: {seen}");
+            seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+        let listed = connections_of(&server, &admin, &reader).await;
+        assert_eq!(listed.len(), 1, "{listed:?}");
+        assert_eq!(listed[0].transport, "sse");
+        assert_eq!(listed[0].subscriptions, vec![room.clone()]);
+        drop(socket);
+        assert!(
+            common::eventually(WAIT, || async {
+                connections_of(&server, &admin, &reader).await.is_empty()
+            })
+            .await,
+            "the stream's connection ends with its client"
+        );
+    }
+);
