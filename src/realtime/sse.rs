@@ -351,6 +351,42 @@ mod tests {
         assert_eq!(Cursors::decode("not base64 !"), None);
     }
 
+    /// A client that does not read: the rooms see its queued bytes (so they switch
+    /// it to catch-up), writes fail past the budget (so it is closed), and bytes
+    /// the body takes, or never sends because the client left, are given back.
+    #[tokio::test]
+    async fn a_client_that_does_not_read_is_bounded() {
+        use futures_util::StreamExt as _;
+        let settings = RealtimeSettings {
+            max_write_queue_bytes: 1000,
+            ..Default::default()
+        };
+        let (outlet, mut body, _gone) = SseOutlet::new(&settings, Cursors::default(), None);
+        let gauge = Arc::new(OutboundGauge::new(500));
+        outlet.attach_gauge(gauge.clone());
+        let frame =
+            || WireFrame::Text(format!("{{\"message\":{{\"x\":\"{}\"}}}}", "a".repeat(100)).into());
+        let mut accepted = 0;
+        while outlet.write(frame()).is_ok() {
+            accepted += 1;
+            assert!(accepted < 100, "the queue is bounded");
+        }
+        assert!(!gauge.try_reserve(1), "the rooms see the client as full");
+        // The body takes everything queued: the budget is free again.
+        let mut taken = 0;
+        while outlet.shared.queued.load(Ordering::Acquire) > 0 {
+            body.next().await.expect("a chunk").expect("bytes");
+            taken += 1;
+        }
+        assert!(taken > accepted, "the opening comment and every frame");
+        assert!(gauge.try_reserve(1));
+        gauge.release(1);
+        outlet.write(frame()).expect("room again");
+        drop(body);
+        assert_eq!(outlet.shared.queued.load(Ordering::Acquire), 0);
+        outlet.drained(0).await;
+    }
+
     #[test]
     fn kinds_are_read_from_the_frame() {
         assert_eq!(frame_kind(r#"{"message":{"seq":"1"}}"#), "message");
