@@ -153,6 +153,7 @@ pub async fn start(settings: Settings, listener: TcpListener) -> Result<Running,
             let shutdown_signal = shutdown_signal.clone();
             let app = App::new()
                 .app_data(web::Data::new(app_state.clone()))
+                .app_data(web::Data::new(admission.clone()))
                 .wrap(http::cors(&app_state.settings.cors))
                 .wrap(from_fn(http::request_context))
                 .configure(|cfg| {

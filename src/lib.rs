@@ -17,11 +17,14 @@
 //!   the access rules every RPC and frame passes and the audit log of moderation and
 //!   admin actions.
 //! - [`error`]: `ApiError`, the Connect error code and message every request answers with.
-//! - [`http`]: connection accept (h1/h2c), Connect codec, route table, WebSocket upgrade.
+//! - [`http`]: connection accept (h1/h2c), Connect codec, route table, WebSocket upgrade,
+//!   Server-Sent Events (`GET /sse`).
 //! - [`ids`]: id newtypes and their generation.
 //! - [`model`]: domain enums with their stored and protobuf forms.
 //! - [`proto`]: the generated protobuf types; `src/proto/**/*.proto` is the source of truth.
 //! - [`protocol`]: WebSocket wire details: subprotocols, shared encoded frames, close codes.
+//! - [`realtime`]: what push transports share: the `Outlet` a connection writes through
+//!   (WebSocket or SSE) and the SSE framing with its resumable cursors.
 //! - [`settings`]: the one configuration tree (defaults → file → environment).
 //! - [`store`]: sqlx persistence on SQLite or PostgreSQL, with per-backend migrations.
 //! - [`metrics`]: Prometheus metrics (one registry, its handles, `/metrics`).
@@ -39,6 +42,7 @@ pub mod metrics;
 pub mod model;
 pub mod proto;
 pub mod protocol;
+pub mod realtime;
 pub mod settings;
 pub mod store;
 pub mod telemetry;

@@ -393,6 +393,12 @@ pub struct RealtimeSettings {
     /// Path of a WebSocket echo endpoint over roomcast's own framing, for protocol
     /// conformance tests (the Autobahn suite); "" (the default) turns it off.
     pub echo_path: String,
+    /// How often an SSE stream (`GET /sse`) gets a comment heartbeat, in
+    /// milliseconds (keeps proxies from closing an idle stream).
+    pub sse_heartbeat_interval_ms: u64,
+    /// The `retry:` an SSE stream announces: how long `EventSource` waits before
+    /// reconnecting, in milliseconds.
+    pub sse_retry_ms: u64,
 }
 
 impl Default for RealtimeSettings {
@@ -418,6 +424,8 @@ impl Default for RealtimeSettings {
             write_stall_timeout_ms: 30_000,
             max_write_queue_bytes: 8 * 1024 * 1024,
             echo_path: String::new(),
+            sse_heartbeat_interval_ms: 15_000,
+            sse_retry_ms: 2_000,
         }
     }
 }
@@ -707,6 +715,9 @@ impl Settings {
                 "realtime.idle_timeout_ms",
                 "must be greater than heartbeat_interval_ms (> 0)",
             );
+        }
+        if rt.sse_heartbeat_interval_ms == 0 {
+            return bad("realtime.sse_heartbeat_interval_ms", "must be positive");
         }
         if rt.outbound_queue_frames == 0 || rt.outbound_queue_bytes == 0 {
             return bad(

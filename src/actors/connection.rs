@@ -58,6 +58,7 @@ use crate::{
     ids::{now_ms, RoomId},
     proto::v1 as pb,
     protocol::{self, close, FrameCodec, RoomEvent, SharedFrame, WireFrame},
+    realtime::{Cursor, Outlet},
     store::{MessageRecord, NotificationRecord},
     ws::{
         decoder::{Message as WsMessage, CLOSE_TOO_BIG},
@@ -144,8 +145,11 @@ pub struct Connection {
     /// Store reads this connection may run at once (`realtime.max_parallel_reads`):
     /// subscription access checks and catch-up pages wait here, in order.
     reads: Arc<Semaphore>,
-    /// The write side of the socket.
-    transport: Transport,
+    /// The write side of the transport (a WebSocket, an SSE stream).
+    transport: Box<dyn Outlet>,
+    /// Frames run as if the client sent them once it is authenticated: an SSE
+    /// stream's subscriptions, given by its request.
+    initial_frames: Vec<pb::ClientFrame>,
     /// The user's notification stream, after `subscribe_notifications`.
     notifications: Option<NotificationFeed>,
     /// The peer's address, when the transport passed it ([`Connection::with_remote_addr`]);
@@ -161,6 +165,16 @@ impl Connection {
         codec: FrameCodec,
         token: Option<String>,
         transport: Transport,
+    ) -> Self {
+        Self::with_outlet(state, codec, token, Box::new(transport))
+    }
+
+    /// A connection writing through any [`Outlet`] (WebSocket, SSE).
+    pub fn with_outlet(
+        state: AppState,
+        codec: FrameCodec,
+        token: Option<String>,
+        transport: Box<dyn Outlet>,
     ) -> Self {
         let gauge = Arc::new(OutboundGauge::new(
             state.settings.realtime.outbound_queue_bytes,
@@ -187,9 +201,17 @@ impl Connection {
             inflight: 0,
             reads,
             transport,
+            initial_frames: Vec::new(),
             notifications: None,
             remote_addr: None,
         }
+    }
+
+    /// Frames to run, in order, as soon as the connection is authenticated (an SSE
+    /// stream's `subscribe` and `subscribe_notifications`).
+    pub fn with_initial_frames(mut self, frames: Vec<pb::ClientFrame>) -> Self {
+        self.initial_frames = frames;
+        self
     }
 
     /// Records the peer's address, for the admin API's connection list.
@@ -206,11 +228,7 @@ impl Connection {
     }
 
     fn write(&self, ctx: &mut Ctx, wire: WireFrame) {
-        let queued = match wire {
-            WireFrame::Text(text) => self.transport.text(text),
-            WireFrame::Binary(bytes) => self.transport.binary(bytes),
-        };
-        if let Err(full) = queued {
+        if let Err(full) = self.transport.write(wire) {
             // The peer reads slower than catch-up and replies fill its queue.
             tracing::debug!(conn = self.id, %full, "write queue over budget; closing");
             self.transport.close(
@@ -347,6 +365,9 @@ impl Connection {
         };
         self.principal = Some(principal);
         self.reply(ctx, request_id.unwrap_or(0), Out::Authenticated(reply));
+        for frame in std::mem::take(&mut self.initial_frames) {
+            self.on_frame(ctx, frame);
+        }
     }
 
     // --- client frames ---------------------------------------------------------
@@ -751,6 +772,14 @@ impl Connection {
             return;
         };
         sub.relocations = 0;
+        if sub.live_only_start {
+            if let SubscribeReply::Live { last_seq, .. } = &reply {
+                // A live-only subscription starts here: that is the client's
+                // position in the room until its first event.
+                self.transport
+                    .advance(Cursor::Room(room_id.clone(), sub.delivered.max(*last_seq)));
+            }
+        }
         if let Some(request_id) = sub.pending_reply.take() {
             let frame = protocol::reply(
                 request_id,
@@ -815,6 +844,8 @@ impl Connection {
             return false;
         }
         sub.delivered = event.seq;
+        self.transport
+            .advance(Cursor::Room(room_id.clone(), event.seq));
         let wire = event.frame.wire(self.codec);
         self.write(ctx, wire);
         true
@@ -930,6 +961,8 @@ impl Connection {
             }
             let wire = protocol::encode(&protocol::push(protocol::event_kind(record)), self.codec);
             written += wire.len();
+            self.transport
+                .advance(Cursor::Room(room_id.clone(), record.seq));
             self.write(ctx, wire);
             delivered = record.seq;
             if written >= budget {
@@ -952,6 +985,8 @@ impl Connection {
     /// history (pruned by retention) and will not be delivered.
     fn gap(&mut self, ctx: &mut Ctx, room_id: &RoomId, from_seq: u64, to_seq: u64) {
         tracing::debug!(conn = self.id, room = %room_id, from_seq, to_seq, "history pruned; sending gap");
+        self.transport
+            .advance(Cursor::Room(room_id.clone(), to_seq));
         let frame = protocol::push(Out::Gap(pb::Gap {
             room_id: room_id.0.clone(),
             from_seq,
@@ -987,16 +1022,14 @@ impl Actor for Connection {
     fn started(&mut self, ctx: &mut Self::Context) {
         let rt = self.state.settings.realtime.clone();
         ctx.set_mailbox_capacity(rt.outbound_queue_frames);
-        ctx.run_interval(
-            Duration::from_millis(rt.heartbeat_interval_ms),
-            move |act, ctx| {
-                if act.last_heard.elapsed() > Duration::from_millis(rt.idle_timeout_ms) {
-                    act.close(ctx, close::IDLE_TIMEOUT, "no heartbeat received");
-                } else {
-                    act.transport.ping(b"");
-                }
-            },
-        );
+        let talks = self.transport.client_talks();
+        ctx.run_interval(self.transport.heartbeat_interval(&rt), move |act, ctx| {
+            if talks && act.last_heard.elapsed() > Duration::from_millis(rt.idle_timeout_ms) {
+                act.close(ctx, close::IDLE_TIMEOUT, "no heartbeat received");
+            } else {
+                act.transport.heartbeat();
+            }
+        });
         ctx.run_later(Duration::from_millis(rt.auth_deadline_ms), |act, ctx| {
             if act.principal.is_none() {
                 act.close(ctx, close::AUTH_FAILED, "not authenticated in time");
@@ -1131,10 +1164,7 @@ impl Handler<SessionSignal> for Connection {
                 let mut subscriptions: Vec<RoomId> = self.subs.keys().cloned().collect();
                 subscriptions.sort();
                 reply.send(ConnectionDetails {
-                    transport: match self.codec {
-                        FrameCodec::Json => "websocket+json".into(),
-                        FrameCodec::Proto => "websocket+proto".into(),
-                    },
+                    transport: self.transport.describe(self.codec),
                     remote_address: self.remote_addr.clone(),
                     subscriptions,
                 });
@@ -1196,6 +1226,7 @@ impl Connection {
                 match result {
                     Ok((last_seq, since)) => {
                         feed.start(since);
+                        act.transport.advance(Cursor::Notifications(since));
                         let reply = pb::NotificationsSubscribed { last_seq };
                         act.reply(ctx, id, Out::NotificationsSubscribed(reply));
                         act.read_notifications(ctx);
@@ -1279,6 +1310,7 @@ impl Connection {
     }
 
     fn write_notification(&self, ctx: &mut Ctx, record: &NotificationRecord) {
+        self.transport.advance(Cursor::Notifications(record.seq));
         let frame = protocol::push(Out::Notification(notifications::notification_to_proto(
             record, 0,
         )));

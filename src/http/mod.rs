@@ -1,5 +1,6 @@
 //! The HTTP surface: what happens before HTTP ([`accept`]), the RPC route table over
-//! the Connect codec, health checks, the WebSocket upgrade ([`ws`]). Handlers stay
+//! the Connect codec, health checks, the WebSocket upgrade ([`ws`]), Server-Sent
+//! Events ([`sse`]). Handlers stay
 //! thin: extract, call [`crate::domain`], encode.
 //! [`configure`] is used by the server and by the tests alike.
 
@@ -8,6 +9,7 @@ pub mod connect;
 mod health;
 mod request_context;
 mod routes;
+pub mod sse;
 pub mod ws;
 
 use actix_cors::Cors;
@@ -23,6 +25,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.route("/healthz", web::get().to(health::healthz));
     cfg.route("/readyz", web::get().to(health::readyz));
     cfg.route(ws::WS_PATH, web::get().to(ws::not_an_upgrade));
+    cfg.route(sse::SSE_PATH, web::get().to(sse::open));
     routes::configure(cfg);
     cfg.default_service(web::to(routes::unknown_rpc));
 }
