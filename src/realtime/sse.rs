@@ -124,6 +124,8 @@ pub struct SseBody {
     rx: mpsc::UnboundedReceiver<Bytes>,
     shared: Arc<Shared>,
     _gone: oneshot::Sender<()>,
+    /// Counts the stream in `roomcast_connections{transport="sse"}` while it is open.
+    _open: crate::metrics::ConnectionGauge,
 }
 
 /// Tells the connection actor the client went away (yields one item, then ends).
@@ -168,6 +170,7 @@ impl SseOutlet {
             rx,
             shared,
             _gone: gone_tx,
+            _open: crate::metrics::ConnectionGauge::open("sse", "json"),
         };
         let gone: GoneStream = Box::pin(futures_util::stream::once(async move {
             let _ = gone_rx.await;
