@@ -207,10 +207,16 @@ async fn upgrade(context: UpgradeContext, req: Request, mut framed: Framed<Watch
         return;
     }
     // Whatever the client sent after its request (its first frames) is in the
-    // HTTP codec's read buffer: the reader starts with it.
+    // HTTP codec's read buffer: the reader starts with it. The HTTP/1 codec's
+    // write buffer and the request are dropped here: this function stays alive
+    // as long as the connection (see below), and nothing it keeps may cost memory
+    // per connection.
     let parts = framed.into_parts();
     let (reader, transport, writer) =
         transport::split(parts.io.into_inner(), parts.read_buf, limits);
+    drop(parts.write_buf);
+    drop(parts.codec);
+    drop(req);
     transport.hold_ticket(ticket);
     let state = context.state.clone();
     let _open = crate::metrics::ConnectionGauge::open(
