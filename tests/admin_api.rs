@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    expect_error,
+    admin_call, expect_error,
     rooms::{create_room, join, send_http},
     ws::{Incoming, WsClient, WsCodec},
     Account, Backend, Codec, TestServer, PASSWORD,
@@ -25,23 +25,6 @@ const PUSH_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn ws_url(server: &TestServer) -> String {
     server.ws_url("/ws")
-}
-
-async fn admin_call<Req, Resp>(
-    server: &TestServer,
-    admin: &Account,
-    method: &str,
-    req: &Req,
-) -> Resp
-where
-    Req: prost::Message + serde::Serialize,
-    Resp: prost::Message + Default + serde::de::DeserializeOwned,
-{
-    server
-        .rpc_as(&admin.access_token)
-        .call(Codec::Json, &format!("AdminService/{method}"), req)
-        .await
-        .unwrap_or_else(|e| panic!("AdminService/{method}: {e}"))
 }
 
 /// Waits for the server to close `ws`; answers the close code.

@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    expect_error,
+    admin_call, expect_error,
     ws::{Incoming, WsClient, WsCodec},
     Account, Backend, Codec, TestServer,
 };
@@ -14,23 +14,6 @@ use roomcast::{ids::UserId, model::Role, proto::v1 as pb};
 
 /// How long a close may take to arrive.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
-
-async fn admin_call<Req, Resp>(
-    server: &TestServer,
-    admin: &Account,
-    method: &str,
-    req: &Req,
-) -> Resp
-where
-    Req: prost::Message + serde::Serialize,
-    Resp: prost::Message + Default + serde::de::DeserializeOwned,
-{
-    server
-        .rpc_as(&admin.access_token)
-        .call(Codec::Json, &format!("AdminService/{method}"), req)
-        .await
-        .unwrap_or_else(|e| panic!("AdminService/{method}: {e}"))
-}
 
 /// Waits for the server to close `ws`; answers the close code and reason.
 async fn closed_with(ws: &mut WsClient) -> (u16, String) {

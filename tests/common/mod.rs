@@ -750,6 +750,24 @@ impl Rpc {
     }
 }
 
+/// Calls `AdminService/{method}` in JSON as `admin`; panics on an error.
+pub async fn admin_call<Req, Resp>(
+    server: &TestServer,
+    admin: &Account,
+    method: &str,
+    req: &Req,
+) -> Resp
+where
+    Req: prost::Message + Serialize,
+    Resp: prost::Message + Default + DeserializeOwned,
+{
+    server
+        .rpc_as(&admin.access_token)
+        .call(Codec::Json, &format!("AdminService/{method}"), req)
+        .await
+        .unwrap_or_else(|e| panic!("AdminService/{method}: {e}"))
+}
+
 /// Reads a reply as JSON (any status).
 pub async fn json_reply(response: reqwest::Response) -> (u16, Value) {
     let status = response.status().as_u16();
