@@ -9,7 +9,7 @@ use common::{
     admin_call, expect_error,
     rooms::{create_room, join, send_http},
     ws::{Incoming, WsClient, WsCodec},
-    Account, Backend, Codec, TestServer, PASSWORD,
+    Account, Backend, TestServer, PASSWORD,
 };
 use roomcast::{
     ids::UserId,

@@ -8,7 +8,7 @@ use std::time::Duration;
 use common::{
     admin_call, expect_error,
     ws::{Incoming, WsClient, WsCodec},
-    Account, Backend, Codec, TestServer,
+    Account, Backend, TestServer,
 };
 use roomcast::{ids::UserId, model::Role, proto::v1 as pb};
 
