@@ -1,34 +1,56 @@
 #!/usr/bin/env bash
 # roomcast's benchmarks (see BENCHMARKS.md), on this machine only:
 #
-#     scripts/bench.sh                      # SQLite in a temp dir
+#     scripts/bench.sh                      # every scenario, SQLite in a temp dir
+#     scripts/bench.sh --pin --repeat 3     # server on CPU 0, bench on CPU 1, medians of 3
 #     scripts/bench.sh --postgres URL       # an existing PostgreSQL database
 #     scripts/bench.sh --postgres auto      # a throwaway PostgreSQL (scripts/test-services.sh)
-#     scripts/bench.sh --only fanout        # one scenario (sends, fanout or idle)
+#     scripts/bench.sh --only fanout,rooms  # some scenarios (comma-separated)
 #
-# Steps: `cargo build --release --bins`; then for each scenario a fresh server:
-# start target/release/roomcast on a free 127.0.0.1 port with its own SQLite file
-# in a temp dir, log level warn and the per-user send limit lifted
-# (ROOMCAST_REALTIME__SEND_RATE_PER_SEC / _SEND_BURST = 1000000: the default 20/s
-# would refuse most benchmark sends) and the connection caps lifted (every
-# bench connection comes from 127.0.0.1; server.max_connections is still fitted
-# under the open-files limit); run the scenario with
-# target/release/roomcast-bench; stop that server by its PID. The temp dir goes at
-# the end. Nothing else is started or stopped, and every connection goes to
-# 127.0.0.1. A fresh server per scenario keeps one scenario's freed memory and
-# rooms from flattering the next (idle's KiB per connection above all).
+# Scenarios (each on a fresh server; sizes from the environment, below):
+#     sends            SENDERS senders × MESSAGES, one at a time, one room
+#     sends-pipelined  100 senders × 32 in flight, one room          (issue 10 item 5)
+#     sends-rooms      100 senders × 32 in flight over 100 rooms     (issue 10 item 5)
+#     fanout           SUBSCRIBERS WebSocket subscribers of one room, RATE msgs/s
+#     fanout-sse       the same load, subscribers over SSE
+#     rooms            ROOMS_SUBSCRIBERS subscribers over ROOMS rooms (1,000 × 10)
+#     idle             IDLE idle authenticated connections, one account each
+#     storm            STORM connections authenticated and subscribed, one account each
+#
+# Steps: `cargo build --release -p roomcast -p roomcast-bench`; then for each
+# scenario a fresh server: start target/release/roomcast on a free 127.0.0.1 port
+# with its own SQLite file in a temp dir, log level warn, the per-user send limit
+# lifted (ROOMCAST_REALTIME__SEND_RATE_PER_SEC / _SEND_BURST = 1000000: the default
+# 20/s would refuse most benchmark sends), the connection caps lifted (every bench
+# connection comes from 127.0.0.1) and argon2id made cheap
+# (ROOMCAST_AUTH__ARGON2_MEMORY_KIB=64, _ITERATIONS=1: the bench signs up thousands
+# of accounts before it measures; no scenario measures a password hash); run the
+# scenario with target/release/roomcast-bench; stop that server by its PID. The
+# temp dir goes at the end. Nothing else is started or stopped, and every connection
+# goes to 127.0.0.1. A fresh server per scenario keeps one scenario's freed memory
+# and rooms from flattering the next (idle's KiB per connection above all).
+#
+# --pin runs the server under `taskset -c 0` (so it has one core and one HTTP
+# worker) and the bench under `taskset -c 1 ... --threads 1`: the method the peer
+# figures in BENCHMARKS.md were taken with. Each report says how busy the bench's
+# own core was (`bench_cores_busy`); near 1.0 the generator is the bottleneck and
+# the report says so. --repeat N runs every scenario N times and prints the median
+# of each figure at the end.
 #
 # The open-files limit is raised to the hard limit (`ulimit -n`) for the server
 # and the bench: each idle connection is one descriptor on each side.
 #
-# Sizes (moderate, for a 2-core machine) can be changed with environment variables:
+# Sizes can be changed with environment variables:
 #     BENCH_SENDERS=10 BENCH_MESSAGES=500                      sends
-#     BENCH_SUBSCRIBERS=1000 BENCH_PUBLISHERS=2 BENCH_RATE=200 BENCH_DURATION=10   fanout
-#     BENCH_IDLE=2000                                          idle
+#     BENCH_PIPE_SENDERS=100 BENCH_PIPE_IN_FLIGHT=32 BENCH_PIPE_MESSAGES=200   sends-*
+#     BENCH_SUBSCRIBERS=1000 BENCH_PUBLISHERS=2 BENCH_RATE=100 BENCH_DURATION=10   fanout*
+#     BENCH_ROOMS=1000 BENCH_ROOMS_SUBSCRIBERS=10000 BENCH_ROOMS_RATE=1000     rooms
+#     BENCH_IDLE=10000 BENCH_STORM=10000                       idle, storm
 #     BENCH_CODEC=proto                                        proto or json
-# Results: the bench's summaries on stdout, and the JSON lines (one per scenario)
-# again at the end and in $BENCH_OUT (default target/bench/results-<time>.jsonl);
-# each scenario's server log (level warn) beside it as <results>.<scenario>.server.log.
+# Results: the bench's summaries on stdout, and the JSON lines (one per run, with
+# "label" and "run" added) again at the end and in $BENCH_OUT (default
+# target/bench/results-<time>.jsonl); each run's server log (level warn) beside it as
+# <results>.<scenario>.<run>.server.log.
 set -euo pipefail
 
 repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -36,6 +58,8 @@ cd "$repo_root"
 
 postgres=""
 only=""
+pin=0
+repeat=1
 while (($# > 0)); do
     case $1 in
     --postgres)
@@ -43,7 +67,19 @@ while (($# > 0)); do
         shift 2
         ;;
     --only)
-        only=${2:?--only needs sends, fanout or idle}
+        only=${2:?--only needs scenario names, comma-separated}
+        shift 2
+        ;;
+    --pin)
+        pin=1
+        shift
+        ;;
+    --repeat)
+        repeat=${2:?--repeat needs a count}
+        [[ $repeat =~ ^[1-9][0-9]?$ ]] || {
+            echo "bench.sh: --repeat must be 1-99" >&2
+            exit 2
+        }
         shift 2
         ;;
     -h | --help)
@@ -61,10 +97,33 @@ senders=${BENCH_SENDERS:-10}
 messages=${BENCH_MESSAGES:-500}
 subscribers=${BENCH_SUBSCRIBERS:-1000}
 publishers=${BENCH_PUBLISHERS:-2}
-rate=${BENCH_RATE:-200}
+rate=${BENCH_RATE:-100}
 duration=${BENCH_DURATION:-10}
-idle=${BENCH_IDLE:-2000}
+pipe_senders=${BENCH_PIPE_SENDERS:-100}
+pipe_in_flight=${BENCH_PIPE_IN_FLIGHT:-32}
+pipe_messages=${BENCH_PIPE_MESSAGES:-200}
+rooms=${BENCH_ROOMS:-1000}
+rooms_subscribers=${BENCH_ROOMS_SUBSCRIBERS:-10000}
+rooms_rate=${BENCH_ROOMS_RATE:-1000}
+idle=${BENCH_IDLE:-10000}
+storm=${BENCH_STORM:-10000}
 codec=${BENCH_CODEC:-proto}
+
+if ((pin)); then
+    command -v taskset >/dev/null || {
+        echo "bench.sh: --pin needs taskset (util-linux)" >&2
+        exit 1
+    }
+    (($(nproc --all) >= 2)) || {
+        echo "bench.sh: --pin needs 2 CPUs" >&2
+        exit 1
+    }
+    server_cmd=(taskset -c 0 target/release/roomcast)
+    bench_cmd=(taskset -c 1 target/release/roomcast-bench --threads 1)
+else
+    server_cmd=(target/release/roomcast)
+    bench_cmd=(target/release/roomcast-bench)
+fi
 
 say() { printf '\n==> %s\n' "$*" >&2; }
 
@@ -104,8 +163,8 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 # ---------------------------------------------------------------- build
-say "cargo build --release --bins"
-cargo build --release --bins
+say "cargo build --release -p roomcast -p roomcast-bench"
+cargo build --release -p roomcast -p roomcast-bench
 
 # ---------------------------------------------------------------- store
 work_dir=$(mktemp -d /tmp/roomcast-bench.XXXXXX)
@@ -129,9 +188,12 @@ esac
 # ---------------------------------------------------------------- limits
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 fd_limit=$(ulimit -n)
-need=$((idle + 200))
+most=$idle
+((storm > most)) && most=$storm
+((rooms_subscribers > most)) && most=$rooms_subscribers
+need=$((most + 200))
 if [[ $fd_limit != unlimited ]] && ((fd_limit < need)); then
-    echo "bench.sh: the open-files limit is $fd_limit but $idle idle connections need about $need; raise the hard limit (ulimit -Hn)" >&2
+    echo "bench.sh: the open-files limit is $fd_limit but $most connections need about $need; raise the hard limit (ulimit -Hn)" >&2
     exit 1
 fi
 
@@ -141,7 +203,7 @@ mkdir -p "$(dirname "$out")"
 # Each server's log is kept next to the results: <results>.<scenario>.server.log.
 log_prefix=${out%.jsonl}
 
-# Starts a fresh server for scenario $1; sets server_pid and addr.
+# Starts a fresh server for run $1; sets server_pid and addr.
 start_server() {
     local name=$1 store_url port ready=0
     case $postgres in
@@ -165,7 +227,9 @@ print(s.getsockname()[1])')
         ROOMCAST_REALTIME__MAX_CONNECTIONS_PER_IP=0 \
         ROOMCAST_REALTIME__MAX_CONNECTIONS_PER_USER=0 \
         ROOMCAST_REALTIME__MAX_UNAUTHENTICATED=0 \
-        target/release/roomcast serve >"$log_prefix.$name.server.log" 2>&1 &
+        ROOMCAST_AUTH__ARGON2_MEMORY_KIB=64 \
+        ROOMCAST_AUTH__ARGON2_ITERATIONS=1 \
+        "${server_cmd[@]}" serve >"$log_prefix.$name.server.log" 2>&1 &
     server_pid=$!
     for _ in $(seq 1 300); do
         if ! kill -0 "$server_pid" 2>/dev/null; then
@@ -198,12 +262,24 @@ if busy=$(pgrep -x rustc 2>/dev/null | wc -l) && ((busy > 0)); then
     echo "bench.sh: warning: $busy rustc processes are running; results will be noisy" >&2
 fi
 
+# run_scenario LABEL SUBCOMMAND ARGS...: LABEL runs `repeat` times, each on a fresh
+# server.
 run_scenario() {
-    local name=$1 rc=0
-    shift
-    if [[ -n $only && $only != "$name" ]]; then
+    local label=$1 sub=$2
+    shift 2
+    if [[ -n $only && ",$only," != *",$label,"* ]]; then
         return 0
     fi
+    local n
+    for n in $(seq 1 "$repeat"); do
+        run_once "$label" "$n" "$sub" "$@"
+    done
+}
+
+run_once() {
+    local label=$1 n=$2 sub=$3 rc=0
+    shift 3
+    local name=$label.$n
     start_server "$name"
     # Watch for compilers while the scenario runs (the watcher ends with the server).
     local busy_flag=$work_dir/$name.busy
@@ -214,16 +290,17 @@ run_scenario() {
         done
     ) &
     local watcher=$!
-    say "roomcast-bench $name $* (load average: $(cut -d' ' -f1-3 /proc/loadavg))"
-    target/release/roomcast-bench --server "$addr" --server-pid "$server_pid" --codec "$codec" \
-        "$name" "$@" | tee "$work_dir/$name.out" || rc=$?
-    grep '^{' "$work_dir/$name.out" >>"$out" || true
+    say "[$label run $n/$repeat] roomcast-bench $sub $* (load average: $(cut -d' ' -f1-3 /proc/loadavg))"
+    "${bench_cmd[@]}" --server "$addr" --server-pid "$server_pid" --codec "$codec" \
+        "$sub" "$@" | tee "$work_dir/$name.out" || rc=$?
+    grep '^{' "$work_dir/$name.out" |
+        sed "s/^{/{\"label\":\"$label\",\"run\":$n,\"pinned\":$([[ $pin == 1 ]] && echo true || echo false),/" >>"$out" || true
     if ((rc != 0)); then
-        echo "bench.sh: scenario $name exited with $rc" >&2
+        echo "bench.sh: scenario $label exited with $rc" >&2
         status=1
     fi
     if ! kill -0 "$server_pid" 2>/dev/null; then
-        echo "bench.sh: the server died during $name:" >&2
+        echo "bench.sh: the server died during $label:" >&2
         tail -50 "$log_prefix.$name.server.log" >&2
         server_pid=""
         exit 1
@@ -231,24 +308,39 @@ run_scenario() {
     stop_server
     wait "$watcher" 2>/dev/null || true
     if [[ -e $busy_flag ]]; then
-        echo "bench.sh: warning: rustc ran during $name; its numbers are noisy" >&2
+        echo "bench.sh: warning: rustc ran during $label; its numbers are noisy" >&2
     fi
     local log=$log_prefix.$name.server.log
     if [[ -s $log ]]; then
-        say "the server logged $(wc -l <"$log") lines during $name (full log: $log); the first ones:"
+        say "the server logged $(wc -l <"$log") lines during $label (full log: $log); the first ones:"
         head -5 "$log" | cut -c1-300 >&2
         if grep -q 'panicked' "$log"; then
-            echo "bench.sh: the server panicked during $name:" >&2
+            echo "bench.sh: the server panicked during $label:" >&2
             grep -m3 -A2 'panicked' "$log" >&2
         fi
     fi
 }
 
-run_scenario sends --senders "$senders" --messages "$messages" --timeout 300
-run_scenario fanout --subscribers "$subscribers" --publishers "$publishers" \
+run_scenario sends sends --senders "$senders" --messages "$messages" --timeout 300
+run_scenario sends-pipelined sends --senders "$pipe_senders" --messages "$pipe_messages" \
+    --in-flight "$pipe_in_flight" --timeout 300
+run_scenario sends-rooms sends --senders "$pipe_senders" --messages "$pipe_messages" \
+    --in-flight "$pipe_in_flight" --rooms 100 --timeout 600
+run_scenario fanout fanout --subscribers "$subscribers" --publishers "$publishers" \
     --rate "$rate" --duration "$duration" --timeout 300
-run_scenario idle --connections "$idle" --timeout 600
+run_scenario fanout-sse fanout --transport sse --subscribers "$subscribers" \
+    --publishers "$publishers" --rate "$rate" --duration "$duration" --timeout 300
+run_scenario rooms fanout --rooms "$rooms" --subscribers "$rooms_subscribers" \
+    --subscriber-users 200 --publishers "$publishers" --rate "$rooms_rate" \
+    --duration "$duration" --timeout 600
+run_scenario idle idle --connections "$idle" --concurrency 64 --timeout 900
+run_scenario storm idle --connections "$storm" --subscribe --concurrency 256 \
+    --hold 1 --timeout 900
 
-say "results ($store_name, $codec codec) in $out"
+say "results ($store_name, $codec codec$( ((pin)) && echo ", server on CPU 0, bench on CPU 1")) in $out"
 cat "$out"
+if ((repeat > 1)); then
+    say "medians of $repeat runs"
+    python3 "$repo_root/scripts/bench-medians.py" "$out" || true
+fi
 exit "$status"

@@ -8,8 +8,8 @@
 # Steps: install PostgreSQL + Redis if missing (apt), start private instances
 # on free loopback ports, then
 #     cargo fmt --all -- --check
-#     cargo clippy --all-targets -- -D warnings
-#     cargo test --no-fail-fast --all-targets [EXTRA...] -- --test-threads=4
+#     cargo clippy --workspace --all-targets -- -D warnings
+#     cargo test --no-fail-fast --workspace --all-targets [EXTRA...] -- --test-threads=4
 #     cargo test --doc            (only when there is a library and no EXTRA)
 #     scripts/connect-es-test.sh  (only when no EXTRA: a connect-es client
 #                                  generated from src/proto against a live
@@ -144,7 +144,7 @@ for a in "${extra[@]}"; do
     --test-threads | --test-threads=*) ((has_sep)) && has_threads=1 ;;
     esac
 done
-((has_target_flag)) || test_cmd+=(--all-targets)
+((has_target_flag)) || test_cmd+=(--workspace --all-targets)
 test_cmd+=("${extra[@]}")
 if ((!has_threads)); then
     ((has_sep)) || test_cmd+=(--)
@@ -163,7 +163,7 @@ if [[ ${ROOMCAST_TEST_SKIP_LINT:-0} == 1 ]]; then
     echo "ROOMCAST_TEST_SKIP_LINT=1: skipping cargo fmt and cargo clippy" >&2
 else
     run_step "fmt" cargo fmt --all -- --check
-    run_step "clippy" cargo clippy --all-targets -- -D warnings
+    run_step "clippy" cargo clippy --workspace --all-targets -- -D warnings
 fi
 run_step "test" cargo_test "${test_cmd[@]}"
 if ((${#extra[@]} == 0)) && [[ -f src/lib.rs ]]; then

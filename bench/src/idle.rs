@@ -1,0 +1,247 @@
+//! Scenario `idle`: memory per idle connection, and the connection storm that opens
+//! them.
+
+use std::{
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use anyhow::{ensure, Context as _, Result};
+use serde::Serialize;
+use tokio::{
+    sync::watch,
+    time::{timeout_at, Instant},
+};
+
+use crate::{
+    api::{run_id, Account},
+    measure::{micros, open_files_limit, round2, rss_kib, Latency},
+    ws::{open_many, read_frame, Conn, Incoming},
+    Codec, Ctx, IdleArgs,
+};
+
+#[derive(Serialize)]
+pub(crate) struct IdleReport {
+    pub(crate) scenario: &'static str,
+    pub(crate) codec: Codec,
+    pub(crate) connections: usize,
+    pub(crate) users: usize,
+    pub(crate) subscribed: bool,
+    pub(crate) warmup: usize,
+    pub(crate) opened: usize,
+    pub(crate) failed: usize,
+    pub(crate) first_failure: Option<String>,
+    pub(crate) open_s: f64,
+    pub(crate) connections_per_s: f64,
+    pub(crate) connect_latency: Latency,
+    pub(crate) server_rss_before_kib: Option<u64>,
+    pub(crate) server_rss_after_kib: Option<u64>,
+    pub(crate) kib_per_connection: Option<f64>,
+    pub(crate) closed_during_hold: usize,
+    pub(crate) first_close: Option<String>,
+    pub(crate) ok: bool,
+}
+
+pub(crate) async fn run(ctx: &Ctx, args: &IdleArgs) -> Result<IdleReport> {
+    ensure!(args.connections > 0, "need connections");
+    let needed = (args.connections + args.warmup) as u64 + 64;
+    ensure!(
+        needed <= ctx.fd_limit,
+        "{} connections need about {needed} file descriptors but this process may open {}; \
+         raise `ulimit -n` (the server needs as many)",
+        args.connections + args.warmup,
+        ctx.fd_limit
+    );
+    if let Some(server_limit) = ctx.server_pid.and_then(open_files_limit) {
+        ensure!(
+            needed <= server_limit,
+            "the server (pid {:?}) may open only {server_limit} files; start it under a \
+             higher `ulimit -n`",
+            ctx.server_pid
+        );
+    }
+    let run = run_id();
+    let users = if args.users == 0 {
+        args.connections
+    } else {
+        args.users.min(args.connections)
+    };
+    eprintln!("idle: signing up {users} accounts");
+    let accounts = ctx.api.sign_up_many(&run, "i", users).await?;
+    let room = if args.subscribe {
+        Some(ctx.api.create_room(&accounts[0], "bench idle").await?)
+    } else {
+        None
+    };
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let closed = Arc::new(AtomicUsize::new(0));
+    let first_close: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
+    let mut holders = Vec::new();
+    let mut hold = |conn: Conn| {
+        let mut stop_rx = stop_rx.clone();
+        let closed = closed.clone();
+        let first_close = first_close.clone();
+        let deadline = ctx.deadline;
+        holders.push(tokio::spawn(async move {
+            let codec = conn.codec;
+            let mut ws = conn.ws;
+            loop {
+                tokio::select! {
+                    _ = stop_rx.changed() => break,
+                    read = timeout_at(deadline, read_frame(&mut ws, codec)) => match read {
+                        Err(_) => break,
+                        Ok(Ok(Incoming::Frame(_))) => continue,
+                        Ok(Ok(Incoming::Closed(code, reason))) => {
+                            closed.fetch_add(1, Ordering::Relaxed);
+                            if let Ok(mut first) = first_close.lock() {
+                                first.get_or_insert(format!("closed {code} {reason}"));
+                            }
+                            return;
+                        }
+                        Ok(Err(e)) => {
+                            closed.fetch_add(1, Ordering::Relaxed);
+                            if let Ok(mut first) = first_close.lock() {
+                                first.get_or_insert(format!("read error: {e:#}"));
+                            }
+                            return;
+                        }
+                    },
+                }
+            }
+            let _ = tokio::time::timeout(Duration::from_secs(2), ws.close(None)).await;
+        }));
+    };
+
+    let settle = Duration::from_millis(args.settle_ms);
+    if args.warmup > 0 {
+        eprintln!("idle: {} warm-up connections", args.warmup);
+        for result in open_many(
+            ctx.addr,
+            ctx.codec,
+            &accounts,
+            args.warmup,
+            args.concurrency,
+            room.as_deref(),
+        )
+        .await
+        {
+            let (conn, _, _) = result.context("open a warm-up connection")?;
+            hold(conn);
+        }
+    }
+    tokio::time::sleep(settle).await;
+    let before = ctx.server_pid.map(rss_kib).transpose()?;
+
+    eprintln!(
+        "idle: opening {} connections, {} at a time",
+        args.connections, args.concurrency
+    );
+    let started = Instant::now();
+    // Offset the accounts so warm-up connections do not all share the first ones.
+    let rotated: Vec<Account> = accounts
+        .iter()
+        .cycle()
+        .skip(args.warmup % accounts.len())
+        .take(accounts.len())
+        .cloned()
+        .collect();
+    let results = open_many(
+        ctx.addr,
+        ctx.codec,
+        &rotated,
+        args.connections,
+        args.concurrency,
+        room.as_deref(),
+    )
+    .await;
+    let open_s = started.elapsed().as_secs_f64();
+    let mut connect_us = Vec::new();
+    let mut failed = 0;
+    let mut first_failure = None;
+    for result in results {
+        match result {
+            Ok((conn, _, took)) => {
+                connect_us.push(micros(took));
+                hold(conn);
+            }
+            Err(e) => {
+                failed += 1;
+                first_failure.get_or_insert(format!("{e:#}"));
+            }
+        }
+    }
+    let opened = connect_us.len();
+    tokio::time::sleep(settle).await;
+    let after = ctx.server_pid.map(rss_kib).transpose()?;
+    eprintln!("idle: holding {opened} connections for {} s", args.hold);
+    tokio::time::sleep(Duration::from_secs(args.hold)).await;
+    let closed_during_hold = closed.load(Ordering::Relaxed);
+    let _ = stop_tx.send(true);
+    for holder in holders {
+        let _ = holder.await;
+    }
+    let kib_per_connection = match (before, after) {
+        (Some(b), Some(a)) if opened > 0 => Some(round2((a as f64 - b as f64) / opened as f64)),
+        _ => None,
+    };
+    let first_close = first_close.lock().ok().and_then(|f| f.clone());
+    Ok(IdleReport {
+        scenario: "idle",
+        codec: ctx.codec,
+        connections: args.connections,
+        users,
+        subscribed: args.subscribe,
+        warmup: args.warmup,
+        opened,
+        failed,
+        first_failure,
+        open_s: round2(open_s),
+        connections_per_s: round2(opened as f64 / open_s.max(1e-9)),
+        connect_latency: Latency::from_us(&mut connect_us),
+        server_rss_before_kib: before,
+        server_rss_after_kib: after,
+        kib_per_connection,
+        closed_during_hold,
+        first_close,
+        ok: failed == 0 && closed_during_hold == 0,
+    })
+}
+
+impl IdleReport {
+    pub(crate) fn print(&self) {
+        println!("== idle ({} codec)", self.codec.subprotocol());
+        println!(
+            "  {} connections ({} accounts{}), {} warm-up: {} opened, {} failed in {:.2} s ({:.0}/s)",
+            self.connections,
+            self.users,
+            if self.subscribed { ", subscribed to one room" } else { "" },
+            self.warmup,
+            self.opened,
+            self.failed,
+            self.open_s,
+            self.connections_per_s
+        );
+        println!("  connect + authenticate latency: {}", self.connect_latency);
+        match (
+            self.server_rss_before_kib,
+            self.server_rss_after_kib,
+            self.kib_per_connection,
+        ) {
+            (Some(b), Some(a), Some(per)) => {
+                println!("  server RSS: {b} KiB before, {a} KiB after: {per:.2} KiB per connection")
+            }
+            _ => println!("  server RSS: not measured (give --server-pid)"),
+        }
+        println!("  closed while held: {}", self.closed_during_hold);
+        if let Some(e) = &self.first_failure {
+            println!("  first failure: {e}");
+        }
+        if let Some(c) = &self.first_close {
+            println!("  first close: {c}");
+        }
+    }
+}

@@ -1,0 +1,205 @@
+//! The WebSocket client: one connection in the bench's codec, frames in and out.
+
+use std::{net::SocketAddr, time::Duration};
+
+use anyhow::{anyhow, bail, ensure, Context as _, Result};
+use futures_util::{stream, SinkExt as _, Stream, StreamExt as _};
+use prost::Message as _;
+use roomcast::proto::v1 as pb;
+use tokio::{
+    net::TcpStream,
+    time::{timeout_at, Instant},
+};
+use tokio_tungstenite::{
+    tungstenite::{self, client::IntoClientRequest as _, Message},
+    WebSocketStream,
+};
+
+use crate::{api::Account, Codec, REPLY_TIMEOUT};
+use pb::{client_frame::Kind as In, server_frame::Kind as Out};
+
+pub(crate) type Ws = WebSocketStream<TcpStream>;
+
+/// What reading the next server frame gave.
+pub(crate) enum Incoming {
+    Frame(Box<pb::ServerFrame>),
+    /// The connection ended: close code and reason (1006 when it just broke).
+    Closed(u16, String),
+}
+
+/// One WebSocket connection in the bench's codec.
+pub(crate) struct Conn {
+    pub(crate) ws: Ws,
+    pub(crate) codec: Codec,
+    pub(crate) next_id: u64,
+}
+
+impl Conn {
+    /// Connects to `addr` with `token` in the upgrade request and waits for
+    /// `authenticated`.
+    pub(crate) async fn open(addr: SocketAddr, codec: Codec, token: &str) -> Result<Self> {
+        let deadline = Instant::now() + REPLY_TIMEOUT;
+        let socket = timeout_at(deadline, TcpStream::connect(addr))
+            .await
+            .map_err(|_| anyhow!("TCP connect to {addr} timed out"))?
+            .with_context(|| format!("TCP connect to {addr}"))?;
+        socket.set_nodelay(true)?;
+        let mut request = format!("ws://{addr}/ws").into_client_request()?;
+        let headers = request.headers_mut();
+        headers.insert("sec-websocket-protocol", codec.subprotocol().parse()?);
+        headers.insert("authorization", format!("Bearer {token}").parse()?);
+        let (ws, response) = timeout_at(deadline, tokio_tungstenite::client_async(request, socket))
+            .await
+            .map_err(|_| anyhow!("WebSocket upgrade timed out"))?
+            .context("WebSocket upgrade")?;
+        let chosen = response
+            .headers()
+            .get("sec-websocket-protocol")
+            .and_then(|v| v.to_str().ok());
+        ensure!(
+            chosen == Some(codec.subprotocol()),
+            "the server chose subprotocol {chosen:?}, not {}",
+            codec.subprotocol()
+        );
+        let mut conn = Self {
+            ws,
+            codec,
+            next_id: 1,
+        };
+        loop {
+            match conn.next(deadline).await? {
+                Incoming::Frame(frame) => match frame.kind {
+                    Some(Out::Authenticated(_)) => return Ok(conn),
+                    Some(Out::Error(e)) => {
+                        bail!("authentication failed: {}: {}", e.code, e.message)
+                    }
+                    _ => continue,
+                },
+                Incoming::Closed(code, reason) => {
+                    bail!("closed before authenticating: {code} {reason}")
+                }
+            }
+        }
+    }
+
+    pub(crate) async fn next(&mut self, deadline: Instant) -> Result<Incoming> {
+        timeout_at(deadline, read_frame(&mut self.ws, self.codec))
+            .await
+            .map_err(|_| anyhow!("no frame from the server in time"))?
+    }
+
+    /// Sends a request and waits for the frame answering it (pushes are skipped).
+    pub(crate) async fn request(&mut self, kind: In) -> Result<pb::ServerFrame> {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.ws
+            .send(encode_frame(
+                self.codec,
+                &pb::ClientFrame {
+                    id,
+                    kind: Some(kind),
+                },
+            ))
+            .await
+            .context("send a frame")?;
+        let deadline = Instant::now() + REPLY_TIMEOUT;
+        loop {
+            match self.next(deadline).await? {
+                Incoming::Frame(frame) if frame.id == id => return Ok(*frame),
+                Incoming::Frame(_) => continue,
+                Incoming::Closed(code, reason) => {
+                    bail!("closed while waiting for reply {id}: {code} {reason}")
+                }
+            }
+        }
+    }
+
+    /// Subscribes live; answers the room's sequence at that moment.
+    pub(crate) async fn subscribe_live(&mut self, room_id: &str) -> Result<u64> {
+        let reply = self
+            .request(In::Subscribe(pb::Subscribe {
+                room_id: room_id.into(),
+                since_seq: None,
+            }))
+            .await?;
+        match reply.kind {
+            Some(Out::Subscribed(s)) => Ok(s.last_seq),
+            Some(Out::Error(e)) => bail!("subscribe: {}: {}", e.code, e.message),
+            other => bail!("unexpected reply to subscribe: {other:?}"),
+        }
+    }
+}
+
+pub(crate) fn encode_frame(codec: Codec, frame: &pb::ClientFrame) -> Message {
+    match codec {
+        Codec::Proto => Message::binary(frame.encode_to_vec()),
+        // Serializing a generated pbjson type into a String cannot fail.
+        Codec::Json => Message::text(serde_json::to_string(frame).unwrap_or_default()),
+    }
+}
+
+/// Reads the next server frame; WebSocket pings are answered by tungstenite.
+/// Cancel-safe: a frame is consumed and returned in the same poll.
+pub(crate) async fn read_frame<S>(stream: &mut S, codec: Codec) -> Result<Incoming>
+where
+    S: Stream<Item = Result<Message, tungstenite::Error>> + Unpin,
+{
+    loop {
+        match stream.next().await {
+            Some(Ok(Message::Binary(bytes))) => {
+                let frame = pb::ServerFrame::decode(bytes).context("undecodable protobuf frame")?;
+                return Ok(Incoming::Frame(Box::new(frame)));
+            }
+            Some(Ok(Message::Text(text))) => {
+                let frame: pb::ServerFrame =
+                    serde_json::from_str(text.as_str()).context("undecodable JSON frame")?;
+                if codec == Codec::Proto {
+                    bail!("a text frame on a {} connection", codec.subprotocol());
+                }
+                return Ok(Incoming::Frame(Box::new(frame)));
+            }
+            Some(Ok(Message::Close(close))) => {
+                let (code, reason) = close
+                    .map(|c| (u16::from(c.code), c.reason.to_string()))
+                    .unwrap_or((1005, String::new()));
+                return Ok(Incoming::Closed(code, reason));
+            }
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => return Ok(Incoming::Closed(1006, e.to_string())),
+            None => return Ok(Incoming::Closed(1006, "stream ended".into())),
+        }
+    }
+}
+
+/// Opens `count` connections, `concurrency` at a time, for `accounts[n % len]`;
+/// each one subscribed live to `room` when given. Answers, per connection in
+/// completion order, the connection (with its subscription's start sequence) and how
+/// long opening took, or the error.
+pub(crate) async fn open_many(
+    addr: SocketAddr,
+    codec: Codec,
+    accounts: &[Account],
+    count: usize,
+    concurrency: usize,
+    room: Option<&str>,
+) -> Vec<Result<(Conn, u64, Duration)>> {
+    stream::iter(0..count)
+        .map(|n| {
+            let token = accounts[n % accounts.len()].token.clone();
+            async move {
+                let started = Instant::now();
+                let mut conn = Conn::open(addr, codec, &token).await?;
+                let base = match room {
+                    Some(room) => conn.subscribe_live(room).await?,
+                    None => 0,
+                };
+                Ok((conn, base, started.elapsed()))
+            }
+        })
+        .buffer_unordered(concurrency.max(1))
+        .collect()
+        .await
+}
+
+// ---------------------------------------------------------------------------
+// Clock, payloads, statistics, /proc
