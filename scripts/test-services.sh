@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Throwaway PostgreSQL and Redis instances for roomcast's tests.
+# Throwaway PostgreSQL and Redis instances for roomcast's tests, and the nginx binary
+# the reverse-proxy tests run (each such test starts and stops its own nginx).
 #
 # As a library (what scripts/test.sh does):
 #     source scripts/test-services.sh
@@ -25,6 +26,7 @@
 #     ROOMCAST_TEST_REDIS_URL     redis://127.0.0.1:PORT/
 #     ROOMCAST_TEST_REDIS_DIR     temp dir (log in $DIR/redis.log)
 #     ROOMCAST_TEST_REDIS_PID     redis-server PID
+#     ROOMCAST_TEST_NGINX         the nginx binary (tests/nginx.rs starts its own)
 #
 # Optional input: ROOMCAST_PG_BIN = a PostgreSQL bin dir (default: newest
 # /usr/lib/postgresql/*/bin holding pg_ctl and initdb).
@@ -67,15 +69,24 @@ _rc_missing_packages() {
     if ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-cli >/dev/null 2>&1; then
         missing+=(redis-server)
     fi
+    [[ -n $(nginx_bin) ]] || missing+=(nginx)
     printf '%s\n' "${missing[@]}"
 }
 
-# Install PostgreSQL server and Redis from apt if they are not there yet.
+# The nginx binary (Debian puts it in /usr/sbin, often not on a user's PATH).
+nginx_bin() {
+    local found
+    found=$(command -v nginx 2>/dev/null) || found=""
+    [[ -z $found && -x /usr/sbin/nginx ]] && found=/usr/sbin/nginx
+    printf '%s\n' "$found"
+}
+
+# Install PostgreSQL server, Redis and nginx from apt if they are not there yet.
 ensure_packages() {
     local missing
     mapfile -t missing < <(_rc_missing_packages | sed '/^$/d')
     if ((${#missing[@]} == 0)); then
-        _rc_log "postgresql ($(_rc_pg_bin)) and redis-server already installed"
+        _rc_log "postgresql ($(_rc_pg_bin)), redis-server and nginx ($(nginx_bin)) already installed"
         return 0
     fi
     _rc_log "installing ${missing[*]} (and their dependencies) with apt-get"
@@ -87,7 +98,8 @@ ensure_packages() {
     fi
     command -v apt-get >/dev/null 2>&1 || _rc_die "apt-get not found: install ${missing[*]} by hand" || return 1
 
-    local log
+    # The names in `missing` are the Debian/Ubuntu package names.
+    local log packages=("${missing[@]}")
     log=$(mktemp /tmp/roomcast-apt.XXXXXX.log) || return 1
     if ! "${sudo[@]}" apt-get update -q >"$log" 2>&1; then
         tail -n 40 "$log" >&2
@@ -96,17 +108,17 @@ ensure_packages() {
         return 1
     fi
     if ! "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive \
-        apt-get install -y -q -o Dpkg::Use-Pty=0 postgresql redis-server >>"$log" 2>&1; then
+        apt-get install -y -q -o Dpkg::Use-Pty=0 "${packages[@]}" >>"$log" 2>&1; then
         tail -n 60 "$log" >&2
         rm -f "$log"
-        _rc_die "apt-get install postgresql redis-server failed (output above)"
+        _rc_die "apt-get install ${packages[*]} failed (output above)"
         return 1
     fi
     rm -f "$log"
 
     mapfile -t missing < <(_rc_missing_packages | sed '/^$/d')
     ((${#missing[@]} == 0)) || _rc_die "still missing after apt-get install: ${missing[*]}" || return 1
-    _rc_log "installed: postgresql ($(_rc_pg_bin)), $(redis-server --version | cut -d' ' -f1-3)"
+    _rc_log "installed ${packages[*]}: postgresql ($(_rc_pg_bin)), $(redis-server --version | cut -d' ' -f1-3), $("$(nginx_bin)" -v 2>&1)"
 }
 
 # ---------------------------------------------------------------- Node.js
@@ -444,8 +456,10 @@ stop_services() {
 
 _rc_print_exports() {
     local v
+    ROOMCAST_TEST_NGINX=${ROOMCAST_TEST_NGINX:-$(nginx_bin)}
     for v in ROOMCAST_TEST_POSTGRES_URL ROOMCAST_TEST_PG_DIR ROOMCAST_TEST_PG_PID \
-        ROOMCAST_TEST_REDIS_URL ROOMCAST_TEST_REDIS_DIR ROOMCAST_TEST_REDIS_PID; do
+        ROOMCAST_TEST_REDIS_URL ROOMCAST_TEST_REDIS_DIR ROOMCAST_TEST_REDIS_PID \
+        ROOMCAST_TEST_NGINX; do
         [[ -n ${!v:-} ]] && printf 'export %s=%q\n' "$v" "${!v}"
     done
     return 0

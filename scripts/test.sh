@@ -89,8 +89,10 @@ for comp in fmt clippy; do
     fi
 done
 
-say "ensuring PostgreSQL and Redis are installed"
+say "ensuring PostgreSQL, Redis and nginx are installed"
 ensure_packages
+ROOMCAST_TEST_NGINX=$(nginx_bin)
+export ROOMCAST_TEST_NGINX
 
 say "starting PostgreSQL and Redis for the tests"
 start_postgres

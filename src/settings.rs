@@ -11,6 +11,8 @@ use figment::{
 };
 use serde::{Deserialize, Serialize};
 
+pub use crate::http::client_addr::ProxyNet;
+
 /// Environment variables with this prefix (and a `__` between section and key)
 /// override the file.
 pub const ENV_PREFIX: &str = "ROOMCAST_";
@@ -55,6 +57,10 @@ pub struct ServerSettings {
     /// Most open connections (HTTP and WebSocket); more get `503`. Kept below the
     /// process's open file limit (`ulimit -n`), with room for the store and logs.
     pub max_connections: usize,
+    /// Reverse proxies (addresses or networks) whose `X-Forwarded-For` is believed:
+    /// a request from one of them counts as coming from the address it forwarded
+    /// (per-address limits, the admin API). Empty: the TCP peer is the client.
+    pub trusted_proxies: Vec<ProxyNet>,
 }
 
 /// The listen address of the embedded default.
@@ -86,6 +92,7 @@ impl Default for ServerSettings {
             compress_min_bytes: DEFAULT_COMPRESS_MIN_BYTES,
             header_timeout_ms: DEFAULT_HEADER_TIMEOUT_MS,
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            trusted_proxies: Vec::new(),
         }
     }
 }

@@ -22,6 +22,7 @@ use actix_web::{
 use futures_util::StreamExt as _;
 use serde::{de::DeserializeOwned, Serialize};
 
+use super::client_addr::{client_ip, ProxyNet};
 use crate::{
     actors::authenticator::{AuthorizeCall, ClientAddr},
     domain::{AppState, Principal},
@@ -97,11 +98,14 @@ pub struct RpcContext {
     pub client: ClientAddr,
 }
 
-/// The client's address: the TCP peer's. The seam for trusted proxies: when
-/// roomcast learns to trust `X-Forwarded-For` from configured proxies, it is
-/// decided here, and only here.
-pub fn client_addr(req: &HttpRequest) -> ClientAddr {
-    ClientAddr(req.peer_addr().map(|addr| addr.ip()))
+/// The client's address: the TCP peer's, or the address a trusted proxy forwarded
+/// ([`client_ip`], `server.trusted_proxies`).
+pub fn client_addr(req: &HttpRequest, trusted: &[ProxyNet]) -> ClientAddr {
+    ClientAddr(client_ip(
+        req.peer_addr().map(|addr| addr.ip()),
+        req.headers(),
+        trusted,
+    ))
 }
 
 impl RpcContext {
@@ -386,7 +390,7 @@ where
                 state: state.clone(),
                 bearer,
                 rpc: req.path().trim_start_matches('/').to_owned(),
-                client: client_addr(&req),
+                client: client_addr(&req, &state.settings.server.trusted_proxies),
             };
             handler(context, message).await
         };

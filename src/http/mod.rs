@@ -1,10 +1,12 @@
-//! The HTTP surface: what happens before HTTP ([`accept`]), the RPC route table over
+//! The HTTP surface: what happens before HTTP ([`accept`]), who the client is behind
+//! a reverse proxy ([`client_addr`]), the RPC route table over
 //! the Connect codec, health checks, the WebSocket upgrade ([`ws`]), Server-Sent
 //! Events ([`sse`]). Handlers stay
 //! thin: extract, call [`crate::domain`], encode.
 //! [`configure`] is used by the server and by the tests alike.
 
 pub mod accept;
+pub mod client_addr;
 pub mod connect;
 mod health;
 mod request_context;

@@ -16,7 +16,10 @@ use std::sync::Arc;
 use actix::{Actor as _, AsyncContext as _};
 use actix_web::{http::header, web, HttpRequest, HttpResponse};
 
-use super::connect::{bearer_token, error_response};
+use super::{
+    client_addr::client_ip,
+    connect::{bearer_token, error_response},
+};
 use crate::{
     actors::{authenticator::Authenticate, connection::Connection},
     admission::{Admission, Refusal},
@@ -159,7 +162,11 @@ async fn open_stream(
         }
         request.notifications = None;
     }
-    let peer = req.peer_addr().map(|a| a.ip());
+    let peer = client_ip(
+        req.peer_addr().map(|a| a.ip()),
+        req.headers(),
+        &state.settings.server.trusted_proxies,
+    );
     let ticket = match admission {
         Some(admission) => Some(admission.open_websocket(peer).map_err(|refusal| {
             tracing::info!(peer = ?peer, %refusal, "SSE stream refused");

@@ -32,6 +32,7 @@ use futures_util::SinkExt as _;
 
 use super::{
     accept::WatchedStream,
+    client_addr::client_ip,
     connect::{bearer_token, error_response},
 };
 use crate::{
@@ -176,7 +177,11 @@ async fn upgrade(context: UpgradeContext, req: Request, mut framed: Framed<Watch
         Ok(token) => token.or_else(|| query_token(req.uri().query().unwrap_or_default())),
         Err(e) => return refuse(&mut framed, &e, None).await,
     };
-    let peer: Option<IpAddr> = req.peer_addr().map(|a| a.ip());
+    let peer: Option<IpAddr> = client_ip(
+        req.peer_addr().map(|a| a.ip()),
+        req.headers(),
+        &settings.server.trusted_proxies,
+    );
     if let Some(reason) = context.state.drain.reason() {
         let error = ApiError::unavailable(format!(
             "this node is draining ({reason}): connect to another node"

@@ -105,6 +105,15 @@ impl WsClient {
         let (stream, _) = tokio_tungstenite::client_async(request, MaybeTlsStream::Plain(stream))
             .await
             .unwrap_or_else(|e| panic!("upgrade {url}: {e}"));
+        Self::from_upgraded(stream, codec).await
+    }
+
+    /// Wraps a WebSocket the caller upgraded itself (with a token) and waits for
+    /// `authenticated`.
+    pub async fn from_upgraded(
+        stream: WebSocketStream<MaybeTlsStream<TcpStream>>,
+        codec: WsCodec,
+    ) -> Self {
         let mut client = Self {
             stream,
             codec,

@@ -12,9 +12,9 @@
 //! error's retry hint. The state is in memory, per node: a restart forgets it, and
 //! behind several nodes an attacker gets each node's allowance.
 //!
-//! The client address is the TCP peer's ([`ClientAddr`]). Behind a reverse proxy
-//! every client shares the proxy's address; trusting a forwarded address is for
-//! the HTTP layer to decide when it builds the `ClientAddr` (the seam), not here.
+//! The client address ([`ClientAddr`]) is decided by the HTTP layer when it builds
+//! it (`crate::http::client_addr`): the TCP peer's, or the forwarded one when the
+//! peer is one of `server.trusted_proxies`.
 
 use std::{
     collections::HashMap,
