@@ -95,6 +95,10 @@ pub struct RpcContext {
     pub rpc: String,
     /// Where the request came from (for per-address limits); see [`client_addr`].
     pub client: ClientAddr,
+    /// When the request's deadline passes (`Connect-Timeout-Ms`, at most
+    /// `server.request_timeout_ms`): a handler that waits (long-polling) answers
+    /// before it.
+    pub deadline: tokio::time::Instant,
 }
 
 /// The client's address: the TCP peer's. The seam for trusted proxies: when
@@ -375,6 +379,7 @@ where
             return Err(deadline_exceeded());
         }
         let bearer = bearer_token(req.headers())?;
+        let deadline_at = tokio::time::Instant::now() + timeout;
         let work = async {
             let limit = settings.max_request_bytes;
             let body = read_body(&req, payload, limit).await?;
@@ -387,6 +392,7 @@ where
                 bearer,
                 rpc: req.path().trim_start_matches('/').to_owned(),
                 client: client_addr(&req),
+                deadline: deadline_at,
             };
             handler(context, message).await
         };
