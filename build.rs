@@ -12,6 +12,7 @@ const PROTOS: &[&str] = &[
     "roomcast/v1/rooms.proto",
     "roomcast/v1/notifications.proto",
     "roomcast/v1/publish.proto",
+    "roomcast/v1/push.proto",
     "roomcast/v1/realtime.proto",
     "roomcast/v1/admin.proto",
 ];

@@ -13,6 +13,7 @@ use crate::{
     actors::{
         authenticator::{AuthPool, EnsureAdmin},
         password_hasher::PasswordHasher,
+        poll_hub::PollHub,
         retention::RetentionSweeper,
         room_registry::RoomRegistry,
         session_registry::SessionRegistry,
@@ -89,9 +90,15 @@ pub async fn start_state(settings: Arc<Settings>, store: Store) -> Result<AppSta
     let sessions_store = store.clone();
     let sessions_rooms = rooms.clone();
     let sessions = Supervisor::start(move |_| SessionRegistry::new(sessions_store, sessions_rooms));
+    let hub_rooms = rooms.clone();
+    let polls = Supervisor::start(move |_| PollHub::new(hub_rooms));
     let sweeper_store = store.clone();
     let sweep_every = Duration::from_secs(settings.rooms.retention_sweep_secs);
-    Supervisor::start(move |_| RetentionSweeper::new(sweeper_store, sweep_every));
+    let notification_retention = Duration::from_secs(settings.notifications.retention_secs);
+    Supervisor::start(move |_| {
+        RetentionSweeper::new(sweeper_store, sweep_every)
+            .with_notification_retention(notification_retention)
+    });
     let send_limiter = Arc::new(SendLimiter::new(
         settings.realtime.send_rate_per_sec,
         settings.realtime.send_burst,
@@ -102,6 +109,7 @@ pub async fn start_state(settings: Arc<Settings>, store: Store) -> Result<AppSta
         auth,
         rooms,
         sessions,
+        polls,
         send_limiter,
         drain: Arc::default(),
     })
@@ -170,6 +178,9 @@ pub async fn start(settings: Settings, listener: TcpListener) -> Result<Running,
                     async move { signal.notified().await }
                 })
                 .keep_alive(KeepAlive::Timeout(KEEP_ALIVE))
+                // A client that closes its side has gone: its pending request (a
+                // waiting long-poll) is dropped at once instead of running on.
+                .h1_allow_half_closed(false)
                 .client_request_timeout(header_timeout)
                 .client_disconnect_timeout(CLIENT_DISCONNECT_TIMEOUT)
                 .local_addr(local_addr)

@@ -119,6 +119,8 @@ pub struct Metrics {
     pub rate_limited: Family<RuleLabels, Counter>,
     /// WebSocket close frames sent by the server, by close code.
     pub ws_closes: Family<CloseLabels, Counter>,
+    /// Long-polls waiting on this node (see [`GaugeShare::poll_waiters`]).
+    pub poll_waiters: Gauge,
 }
 
 impl Metrics {
@@ -141,6 +143,7 @@ impl Metrics {
             admission_refusals: Family::default(),
             rate_limited: Family::default(),
             ws_closes: Family::default(),
+            poll_waiters: Gauge::default(),
         };
         m.register()
     }
@@ -223,6 +226,11 @@ impl Metrics {
             "roomcast_websocket_closes",
             "WebSocket close frames sent by the server, by close code",
             self.ws_closes.clone(),
+        );
+        r.register(
+            "roomcast_poll_waiters",
+            "Long-polls (PushService.Poll) waiting on this node",
+            self.poll_waiters.clone(),
         );
         self.registry.register_collector(Box::new(UsersOnline));
         // Process metrics carry the conventional unprefixed `process_` names.
@@ -335,6 +343,14 @@ impl GaugeShare {
     pub fn subscriptions() -> Self {
         GaugeShare {
             gauge: &metrics().subscriptions,
+            counted: 0,
+        }
+    }
+
+    /// A poll hub's share of [`Metrics::poll_waiters`].
+    pub fn poll_waiters() -> Self {
+        GaugeShare {
+            gauge: &metrics().poll_waiters,
             counted: 0,
         }
     }

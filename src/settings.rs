@@ -30,6 +30,7 @@ pub struct Settings {
     pub log: LogSettings,
     pub publish: PublishSettings,
     pub notifications: NotificationSettings,
+    pub poll: PollSettings,
     pub metrics: MetricsSettings,
 }
 
@@ -525,6 +526,37 @@ impl Default for NotificationSettings {
     }
 }
 
+/// HTTP long-polling (PushService.Poll, docs/long-polling.md).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PollSettings {
+    /// Longest wait of one poll, in milliseconds (a larger `wait_ms` is lowered to
+    /// it). Keep it below the idle timeouts of proxies in front (nginx's
+    /// `proxy_read_timeout` is 60 s by default).
+    pub max_wait_ms: u64,
+    /// Most rooms one poll may name.
+    pub max_rooms: usize,
+    /// Most events (room events and notifications) in one poll's answer.
+    pub page_max: u32,
+}
+
+/// Default of `poll.max_wait_ms`: 25 s, below common proxy timeouts (nginx 60 s).
+pub const POLL_MAX_WAIT_MS: u64 = 25_000;
+/// Default of `poll.max_rooms`.
+pub const POLL_MAX_ROOMS: usize = 64;
+/// Default of `poll.page_max`.
+pub const POLL_PAGE_MAX: u32 = 500;
+
+impl Default for PollSettings {
+    fn default() -> Self {
+        Self {
+            max_wait_ms: POLL_MAX_WAIT_MS,
+            max_rooms: POLL_MAX_ROOMS,
+            page_max: POLL_PAGE_MAX,
+        }
+    }
+}
+
 /// Why settings could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum SettingsError {
@@ -604,6 +636,12 @@ impl Settings {
         }
         if self.publish.max_broadcast_rooms == 0 {
             return bad("publish.max_broadcast_rooms", "must be at least 1");
+        }
+        if self.poll.max_rooms == 0 {
+            return bad("poll.max_rooms", "must be at least 1");
+        }
+        if self.poll.page_max == 0 {
+            return bad("poll.page_max", "must be at least 1");
         }
         if self.notifications.page_max == 0 {
             return bad("notifications.page_max", "must be at least 1");

@@ -661,3 +661,128 @@ both_backends!(resubscribe_replaces_the_cursor, |backend| async move {
         Incoming::Timeout
     ));
 });
+
+both_backends!(
+    the_sweeper_removes_expired_notifications,
+    |backend| async move {
+        let (server, admin) = TestServer::spawn_with_admin(backend, |s| {
+            s.notifications.retention_secs = 1;
+            s.rooms.retention_sweep_secs = 1;
+        })
+        .await;
+        let user = server.sign_up(&unique_name("quiet")).await;
+        let key: pb::CreateApiKeyResponse = server
+            .rpc_as(&admin.access_token)
+            .call_proto(
+                "AuthService/CreateApiKey",
+                &pb::CreateApiKeyRequest { name: "k".into() },
+            )
+            .await
+            .unwrap();
+        let _: pb::PublishToUserResponse = server
+            .rpc_as(&key.secret)
+            .call_proto(
+                "PublishService/PublishToUser",
+                &pb::PublishToUserRequest {
+                    user_id: user.user_id.clone(),
+                    sender: "app".into(),
+                    text: "expires".into(),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        // Stored rows, whatever their age (reads hide expired ones; the sweep removes
+        // them for a user who gets nothing new).
+        let user_id = roomcast::ids::UserId(user.user_id.clone());
+        let stored = || async {
+            server
+                .state()
+                .store
+                .notifications_after(&user_id, 0, i64::MIN, 10)
+                .await
+                .expect("read the store")
+                .len()
+        };
+        assert_eq!(stored().await, 1);
+        assert!(
+            eventually(Duration::from_secs(10), || async { stored().await == 0 }).await,
+            "the sweeper removed the expired notification"
+        );
+        // The cursor is untouched: the user's sequence goes on.
+        let count: pb::CountUnreadNotificationsResponse = server
+            .rpc_as(&user.access_token)
+            .call_proto(
+                "NotificationService/CountUnreadNotifications",
+                &pb::CountUnreadNotificationsRequest {},
+            )
+            .await
+            .unwrap();
+        assert_eq!((count.last_seq, count.unread_count), (1, 0));
+    }
+);
+
+both_backends!(
+    an_edit_notifies_only_newly_mentioned_users,
+    |backend| async move {
+        let server = TestServer::spawn(backend).await;
+        let alice = server.sign_up(&unique_name("alice")).await;
+        let bob = server.sign_up(&unique_name("bob")).await;
+        let carol = server.sign_up(&unique_name("carol")).await;
+        let room = create_room(&server, &alice, pb::RoomKind::Public).await;
+        join(&server, &bob, &room).await;
+        join(&server, &carol, &room).await;
+        let seq = send(&server, &alice, &room, &format!("hi @{}", bob.username)).await;
+        wait_for(&server, &bob, 1).await;
+        let edit = |text: String| {
+            let rpc = server.rpc_as(&alice.access_token);
+            let room = room.clone();
+            async move {
+                let _: pb::EditMessageResponse = rpc
+                    .call_proto(
+                        "RoomService/EditMessage",
+                        &pb::EditMessageRequest {
+                            room_id: room,
+                            seq,
+                            text,
+                        },
+                    )
+                    .await
+                    .expect("edit");
+            }
+        };
+        edit(format!("hi @{} and @{}", bob.username, carol.username)).await;
+        let got = wait_for(&server, &carol, 1).await;
+        assert_eq!(got[0].kind, Kind::Mention as i32);
+        assert_eq!(got[0].room_seq, seq, "about the edited message");
+        assert!(got[0].text.contains(&carol.username));
+        // Editing again (both still mentioned, and once more with a typo fixed) does not
+        // notify anyone twice.
+        edit(format!("hi @{} and @{}!", bob.username, carol.username)).await;
+        // A marker published after the edit: once it arrives, the edit's hook is done.
+        let marker = send(
+            &server,
+            &alice,
+            &room,
+            &format!("@{} @{} ping", bob.username, carol.username),
+        )
+        .await;
+        let bobs = wait_for(&server, &bob, 2).await;
+        let carols = wait_for(&server, &carol, 2).await;
+        assert_eq!(
+            bobs.iter().map(|n| n.room_seq).collect::<Vec<_>>(),
+            vec![seq, marker]
+        );
+        assert_eq!(
+            carols.iter().map(|n| n.room_seq).collect::<Vec<_>>(),
+            vec![seq, marker]
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(list(&server, &bob, 0).await.notifications.len(), 2);
+        assert_eq!(list(&server, &carol, 0).await.notifications.len(), 2);
+        // Alice mentioning herself in an edit is not notified.
+        edit(format!("hi @{}", alice.username)).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(list(&server, &alice, 0).await.notifications.is_empty());
+    }
+);

@@ -9,6 +9,8 @@
 //!   group commit and fan-out to subscribers.
 //! - [`session_registry`]: `SessionRegistry` (supervised), user id → user session.
 //! - [`user_session`]: `UserSession`, one online user's connections and presence.
+//! - [`poll_hub`]: `PollHub` (supervised), wakes the long-polls waiting on this
+//!   node (one room subscription per room with waiters); keeps no poll state.
 //! - [`retention`]: `RetentionSweeper` (supervised), prunes history past each
 //!   room's retention.
 //! - [`connection`]: `Connection`, one WebSocket: auth, frames, subscriptions,
@@ -19,6 +21,7 @@
 pub mod authenticator;
 pub mod connection;
 pub mod password_hasher;
+pub mod poll_hub;
 pub mod retention;
 pub mod room;
 pub mod room_registry;

@@ -18,8 +18,8 @@ use crate::{
     error::ApiError,
     model::Role,
     proto::v1::{
-        admin_service, auth_service, notification_service, publish_service, room_service,
-        user_service,
+        admin_service, auth_service, notification_service, publish_service, push_service,
+        room_service, user_service,
     },
     store::AccessRuleRecord,
 };
@@ -56,7 +56,7 @@ pub const DESCRIPTION_MAX_CHARS: usize = 200;
 
 /// Every unary RPC subject to rules: the services whose calls carry a caller.
 /// A service added to the API is added here too (the table test fails otherwise).
-pub fn rule_services() -> [(&'static str, &'static [&'static str]); 5] {
+pub fn rule_services() -> [(&'static str, &'static [&'static str]); 6] {
     [
         (auth_service::NAME, auth_service::UNARY_METHODS),
         (user_service::NAME, user_service::UNARY_METHODS),
@@ -66,6 +66,7 @@ pub fn rule_services() -> [(&'static str, &'static [&'static str]); 5] {
             notification_service::NAME,
             notification_service::UNARY_METHODS,
         ),
+        (push_service::NAME, push_service::UNARY_METHODS),
     ]
 }
 

@@ -65,6 +65,8 @@ pub async fn drain(state: &AppState, reason: &str) -> Drained {
     }
     // A registry that is restarting has no connections to close.
     let users_closed = state.sessions.send(CloseAll).await.unwrap_or(0);
+    // Waiting long-polls answer at once (`ended` 4001: poll again, elsewhere).
+    state.polls.do_send(crate::actors::poll_hub::EndAllPolls);
     Drained {
         started,
         users_closed,

@@ -181,7 +181,13 @@ pub async fn edit_message(
         client_message_id: None,
         moderator: false,
     };
-    let record = stored(append(state, &access.room.id, message).await?)?;
+    let appended = append(state, &access.room.id, message).await?;
+    if let Appended::Stored(record) = &appended {
+        // Users the edit newly mentions are notified (not again those notified
+        // for the message before).
+        super::notifications::after_message_stored(state, record);
+    }
+    let record = stored(appended)?;
     Ok(pb::EditMessageResponse {
         message: Some(message_to_proto(&record)),
     })

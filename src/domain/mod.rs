@@ -16,6 +16,7 @@ pub mod messages;
 pub mod notifications;
 mod principal;
 pub mod publish;
+pub mod push;
 pub mod rooms;
 pub mod users;
 pub mod validate;
@@ -29,7 +30,8 @@ pub use principal::{Credential, Principal};
 
 use crate::{
     actors::{
-        authenticator::AuthPool, room_registry::RoomRegistry, session_registry::SessionRegistry,
+        authenticator::AuthPool, poll_hub::PollHub, room_registry::RoomRegistry,
+        session_registry::SessionRegistry,
     },
     error::ApiError,
     ids::UserId,
@@ -45,6 +47,8 @@ pub struct AppState {
     pub auth: AuthPool,
     pub rooms: Addr<RoomRegistry>,
     pub sessions: Addr<SessionRegistry>,
+    /// Wakes this node's waiting long-polls (PushService.Poll).
+    pub polls: Addr<PollHub>,
     pub send_limiter: Arc<SendLimiter>,
     /// Set once the node drains (SIGTERM or AdminService.DrainNode).
     pub drain: Arc<drain::Drain>,

@@ -10,7 +10,9 @@ use std::{collections::BTreeMap, sync::Arc};
 
 use super::{validate, AppState, Principal};
 use crate::{
-    actors::{session_registry::SignalUser, user_session::SessionSignal},
+    actors::{
+        poll_hub::NotificationStored, session_registry::SignalUser, user_session::SessionSignal,
+    },
     error::ApiError,
     ids::{now_ms, RoomId, UserId},
     model::timestamp,
@@ -71,6 +73,10 @@ pub async fn deliver(
     };
     if let NotificationInserted::Stored(record) = &inserted {
         tracing::debug!(user = %user_id, seq = record.seq, kind = record.kind.as_str(), "notification stored");
+        // Long-polls of the user waiting on this node read it from the store.
+        state.polls.do_send(NotificationStored {
+            user_id: user_id.clone(),
+        });
         state.sessions.do_send(SignalUser {
             user_id,
             signal: SessionSignal::Notification(Arc::new(record.clone())),
@@ -149,11 +155,22 @@ pub fn mentioned_usernames(text: &str) -> Vec<String> {
     names
 }
 
-/// After a TEXT message is committed: a MENTION notification for every member of
-/// the room named as `@username` in it (not the sender). Runs in the background,
-/// off the send path: the sender's acknowledgement never waits for it.
+/// After a TEXT message or an EDIT is committed: a MENTION notification for every
+/// member of the room named as `@username` in it (not the author). Runs in the
+/// background, off the send path: the sender's acknowledgement never waits for it.
+///
+/// The notification is about the message (`room_seq` is the edited message's
+/// sequence for an edit) and keyed by it, so a user is notified once per message:
+/// an edit notifies only the users it newly mentions, not again those the
+/// original (or an earlier edit) already notified.
 pub fn after_message_stored(state: &AppState, record: &MessageRecord) {
-    if record.kind != crate::model::MessageKind::Text || !record.text.contains('@') {
+    use crate::model::MessageKind;
+    let message_seq = match record.kind {
+        MessageKind::Text => record.seq,
+        MessageKind::Edit => record.target_seq,
+        MessageKind::Delete => return,
+    };
+    if !record.text.contains('@') {
         return;
     }
     let names = mentioned_usernames(&record.text);
@@ -190,9 +207,11 @@ pub fn after_message_stored(state: &AppState, record: &MessageRecord) {
                 &record.room_id,
                 record.text.chars().take(MENTION_EXCERPT_CHARS).collect(),
             );
-            new.room_seq = record.seq;
-            // A restarted hook (or a retried send that stored once) never notifies twice.
-            new.idempotency_key = Some(format!("mention:{}:{}", record.room_id, record.seq));
+            new.room_seq = message_seq;
+            // One notification per user and message: a restarted hook, a retried
+            // send that stored once, or an edit that keeps a mention never
+            // notifies twice.
+            new.idempotency_key = Some(format!("mention:{}:{}", record.room_id, message_seq));
             if let Err(e) = deliver(&state, new).await {
                 tracing::warn!(user = %user.id, error = %e.message, "mention notification not stored");
             }

@@ -297,6 +297,13 @@ pub async fn disconnect_user(
         reason.to_owned()
     };
     tracing::info!(user = %user, sessions_revoked, "user disconnected by the publish API");
+    // Waiting long-polls of the user answer at once with `ended` 4504.
+    state.polls.do_send(crate::actors::poll_hub::EndUserPolls {
+        user_id: user.clone(),
+        why: crate::actors::poll_hub::PollEnd::Disconnected {
+            reason: reason.clone(),
+        },
+    });
     state.sessions.do_send(SignalUser {
         user_id: user,
         signal: SessionSignal::Disconnected { reason },

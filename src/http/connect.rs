@@ -96,6 +96,10 @@ pub struct RpcContext {
     pub rpc: String,
     /// Where the request came from (for per-address limits); see [`client_addr`].
     pub client: ClientAddr,
+    /// When the request's deadline passes (`Connect-Timeout-Ms`, at most
+    /// `server.request_timeout_ms`): a handler that waits (long-polling) answers
+    /// before it.
+    pub deadline: tokio::time::Instant,
 }
 
 /// The client's address: the TCP peer's, or the address a trusted proxy forwarded
@@ -379,6 +383,7 @@ where
             return Err(deadline_exceeded());
         }
         let bearer = bearer_token(req.headers())?;
+        let deadline_at = tokio::time::Instant::now() + timeout;
         let work = async {
             let limit = settings.max_request_bytes;
             let body = read_body(&req, payload, limit).await?;
@@ -391,6 +396,7 @@ where
                 bearer,
                 rpc: req.path().trim_start_matches('/').to_owned(),
                 client: client_addr(&req, &state.settings.server.trusted_proxies),
+                deadline: deadline_at,
             };
             handler(context, message).await
         };

@@ -11,8 +11,8 @@ use crate::{
     domain,
     error::{ApiError, Code},
     proto::v1::{
-        admin_service, auth_service, notification_service, publish_service, room_service,
-        user_service,
+        admin_service, auth_service, notification_service, publish_service, push_service,
+        room_service, user_service,
     },
 };
 
@@ -27,6 +27,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) -> Vec<String> {
     room_routes(&mut table);
     publish_routes(&mut table);
     notification_routes(&mut table);
+    push_routes(&mut table);
     admin_routes(&mut table);
     table.routed
 }
@@ -183,6 +184,15 @@ fn notification_routes(t: &mut Table<'_>) {
     authed!(t, s, "DeclineInvitation", invitations::decline_invitation);
 }
 
+/// PushService: long-polling; the wait ends before the request's deadline.
+fn push_routes(t: &mut Table<'_>) {
+    use domain::push;
+    let s = push_service::NAME;
+    t.add(s, "Poll", |c: RpcContext, r| async move {
+        push::poll(&c.state, &c.principal().await?, c.deadline, r).await
+    });
+}
+
 fn admin_routes(t: &mut Table<'_>) {
     use domain::admin;
     let s = admin_service::NAME;
@@ -221,6 +231,7 @@ mod tests {
                 notification_service::NAME,
                 notification_service::UNARY_METHODS,
             ),
+            (push_service::NAME, push_service::UNARY_METHODS),
             (admin_service::NAME, admin_service::UNARY_METHODS),
         ] {
             expected.extend(methods.iter().map(|m| format!("{name}/{m}")));

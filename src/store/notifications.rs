@@ -242,6 +242,19 @@ impl Store {
         .await
     }
 
+    /// Removes every user's notifications created before `before` (Unix ms);
+    /// returns how many. Sequences are not reused: users' cursors stay valid.
+    pub async fn prune_notifications_before(&self, before: i64) -> StoreResult<u64> {
+        self.retry_busy("prune notifications", || async {
+            let done = sqlx::query("DELETE FROM notifications WHERE created_at < $1")
+                .bind(before)
+                .execute(&self.pool)
+                .await?;
+            Ok(done.rows_affected())
+        })
+        .await
+    }
+
     /// Notifications of `user` with `seq > after` created at or after
     /// `created_since` (retention), ascending, at most `limit`.
     pub async fn notifications_after(

@@ -17,6 +17,7 @@
 #![allow(dead_code)] // each test binary uses its own subset of the helpers
 
 pub mod nginx;
+pub mod poll;
 pub mod raw_ws;
 pub mod rooms;
 pub mod ws;

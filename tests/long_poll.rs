@@ -1,0 +1,574 @@
+//! Long-polling (`PushService.Poll`) over real HTTP on SQLite and PostgreSQL: a
+//! poll behind the room answers at once (bounded page, `more`), a poll with
+//! nothing new waits and wakes on a commit, times out empty at the cap (and before
+//! the request's deadline), a newer poll with the same poll id ends the older, a
+//! client that goes away mid-wait leaves no waiter (the `roomcast_poll_waiters`
+//! gauge), a kicked or banned user reads nothing more (an `error` frame for the
+//! room: not_found for a private room, permission_denied for a ban), notifications
+//! wake a poll, and bad requests get clear errors.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{
+    expect_error,
+    poll::{self, cursor, errors, notifications, request, seqs},
+    rooms::{create_room, join, send_http},
+    unique_name, Account, TestServer,
+};
+use roomcast::{domain::push::SUPERSEDED, proto::v1 as pb};
+
+/// The metrics are process-wide: the test that watches the waiter gauge fall to
+/// zero runs alone (write), every other test holds the read side.
+static GAUGE: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
+/// Long enough that a poll answering "at once" or "on a wake-up" is clearly not
+/// answering at its timeout.
+const LONG_WAIT_MS: u32 = 20_000;
+
+async fn room_with_reader(server: &TestServer, kind: pb::RoomKind) -> (Account, Account, String) {
+    let owner = server.sign_up(&unique_name("owner")).await;
+    let reader = server.sign_up(&unique_name("reader")).await;
+    let room = create_room(server, &owner, kind).await;
+    if kind == pb::RoomKind::Private {
+        let _: pb::InviteMemberResponse = server
+            .rpc_as(&owner.access_token)
+            .call_proto(
+                "RoomService/InviteMember",
+                &pb::InviteMemberRequest {
+                    room_id: room.clone(),
+                    user_id: reader.user_id.clone(),
+                },
+            )
+            .await
+            .expect("invite");
+    }
+    join(server, &reader, &room).await;
+    (owner, reader, room)
+}
+
+/// The `roomcast_poll_waiters` gauge as /metrics shows it.
+async fn waiters_gauge(server: &TestServer) -> i64 {
+    let body = server
+        .http()
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("metrics body");
+    body.lines()
+        .find_map(|l| l.strip_prefix("roomcast_poll_waiters "))
+        .unwrap_or_else(|| panic!("no roomcast_poll_waiters in /metrics"))
+        .trim()
+        .parse()
+        .expect("a number")
+}
+
+async fn hub_waiters(server: &TestServer) -> usize {
+    server
+        .state()
+        .polls
+        .send(roomcast::actors::poll_hub::CountWaiters)
+        .await
+        .expect("the poll hub answers")
+}
+
+/// Waits until `n` polls wait on the server's hub.
+async fn until_waiting(server: &TestServer, n: usize) {
+    assert!(
+        common::eventually(Duration::from_secs(10), || async {
+            hub_waiters(server).await == n
+        })
+        .await,
+        "expected {n} waiting polls, have {}",
+        hub_waiters(server).await
+    );
+}
+
+both_backends!(answers_at_once_when_behind, |backend| async move {
+    let _gauge = GAUGE.read().await;
+    let server = TestServer::spawn(backend).await;
+    let (owner, reader, room) = room_with_reader(&server, pb::RoomKind::Public).await;
+    for i in 0..5 {
+        send_http(&server, &owner, &room, &format!("m{i}"), "").await;
+    }
+    let started = Instant::now();
+    let mut req = request(&[(&room, Some(0))], LONG_WAIT_MS);
+    req.limit = 3;
+    let first = poll::poll(&server, &reader.access_token, &req)
+        .await
+        .expect("poll");
+    assert_eq!(seqs(&first, &room), vec![1, 2, 3]);
+    assert!(first.more, "two more are waiting");
+    assert_eq!(cursor(&first, &room), Some(3));
+    let req = request(&[(&room, Some(3))], LONG_WAIT_MS);
+    let second = poll::poll(&server, &reader.access_token, &req)
+        .await
+        .expect("poll");
+    assert_eq!(seqs(&second, &room), vec![4, 5]);
+    assert!(!second.more);
+    assert_eq!(cursor(&second, &room), Some(5));
+    assert!(
+        started.elapsed() < Duration::from_millis(u64::from(LONG_WAIT_MS) / 2),
+        "polls behind the room answer without waiting"
+    );
+    // The same in JSON, as curl sends it.
+    let (status, body) = server
+        .rpc_as(&reader.access_token)
+        .call_json(
+            "PushService/Poll",
+            serde_json::json!({"rooms": [{"roomId": room, "afterSeq": "4"}]}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["events"][0]["message"]["seq"], "5");
+    assert_eq!(body["cursors"][0]["afterSeq"], "5");
+});
+
+both_backends!(waits_then_wakes_on_a_commit, |backend| async move {
+    let _gauge = GAUGE.read().await;
+    let server = TestServer::spawn(backend).await;
+    let (owner, reader, room) = room_with_reader(&server, pb::RoomKind::Public).await;
+    send_http(&server, &owner, &room, "before", "").await;
+    // Caught up: the poll waits.
+    let waiting = {
+        let server_req = request(&[(&room, Some(1))], LONG_WAIT_MS);
+        let rpc = server.rpc_as(&reader.access_token);
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let r: pb::PollResponse = rpc
+                .call_proto("PushService/Poll", &server_req)
+                .await
+                .expect("poll");
+            (r, started.elapsed())
+        })
+    };
+    until_waiting(&server, 1).await;
+    let sent_at = Instant::now();
+    send_http(&server, &owner, &room, "wake up", "").await;
+    let (response, took) = waiting.await.unwrap();
+    assert_eq!(seqs(&response, &room), vec![2]);
+    assert_eq!(cursor(&response, &room), Some(2));
+    assert!(
+        took < Duration::from_millis(u64::from(LONG_WAIT_MS) / 2),
+        "woken by the commit ({:?} after the send started), not by the timeout",
+        sent_at.elapsed()
+    );
+    // A live start (no cursor) waits for what comes after the poll began.
+    let waiting = {
+        let req = request(&[(&room, None)], LONG_WAIT_MS);
+        let rpc = server.rpc_as(&reader.access_token);
+        tokio::spawn(async move {
+            rpc.call_proto::<_, pb::PollResponse>("PushService/Poll", &req)
+                .await
+                .expect("poll")
+        })
+    };
+    until_waiting(&server, 1).await;
+    send_http(&server, &owner, &room, "third", "").await;
+    let response = waiting.await.unwrap();
+    assert_eq!(seqs(&response, &room), vec![3]);
+    until_waiting(&server, 0).await;
+});
+
+both_backends!(times_out_empty_at_the_cap, |backend| async move {
+    let _gauge = GAUGE.read().await;
+    let server = TestServer::spawn_with(backend, |s| s.poll.max_wait_ms = 300).await;
+    let (owner, reader, room) = room_with_reader(&server, pb::RoomKind::Public).await;
+    send_http(&server, &owner, &room, "only", "").await;
+    let started = Instant::now();
+    let response = poll::poll(
+        &server,
+        &reader.access_token,
+        &request(&[(&room, Some(1))], 60_000),
+    )
+    .await
+    .expect("poll");
+    let took = started.elapsed();
+    assert!(response.events.is_empty(), "{response:?}");
+    assert!(!response.more);
+    assert_eq!(cursor(&response, &room), Some(1), "the cursor stays");
+    assert!(response.ended.is_none());
+    assert!(
+        took >= Duration::from_millis(300),
+        "waited the cap: {took:?}"
+    );
+    // A live start that times out still says where the room was.
+    let response = poll::poll(
+        &server,
+        &reader.access_token,
+        &request(&[(&room, None)], 100),
+    )
+    .await
+    .expect("poll");
+    assert_eq!(cursor(&response, &room), Some(1));
+    // wait_ms 0 answers at once.
+    let response = poll::poll(
+        &server,
+        &reader.access_token,
+        &request(&[(&room, Some(1))], 0),
+    )
+    .await
+    .expect("poll");
+    assert!(response.events.is_empty());
+    // A shorter request deadline than the wait: an empty answer, not deadline_exceeded.
+    let server = TestServer::spawn(backend).await;
+    let (owner, reader, room) = room_with_reader(&server, pb::RoomKind::Public).await;
+    send_http(&server, &owner, &room, "only", "").await;
+    let response = server
+        .http()
+        .post(server.url("/roomcast.v1.PushService/Poll"))
+        .header("content-type", "application/json")
+        .header("connect-timeout-ms", "700")
+        .bearer_auth(&reader.access_token)
+        .body(
+            serde_json::json!({"rooms": [{"roomId": room, "afterSeq": "1"}], "waitMs": 20000})
+                .to_string(),
+        )
+        .send()
+        .await
+        .expect("poll");
+    assert_eq!(response.status(), 200);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert!(body.get("events").is_none(), "{body}");
+});
+
+both_backends!(
+    a_newer_poll_with_the_same_id_ends_the_older,
+    |backend| async move {
+        let _gauge = GAUGE.read().await;
+        let server = TestServer::spawn(backend).await;
+        let (owner, reader, room) = room_with_reader(&server, pb::RoomKind::Public).await;
+        let other = server.sign_up(&unique_name("other")).await;
+        join(&server, &other, &room).await;
+        let spawn_poll = |token: &str, poll_id: &str| {
+            let mut req = request(&[(&room, Some(0))], LONG_WAIT_MS);
+            req.poll_id = poll_id.to_owned();
+            let rpc = server.rpc_as(token);
+            tokio::spawn(async move {
+                rpc.call_proto::<_, pb::PollResponse>("PushService/Poll", &req)
+                    .await
+                    .expect("poll")
+            })
+        };
+        let older = spawn_poll(&reader.access_token, "tab-1");
+        // Another user's poll with the same id is not the same poller.
+        let strangers = spawn_poll(&other.access_token, "tab-1");
+        until_waiting(&server, 2).await;
+        let newer = spawn_poll(&reader.access_token, "tab-1");
+        let ended = tokio::time::timeout(Duration::from_secs(10), older)
+            .await
+            .expect("the older poll answers at once")
+            .unwrap();
+        let end = ended.ended.clone().expect("ended");
+        assert_eq!(end.code, SUPERSEDED);
+        assert!(ended.events.is_empty());
+        assert_eq!(cursor(&ended, &room), Some(0), "the cursors stay as given");
+        until_waiting(&server, 2).await;
+        send_http(&server, &owner, &room, "hello", "").await;
+        let newer = newer.await.unwrap();
+        assert_eq!(seqs(&newer, &room), vec![1]);
+        assert!(newer.ended.is_none());
+        let strangers = strangers.await.unwrap();
+        assert_eq!(seqs(&strangers, &room), vec![1]);
+        // A bad poll id is refused.
+        let mut req = request(&[(&room, Some(0))], 0);
+        req.poll_id = "no spaces".into();
+        expect_error(
+            poll::poll(&server, &reader.access_token, &req).await,
+            "invalid_argument",
+            400,
+        );
+    }
+);
+
+both_backends!(
+    a_client_that_goes_away_leaves_no_waiter,
+    |backend| async move {
+        const CLIENTS: usize = 5;
+        let _gauge = GAUGE.write().await;
+        let server = TestServer::spawn(backend).await;
+        let (_owner, reader, room) = room_with_reader(&server, pb::RoomKind::Public).await;
+        // Servers of tests that ran before leave nothing behind either.
+        assert!(
+            common::eventually(Duration::from_secs(10), || async {
+                waiters_gauge(&server).await == 0
+            })
+            .await,
+            "the gauge starts at 0"
+        );
+        let mut clients = Vec::new();
+        for i in 0..CLIENTS {
+            // Each on its own HTTP client, so its connection closes when dropped.
+            let http = reqwest::Client::new();
+            let url = server.url("/roomcast.v1.PushService/Poll");
+            let token = reader.access_token.clone();
+            let mut req = request(&[(&room, Some(0))], LONG_WAIT_MS);
+            req.notifications = i % 2 == 0;
+            clients.push(tokio::spawn(async move {
+                use prost::Message as _;
+                let _ = http
+                    .post(url)
+                    .header("content-type", "application/proto")
+                    .bearer_auth(token)
+                    .body(req.encode_to_vec())
+                    .send()
+                    .await;
+            }));
+        }
+        until_waiting(&server, CLIENTS).await;
+        assert_eq!(waiters_gauge(&server).await, CLIENTS as i64);
+        let dropped_at = Instant::now();
+        for client in &clients {
+            client.abort();
+        }
+        for client in clients {
+            let _ = client.await;
+        }
+        assert!(
+            common::eventually(Duration::from_secs(10), || async {
+                waiters_gauge(&server).await == 0
+            })
+            .await,
+            "waiters left behind: {}",
+            waiters_gauge(&server).await
+        );
+        assert!(
+            dropped_at.elapsed() < Duration::from_millis(u64::from(LONG_WAIT_MS) / 2),
+            "released when the clients left, not at the poll's timeout"
+        );
+        assert_eq!(hub_waiters(&server).await, 0);
+    }
+);
+
+both_backends!(a_kicked_user_reads_no_more, |backend| async move {
+    let _gauge = GAUGE.read().await;
+    let server = TestServer::spawn(backend).await;
+    let (owner, reader, room) = room_with_reader(&server, pb::RoomKind::Private).await;
+    let public = create_room(&server, &owner, pb::RoomKind::Public).await;
+    send_http(&server, &owner, &room, "secret 1", "").await;
+    let first = poll::poll(
+        &server,
+        &reader.access_token,
+        &request(&[(&room, Some(0)), (&public, Some(0))], 0),
+    )
+    .await
+    .expect("poll");
+    assert_eq!(seqs(&first, &room), vec![1]);
+    // Waiting when the kick lands: the poll answers with the room's error.
+    let waiting = {
+        let req = request(&[(&room, Some(1)), (&public, Some(0))], LONG_WAIT_MS);
+        let rpc = server.rpc_as(&reader.access_token);
+        tokio::spawn(async move {
+            rpc.call_proto::<_, pb::PollResponse>("PushService/Poll", &req)
+                .await
+                .expect("poll")
+        })
+    };
+    until_waiting(&server, 1).await;
+    let _: pb::KickMemberResponse = server
+        .rpc_as(&owner.access_token)
+        .call_proto(
+            "RoomService/KickMember",
+            &pb::KickMemberRequest {
+                room_id: room.clone(),
+                user_id: reader.user_id.clone(),
+                reason: "bye".into(),
+            },
+        )
+        .await
+        .expect("kick");
+    send_http(&server, &owner, &room, "secret 2", "").await;
+    let response = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("the kick ends the wait")
+        .unwrap();
+    // As for a WebSocket subscribe: a private room is invisible to non-members.
+    let errs = errors(&response);
+    assert_eq!(errs.len(), 1, "{response:?}");
+    assert_eq!(errs[0].code, "not_found");
+    assert_eq!(errs[0].room_id, room);
+    assert!(
+        seqs(&response, &room).is_empty(),
+        "nothing of the room after the kick"
+    );
+    assert_eq!(
+        cursor(&response, &room),
+        None,
+        "the room is dropped from the cursors"
+    );
+    assert_eq!(
+        cursor(&response, &public),
+        Some(0),
+        "the other room goes on"
+    );
+    // Every later poll of the room: the same.
+    let again = poll::poll(
+        &server,
+        &reader.access_token,
+        &request(&[(&room, Some(1))], 0),
+    )
+    .await
+    .expect("poll");
+    assert_eq!(errors(&again)[0].code, "not_found");
+    assert!(seqs(&again, &room).is_empty());
+    // Banned from the public room while waiting: permission_denied.
+    let waiting = {
+        let req = request(&[(&public, Some(0))], LONG_WAIT_MS);
+        let rpc = server.rpc_as(&reader.access_token);
+        tokio::spawn(async move {
+            rpc.call_proto::<_, pb::PollResponse>("PushService/Poll", &req)
+                .await
+                .expect("poll")
+        })
+    };
+    until_waiting(&server, 1).await;
+    let _: pb::BanMemberResponse = server
+        .rpc_as(&owner.access_token)
+        .call_proto(
+            "RoomService/BanMember",
+            &pb::BanMemberRequest {
+                room_id: public.clone(),
+                user_id: reader.user_id.clone(),
+                reason: "spam".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("ban");
+    let response = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("the ban ends the wait")
+        .unwrap();
+    let errs = errors(&response);
+    assert_eq!(errs.len(), 1, "{response:?}");
+    assert_eq!(errs[0].code, "permission_denied");
+    assert_eq!(errs[0].room_id, public);
+    assert_eq!(cursor(&response, &public), None);
+    // Unknown rooms and cursors beyond the end are the room's errors too.
+    let open = create_room(&server, &owner, pb::RoomKind::Public).await;
+    let odd = poll::poll(
+        &server,
+        &reader.access_token,
+        &request(&[("r_nope", Some(0)), (&open, Some(99))], LONG_WAIT_MS),
+    )
+    .await
+    .expect("poll");
+    let codes: Vec<String> = errors(&odd).into_iter().map(|e| e.code).collect();
+    assert_eq!(codes, vec!["not_found", "out_of_range"]);
+});
+
+both_backends!(notifications_wake_a_poll, |backend| async move {
+    let _gauge = GAUGE.read().await;
+    let server = TestServer::spawn(backend).await;
+    let (owner, reader, room) = room_with_reader(&server, pb::RoomKind::Public).await;
+    // Notifications only, from the user's current position.
+    let waiting = {
+        let req = pb::PollRequest {
+            notifications: true,
+            wait_ms: LONG_WAIT_MS,
+            ..Default::default()
+        };
+        let rpc = server.rpc_as(&reader.access_token);
+        tokio::spawn(async move {
+            rpc.call_proto::<_, pb::PollResponse>("PushService/Poll", &req)
+                .await
+                .expect("poll")
+        })
+    };
+    until_waiting(&server, 1).await;
+    // A mention is a notification.
+    send_http(
+        &server,
+        &owner,
+        &room,
+        &format!("hi @{}", reader.username),
+        "",
+    )
+    .await;
+    let response = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("woken by the notification")
+        .unwrap();
+    let found = notifications(&response);
+    assert_eq!(found.len(), 1, "{response:?}");
+    assert_eq!(found[0].kind, pb::NotificationKind::Mention as i32);
+    assert_eq!(response.notifications_seq, found[0].seq);
+    // Resuming from the cursor: nothing again.
+    let req = pb::PollRequest {
+        notifications: true,
+        notifications_after_seq: Some(response.notifications_seq),
+        ..Default::default()
+    };
+    let again = poll::poll(&server, &reader.access_token, &req)
+        .await
+        .expect("poll");
+    assert!(notifications(&again).is_empty());
+});
+
+both_backends!(bad_requests_get_clear_errors, |backend| async move {
+    let _gauge = GAUGE.read().await;
+    let (server, admin) = TestServer::spawn_with_admin(backend, |s| s.poll.max_rooms = 2).await;
+    let (_owner, reader, room) = room_with_reader(&server, pb::RoomKind::Public).await;
+    let token = &reader.access_token;
+    let nothing = pb::PollRequest::default();
+    expect_error(
+        poll::poll(&server, token, &nothing).await,
+        "invalid_argument",
+        400,
+    );
+    let twice = request(&[(&room, Some(0)), (&room, Some(0))], 0);
+    expect_error(
+        poll::poll(&server, token, &twice).await,
+        "invalid_argument",
+        400,
+    );
+    let many = request(&[("r_a", None), ("r_b", None), ("r_c", None)], 0);
+    expect_error(
+        poll::poll(&server, token, &many).await,
+        "invalid_argument",
+        400,
+    );
+    let mut big = request(&[(&room, Some(0))], 0);
+    big.limit = 100_000;
+    expect_error(
+        poll::poll(&server, token, &big).await,
+        "invalid_argument",
+        400,
+    );
+    let beyond = pb::PollRequest {
+        notifications: true,
+        notifications_after_seq: Some(5),
+        ..Default::default()
+    };
+    expect_error(
+        poll::poll(&server, token, &beyond).await,
+        "out_of_range",
+        400,
+    );
+    // No token; an API key (it has no rooms to read).
+    expect_error(
+        server
+            .rpc()
+            .call_proto::<_, pb::PollResponse>("PushService/Poll", &request(&[(&room, None)], 0))
+            .await,
+        "unauthenticated",
+        401,
+    );
+    let key: pb::CreateApiKeyResponse = server
+        .rpc_as(&admin.access_token)
+        .call_proto(
+            "AuthService/CreateApiKey",
+            &pb::CreateApiKeyRequest { name: "k".into() },
+        )
+        .await
+        .expect("an API key");
+    expect_error(
+        poll::poll(&server, &key.secret, &request(&[(&room, None)], 0)).await,
+        "permission_denied",
+        403,
+    );
+});
