@@ -8,7 +8,9 @@
 //!   slots for unauthenticated connections (`realtime.max_unauthenticated`); when it
 //!   authenticates, that slot is exchanged for one of its user's
 //!   (`realtime.max_connections_per_user`). Refusals before the upgrade are HTTP
-//!   errors; a user over the cap is closed with `TOO_MANY_CONNECTIONS`.
+//!   errors; a user over the cap is closed with `TOO_MANY_CONNECTIONS`. An
+//!   anonymous viewer of a live room gives its unauthenticated slot back and keeps
+//!   only its address's slot.
 //!
 //! A limit of 0 means no limit. Slots go back when the permit or ticket is dropped.
 
@@ -149,6 +151,8 @@ impl Drop for ConnectionPermit {
 
 enum TicketState {
     Unauthenticated,
+    /// An anonymous viewer: only the per-address slot.
+    Anonymous,
     User(String),
     Released,
 }
@@ -165,9 +169,11 @@ impl WsTicket {
     /// authenticates again keeps its slot.
     pub fn authenticated(&self, user: &str) -> Result<(), Refusal> {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if !matches!(*state, TicketState::Unauthenticated) {
-            return Ok(());
-        }
+        let was_unauthenticated = match *state {
+            TicketState::Unauthenticated => true,
+            TicketState::Anonymous => false,
+            _ => return Ok(()),
+        };
         let limit = self.admission.limits.per_user;
         let mut counts = self.admission.lock();
         let n = counts.per_user.entry(user.to_owned()).or_default();
@@ -178,9 +184,21 @@ impl WsTicket {
             return Err(Refusal::PerUser(limit).counted());
         }
         *n += 1;
-        counts.unauthenticated -= 1;
+        if was_unauthenticated {
+            counts.unauthenticated -= 1;
+        }
         *state = TicketState::User(user.to_owned());
         Ok(())
+    }
+
+    /// Gives the unauthenticated slot back: the connection watches live rooms
+    /// anonymously (its address's slot still counts).
+    pub fn anonymous(&self) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if matches!(*state, TicketState::Unauthenticated) {
+            self.admission.lock().unauthenticated -= 1;
+            *state = TicketState::Anonymous;
+        }
     }
 }
 
@@ -201,7 +219,7 @@ impl Drop for WsTicket {
                     }
                 }
             }
-            TicketState::Released => {}
+            TicketState::Anonymous | TicketState::Released => {}
         }
         if let Some(ip) = self.ip {
             if let Some(n) = counts.per_ip.get_mut(&ip) {

@@ -14,6 +14,33 @@ pub const SUBPROTOCOL_JSON: &str = "roomcast.v1.json";
 /// Subprotocol for binary frames carrying protobuf.
 pub const SUBPROTOCOL_PROTO: &str = "roomcast.v1.proto";
 
+/// Subprotocol for JSON text frames that may carry `batch` frames.
+pub const SUBPROTOCOL_JSON_BATCH: &str = "roomcast.v1.json+batch";
+/// Subprotocol for protobuf binary frames that may carry `batch` frames.
+pub const SUBPROTOCOL_PROTO_BATCH: &str = "roomcast.v1.proto+batch";
+
+/// The codec of a subprotocol and whether it takes `batch` frames; `None` for a
+/// subprotocol roomcast does not speak.
+pub fn parse_subprotocol(name: &str) -> Option<(FrameCodec, bool)> {
+    match name {
+        SUBPROTOCOL_JSON => Some((FrameCodec::Json, false)),
+        SUBPROTOCOL_PROTO => Some((FrameCodec::Proto, false)),
+        SUBPROTOCOL_JSON_BATCH => Some((FrameCodec::Json, true)),
+        SUBPROTOCOL_PROTO_BATCH => Some((FrameCodec::Proto, true)),
+        _ => None,
+    }
+}
+
+/// The subprotocol name of a codec, with or without batches.
+pub fn subprotocol(codec: FrameCodec, batch: bool) -> &'static str {
+    match (codec, batch) {
+        (FrameCodec::Json, false) => SUBPROTOCOL_JSON,
+        (FrameCodec::Proto, false) => SUBPROTOCOL_PROTO,
+        (FrameCodec::Json, true) => SUBPROTOCOL_JSON_BATCH,
+        (FrameCodec::Proto, true) => SUBPROTOCOL_PROTO_BATCH,
+    }
+}
+
 /// How a connection encodes its frames.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FrameCodec {
@@ -93,6 +120,85 @@ pub fn encode(frame: &pb::ServerFrame, codec: FrameCodec) -> WireFrame {
     }
 }
 
+/// Field number of `ServerFrame.batch` (realtime.proto).
+const SERVER_FRAME_BATCH_FIELD: u32 = 32;
+
+/// A `batch` push of `room_id` holding `frames` in order, built from each frame's
+/// encoding in `codec` (encoded on first use, then shared): nothing is encoded
+/// twice, and the result is exactly what encoding the `Batch` message would give.
+pub fn encode_batch<'a>(
+    room_id: &str,
+    frames: impl Iterator<Item = &'a SharedFrame> + Clone,
+    codec: FrameCodec,
+) -> WireFrame {
+    match codec {
+        FrameCodec::Json => {
+            // `{"batch":{"roomId":"...","frames":[f1,f2,...]}}`: the proto3 JSON
+            // of ServerFrame { batch: Batch { room_id, frames } } (id 0 omitted).
+            let parts: Vec<ByteString> = frames
+                .map(|f| match f.wire(FrameCodec::Json) {
+                    WireFrame::Text(text) => text,
+                    WireFrame::Binary(_) => ByteString::new(),
+                })
+                .collect();
+            let room = serde_json::to_string(room_id).unwrap_or_else(|_| String::from("\"\""));
+            let mut out = String::with_capacity(
+                32 + room.len() + parts.iter().map(|p| p.len() + 1).sum::<usize>(),
+            );
+            out.push_str("{\"batch\":{\"roomId\":");
+            out.push_str(&room);
+            out.push_str(",\"frames\":[");
+            for (i, part) in parts.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push_str(part);
+            }
+            out.push_str("]}}");
+            WireFrame::Text(ByteString::from(out))
+        }
+        FrameCodec::Proto => {
+            use prost::encoding::{encode_key, encode_varint, encoded_len_varint, WireType};
+            let parts: Vec<Bytes> = frames
+                .map(|f| match f.wire(FrameCodec::Proto) {
+                    WireFrame::Binary(bytes) => bytes,
+                    WireFrame::Text(_) => Bytes::new(),
+                })
+                .collect();
+            // Batch { room_id = 1; repeated ServerFrame frames = 2; }: one byte of
+            // key each (fields 1 and 2), then the length and the bytes.
+            let room_len = if room_id.is_empty() {
+                0
+            } else {
+                1 + encoded_len_varint(room_id.len() as u64) + room_id.len()
+            };
+            let inner = room_len
+                + parts
+                    .iter()
+                    .map(|p| 1 + encoded_len_varint(p.len() as u64) + p.len())
+                    .sum::<usize>();
+            let mut out = Vec::with_capacity(inner + 8);
+            encode_key(
+                SERVER_FRAME_BATCH_FIELD,
+                WireType::LengthDelimited,
+                &mut out,
+            );
+            encode_varint(inner as u64, &mut out);
+            if !room_id.is_empty() {
+                encode_key(1, WireType::LengthDelimited, &mut out);
+                encode_varint(room_id.len() as u64, &mut out);
+                out.extend_from_slice(room_id.as_bytes());
+            }
+            for part in &parts {
+                encode_key(2, WireType::LengthDelimited, &mut out);
+                encode_varint(part.len() as u64, &mut out);
+                out.extend_from_slice(part);
+            }
+            WireFrame::Binary(Bytes::from(out))
+        }
+    }
+}
+
 /// One committed room event, as pushed to subscribers. It keeps the stored record
 /// so that the room's ring can show a later edit or deletion exactly as the store
 /// does.
@@ -165,4 +271,50 @@ pub mod close {
     pub const DISCONNECTED: u16 = 4504;
     /// A frame was larger than the server accepts (standard code).
     pub const MESSAGE_TOO_BIG: u16 = 1009;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text_push(seq: u64, text: &str) -> SharedFrame {
+        SharedFrame::new(push(pb::server_frame::Kind::Message(pb::Message {
+            room_id: "r_1".into(),
+            seq,
+            text: text.into(),
+            kind: pb::MessageKind::Text as i32,
+            ..Default::default()
+        })))
+    }
+
+    /// A batch built from the shared encodings decodes, in both codecs, to the
+    /// `Batch` message holding the same frames in order.
+    #[test]
+    fn batches_decode_to_their_frames_in_both_codecs() {
+        let frames = [
+            text_push(1, "a"),
+            text_push(2, "b \"quoted\" é"),
+            text_push(3, ""),
+        ];
+        let expected = push(pb::server_frame::Kind::Batch(pb::Batch {
+            room_id: "r_1".into(),
+            frames: frames.iter().map(|f| f.frame().clone()).collect(),
+        }));
+        let WireFrame::Binary(bytes) = encode_batch("r_1", frames.iter(), FrameCodec::Proto) else {
+            panic!("protobuf batches are binary");
+        };
+        assert_eq!(pb::ServerFrame::decode(bytes).expect("decodes"), expected);
+        assert_eq!(Bytes::from(expected.encode_to_vec()), {
+            let WireFrame::Binary(again) = encode_batch("r_1", frames.iter(), FrameCodec::Proto)
+            else {
+                panic!("binary");
+            };
+            again
+        });
+        let WireFrame::Text(text) = encode_batch("r_1", frames.iter(), FrameCodec::Json) else {
+            panic!("JSON batches are text");
+        };
+        let decoded: pb::ServerFrame = serde_json::from_str(&text).expect("JSON decodes");
+        assert_eq!(decoded, expected);
+    }
 }

@@ -330,6 +330,53 @@ pub struct RoomSettings {
     pub max_pending_appends: usize,
     /// Most rooms one user may create (server admins are exempt); 0: no limit.
     pub max_rooms_per_user: u64,
+    /// Live rooms (comments kept in memory, host controls).
+    pub live: LiveRoomSettings,
+}
+
+/// Default of `rooms.live.ring_size`.
+pub const LIVE_RING_SIZE: usize = 1000;
+/// Default of `rooms.live.coalesce_ms`.
+pub const LIVE_COALESCE_MS: u64 = 20;
+/// Default of `rooms.live.viewer_count_interval_ms`.
+pub const LIVE_VIEWER_COUNT_INTERVAL_MS: u64 = 2000;
+/// Default of `rooms.live.seq_reservation`.
+pub const LIVE_SEQ_RESERVATION: u64 = 1024;
+
+/// Live rooms: messages kept in an in-memory ring instead of the store.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LiveRoomSettings {
+    /// Messages each live room keeps in memory; a client resuming from before
+    /// them gets a `gap` frame.
+    pub ring_size: usize,
+    /// Coalescing window of live rooms in ms (a busy room sends one batch per
+    /// window; a quiet one sends at once); 0: off.
+    pub coalesce_ms: u64,
+    /// How often subscribers of a live room get its viewer count, in ms.
+    pub viewer_count_interval_ms: u64,
+    /// Whether join, leave and presence events are pushed in live rooms.
+    pub member_events: bool,
+    /// Sequence numbers a live room reserves in the store at a time (one store
+    /// write per this many messages; a restart skips at most this many numbers,
+    /// announced by a `gap`).
+    pub seq_reservation: u64,
+    /// Words refused in live rooms that enable the word filter (matched as whole
+    /// words, case-insensitively).
+    pub word_filter: Vec<String>,
+}
+
+impl Default for LiveRoomSettings {
+    fn default() -> Self {
+        Self {
+            ring_size: LIVE_RING_SIZE,
+            coalesce_ms: LIVE_COALESCE_MS,
+            viewer_count_interval_ms: LIVE_VIEWER_COUNT_INTERVAL_MS,
+            member_events: false,
+            seq_reservation: LIVE_SEQ_RESERVATION,
+            word_filter: Vec::new(),
+        }
+    }
 }
 
 impl Default for RoomSettings {
@@ -343,6 +390,7 @@ impl Default for RoomSettings {
             retention_sweep_secs: 60,
             max_pending_appends: 4096,
             max_rooms_per_user: 1000,
+            live: LiveRoomSettings::default(),
         }
     }
 }
@@ -772,6 +820,18 @@ impl Settings {
         }
         if rt.send_rate_per_sec == 0 || rt.send_burst == 0 {
             return bad("realtime.send_rate_per_sec", "rate limits must be positive");
+        }
+        if self.rooms.live.ring_size == 0 {
+            return bad("rooms.live.ring_size", "must be positive");
+        }
+        if self.rooms.live.seq_reservation == 0 {
+            return bad("rooms.live.seq_reservation", "must be positive");
+        }
+        if self.rooms.live.viewer_count_interval_ms < 100 {
+            return bad(
+                "rooms.live.viewer_count_interval_ms",
+                "must be at least 100",
+            );
         }
         if self.rooms.max_pending_appends == 0 {
             return bad("rooms.max_pending_appends", "must be positive");

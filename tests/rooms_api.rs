@@ -324,6 +324,7 @@ both_backends!(creates_every_kind_of_room, |backend| async move {
             topic: " General chat\nwelcome ".into(),
             retention_seconds: 86_400,
             member_ids: vec![friend.id.clone()],
+            live: None,
         };
         let resp: pb::CreateRoomResponse =
             owner.call("CreateRoom", req).await.expect("public room");

@@ -10,7 +10,16 @@
 //!   signal (its queue overflowed) or a "resync" (the room restarted) all lead back
 //!   to that catch-up, so the client always continues from exactly where it was;
 //! - history that retention pruned is never skipped silently: a `gap` frame names
-//!   the exact range the client will not receive.
+//!   the exact range the client will not receive;
+//! - live rooms keep no history in the store: what their ring no longer holds (and,
+//!   for a subscriber that lagged, everything up to the room's newest event) is
+//!   announced by a `gap` frame instead of a catch-up;
+//! - a subscription that asked for batches (`Subscribe.batch`) gets a room's batch
+//!   of events as one shared `batch` frame, written with one write.
+//!
+//! An anonymous viewer (`authenticate` with `anonymous`) has no user: it may only
+//! subscribe to live rooms that allow anonymous viewers (the room decides) and
+//! unsubscribe.
 //!
 //! Access is checked again on every (re-)registration with a room and before every
 //! catch-up page, and a removal from the room (delivered through the room and
@@ -111,6 +120,10 @@ struct RoomSub {
     pending_reply: Option<u64>,
     /// Times in a row the room actor was found gone; bounded by [`MAX_RELOCATIONS`].
     relocations: u32,
+    /// The subscription takes `batch` frames.
+    batch: bool,
+    /// The next registration follows a lag: a live room moves it to its newest event.
+    tail: bool,
     /// A live-only subscription not registered yet: it starts after the room's
     /// sequence at registration, however many attempts registering takes.
     live_only_start: bool,
@@ -126,6 +139,10 @@ pub struct Connection {
     state: AppState,
     codec: FrameCodec,
     principal: Option<Principal>,
+    /// An anonymous viewer (no principal): may watch live rooms that allow it.
+    anonymous: bool,
+    /// The client takes `batch` frames (a `+batch` subprotocol, SSE `batch=true`).
+    batch: bool,
     /// A token from the upgrade request, checked when the actor starts.
     initial_token: Option<String>,
     subs: HashMap<RoomId, RoomSub>,
@@ -188,6 +205,8 @@ impl Connection {
             state,
             codec,
             principal: None,
+            anonymous: false,
+            batch: false,
             initial_token: token,
             subs: HashMap::new(),
             gauge,
@@ -211,6 +230,12 @@ impl Connection {
     /// stream's `subscribe` and `subscribe_notifications`).
     pub fn with_initial_frames(mut self, frames: Vec<pb::ClientFrame>) -> Self {
         self.initial_frames = frames;
+        self
+    }
+
+    /// The client takes `batch` frames: a room's busy period arrives as one frame.
+    pub fn with_batches(mut self, batch: bool) -> Self {
+        self.batch = batch;
         self
     }
 
@@ -252,6 +277,9 @@ impl Connection {
             code: error.code.as_str().to_owned(),
             message: error.message.clone(),
             room_id: room_id.to_owned(),
+            retry_after_ms: error
+                .retry_after
+                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
         });
         self.reply(ctx, id, kind);
     }
@@ -362,8 +390,10 @@ impl Connection {
             heartbeat_interval_ms: rt.heartbeat_interval_ms,
             idle_timeout_ms: rt.idle_timeout_ms,
             connection_id: self.id.to_string(),
+            anonymous: false,
         };
         self.principal = Some(principal);
+        self.anonymous = false;
         self.reply(ctx, request_id.unwrap_or(0), Out::Authenticated(reply));
         for frame in std::mem::take(&mut self.initial_frames) {
             self.on_frame(ctx, frame);
@@ -387,8 +417,27 @@ impl Connection {
             self.authenticate(ctx, Some(id), auth.access_token);
             return;
         }
+        if let In::AuthenticateAnonymous(_) = kind {
+            self.watch_anonymously(ctx, id);
+            return;
+        }
         if let In::Ping(_) = kind {
             self.reply(ctx, id, Out::Pong(pb::Pong {}));
+            return;
+        }
+        if self.anonymous && self.principal.is_none() {
+            // Access rules match roles, and an anonymous viewer has none: the room
+            // itself decides whether it may watch.
+            match kind {
+                In::Subscribe(sub) => self.subscribe(ctx, id, None, sub),
+                In::Unsubscribe(unsub) => self.unsubscribe(ctx, id, unsub),
+                _ => {
+                    let error = ApiError::unauthenticated(
+                        "anonymous viewers may only subscribe to live rooms that allow them; authenticate to do more",
+                    );
+                    self.reply_error(ctx, id, &error, "");
+                }
+            }
             return;
         }
         let Some(principal) = self.principal.clone() else {
@@ -408,7 +457,7 @@ impl Connection {
             In::Typing(f) => ("typing", f.room_id.as_str()),
             In::MarkRead(f) => ("mark_read", f.room_id.as_str()),
             In::SubscribeNotifications(_) => ("subscribe_notifications", ""),
-            In::Authenticate(_) | In::Ping(_) => ("", ""),
+            In::Authenticate(_) | In::Ping(_) | In::AuthenticateAnonymous(_) => ("", ""),
         };
         if let Err(error) = self
             .state
@@ -421,33 +470,61 @@ impl Connection {
             return;
         }
         match kind {
-            In::Subscribe(sub) => self.subscribe(ctx, id, principal, sub),
-            In::Unsubscribe(unsub) => {
-                let room_id = RoomId(unsub.room_id.clone());
-                match self.subs.remove(&room_id) {
-                    Some(sub) => {
-                        sub.room.do_send(Unsubscribe { conn_id: self.id });
-                        self.reply(
-                            ctx,
-                            id,
-                            Out::Unsubscribed(pb::Unsubscribed {
-                                room_id: unsub.room_id,
-                            }),
-                        );
-                    }
-                    None => {
-                        let error = ApiError::not_found("not subscribed to this room");
-                        self.reply_error(ctx, id, &error, &unsub.room_id);
-                    }
-                }
-            }
+            In::Subscribe(sub) => self.subscribe(ctx, id, Some(principal), sub),
+            In::Unsubscribe(unsub) => self.unsubscribe(ctx, id, unsub),
             In::Send(request) => self.send_message(ctx, id, principal, request),
             In::MarkRead(request) => self.mark_read(ctx, id, principal, request),
             In::Typing(typing) => self.typing(ctx, id, principal, typing),
             In::SubscribeNotifications(req) => {
                 self.subscribe_notifications(ctx, id, principal, req)
             }
-            In::Authenticate(_) | In::Ping(_) => {}
+            In::Authenticate(_) | In::Ping(_) | In::AuthenticateAnonymous(_) => {}
+        }
+    }
+
+    /// `authenticate_anonymous`: the connection watches without an account.
+    fn watch_anonymously(&mut self, ctx: &mut Ctx, id: u64) {
+        if self.principal.is_some() {
+            let error = ApiError::failed_precondition(
+                "the connection is authenticated already; it cannot become anonymous",
+            );
+            return self.reply_error(ctx, id, &error, "");
+        }
+        if !self.anonymous {
+            // Leaves the slots of connections waiting to authenticate (see
+            // crate::admission); the per-address cap still holds.
+            self.transport.admit_anonymous();
+            self.anonymous = true;
+            tracing::debug!(conn = self.id, "anonymous viewer");
+        }
+        let rt = &self.state.settings.realtime;
+        let reply = pb::Authenticated {
+            user: None,
+            heartbeat_interval_ms: rt.heartbeat_interval_ms,
+            idle_timeout_ms: rt.idle_timeout_ms,
+            connection_id: self.id.to_string(),
+            anonymous: true,
+        };
+        self.reply(ctx, id, Out::Authenticated(reply));
+    }
+
+    fn unsubscribe(&mut self, ctx: &mut Ctx, id: u64, unsub: pb::Unsubscribe) {
+        let room_id = RoomId(unsub.room_id.clone());
+        match self.subs.remove(&room_id) {
+            Some(sub) => {
+                sub.room.do_send(Unsubscribe { conn_id: self.id });
+                self.reply(
+                    ctx,
+                    id,
+                    Out::Unsubscribed(pb::Unsubscribed {
+                        room_id: unsub.room_id,
+                    }),
+                );
+            }
+            None => {
+                let error = ApiError::not_found("not subscribed to this room");
+                self.reply_error(ctx, id, &error, &unsub.room_id);
+            }
         }
     }
 
@@ -576,7 +653,15 @@ impl Connection {
 
     // --- subscriptions ---------------------------------------------------------
 
-    fn subscribe(&mut self, ctx: &mut Ctx, id: u64, principal: Principal, req: pb::Subscribe) {
+    /// `principal` is `None` for an anonymous viewer: the room decides whether it
+    /// may watch (a live room that allows anonymous viewers).
+    fn subscribe(
+        &mut self,
+        ctx: &mut Ctx,
+        id: u64,
+        principal: Option<Principal>,
+        req: pb::Subscribe,
+    ) {
         let room_id = RoomId(req.room_id.clone());
         if self.subs.contains_key(&room_id) || self.pending_subscribes.contains(&room_id) {
             self.reply_error(
@@ -599,10 +684,16 @@ impl Connection {
         self.pending_subscribes.insert(room_id.clone());
         let state = self.state.clone();
         let since = req.since_seq;
+        let batch = self.batch;
         let reads = self.reads.clone();
         let fut = async move {
             let slot = read_slot(&reads).await?;
             let checked_at = Instant::now();
+            let Some(principal) = principal else {
+                drop(slot);
+                let room_id = RoomId::from(crate::domain::validate::id("room_id", &req.room_id)?);
+                return Ok((messages::room_actor(&state, &room_id).await?, checked_at));
+            };
             let access = room_access(&state, &principal, &req.room_id).await?;
             drop(slot);
             access.require_read()?;
@@ -628,6 +719,8 @@ impl Connection {
                         resume_from: since.map(|s| s.saturating_add(1)),
                         pending_reply: Some(id),
                         relocations: 0,
+                        batch,
+                        tail: false,
                         live_only_start: since.is_none(),
                         catch_up_upto: 0,
                         last_typing: None,
@@ -656,10 +749,17 @@ impl Connection {
             codec: self.codec,
             addr: ctx.address().recipient(),
             gauge: self.gauge.clone(),
+            batch: false,
         };
+        let anonymous = self.principal.is_none();
         let Some(sub) = self.subs.get_mut(room_id) else {
             return;
         };
+        let subscriber = Subscriber {
+            batch: sub.batch,
+            ..subscriber
+        };
+        let tail = std::mem::take(&mut sub.tail);
         sub.generation = generation;
         sub.phase = Phase::Subscribing {
             buffered: Vec::new(),
@@ -673,6 +773,8 @@ impl Connection {
         let fut = async move {
             let access_checked_at = match access_checked_at {
                 Some(at) => at,
+                // The room checks an anonymous viewer on every registration.
+                None if anonymous => Instant::now(),
                 None => {
                     let _slot = read_slot(&reads).await?;
                     let at = Instant::now();
@@ -685,6 +787,8 @@ impl Connection {
                     subscriber,
                     since,
                     access_checked_at,
+                    anonymous,
+                    tail,
                 })
                 .await,
             )
@@ -798,7 +902,11 @@ impl Connection {
                 sub.phase = Phase::CatchingUp;
                 self.catch_up(ctx, room_id.clone(), last_seq);
             }
-            SubscribeReply::Live { last_seq, replay } => {
+            SubscribeReply::Live {
+                last_seq,
+                gap,
+                replay,
+            } => {
                 let buffered = match std::mem::replace(&mut sub.phase, Phase::Live) {
                     Phase::Subscribing { buffered } => buffered,
                     _ => Vec::new(),
@@ -808,6 +916,15 @@ impl Connection {
                     sub.delivered = sub.delivered.max(last_seq);
                 }
                 sub.live_only_start = false;
+                if let Some((from_seq, to_seq)) = gap {
+                    // A live room no longer holds these (or the subscriber lagged):
+                    // say so, and continue after them.
+                    if to_seq > sub.delivered {
+                        let from_seq = from_seq.max(sub.delivered + 1);
+                        sub.delivered = to_seq;
+                        self.gap(ctx, room_id, from_seq, to_seq);
+                    }
+                }
                 for event in replay.iter().chain(buffered.iter()) {
                     if !self.deliver(ctx, room_id, event) {
                         return;
@@ -877,6 +994,12 @@ impl Connection {
                     close::TOO_SLOW,
                     "the connection cannot keep up; reconnect and resume",
                 );
+                return;
+            }
+            if self.subs.get(room_id).is_some_and(|s| s.tail) {
+                // A live room: no catch-up; the `gap` up to the room's newest
+                // event says what was skipped.
+                self.register(ctx, room_id, None);
                 return;
             }
             let frame = protocol::push(Out::Lagging(pb::Lagging {
@@ -1031,7 +1154,7 @@ impl Actor for Connection {
             }
         });
         ctx.run_later(Duration::from_millis(rt.auth_deadline_ms), |act, ctx| {
-            if act.principal.is_none() {
+            if act.principal.is_none() && !act.anonymous {
                 act.close(ctx, close::AUTH_FAILED, "not authenticated in time");
             }
         });
@@ -1118,6 +1241,23 @@ impl Handler<RoomPush> for Connection {
                     }
                     Phase::CatchingUp => {}
                     Phase::Live => {
+                        let (first, last) = match (batch.events.first(), batch.events.last()) {
+                            (Some(first), Some(last)) => (first.seq, last.seq),
+                            _ => return,
+                        };
+                        let contiguous = last - first + 1 == batch.events.len() as u64;
+                        if batch.sends_as_batch(sub.batch)
+                            && contiguous
+                            && first == sub.delivered.saturating_add(1)
+                        {
+                            // The common case: the whole batch is next; one shared
+                            // frame, one write.
+                            sub.delivered = last;
+                            self.transport.advance(Cursor::Room(room_id.clone(), last));
+                            let wire = batch.batch_wire(self.codec);
+                            self.write(ctx, wire);
+                            return;
+                        }
                         for event in &batch.events {
                             if !self.deliver(ctx, room_id, event) {
                                 break;
@@ -1136,7 +1276,14 @@ impl Handler<RoomPush> for Connection {
                     self.write(ctx, frame.wire(self.codec));
                 }
             }
-            RoomPush::Lagged { room_id } => self.restart_delivery(ctx, &room_id, true),
+            RoomPush::Lagged { room_id, tail } => {
+                if tail {
+                    if let Some(sub) = self.subs.get_mut(&room_id) {
+                        sub.tail = true;
+                    }
+                }
+                self.restart_delivery(ctx, &room_id, true)
+            }
             RoomPush::Resync { room_id } => self.restart_delivery(ctx, &room_id, false),
             RoomPush::Removed { room_id, frame } => self.removed(ctx, &room_id, &frame),
         }
@@ -1289,6 +1436,7 @@ impl Connection {
                                     error.message
                                 ),
                                 room_id: String::new(),
+                                retry_after_ms: 0,
                             })),
                         );
                     }

@@ -7,6 +7,8 @@
 //! - [`room_registry`]: `RoomRegistry` (supervised), room id → running room actor.
 //! - [`room`]: `RoomActor` (supervised), a room's sequence, recent-event ring,
 //!   group commit and fan-out to subscribers.
+//! - [`live_state`]: what a room actor keeps for a live room (controls, pinned
+//!   message, reserved sequence numbers); not an actor.
 //! - [`session_registry`]: `SessionRegistry` (supervised), user id → user session.
 //! - [`user_session`]: `UserSession`, one online user's connections and presence.
 //! - [`poll_hub`]: `PollHub` (supervised), wakes the long-polls waiting on this
@@ -20,6 +22,7 @@
 
 pub mod authenticator;
 pub mod connection;
+pub mod live_state;
 pub mod password_hasher;
 pub mod poll_hub;
 pub mod retention;

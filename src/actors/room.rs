@@ -16,12 +16,24 @@
 //! banned, left) and refuses a subscription whose access was checked before that.
 //! A commit that fails for a batch is retried one message at a time, so one bad
 //! message fails alone; the queue of appends waiting for a commit is bounded.
+//!
+//! A live room (see [`super::live_state`]) keeps its comments in the ring only: it
+//! numbers them from a block of sequence numbers reserved in the store, answers
+//! the sender at once, applies the host controls, pushes a viewer count at an
+//! interval instead of presence and join/leave events, and moves a subscriber that
+//! lags to the ring's tail with a `gap` instead of a catch-up from the store.
+//!
+//! Coalescing: a room that delivered within its window (`rooms.live.coalesce_ms`
+//! for live rooms, `realtime.coalesce_window_ms` for chat rooms) collects events
+//! until the window ends and hands each subscriber one [`EventBatch`]; the batch
+//! is encoded once per codec (as single frames and as one `batch` frame) and the
+//! bytes are shared by every subscriber.
 
 use std::{
     collections::{HashMap, VecDeque},
     sync::{
         atomic::{AtomicBool, AtomicUsize, Ordering},
-        Arc,
+        Arc, OnceLock,
     },
     time::{Duration, Instant},
 };
@@ -32,15 +44,20 @@ use actix::{
 };
 use tokio::sync::oneshot;
 
-use super::supervision::{catch_panic, guarded};
+use super::{
+    live_state::LiveState,
+    supervision::{catch_panic, guarded},
+};
 use crate::{
     error::{ApiError, Code},
-    ids::{RoomId, UserId},
+    ids::{now_ms, MessageId, RoomId, UserId},
     model::{MessageKind, RoomKind},
     proto::v1 as pb,
-    protocol::{FrameCodec, RoomEvent, SharedFrame},
+    protocol::{FrameCodec, RoomEvent, SharedFrame, WireFrame},
     settings::Settings,
-    store::{AppendRejection, Appended, MessageRecord, NewMessage, Store, StoreError},
+    store::{
+        AppendRejection, Appended, LiveControlsRecord, MessageRecord, NewMessage, Store, StoreError,
+    },
 };
 
 /// Identifies one connection (unique within this process).
@@ -107,17 +124,57 @@ impl OutboundGauge {
     }
 }
 
-/// Committed events of one room, in sequence order, shared by every subscriber.
+/// Committed events of one room, in sequence order (contiguous), shared by every
+/// subscriber.
 #[derive(Debug)]
 pub struct EventBatch {
     pub room_id: RoomId,
     pub events: Vec<Arc<RoomEvent>>,
+    /// The events as one `batch` frame, per codec, encoded on first use.
+    json: OnceLock<WireFrame>,
+    proto: OnceLock<WireFrame>,
 }
 
 impl EventBatch {
-    /// Bytes the batch takes on a connection using `codec` (encodes on first use).
-    fn wire_len(&self, codec: FrameCodec) -> usize {
-        self.events.iter().map(|e| e.frame.wire(codec).len()).sum()
+    pub fn new(room_id: RoomId, events: Vec<Arc<RoomEvent>>) -> Self {
+        Self {
+            room_id,
+            events,
+            json: OnceLock::new(),
+            proto: OnceLock::new(),
+        }
+    }
+
+    /// Whether a subscription that asked for batches gets this one as one frame:
+    /// it holds more than one event.
+    pub fn sends_as_batch(&self, batch: bool) -> bool {
+        batch && self.events.len() > 1
+    }
+
+    /// The events as one `batch` frame in `codec` (encoded once, then shared).
+    pub fn batch_wire(&self, codec: FrameCodec) -> WireFrame {
+        let cell = match codec {
+            FrameCodec::Json => &self.json,
+            FrameCodec::Proto => &self.proto,
+        };
+        cell.get_or_init(|| {
+            crate::protocol::encode_batch(
+                self.room_id.as_str(),
+                self.events.iter().map(|e| &e.frame),
+                codec,
+            )
+        })
+        .clone()
+    }
+
+    /// Bytes the batch takes on a connection using `codec`, as one `batch` frame
+    /// or as single frames (encodes on first use).
+    fn wire_len(&self, codec: FrameCodec, batch: bool) -> usize {
+        if self.sends_as_batch(batch) {
+            self.batch_wire(codec).len()
+        } else {
+            self.events.iter().map(|e| e.frame.wire(codec).len()).sum()
+        }
     }
 }
 
@@ -137,7 +194,9 @@ pub enum RoomPush {
         bytes: usize,
     },
     /// The subscription was dropped because the connection's queue was full.
-    Lagged { room_id: RoomId },
+    /// `tail`: a live room, which moves the subscriber to its newest event with a
+    /// `gap` (subscribe again with [`Subscribe::tail`]) instead of a catch-up.
+    Lagged { room_id: RoomId, tail: bool },
     /// The room restarted: subscribe again from the last delivered event.
     Resync { room_id: RoomId },
     /// The user may no longer read the room; the subscription has ended.
@@ -155,6 +214,8 @@ pub struct Subscriber {
     pub codec: FrameCodec,
     pub addr: Recipient<RoomPush>,
     pub gauge: Arc<OutboundGauge>,
+    /// The subscription takes `batch` frames (`Subscribe.batch`).
+    pub batch: bool,
 }
 
 /// Appends one event; answered after commit.
@@ -162,6 +223,10 @@ pub struct Subscriber {
 #[rtype(result = "Result<Appended, ApiError>")]
 pub struct Append {
     pub message: NewMessage,
+    /// The sender is one of the room's hosts (owner, moderator, server admin, or the
+    /// server publish API): exempt from a live room's host-only mode, slow mode and
+    /// rate limit.
+    pub host: bool,
 }
 
 /// Starts delivery to a subscriber, replaying what came after `since`.
@@ -174,15 +239,22 @@ pub struct Subscribe {
     /// When the subscriber's read access was last checked (just before this): a
     /// user the room saw removed after that is refused.
     pub access_checked_at: Instant,
+    /// An anonymous viewer: only live rooms that allow them accept it.
+    pub anonymous: bool,
+    /// The subscriber lagged: a live room moves it to its newest event (a `gap`
+    /// covers the rest) instead of replaying its ring.
+    pub tail: bool,
 }
 
 /// The answer to [`Subscribe`].
 #[derive(Debug)]
 pub enum SubscribeReply {
-    /// Registered: `replay` holds every event after `since` up to `last_seq`;
-    /// live delivery continues after `last_seq`.
+    /// Registered: `replay` holds every event after `since` up to `last_seq`,
+    /// except the range `gap` (inclusive) that a live room no longer holds, which
+    /// comes before the replay; live delivery continues after `last_seq`.
     Live {
         last_seq: u64,
+        gap: Option<(u64, u64)>,
         replay: Vec<Arc<RoomEvent>>,
     },
     /// Not registered: events after `since` up to `last_seq` are no longer in memory;
@@ -244,6 +316,37 @@ pub struct Restart;
 #[derive(Message)]
 #[rtype(result = "bool")]
 pub struct Retire;
+
+/// Pins a message of a live room (`seq` 0 unpins); answered with the pinned
+/// message once stored.
+#[derive(Message)]
+#[rtype(result = "Result<Option<pb::Message>, ApiError>")]
+pub struct Pin {
+    pub seq: u64,
+}
+
+/// A live room's controls changed (UpdateLiveControls stored them).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ControlsChanged {
+    pub controls: LiveControlsRecord,
+}
+
+/// Asks a room for what only it knows about itself (GetRoom of a live room).
+#[derive(Message)]
+#[rtype(result = "Result<LiveSnapshot, ApiError>")]
+pub struct GetLiveSnapshot;
+
+/// A live room as its actor sees it now.
+#[derive(Debug, Clone)]
+pub struct LiveSnapshot {
+    /// Whether the room is live at all.
+    pub live: bool,
+    /// The newest sequence given out.
+    pub last_seq: u64,
+    pub pinned: Option<pb::Message>,
+    pub viewers: u32,
+}
 
 /// Tells the registry that the room retired (it retires on its own once idle).
 #[derive(Message)]
@@ -325,6 +428,10 @@ pub struct RoomActor {
     last_flush: Instant,
     /// Set while a delayed outbox delivery is scheduled.
     flush_timer: Option<SpawnHandle>,
+    /// Set for a live room.
+    live: Option<LiveState>,
+    /// The viewer count push of a live room.
+    viewer_timer: Option<SpawnHandle>,
     #[cfg(feature = "fault-injection")]
     faults: Faults,
 }
@@ -360,13 +467,36 @@ impl RoomActor {
             outbox: Vec::new(),
             last_flush: Instant::now(),
             flush_timer: None,
+            live: None,
+            viewer_timer: None,
             #[cfg(feature = "fault-injection")]
             faults: Faults::default(),
         }
     }
 
     fn is_idle(&self) -> bool {
-        self.subscribers.is_empty() && self.pending.is_empty() && !self.writing
+        self.subscribers.is_empty()
+            && self.pending.is_empty()
+            && !self.writing
+            && !self.live.as_ref().is_some_and(|l| l.reserving)
+    }
+
+    /// Events the ring keeps.
+    fn ring_size(&self) -> usize {
+        if self.live.is_some() {
+            self.settings.rooms.live.ring_size
+        } else {
+            self.settings.rooms.ring_size
+        }
+    }
+
+    /// The coalescing window.
+    fn coalesce_window(&self) -> Duration {
+        Duration::from_millis(if self.live.is_some() {
+            self.settings.rooms.live.coalesce_ms
+        } else {
+            self.settings.realtime.coalesce_window_ms
+        })
     }
 
     /// Stops taking work: every later request is answered with a retry error, and
@@ -398,14 +528,29 @@ impl RoomActor {
         let store = self.store.clone();
         let id = self.id.clone();
         ctx.wait(
-            async move { store.get_room(&id).await }
+            async move {
+                let room = store.get_room(&id).await?;
+                let live = store.get_live_room(&id).await?;
+                Ok::<_, StoreError>((room, live))
+            }
                 .into_actor(self)
-                .map(|result, act, _ctx| match result {
-                    Ok(room) => {
+                .map(|result, act, ctx| match result {
+                    Ok((room, live)) => {
                         act.kind = Some(room.kind);
                         act.last_seq = room.last_seq;
                         act.broken = None;
-                        tracing::debug!(room = %act.id, last_seq = act.last_seq, "room loaded");
+                        act.live = live.map(|record| {
+                            // A pinned message that no longer parses is dropped, not fatal.
+                            let pinned = record
+                                .pinned
+                                .as_deref()
+                                .and_then(|json| serde_json::from_str::<pb::Message>(json).ok());
+                            LiveState::new(record.controls, pinned, room.last_seq)
+                        });
+                        if act.live.is_some() {
+                            act.start_viewer_counts(ctx);
+                        }
+                        tracing::debug!(room = %act.id, last_seq = act.last_seq, live = act.live.is_some(), "room loaded");
                     }
                     Err(StoreError::NotFound) => {
                         act.broken = Some(ApiError::not_found("room not found"))
@@ -419,8 +564,32 @@ impl RoomActor {
         );
     }
 
-    /// Starts a group commit of everything pending, unless one is running.
+    /// Pushes the viewer count to every subscriber at the configured interval.
+    fn start_viewer_counts(&mut self, ctx: &mut Context<Self>) {
+        if let Some(timer) = self.viewer_timer.take() {
+            ctx.cancel_future(timer);
+        }
+        let every = Duration::from_millis(self.settings.rooms.live.viewer_count_interval_ms);
+        self.viewer_timer = Some(ctx.run_interval(every, |act, _ctx| {
+            if act.subscribers.is_empty() || act.retired {
+                return;
+            }
+            let count = u32::try_from(act.subscribers.len()).unwrap_or(u32::MAX);
+            let frame = crate::protocol::push(pb::server_frame::Kind::Viewers(pb::Viewers {
+                room_id: act.id.0.clone(),
+                count,
+            }));
+            act.notice(frame, None);
+        }));
+    }
+
+    /// Starts a group commit of everything pending, unless one is running; a live
+    /// room numbers and delivers them at once instead.
     fn flush(&mut self, ctx: &mut Context<Self>) {
+        if self.live.is_some() {
+            self.flush_live(ctx);
+            return;
+        }
         if self.writing || self.pending.is_empty() {
             return;
         }
@@ -522,6 +691,191 @@ impl RoomActor {
         self.publish(&events, ctx);
     }
 
+    /// Live rooms: gives each pending append the next sequence number (while the
+    /// reservation lasts), answers it and delivers it. Reserves the next block of
+    /// numbers in the store ahead of need, so a busy room rarely waits for it.
+    fn flush_live(&mut self, ctx: &mut Context<Self>) {
+        if let Some(error) = self.unavailable() {
+            for (_, reply) in self.pending.drain(..) {
+                let _ = reply.send(Err(error.clone()));
+            }
+            return;
+        }
+        let mut published = Vec::new();
+        while !self.pending.is_empty() {
+            let reserved = self.live.as_ref().map_or(0, |l| l.reserved);
+            let next = self.last_seq + 1 + published.len() as u64;
+            if next > reserved {
+                break;
+            }
+            let Some((message, reply)) = self.pending.pop_front() else {
+                break;
+            };
+            match self.live_record(&message, next, &published) {
+                Ok(record) => {
+                    if let (Some(live), Some(key)) = (self.live.as_mut(), &record.client_message_id)
+                    {
+                        live.sent_ids
+                            .insert((record.sender_id.clone(), key.clone()), record.seq);
+                    }
+                    let _ = reply.send(Ok(Appended::Stored(record.clone())));
+                    published.push(record);
+                }
+                Err(rejection) => {
+                    let _ = reply.send(Err(rejection_error(rejection)));
+                }
+            }
+        }
+        crate::metrics::metrics().committed(published.len());
+        self.publish(&published, ctx);
+        for record in published.iter().filter(|r| r.kind == MessageKind::Delete) {
+            if self
+                .live
+                .as_ref()
+                .and_then(|l| l.pinned.as_ref())
+                .is_some_and(|p| p.seq == record.target_seq)
+            {
+                // A deleted message does not stay pinned.
+                self.set_pinned(None, ctx);
+            }
+        }
+        let Some(live) = self.live.as_ref() else {
+            return;
+        };
+        let block = self.settings.rooms.live.seq_reservation;
+        let low = live.reserved.saturating_sub(self.last_seq) < block.div_ceil(2);
+        if (low || !self.pending.is_empty()) && !live.reserving {
+            self.reserve_seqs(ctx);
+        }
+    }
+
+    /// Writes the next block of sequence numbers to the store, then goes on with
+    /// the appends that waited for it.
+    fn reserve_seqs(&mut self, ctx: &mut Context<Self>) {
+        let Some(live) = self.live.as_mut() else {
+            return;
+        };
+        live.reserving = true;
+        let upto = live.reserved.max(self.last_seq) + self.settings.rooms.live.seq_reservation;
+        let store = self.store.clone();
+        let id = self.id.clone();
+        ctx.spawn(
+            async move { store.reserve_live_seqs(&id, upto).await }
+                .into_actor(self)
+                .map(move |result, act, ctx| {
+                    let Some(live) = act.live.as_mut() else {
+                        return;
+                    };
+                    live.reserving = false;
+                    match result {
+                        Ok(()) => {
+                            live.reserved = live.reserved.max(upto);
+                            act.flush_live(ctx);
+                        }
+                        Err(e) => {
+                            tracing::error!(room = %act.id, error = %e, "cannot reserve sequence numbers");
+                            let error = ApiError::unavailable(
+                                "the live room cannot reserve sequence numbers; retry with the same client_message_id",
+                            );
+                            for (_, reply) in act.pending.drain(..) {
+                                let _ = reply.send(Err(error.clone()));
+                            }
+                        }
+                    }
+                }),
+        );
+    }
+
+    /// A live room's event `seq` from `new`, checked against the ring (and the
+    /// events numbered in this round, `fresh`) as the store checks stored ones.
+    fn live_record(
+        &self,
+        new: &NewMessage,
+        seq: u64,
+        fresh: &[MessageRecord],
+    ) -> Result<MessageRecord, AppendRejection> {
+        let find = |seq: u64| -> Option<&MessageRecord> {
+            fresh
+                .iter()
+                .rev()
+                .find(|r| r.seq == seq)
+                .or_else(|| self.ring_event(seq).map(|e| &e.record))
+        };
+        match new.kind {
+            MessageKind::Text => {
+                if new.reply_to_seq >= seq {
+                    return Err(AppendRejection::TargetNotFound);
+                }
+            }
+            MessageKind::Edit | MessageKind::Delete => {
+                let target = find(new.target_seq).ok_or(AppendRejection::TargetNotFound)?;
+                // The ring's copy may be older than an edit or deletion numbered in
+                // this same round: a deletion there wins.
+                let deleted = target.deleted
+                    || fresh
+                        .iter()
+                        .any(|r| r.kind == MessageKind::Delete && r.target_seq == new.target_seq);
+                if target.kind != MessageKind::Text || deleted {
+                    return Err(AppendRejection::NotEditable);
+                }
+                let is_author = target.sender_id == new.sender_id;
+                let allowed = match new.kind {
+                    MessageKind::Edit => is_author,
+                    _ => is_author || new.moderator,
+                };
+                if !allowed {
+                    return Err(AppendRejection::NotAuthor);
+                }
+            }
+        }
+        Ok(MessageRecord {
+            room_id: self.id.clone(),
+            seq,
+            id: MessageId::generate().0,
+            kind: new.kind,
+            sender_id: new.sender_id.clone(),
+            text: new.text.clone(),
+            metadata: new.metadata.clone(),
+            reply_to_seq: new.reply_to_seq,
+            target_seq: new.target_seq,
+            client_message_id: new.client_message_id.clone(),
+            created_at: now_ms(),
+            edited_at: None,
+            deleted: false,
+        })
+    }
+
+    /// The ring's event `seq`, if it still holds it.
+    fn ring_event(&self, seq: u64) -> Option<&Arc<RoomEvent>> {
+        let first = self.ring.front()?.seq;
+        let index = usize::try_from(seq.checked_sub(first)?).ok()?;
+        self.ring.get(index).filter(|e| e.seq == seq)
+    }
+
+    /// Stores and pushes a live room's pinned message (`None`: unpinned).
+    fn set_pinned(&mut self, pinned: Option<pb::Message>, ctx: &mut Context<Self>) {
+        let Some(live) = self.live.as_mut() else {
+            return;
+        };
+        live.pinned = pinned.clone();
+        let json = pinned.as_ref().and_then(|m| serde_json::to_string(m).ok());
+        let store = self.store.clone();
+        let id = self.id.clone();
+        ctx.spawn(
+            async move {
+                if let Err(e) = store.set_live_pinned(&id, json.as_deref()).await {
+                    tracing::error!(room = %id, error = %e, "cannot store the pinned message");
+                }
+            }
+            .into_actor(self),
+        );
+        let frame = crate::protocol::push(pb::server_frame::Kind::Pinned(pb::Pinned {
+            room_id: self.id.0.clone(),
+            message: pinned,
+        }));
+        self.notice(frame, None);
+    }
+
     /// Adds committed events to the ring and delivers them to every subscriber.
     fn publish(&mut self, records: &[MessageRecord], ctx: &mut Context<Self>) {
         if records.is_empty() {
@@ -539,8 +893,16 @@ impl RoomActor {
             self.outbox.push(event);
             self.amend_ring(record);
         }
-        while self.ring.len() > self.settings.rooms.ring_size {
-            self.ring.pop_front();
+        let ring_size = self.ring_size();
+        while self.ring.len() > ring_size {
+            if let Some(gone) = self.ring.pop_front() {
+                if let (Some(live), Some(key)) =
+                    (self.live.as_mut(), &gone.record.client_message_id)
+                {
+                    live.sent_ids
+                        .remove(&(gone.record.sender_id.clone(), key.clone()));
+                }
+            }
         }
         // Coalescing: a room that flushed within the window waits for the window to
         // end and sends everything since in one push per subscriber; a quiet room
@@ -548,7 +910,7 @@ impl RoomActor {
         if self.flush_timer.is_some() {
             return;
         }
-        let window = Duration::from_millis(self.settings.realtime.coalesce_window_ms);
+        let window = self.coalesce_window();
         let since = self.last_flush.elapsed();
         if since >= window {
             self.flush_outbox();
@@ -615,14 +977,16 @@ impl RoomActor {
         if self.outbox.is_empty() {
             return;
         }
-        let batch = Arc::new(EventBatch {
-            room_id: self.id.clone(),
-            events: std::mem::take(&mut self.outbox),
-        });
-        let mut sizes = [None, None];
+        let batch = Arc::new(EventBatch::new(
+            self.id.clone(),
+            std::mem::take(&mut self.outbox),
+        ));
+        // Bytes per codec, as single frames and as one batch frame.
+        let mut sizes = [[None, None], [None, None]];
         let mut lagged = Vec::new();
         for (conn_id, sub) in &self.subscribers {
-            let bytes = *sizes[sub.codec as usize].get_or_insert_with(|| batch.wire_len(sub.codec));
+            let bytes = *sizes[sub.codec as usize][usize::from(sub.batch)]
+                .get_or_insert_with(|| batch.wire_len(sub.codec, sub.batch));
             if !sub.gauge.try_reserve(bytes) {
                 lagged.push(*conn_id);
                 continue;
@@ -646,6 +1010,7 @@ impl RoomActor {
                 crate::metrics::metrics().subscribers_lagged.inc();
                 sub.addr.do_send(RoomPush::Lagged {
                     room_id: self.id.clone(),
+                    tail: self.live.is_some(),
                 });
             }
         }
@@ -675,6 +1040,9 @@ impl RoomActor {
 
     fn check_idle(&mut self, ctx: &mut Context<Self>) {
         self.subscriptions_gauge.set(self.subscribers.len());
+        if let Some(live) = self.live.as_mut() {
+            live.prune(Instant::now());
+        }
         self.removals.retain(|_, at| at.elapsed() < REMOVAL_MEMORY);
         if !self.is_idle() {
             self.idle_since = Instant::now();
@@ -732,6 +1100,10 @@ impl Supervised for RoomActor {
             )));
         }
         self.ring.clear();
+        // A live room's ring is gone with the restart; it reloads its reservation,
+        // and subscribers resuming from before it get a `gap`.
+        self.live = None;
+        self.viewer_timer = None;
         for (_, sub) in self.subscribers.drain() {
             sub.addr.do_send(RoomPush::Resync {
                 room_id: self.id.clone(),
@@ -763,6 +1135,39 @@ impl Handler<Append> for RoomActor {
                         "the room has {limit} sends waiting for the store; retry shortly with the same client_message_id"
                     )))
                     });
+                }
+                if let Some(live) = act.live.as_ref() {
+                    let message = &msg.message;
+                    let now = Instant::now();
+                    let is_send = message.kind == MessageKind::Text;
+                    if let Some(key) = &message.client_message_id {
+                        let seen = live
+                            .sent_ids
+                            .get(&(message.sender_id.clone(), key.clone()))
+                            .copied();
+                        if let Some(event) = seen.and_then(|seq| act.ring_event(seq)) {
+                            let record = event.record.clone();
+                            return Box::pin(async move { Ok(Appended::Duplicate(record)) });
+                        }
+                    }
+                    if message.kind != MessageKind::Delete {
+                        if let Err(refused) = live.check(
+                            &act.settings.rooms.live,
+                            &message.sender_id,
+                            &message.text,
+                            msg.host,
+                            is_send,
+                            now,
+                        ) {
+                            crate::metrics::metrics().limited("live_controls");
+                            return Box::pin(async move { Err(refused) });
+                        }
+                    }
+                    if is_send {
+                        if let Some(live) = act.live.as_mut() {
+                            live.record_send(&msg.message.sender_id, now);
+                        }
+                    }
                 }
                 let (reply, outcome) = oneshot::channel();
                 act.pending.push_back((msg.message, reply));
@@ -807,6 +1212,49 @@ impl Handler<Subscribe> for RoomActor {
                     ));
                 }
                 let last_seq = act.last_seq;
+                if let Some(live) = &act.live {
+                    if msg.anonymous && !live.controls.anonymous_viewers {
+                        return Err(ApiError::unauthenticated(
+                            "this live room does not allow anonymous viewers; authenticate first",
+                        ));
+                    }
+                    let (gap, replay) = match msg.since {
+                        None => (None, Vec::new()),
+                        Some(since) if since > last_seq => {
+                            return Err(ApiError::new(
+                                Code::OutOfRange,
+                                format!(
+                                "since_seq {since} is beyond the room's last sequence {last_seq}"
+                            ),
+                            ))
+                        }
+                        Some(since) if since == last_seq => (None, Vec::new()),
+                        // A lagging subscriber goes to the newest event.
+                        Some(since) if msg.tail => (Some((since + 1, last_seq)), Vec::new()),
+                        Some(since) => {
+                            let first_in_ring = act.ring.front().map_or(last_seq + 1, |e| e.seq);
+                            let gap =
+                                (first_in_ring > since + 1).then(|| (since + 1, first_in_ring - 1));
+                            let replay =
+                                act.ring.iter().filter(|e| e.seq > since).cloned().collect();
+                            (gap, replay)
+                        }
+                    };
+                    act.subscribers
+                        .insert(msg.subscriber.conn_id, msg.subscriber);
+                    act.subscriptions_gauge.set(act.subscribers.len());
+                    act.idle_since = Instant::now();
+                    return Ok(SubscribeReply::Live {
+                        last_seq,
+                        gap,
+                        replay,
+                    });
+                }
+                if msg.anonymous {
+                    return Err(ApiError::unauthenticated(
+                        "only live rooms that allow anonymous viewers can be watched without an account; authenticate first",
+                    ));
+                }
                 let replay = match msg.since {
                     None => Vec::new(),
                     Some(since) if since > last_seq => {
@@ -833,7 +1281,11 @@ impl Handler<Subscribe> for RoomActor {
                 crate::metrics::metrics()
                     .messages_delivered
                     .inc_by(replay.len() as u64);
-                Ok(SubscribeReply::Live { last_seq, replay })
+                Ok(SubscribeReply::Live {
+                    last_seq,
+                    gap: None,
+                    replay,
+                })
             },
         )
     }
@@ -881,7 +1333,17 @@ impl Handler<Notify> for RoomActor {
             move |act, _ctx| {
                 use crate::protocol::push;
                 use pb::server_frame::Kind;
+                let quiet_live = act.live.is_some() && !act.settings.rooms.live.member_events;
                 match notice {
+                    // Live rooms: no join/leave per viewer (a viewer count instead),
+                    // unless rooms.live.member_events.
+                    RoomNotice::Member(event)
+                        if quiet_live
+                            && matches!(
+                                pb::MemberEventKind::try_from(event.kind),
+                                Ok(pb::MemberEventKind::Joined | pb::MemberEventKind::Left)
+                            ) => {}
+                    RoomNotice::Presence { .. } if quiet_live => {}
                     RoomNotice::Member(event) => act.notice(push(Kind::Member(event)), None),
                     RoomNotice::Updated(room) => act.notice(push(Kind::RoomUpdated(room)), None),
                     RoomNotice::Presence {
@@ -934,6 +1396,80 @@ impl Handler<Notify> for RoomActor {
                 }
             },
         )
+    }
+}
+
+impl Handler<Pin> for RoomActor {
+    type Result = Result<Option<pb::Message>, ApiError>;
+
+    fn handle(&mut self, msg: Pin, ctx: &mut Self::Context) -> Self::Result {
+        guarded(
+            self,
+            ctx,
+            || Err(ApiError::unavailable(RESTARTING_MESSAGE)),
+            move |act, ctx| {
+                if let Some(error) = act.unavailable() {
+                    return Err(error);
+                }
+                if act.live.is_none() {
+                    return Err(ApiError::failed_precondition(
+                        "only live rooms have pinned messages",
+                    ));
+                }
+                let pinned = if msg.seq == 0 {
+                    None
+                } else {
+                    let event = act.ring_event(msg.seq).ok_or_else(|| {
+                        ApiError::not_found(format!(
+                            "the room no longer holds message {} (live rooms keep the last {})",
+                            msg.seq,
+                            act.ring_size()
+                        ))
+                    })?;
+                    if event.record.kind != MessageKind::Text || event.record.deleted {
+                        return Err(ApiError::failed_precondition(
+                            "only a message that is not deleted can be pinned",
+                        ));
+                    }
+                    Some(crate::domain::convert::message_to_proto(&event.record))
+                };
+                act.set_pinned(pinned.clone(), ctx);
+                Ok(pinned)
+            },
+        )
+    }
+}
+
+impl Handler<ControlsChanged> for RoomActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: ControlsChanged, ctx: &mut Self::Context) {
+        guarded(
+            self,
+            ctx,
+            || (),
+            move |act, _ctx| {
+                if let Some(live) = act.live.as_mut() {
+                    live.controls = msg.controls;
+                }
+            },
+        )
+    }
+}
+
+impl Handler<GetLiveSnapshot> for RoomActor {
+    type Result = Result<LiveSnapshot, ApiError>;
+
+    fn handle(&mut self, _msg: GetLiveSnapshot, _ctx: &mut Self::Context) -> Self::Result {
+        if let Some(error) = self.unavailable() {
+            return Err(error);
+        }
+        Ok(LiveSnapshot {
+            live: self.live.is_some(),
+            last_seq: self.last_seq,
+            pinned: self.live.as_ref().and_then(|l| l.pinned.clone()),
+            viewers: u32::try_from(self.subscribers.len()).unwrap_or(u32::MAX),
+        })
     }
 }
 

@@ -92,6 +92,10 @@ pub fn room_to_proto(
         my_role: member.map_or(0, |m| m.role.to_proto()),
         unread_count: member.map_or(0, |m| room.last_seq.saturating_sub(m.last_read_seq)),
         last_read_seq: member.map_or(0, |m| m.last_read_seq),
+        // Live rooms: filled in by domain::live::fill_live_fields.
+        live: None,
+        pinned: None,
+        viewer_count: 0,
     }
 }
 

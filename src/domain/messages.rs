@@ -43,16 +43,21 @@ pub async fn room_actor(state: &AppState, room_id: &RoomId) -> Result<Addr<RoomA
 
 /// Appends through the room actor; if the actor was retiring or restarting, asks
 /// the registry again once.
+///
+/// `host`: the sender is one of the room's hosts (or the server publish API),
+/// exempt from a live room's host-only mode, slow mode and rate limit.
 pub(crate) async fn append(
     state: &AppState,
     room_id: &RoomId,
     message: NewMessage,
+    host: bool,
 ) -> Result<Appended, ApiError> {
     for attempt in 0..2 {
         let addr = room_actor(state, room_id).await?;
         match addr
             .send(Append {
                 message: message.clone(),
+                host,
             })
             .await
         {
@@ -142,7 +147,7 @@ pub async fn send_message(
         client_message_id: (!req.client_message_id.is_empty()).then_some(req.client_message_id),
         moderator: false,
     };
-    match append(state, &access.room.id, message).await? {
+    match append(state, &access.room.id, message, access.is_moderator()).await? {
         Appended::Stored(record) => {
             super::notifications::after_message_stored(state, &record);
             Ok(pb::SendMessageResponse {
@@ -181,7 +186,7 @@ pub async fn edit_message(
         client_message_id: None,
         moderator: false,
     };
-    let appended = append(state, &access.room.id, message).await?;
+    let appended = append(state, &access.room.id, message, access.is_moderator()).await?;
     if let Appended::Stored(record) = &appended {
         // Users the edit newly mentions are notified (not again those notified
         // for the message before).
@@ -217,7 +222,7 @@ pub async fn delete_message(
         client_message_id: None,
         moderator,
     };
-    let record = stored(append(state, &access.room.id, message).await?)?;
+    let record = stored(append(state, &access.room.id, message, moderator).await?)?;
     if moderator {
         super::audit::record(
             state,

@@ -12,6 +12,7 @@ pub mod auth;
 pub mod convert;
 pub mod drain;
 pub mod invitations;
+pub mod live;
 pub mod messages;
 pub mod notifications;
 mod principal;

@@ -158,7 +158,8 @@ async fn publish_to_room(
         client_message_id: p.key.clone(),
         moderator: false,
     };
-    match append(state, &room_id, message).await? {
+    // The application's backend is a host: a live room's controls are for viewers.
+    match append(state, &room_id, message, true).await? {
         Appended::Stored(stored) => {
             notifications::after_message_stored(state, &stored);
             tracing::debug!(room = %room_id, seq = stored.seq, sender = %p.sender_id, "published");

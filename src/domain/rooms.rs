@@ -94,6 +94,16 @@ pub async fn create_room(
             "kind is required: ROOM_KIND_PUBLIC, ROOM_KIND_PRIVATE, ROOM_KIND_DIRECT or ROOM_KIND_BROADCAST",
         )
     })?;
+    let live = req
+        .live
+        .as_ref()
+        .map(super::live::controls_from_proto)
+        .transpose()?;
+    if live.is_some() && !matches!(kind, RoomKind::Public | RoomKind::Broadcast) {
+        return Err(ApiError::invalid(
+            "live: only public and broadcast rooms can be live rooms",
+        ));
+    }
     let title = title(kind, &req.title)?;
     let topic = topic(&req.topic)?;
     let quota = state.settings.rooms.max_rooms_per_user;
@@ -113,6 +123,7 @@ pub async fn create_room(
         direct_key: None,
         members: Vec::new(),
         invites: Vec::new(),
+        live,
     };
     match kind {
         RoomKind::Public | RoomKind::Broadcast => {}
@@ -777,7 +788,9 @@ async fn room_proto(
     member: Option<&MemberRecord>,
 ) -> Result<pb::Room, ApiError> {
     let count = state.store.member_count(&room.id).await?;
-    Ok(room_to_proto(room, count, member))
+    let mut proto = room_to_proto(room, count, member);
+    super::live::fill_live_fields(state, room, &mut proto).await?;
+    Ok(proto)
 }
 
 /// Returns an existing direct room to one of its pair, adding them back when they

@@ -149,6 +149,13 @@ fn room_routes(t: &mut Table<'_>) {
     authed!(t, s, "MuteMember", rooms::mute_member);
     authed!(t, s, "UnmuteMember", rooms::unmute_member);
     authed!(t, s, "SetMemberRole", rooms::set_member_role);
+    authed!(
+        t,
+        s,
+        "UpdateLiveControls",
+        domain::live::update_live_controls
+    );
+    authed!(t, s, "PinMessage", domain::live::pin_message);
 }
 
 /// PublishService: API keys and server admins (checked in the domain).

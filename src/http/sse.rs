@@ -41,6 +41,8 @@ struct Request {
     /// `None`: no notification feed; `Some(None)`: live only; `Some(Some(seq))`.
     notifications: Option<Option<u64>>,
     explicit_notifications: bool,
+    /// `batch=true`: the rooms' busy periods arrive as `batch` events (docs/sse.md).
+    batch: bool,
 }
 
 fn parse(query: &str, last_event_id: Option<&str>) -> Result<Request, ApiError> {
@@ -84,6 +86,13 @@ fn parse(query: &str, last_event_id: Option<&str>) -> Result<Request, ApiError> 
                     seq => Some(Some(seq.parse::<u64>().map_err(|_| {
                         ApiError::invalid("notifications must be `live`, `off` or a sequence")
                     })?)),
+                };
+            }
+            "batch" => {
+                request.batch = match value.as_str() {
+                    "true" | "1" => true,
+                    "false" | "0" | "" => false,
+                    _ => return Err(ApiError::invalid("batch must be `true` or `false`")),
                 };
             }
             "last_event_id" if event_id.is_none() => event_id = Some(value),
@@ -209,11 +218,13 @@ async fn open_stream(
         });
     }
     let (outlet, body, gone) = SseOutlet::new(&state.settings.realtime, cursors, ticket);
+    let batch = request.batch;
     Connection::create(move |ctx| {
         ctx.add_stream(gone);
         Connection::with_outlet(state, FrameCodec::Json, Some(token), Box::new(outlet))
             .with_remote_addr(peer)
             .with_initial_frames(frames)
+            .with_batches(batch)
     });
     Ok(HttpResponse::Ok()
         .insert_header((header::CONTENT_TYPE, "text/event-stream"))

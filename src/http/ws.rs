@@ -40,7 +40,7 @@ use crate::{
     admission::{Admission, Refusal},
     domain::AppState,
     error::{ApiError, Code},
-    protocol::{FrameCodec, SUBPROTOCOL_JSON, SUBPROTOCOL_PROTO},
+    protocol::{self, FrameCodec, SUBPROTOCOL_JSON, SUBPROTOCOL_PROTO},
     ws::{echo, handshake, transport},
 };
 
@@ -49,8 +49,9 @@ pub const WS_PATH: &str = "/ws";
 /// How long writing a handshake answer may take.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The subprotocol to answer with; `Err` when the client offered only unknown ones.
-fn choose_codec(headers: &HeaderMap) -> Result<FrameCodec, ApiError> {
+/// The subprotocol to answer with (its codec, and whether it takes `batch` frames);
+/// `Err` when the client offered only unknown ones.
+fn choose_codec(headers: &HeaderMap) -> Result<(FrameCodec, bool), ApiError> {
     let offered: Vec<String> = headers
         .get_all(header::SEC_WEBSOCKET_PROTOCOL)
         .filter_map(|v| v.to_str().ok())
@@ -59,14 +60,11 @@ fn choose_codec(headers: &HeaderMap) -> Result<FrameCodec, ApiError> {
         .filter(|p| !p.is_empty())
         .collect();
     if offered.is_empty() {
-        return Ok(FrameCodec::Json);
+        return Ok((FrameCodec::Json, false));
     }
-    for protocol in &offered {
-        match protocol.as_str() {
-            SUBPROTOCOL_JSON => return Ok(FrameCodec::Json),
-            SUBPROTOCOL_PROTO => return Ok(FrameCodec::Proto),
-            _ => {}
-        }
+    // The client's order is its preference.
+    if let Some(chosen) = offered.iter().find_map(|p| protocol::parse_subprotocol(p)) {
+        return Ok(chosen);
     }
     Err(ApiError::invalid(format!(
         "unsupported WebSocket subprotocol(s) {offered:?}; use {SUBPROTOCOL_JSON} or {SUBPROTOCOL_PROTO}"
@@ -169,8 +167,8 @@ async fn upgrade(context: UpgradeContext, req: Request, mut framed: Framed<Watch
             transport::split(parts.io.into_inner(), parts.read_buf, limits);
         return echo::run(reader, transport, writer).await;
     }
-    let codec = match choose_codec(req.headers()) {
-        Ok(codec) => codec,
+    let (codec, batch) = match choose_codec(req.headers()) {
+        Ok(chosen) => chosen,
         Err(e) => return refuse(&mut framed, &e, None).await,
     };
     let token = match bearer_token(req.headers()) {
@@ -202,10 +200,7 @@ async fn upgrade(context: UpgradeContext, req: Request, mut framed: Framed<Watch
     let protocol = req
         .headers()
         .contains_key(header::SEC_WEBSOCKET_PROTOCOL)
-        .then_some(match codec {
-            FrameCodec::Json => SUBPROTOCOL_JSON,
-            FrameCodec::Proto => SUBPROTOCOL_PROTO,
-        });
+        .then_some(protocol::subprotocol(codec, batch));
     let response = handshake::switching_protocols(accept, protocol);
     if let Err(e) = answer(&mut framed, response, Bytes::new()).await {
         tracing::debug!(error = %e, "WebSocket handshake not written");
@@ -233,7 +228,9 @@ async fn upgrade(context: UpgradeContext, req: Request, mut framed: Framed<Watch
     );
     Connection::create(move |ctx| {
         ctx.add_stream(reader);
-        Connection::new(state, codec, token, transport).with_remote_addr(peer)
+        Connection::new(state, codec, token, transport)
+            .with_remote_addr(peer)
+            .with_batches(batch)
     });
     // The connection lives as long as its writer: the server's graceful shutdown
     // waits for it like for any request in flight.

@@ -35,6 +35,9 @@ pub trait Outlet {
     fn attach_gauge(&self, gauge: Arc<OutboundGauge>);
     /// Takes a slot of `user`'s connections (see [`crate::admission`]).
     fn admit_user(&self, user: &str) -> Result<(), Refusal>;
+    /// The connection became an anonymous viewer: it leaves the slots of
+    /// connections waiting to authenticate (see [`crate::admission`]).
+    fn admit_anonymous(&self) {}
     /// The next [`Outlet::write`] moves the client to `cursor`.
     fn advance(&self, cursor: Cursor);
     /// Queues one frame.
@@ -68,6 +71,10 @@ impl Outlet for Transport {
 
     fn admit_user(&self, user: &str) -> Result<(), Refusal> {
         Transport::admit_user(self, user)
+    }
+
+    fn admit_anonymous(&self) {
+        Transport::admit_anonymous(self)
     }
 
     fn advance(&self, _cursor: Cursor) {

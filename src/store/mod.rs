@@ -28,7 +28,10 @@ pub use notifications::{
     InvitationRecord, NewNotification, NotificationInserted, NotificationKind, NotificationRecord,
     NotificationState,
 };
-pub use rooms::{BanRecord, MemberRecord, MembershipChange, NewRoom, RoomRecord, RoomUpdate};
+pub use rooms::{
+    BanRecord, LiveControlsRecord, LiveRoomRecord, MemberRecord, MembershipChange, NewRoom,
+    RoomRecord, RoomUpdate,
+};
 pub use sessions::{RefreshOutcome, SessionRecord};
 pub use users::{username_skeleton, NewUser, ProfileUpdate, UserRecord};
 

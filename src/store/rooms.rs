@@ -154,6 +154,77 @@ pub struct NewRoom {
     pub members: Vec<(UserId, MemberRole)>,
     /// Users invited at creation.
     pub invites: Vec<UserId>,
+    /// Set for a live room: its host controls.
+    pub live: Option<LiveControlsRecord>,
+}
+
+/// A live room's host controls (see `LiveControls` in rooms.proto).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LiveControlsRecord {
+    pub anonymous_viewers: bool,
+    pub slow_mode_seconds: u32,
+    pub host_only: bool,
+    pub rate_limit_per_minute: u32,
+    pub max_length: u32,
+    pub word_filter: bool,
+}
+
+/// A live room's stored state.
+#[derive(Debug, Clone, Default)]
+pub struct LiveRoomRecord {
+    pub controls: LiveControlsRecord,
+    /// The pinned message as proto3 JSON.
+    pub pinned: Option<String>,
+}
+
+#[derive(FromRow)]
+struct LiveRoomRow {
+    anonymous_viewers: i64,
+    slow_mode_seconds: i64,
+    host_only: i64,
+    rate_limit_per_minute: i64,
+    max_length: i64,
+    word_filter: i64,
+    pinned: Option<String>,
+}
+
+impl From<LiveRoomRow> for LiveRoomRecord {
+    fn from(r: LiveRoomRow) -> Self {
+        let small = |v: i64| u32::try_from(v.max(0)).unwrap_or(u32::MAX);
+        Self {
+            controls: LiveControlsRecord {
+                anonymous_viewers: r.anonymous_viewers != 0,
+                slow_mode_seconds: small(r.slow_mode_seconds),
+                host_only: r.host_only != 0,
+                rate_limit_per_minute: small(r.rate_limit_per_minute),
+                max_length: small(r.max_length),
+                word_filter: r.word_filter != 0,
+            },
+            pinned: r.pinned,
+        }
+    }
+}
+
+/// Writes a live room's controls inside `tx`; the number of rows changed.
+async fn write_live_controls(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    id: &RoomId,
+    c: &LiveControlsRecord,
+) -> StoreResult<u64> {
+    let done = sqlx::query(
+        "UPDATE live_rooms SET anonymous_viewers = $1, slow_mode_seconds = $2, host_only = $3, \
+         rate_limit_per_minute = $4, max_length = $5, word_filter = $6 WHERE room_id = $7",
+    )
+    .bind(i64::from(c.anonymous_viewers))
+    .bind(i64::from(c.slow_mode_seconds))
+    .bind(i64::from(c.host_only))
+    .bind(i64::from(c.rate_limit_per_minute))
+    .bind(i64::from(c.max_length))
+    .bind(i64::from(c.word_filter))
+    .bind(id.as_str())
+    .execute(&mut **tx)
+    .await?;
+    Ok(done.rows_affected())
 }
 
 impl Store {
@@ -211,8 +282,67 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         }
+        if let Some(controls) = &new.live {
+            sqlx::query("INSERT INTO live_rooms (room_id) VALUES ($1)")
+                .bind(id.as_str())
+                .execute(&mut *tx)
+                .await?;
+            write_live_controls(&mut tx, &id, controls).await?;
+        }
         tx.commit().await?;
         self.get_room(&id).await
+    }
+
+    /// A live room's controls and pinned message; `None` for a chat room.
+    pub async fn get_live_room(&self, id: &RoomId) -> StoreResult<Option<LiveRoomRecord>> {
+        let row: Option<LiveRoomRow> = sqlx::query_as(
+            "SELECT anonymous_viewers, slow_mode_seconds, host_only, rate_limit_per_minute, \
+             max_length, word_filter, pinned FROM live_rooms WHERE room_id = $1",
+        )
+        .bind(id.as_str())
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(Into::into))
+    }
+
+    /// Replaces a live room's controls; `NotFound` for a chat room.
+    pub async fn set_live_controls(
+        &self,
+        id: &RoomId,
+        controls: &LiveControlsRecord,
+    ) -> StoreResult<()> {
+        let mut tx = self.begin_write().await?;
+        let changed = write_live_controls(&mut tx, id, controls).await?;
+        if changed == 0 {
+            return Err(StoreError::NotFound);
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Sets (or, with `None`, clears) a live room's pinned message.
+    pub async fn set_live_pinned(&self, id: &RoomId, pinned: Option<&str>) -> StoreResult<()> {
+        let done = sqlx::query("UPDATE live_rooms SET pinned = $1 WHERE room_id = $2")
+            .bind(pinned)
+            .bind(id.as_str())
+            .execute(&self.pool)
+            .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound);
+        }
+        Ok(())
+    }
+
+    /// Records that a live room may use sequence numbers up to `upto` (stored in
+    /// `rooms.last_seq`, which never goes down), so that a restarted room starts
+    /// after every number it may have given out.
+    pub async fn reserve_live_seqs(&self, id: &RoomId, upto: u64) -> StoreResult<()> {
+        sqlx::query("UPDATE rooms SET last_seq = $1 WHERE id = $2 AND last_seq < $1")
+            .bind(upto.min(i64::MAX as u64) as i64)
+            .bind(id.as_str())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     /// The room with this id.

@@ -263,6 +263,13 @@ impl Transport {
         }
     }
 
+    /// The connection became an anonymous viewer (see [`crate::admission`]).
+    pub fn admit_anonymous(&self) {
+        if let Some(ticket) = self.shared.ticket.get() {
+            ticket.anonymous();
+        }
+    }
+
     /// Bytes queued and not yet written.
     pub fn queued(&self) -> usize {
         self.shared.queued.load(Ordering::Acquire)

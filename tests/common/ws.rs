@@ -130,6 +130,62 @@ impl WsClient {
         }
     }
 
+    /// Connects offering `codec`'s `+batch` subprotocol (the client takes `batch`
+    /// frames) over `stream` when given (e.g. one with a tiny receive buffer), with
+    /// `token` in the upgrade request when given; waits for `authenticated` then.
+    pub async fn connect_batched(
+        url: &str,
+        codec: WsCodec,
+        token: Option<&str>,
+        stream: Option<TcpStream>,
+    ) -> Self {
+        let subprotocol = format!("{}+batch", codec.subprotocol());
+        let mut request = url.into_client_request().expect("a valid ws url");
+        request.headers_mut().insert(
+            "sec-websocket-protocol",
+            subprotocol.parse().expect("header value"),
+        );
+        if let Some(token) = token {
+            request.headers_mut().insert(
+                "authorization",
+                format!("Bearer {token}").parse().expect("header value"),
+            );
+        }
+        let (stream, response) = match stream {
+            Some(stream) => {
+                tokio_tungstenite::client_async(request, MaybeTlsStream::Plain(stream)).await
+            }
+            None => tokio_tungstenite::connect_async(request).await,
+        }
+        .unwrap_or_else(|e| panic!("connect {url}: {e}"));
+        let chosen = response
+            .headers()
+            .get("sec-websocket-protocol")
+            .and_then(|v| v.to_str().ok());
+        assert_eq!(
+            chosen,
+            Some(subprotocol.as_str()),
+            "the server picks +batch"
+        );
+        let mut client = Self {
+            stream,
+            codec,
+            next_id: 1,
+            pushes: VecDeque::new(),
+            closed: None,
+        };
+        if token.is_some() {
+            match client.next_frame(REPLY_TIMEOUT).await {
+                Incoming::Frame(pb::ServerFrame {
+                    kind: Some(Out::Authenticated(_)),
+                    ..
+                }) => {}
+                other => panic!("expected `authenticated`, got {other:?}"),
+            }
+        }
+        client
+    }
+
     /// Connects with a token in the upgrade request and waits for `authenticated`.
     pub async fn connect_authenticated(url: &str, codec: WsCodec, token: &str) -> Self {
         let mut client = Self::connect(url, codec, Some(token)).await;

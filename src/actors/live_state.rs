@@ -1,0 +1,251 @@
+//! What a [`RoomActor`](super::room::RoomActor) keeps for a live room (not an
+//! actor): the host controls and the per-user state they need (slow mode, rate
+//! limit), the pinned message, the sequence numbers reserved in the store, and the
+//! client message ids of the messages its ring holds (so that a retried send gets
+//! the first result, as in chat rooms).
+//!
+//! Live comments are not stored one by one: the room gives out sequence numbers
+//! from a block it reserved in the store (`rooms.last_seq`), so a restarted room
+//! never reuses one; a client resuming from a number the ring no longer holds gets
+//! a `gap` frame.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    time::{Duration, Instant},
+};
+
+use crate::{
+    error::{ApiError, Code},
+    ids::UserId,
+    proto::v1 as pb,
+    settings::LiveRoomSettings,
+    store::LiveControlsRecord,
+};
+
+/// The window of `rate_limit_per_minute`.
+const RATE_WINDOW: Duration = Duration::from_secs(60);
+
+/// A live room's state inside its room actor.
+#[derive(Debug, Default)]
+pub struct LiveState {
+    pub controls: LiveControlsRecord,
+    pub pinned: Option<pb::Message>,
+    /// Sequence numbers up to this one are reserved in the store.
+    pub reserved: u64,
+    /// Set while a reservation is being written.
+    pub reserving: bool,
+    /// When each user last sent (slow mode).
+    last_sent: HashMap<UserId, Instant>,
+    /// Each user's sends within the last minute (rate limit), oldest first.
+    recent: HashMap<UserId, VecDeque<Instant>>,
+    /// (sender, client message id) → sequence, for the messages the ring holds.
+    pub sent_ids: HashMap<(UserId, String), u64>,
+}
+
+impl LiveState {
+    pub fn new(controls: LiveControlsRecord, pinned: Option<pb::Message>, reserved: u64) -> Self {
+        Self {
+            controls,
+            pinned,
+            reserved,
+            ..Self::default()
+        }
+    }
+
+    /// Checks a new message (TEXT or EDIT) of `sender` against the controls.
+    /// `host`: the room's owners and moderators, exempt from host-only mode, slow
+    /// mode and the rate limit. Each refusal names its rule and, when waiting
+    /// helps, says how long (and carries that delay).
+    pub fn check(
+        &self,
+        settings: &LiveRoomSettings,
+        sender: &UserId,
+        text: &str,
+        host: bool,
+        counts_as_send: bool,
+        now: Instant,
+    ) -> Result<(), ApiError> {
+        let c = &self.controls;
+        if c.host_only && !host {
+            return Err(ApiError::failed_precondition(
+                "host_only: only the room's hosts may send while host-only mode is on",
+            ));
+        }
+        if c.max_length > 0 {
+            let chars = text.chars().count();
+            if chars > c.max_length as usize {
+                return Err(ApiError::invalid(format!(
+                    "max_length: the message has {chars} characters; this room allows at most {}",
+                    c.max_length
+                )));
+            }
+        }
+        if c.word_filter {
+            if let Some(word) = filtered_word(&settings.word_filter, text) {
+                return Err(ApiError::invalid(format!(
+                    "word_filter: the message contains a word this room does not allow (`{word}`)"
+                )));
+            }
+        }
+        if host || !counts_as_send {
+            return Ok(());
+        }
+        if c.slow_mode_seconds > 0 {
+            let every = Duration::from_secs(u64::from(c.slow_mode_seconds));
+            if let Some(last) = self.last_sent.get(sender) {
+                let since = now.saturating_duration_since(*last);
+                if since < every {
+                    let wait = every - since;
+                    return Err(retry_later(
+                        format!(
+                            "slow_mode: one message every {} s per user in this room; you may send again in {} ms",
+                            c.slow_mode_seconds,
+                            wait.as_millis()
+                        ),
+                        wait,
+                    ));
+                }
+            }
+        }
+        if c.rate_limit_per_minute > 0 {
+            if let Some(recent) = self.recent.get(sender) {
+                let in_window = recent
+                    .iter()
+                    .filter(|t| now.saturating_duration_since(**t) < RATE_WINDOW)
+                    .count();
+                if in_window >= c.rate_limit_per_minute as usize {
+                    // The oldest send inside the window frees a slot when it leaves it.
+                    let oldest = recent
+                        .iter()
+                        .find(|t| now.saturating_duration_since(**t) < RATE_WINDOW)
+                        .copied()
+                        .unwrap_or(now);
+                    let wait = RATE_WINDOW.saturating_sub(now.saturating_duration_since(oldest));
+                    return Err(retry_later(
+                        format!(
+                            "rate_limit: at most {} messages per minute per user in this room; you may send again in {} ms",
+                            c.rate_limit_per_minute,
+                            wait.as_millis()
+                        ),
+                        wait,
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Records an accepted send of `sender` for slow mode and the rate limit.
+    pub fn record_send(&mut self, sender: &UserId, now: Instant) {
+        if self.controls.slow_mode_seconds > 0 {
+            self.last_sent.insert(sender.clone(), now);
+        }
+        let limit = self.controls.rate_limit_per_minute as usize;
+        if limit > 0 {
+            let recent = self.recent.entry(sender.clone()).or_default();
+            recent.push_back(now);
+            while recent.len() > limit {
+                recent.pop_front();
+            }
+        }
+    }
+
+    /// Forgets per-user state that no control needs any more (called periodically).
+    pub fn prune(&mut self, now: Instant) {
+        let slow = Duration::from_secs(u64::from(self.controls.slow_mode_seconds));
+        self.last_sent
+            .retain(|_, t| now.saturating_duration_since(*t) < slow);
+        self.recent.retain(|_, sends| {
+            sends.retain(|t| now.saturating_duration_since(*t) < RATE_WINDOW);
+            !sends.is_empty()
+        });
+    }
+}
+
+fn retry_later(message: String, wait: Duration) -> ApiError {
+    // At least a millisecond: a zero delay would read as "no delay".
+    ApiError::new(Code::ResourceExhausted, message)
+        .with_retry_after(wait.max(Duration::from_millis(1)))
+}
+
+/// The first word of `list` that `text` contains as a whole word, ignoring case.
+fn filtered_word<'a>(list: &'a [String], text: &str) -> Option<&'a str> {
+    if list.is_empty() {
+        return None;
+    }
+    let lower = text.to_lowercase();
+    let words: Vec<&str> = lower
+        .split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .collect();
+    list.iter()
+        .find(|banned| {
+            let banned = banned.to_lowercase();
+            !banned.is_empty() && words.iter().any(|w| *w == banned)
+        })
+        .map(String::as_str)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(words: &[&str]) -> LiveRoomSettings {
+        LiveRoomSettings {
+            word_filter: words.iter().map(|w| w.to_string()).collect(),
+            ..LiveRoomSettings::default()
+        }
+    }
+
+    #[test]
+    fn word_filter_matches_whole_words_in_any_case() {
+        let list = settings(&["Spoiler"]).word_filter;
+        assert_eq!(filtered_word(&list, "no SPOILER please"), Some("Spoiler"));
+        assert_eq!(filtered_word(&list, "spoilers are fine"), None);
+        assert_eq!(filtered_word(&list, "spoiler!"), Some("Spoiler"));
+    }
+
+    #[test]
+    fn slow_mode_and_rate_limit_say_when_to_retry() {
+        let user = UserId::from("u_1");
+        let now = Instant::now();
+        let mut live = LiveState::new(
+            LiveControlsRecord {
+                slow_mode_seconds: 10,
+                ..Default::default()
+            },
+            None,
+            0,
+        );
+        let s = settings(&[]);
+        live.check(&s, &user, "a", false, true, now)
+            .expect("first send");
+        live.record_send(&user, now);
+        let error = live
+            .check(&s, &user, "b", false, true, now + Duration::from_secs(4))
+            .expect_err("slow mode");
+        assert!(error.message.starts_with("slow_mode:"), "{}", error.message);
+        assert_eq!(error.retry_after, Some(Duration::from_secs(6)));
+        live.check(&s, &user, "b", true, true, now)
+            .expect("hosts are exempt");
+        live.check(&s, &user, "c", false, true, now + Duration::from_secs(10))
+            .expect("after the interval");
+
+        live.controls = LiveControlsRecord {
+            rate_limit_per_minute: 2,
+            ..Default::default()
+        };
+        let other = UserId::from("u_2");
+        live.record_send(&other, now);
+        live.record_send(&other, now + Duration::from_secs(1));
+        let error = live
+            .check(&s, &other, "d", false, true, now + Duration::from_secs(2))
+            .expect_err("rate limit");
+        assert!(
+            error.message.starts_with("rate_limit:"),
+            "{}",
+            error.message
+        );
+        assert_eq!(error.retry_after, Some(Duration::from_secs(58)));
+    }
+}
