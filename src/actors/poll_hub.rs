@@ -311,6 +311,8 @@ impl PollHub {
             codec: FrameCodec::Json,
             addr: ctx.address().recipient(),
             gauge: self.gauge.clone(),
+            // The hub only wakes waiters; one frame per event is as cheap as a batch.
+            batch: false,
         };
         let conn_id = watch.conn_id;
         let registry = self.registry.clone();
@@ -328,6 +330,8 @@ impl PollHub {
                     subscriber,
                     since: None,
                     access_checked_at: Instant::now(),
+                    anonymous: false,
+                    tail: false,
                 })
                 .await
                 .ok()?;
@@ -602,7 +606,7 @@ impl Handler<RoomPush> for PollHub {
                         }
                     }
                 }
-                RoomPush::Lagged { room_id } | RoomPush::Resync { room_id } => {
+                RoomPush::Lagged { room_id, .. } | RoomPush::Resync { room_id } => {
                     act.wake_room(&room_id);
                     if let Some(watch) = act.rooms.get_mut(&room_id) {
                         watch.attempts = 0;

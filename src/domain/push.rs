@@ -122,6 +122,7 @@ fn room_error(room_id: &RoomId, error: &ApiError) -> pb::ServerFrame {
         code: error.code.as_str().to_owned(),
         message: error.message.clone(),
         room_id: room_id.0.clone(),
+        retry_after_ms: 0,
     }))
 }
 
