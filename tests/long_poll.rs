@@ -572,3 +572,94 @@ both_backends!(bad_requests_get_clear_errors, |backend| async move {
         403,
     );
 });
+
+// A live room's comments live in its ring, not in the store: a poll reads them from
+// the room (its real last sequence, not the store's reserved block), waits and
+// wakes on a new comment, and gets a `gap` for what the ring no longer holds.
+both_backends!(a_live_room_is_polled_from_its_ring, |backend| async move {
+    let _gauge = GAUGE.read().await;
+    let server = TestServer::spawn_with(backend, |s| s.rooms.live.ring_size = 4).await;
+    let owner = server.sign_up(&unique_name("host")).await;
+    let viewer = server.sign_up(&unique_name("viewer")).await;
+    let created: pb::CreateRoomResponse = server
+        .rpc_as(&owner.access_token)
+        .call_proto(
+            "RoomService/CreateRoom",
+            &pb::CreateRoomRequest {
+                kind: pb::RoomKind::Public as i32,
+                title: "live".into(),
+                live: Some(pb::LiveControls::default()),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("create a live room");
+    let room = created.room.expect("room").id;
+    let start = poll::poll(&server, &viewer.access_token, &request(&[(&room, None)], 0))
+        .await
+        .expect("first poll");
+    let start = cursor(&start, &room).expect("a cursor for the live room");
+
+    // Behind: answered at once from the ring.
+    for i in 0..3 {
+        send_http(&server, &owner, &room, &format!("c{i}"), "").await;
+    }
+    let behind = poll::poll(
+        &server,
+        &viewer.access_token,
+        &request(&[(&room, Some(start))], LONG_WAIT_MS),
+    )
+    .await
+    .expect("poll behind");
+    assert_eq!(
+        seqs(&behind, &room),
+        vec![start + 1, start + 2, start + 3],
+        "{behind:?}"
+    );
+    let at = cursor(&behind, &room).expect("cursor");
+    assert_eq!(at, start + 3);
+
+    // Nothing new: waits, and a new comment wakes it.
+    let waiting = {
+        let req = request(&[(&room, Some(at))], LONG_WAIT_MS);
+        let rpc = server.rpc_as(&viewer.access_token);
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let reply: Result<pb::PollResponse, _> = rpc.call_proto("PushService/Poll", &req).await;
+            (reply, started.elapsed())
+        })
+    };
+    until_waiting(&server, 1).await;
+    send_http(&server, &owner, &room, "wake", "").await;
+    let (woken, took) = waiting.await.expect("poll task");
+    let woken = woken.expect("woken poll");
+    assert_eq!(seqs(&woken, &room), vec![at + 1]);
+    assert!(
+        took < Duration::from_millis(u64::from(LONG_WAIT_MS) / 2),
+        "woken by the comment, not by the cap"
+    );
+
+    // The ring (4) lost what a slow poller missed: a gap, then the ring.
+    for i in 0..10 {
+        send_http(&server, &owner, &room, &format!("burst{i}"), "").await;
+    }
+    let late = poll::poll(
+        &server,
+        &viewer.access_token,
+        &request(&[(&room, Some(at + 1))], 0),
+    )
+    .await
+    .expect("late poll");
+    let last = at + 11;
+    let gap = late
+        .events
+        .iter()
+        .find_map(|f| match &f.kind {
+            Some(pb::server_frame::Kind::Gap(g)) => Some((g.from_seq, g.to_seq)),
+            _ => None,
+        })
+        .expect("a gap frame");
+    assert_eq!(gap, (at + 2, last - 4));
+    assert_eq!(seqs(&late, &room), (last - 3..=last).collect::<Vec<_>>());
+    assert_eq!(cursor(&late, &room), Some(last));
+});

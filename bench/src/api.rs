@@ -100,6 +100,16 @@ impl Api {
 
     /// Creates a public room owned by `owner`; answers its id.
     pub(crate) async fn create_room(&self, owner: &Account, title: &str) -> Result<String> {
+        self.create_room_with(owner, title, None).await
+    }
+
+    /// Creates a public room, a live room with `live` controls when given.
+    pub(crate) async fn create_room_with(
+        &self,
+        owner: &Account,
+        title: &str,
+        live: Option<pb::LiveControls>,
+    ) -> Result<String> {
         let reply: pb::CreateRoomResponse = self
             .call(
                 "RoomService/CreateRoom",
@@ -107,6 +117,7 @@ impl Api {
                 &pb::CreateRoomRequest {
                     kind: pb::RoomKind::Public as i32,
                     title: title.into(),
+                    live,
                     ..Default::default()
                 },
             )

@@ -7,9 +7,9 @@
 //! rate/R messages per second: `--rooms 1000 --subscribers 10000` is 1,000 small
 //! rooms of 10.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
-use anyhow::{ensure, Context as _, Result};
+use anyhow::{anyhow, ensure, Context as _, Result};
 use futures_util::{stream, SinkExt as _, StreamExt as _};
 use roomcast::proto::v1 as pb;
 use serde::Serialize;
@@ -21,6 +21,7 @@ use tokio::{
 use crate::{
     api::{run_id, Account},
     measure::{micros_ns, now_ns, payload, payload_sent_ns, round2, CpuMeter, Latency},
+    poll::Poller,
     sse::{stream_client, SseStream},
     ws::{encode_frame, read_frame, Conn, Incoming, Ws},
     Codec, Ctx, FanoutArgs, Transport, MAX_PLANNED_DELIVERIES, REPLY_TIMEOUT, SETUP_CONCURRENCY,
@@ -32,6 +33,9 @@ pub(crate) struct FanoutReport {
     pub(crate) scenario: &'static str,
     pub(crate) codec: Codec,
     pub(crate) transport: Transport,
+    pub(crate) live: bool,
+    pub(crate) batch: bool,
+    pub(crate) anonymous: bool,
     pub(crate) rooms: usize,
     pub(crate) subscribers: usize,
     pub(crate) subscriber_users: usize,
@@ -59,6 +63,8 @@ pub(crate) struct FanoutReport {
     /// `gap` frames received, and the sequences they said would not come.
     pub(crate) gap_frames: u64,
     pub(crate) gap_seqs: u64,
+    /// `batch` frames received (each carrying several events).
+    pub(crate) batch_frames: u64,
     pub(crate) subscribers_closed: usize,
     pub(crate) first_close: Option<String>,
     pub(crate) server_cpu_s: Option<f64>,
@@ -92,6 +98,7 @@ pub(crate) struct SubscriberResult {
     pub(crate) lagging: u64,
     pub(crate) gap_frames: u64,
     pub(crate) gap_seqs: u64,
+    pub(crate) batches: u64,
     pub(crate) latencies_us: Vec<u32>,
     pub(crate) last_receive_ns: u64,
     pub(crate) closed: Option<String>,
@@ -101,6 +108,7 @@ pub(crate) struct SubscriberResult {
 enum Source {
     Ws(Box<Ws>),
     Sse(Box<SseStream>),
+    Poll(Box<Poller>),
 }
 
 impl Source {
@@ -109,6 +117,7 @@ impl Source {
         match self {
             Source::Ws(ws) => read_frame(ws.as_mut(), codec).await,
             Source::Sse(sse) => sse.read().await,
+            Source::Poll(poller) => poller.read().await,
         }
     }
 
@@ -118,8 +127,8 @@ impl Source {
                 let close = Ws::close(&mut ws, None);
                 let _ = tokio::time::timeout(Duration::from_secs(2), close).await;
             }
-            // Dropping the response closes the HTTP connection.
-            Source::Sse(_) => {}
+            // Dropping the response (or the pending poll) closes its HTTP request.
+            Source::Sse(_) | Source::Poll(_) => {}
         }
     }
 }
@@ -135,6 +144,12 @@ impl Reader {
     fn frame(&mut self, frame: pb::ServerFrame) {
         match frame.kind {
             Some(Out::Message(m)) if m.room_id == self.room => self.message(&m),
+            Some(Out::Batch(b)) if b.room_id == self.room => {
+                self.out.batches += 1;
+                for inner in b.frames {
+                    self.frame(inner);
+                }
+            }
             Some(Out::Gap(g)) if g.room_id == self.room => {
                 self.out.gap_frames += 1;
                 if g.to_seq > self.last {
@@ -168,25 +183,33 @@ impl Reader {
     }
 }
 
-/// Opens subscriber `n` (account `n mod accounts`) on room `n mod rooms`; answers
-/// its room index, source and the room's sequence at subscription.
+/// Opens subscriber `n` on `room` as `account` (`None`: an anonymous viewer);
+/// answers its source and the room's sequence at subscription.
 async fn open_subscriber(
-    addr: SocketAddr,
-    codec: Codec,
-    transport: Transport,
-    sse_client: &reqwest::Client,
-    account: &Account,
+    ctx: &Ctx,
+    args: &FanoutArgs,
+    http: &reqwest::Client,
+    n: usize,
+    account: Option<&Account>,
     room: &str,
 ) -> Result<(Source, u64)> {
-    match transport {
+    let token = account.map(|a| a.token.as_str());
+    match args.transport {
         Transport::Ws => {
-            let mut conn = Conn::open(addr, codec, &account.token).await?;
+            let mut conn = Conn::open_as(ctx.addr, ctx.codec, args.batch, token).await?;
             let base = conn.subscribe_live(room).await?;
             Ok((Source::Ws(Box::new(conn.ws)), base))
         }
         Transport::Sse => {
-            let (sse, base) = SseStream::open(sse_client, addr, &account.token, room).await?;
+            let token = token.ok_or_else(|| anyhow!("SSE needs an account"))?;
+            let (sse, base) = SseStream::open(http, ctx.addr, token, room, args.batch).await?;
             Ok((Source::Sse(Box::new(sse)), base))
+        }
+        Transport::Poll => {
+            let token = token.ok_or_else(|| anyhow!("long-polling needs an account"))?;
+            let (poller, base) =
+                Poller::open(http, ctx.addr, token, room, format!("bench-{n}")).await?;
+            Ok((Source::Poll(Box::new(poller)), base))
         }
     }
 }
@@ -204,6 +227,10 @@ pub(crate) async fn run(ctx: &Ctx, args: &FanoutArgs) -> Result<FanoutReport> {
         args.rate > 0.0 && args.duration > 0.0,
         "need a positive rate and duration"
     );
+    ensure!(
+        !args.anonymous || (args.live && args.transport == Transport::Ws),
+        "--anonymous needs --live and WebSocket subscribers"
+    );
     let per_publisher = ((args.rate * args.duration) / args.publishers as f64).round() as usize;
     ensure!(per_publisher > 0, "rate × duration gives no message");
     // Every room gets about the same share of messages and of subscribers.
@@ -214,19 +241,31 @@ pub(crate) async fn run(ctx: &Ctx, args: &FanoutArgs) -> Result<FanoutReport> {
         "{planned} planned deliveries exceed the bench's limit of {MAX_PLANNED_DELIVERIES}"
     );
     let run = run_id();
-    let subscriber_users = args.subscriber_users.clamp(1, args.subscribers);
+    let subscriber_users = if args.anonymous {
+        0
+    } else {
+        args.subscriber_users.clamp(1, args.subscribers)
+    };
     eprintln!(
         "fanout: signing up {} publishers and {subscriber_users} subscriber accounts",
         args.publishers
     );
     let publishers = ctx.api.sign_up_many(&run, "p", args.publishers).await?;
     let readers = ctx.api.sign_up_many(&run, "r", subscriber_users).await?;
-    eprintln!("fanout: creating {} rooms", args.rooms);
+    eprintln!(
+        "fanout: creating {} {}rooms",
+        args.rooms,
+        if args.live { "live " } else { "" }
+    );
+    let live = args.live.then(|| pb::LiveControls {
+        anonymous_viewers: args.anonymous,
+        ..Default::default()
+    });
     let mut rooms = Vec::with_capacity(args.rooms);
     for n in 0..args.rooms {
         rooms.push(
             ctx.api
-                .create_room(&publishers[0], &format!("bench fanout {n}"))
+                .create_room_with(&publishers[0], &format!("bench fanout {n}"), live)
                 .await?,
         );
     }
@@ -245,22 +284,15 @@ pub(crate) async fn run(ctx: &Ctx, args: &FanoutArgs) -> Result<FanoutReport> {
         args.transport.name(),
         args.rooms
     );
-    let sse_client = stream_client()?;
+    let http = stream_client()?;
     let opened: Vec<Result<(usize, Source, u64)>> = stream::iter(0..args.subscribers)
         .map(|n| {
             let room_index = n % rooms.len();
-            let (room, account) = (&rooms[room_index], &readers[n % readers.len()]);
-            let sse_client = &sse_client;
+            let room = &rooms[room_index];
+            let account = (!readers.is_empty()).then(|| &readers[n % readers.len()]);
+            let http = &http;
             async move {
-                let (source, base) = open_subscriber(
-                    ctx.addr,
-                    ctx.codec,
-                    args.transport,
-                    sse_client,
-                    account,
-                    room,
-                )
-                .await?;
+                let (source, base) = open_subscriber(ctx, args, http, n, account, room).await?;
                 Ok((room_index, source, base))
             }
         })
@@ -407,6 +439,9 @@ pub(crate) async fn run(ctx: &Ctx, args: &FanoutArgs) -> Result<FanoutReport> {
         scenario: "fanout",
         codec,
         transport: args.transport,
+        live: args.live,
+        batch: args.batch,
+        anonymous: args.anonymous,
         rooms: args.rooms,
         subscribers: args.subscribers,
         subscriber_users,
@@ -429,6 +464,7 @@ pub(crate) async fn run(ctx: &Ctx, args: &FanoutArgs) -> Result<FanoutReport> {
         missing,
         lagging_frames: sub_results.iter().map(|r| r.lagging).sum(),
         gap_frames: sub_results.iter().map(|r| r.gap_frames).sum(),
+        batch_frames: sub_results.iter().map(|r| r.batches).sum(),
         gap_seqs,
         subscribers_closed: closed.len(),
         first_close: closed.first().map(|s| (*s).clone()),
@@ -543,9 +579,16 @@ async fn publish(ws: Ws, codec: Codec, plan: Plan) -> Result<PublisherResult> {
 impl FanoutReport {
     pub(crate) fn print(&self) {
         println!(
-            "== fanout ({} codec, subscribers over {})",
+            "== fanout ({} codec{}, subscribers over {}{}{})",
             self.codec.subprotocol(),
-            self.transport.name()
+            if self.batch { " +batch" } else { "" },
+            self.transport.name(),
+            if self.live { ", live rooms" } else { "" },
+            if self.anonymous {
+                ", anonymous viewers"
+            } else {
+                ""
+            }
         );
         println!(
             "  {} rooms, {} subscribers ({} accounts), {} publishers at {} msgs/s for {} s, {} B texts",
@@ -570,6 +613,13 @@ impl FanoutReport {
             "  order: {} gaps, {} duplicates/out of order, {} missing; {} lagging frames; {} subscribers closed",
             self.gaps, self.dups, self.missing, self.lagging_frames, self.subscribers_closed
         );
+        if self.batch_frames > 0 {
+            println!(
+                "  batch frames: {} ({:.1} events each on average)",
+                self.batch_frames,
+                self.deliveries as f64 / self.batch_frames as f64
+            );
+        }
         if self.gap_frames > 0 {
             println!(
                 "  gap frames: {} covering {} sequences (announced, not silent)",

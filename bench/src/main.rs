@@ -37,6 +37,7 @@ mod api;
 mod fanout;
 mod idle;
 mod measure;
+mod poll;
 mod sends;
 mod sse;
 mod target;
@@ -46,7 +47,9 @@ use std::{net::SocketAddr, process::ExitCode, time::Duration};
 
 use anyhow::{bail, ensure, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use roomcast::protocol::{SUBPROTOCOL_JSON, SUBPROTOCOL_PROTO};
+use roomcast::protocol::{
+    SUBPROTOCOL_JSON, SUBPROTOCOL_JSON_BATCH, SUBPROTOCOL_PROTO, SUBPROTOCOL_PROTO_BATCH,
+};
 use serde::Serialize;
 use tokio::time::Instant;
 
@@ -139,9 +142,19 @@ pub(crate) struct FanoutArgs {
     /// Rooms the subscribers are spread over (publishers send to them in turn).
     #[arg(long, default_value_t = 1)]
     pub(crate) rooms: usize,
-    /// How the subscribers receive: WebSocket or Server-Sent Events.
+    /// How the subscribers receive: WebSocket, Server-Sent Events or long-polling.
     #[arg(long, value_enum, default_value_t = Transport::Ws)]
     pub(crate) transport: Transport,
+    /// Make the rooms live rooms (comments in memory, no store write per message).
+    #[arg(long)]
+    pub(crate) live: bool,
+    /// Subscribers take `batch` frames (`+batch` subprotocol, SSE `batch=true`).
+    #[arg(long)]
+    pub(crate) batch: bool,
+    /// Subscribers watch without an account (WebSocket only; needs --live, whose
+    /// rooms then allow anonymous viewers). Set-up needs no sign-ups.
+    #[arg(long)]
+    pub(crate) anonymous: bool,
     /// Accounts the subscriber connections are spread over (sign-up hashes a
     /// password, so one account per connection makes set-up slow).
     #[arg(long, default_value_t = 50)]
@@ -208,6 +221,8 @@ pub(crate) enum Transport {
     Ws,
     /// `GET /sse` (proto3-JSON frames whatever the codec).
     Sse,
+    /// `PushService/Poll` (binary protobuf), one outstanding poll per client.
+    Poll,
 }
 
 impl Transport {
@@ -215,15 +230,23 @@ impl Transport {
         match self {
             Transport::Ws => "WebSocket",
             Transport::Sse => "SSE",
+            Transport::Poll => "long-polling",
         }
     }
 }
 
 impl Codec {
     pub(crate) fn subprotocol(self) -> &'static str {
-        match self {
-            Codec::Proto => SUBPROTOCOL_PROTO,
-            Codec::Json => SUBPROTOCOL_JSON,
+        self.subprotocol_with(false)
+    }
+
+    /// The subprotocol, with `+batch` (the server may send `batch` frames) or not.
+    pub(crate) fn subprotocol_with(self, batch: bool) -> &'static str {
+        match (self, batch) {
+            (Codec::Proto, false) => SUBPROTOCOL_PROTO,
+            (Codec::Json, false) => SUBPROTOCOL_JSON,
+            (Codec::Proto, true) => SUBPROTOCOL_PROTO_BATCH,
+            (Codec::Json, true) => SUBPROTOCOL_JSON_BATCH,
         }
     }
 }

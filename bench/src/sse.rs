@@ -37,16 +37,18 @@ pub(crate) struct SseStream {
 }
 
 impl SseStream {
-    /// Opens `/sse?rooms=<room>` (live start) as `token` and waits for the room's
+    /// Opens `/sse?rooms=<room>` (live start, `batch` frames when `batch`) as `token`
+    /// and waits for the room's
     /// `subscribed` event; answers the stream and the room's sequence then.
     pub(crate) async fn open(
         client: &reqwest::Client,
         addr: SocketAddr,
         token: &str,
         room: &str,
+        batch: bool,
     ) -> Result<(Self, u64)> {
         let deadline = Instant::now() + REPLY_TIMEOUT;
-        let url = format!("http://{addr}/sse?rooms={room}&notifications=off");
+        let url = format!("http://{addr}/sse?rooms={room}&notifications=off&batch={batch}");
         let response = timeout_at(deadline, client.get(&url).bearer_auth(token).send())
             .await
             .map_err(|_| anyhow!("GET /sse timed out"))?

@@ -38,16 +38,31 @@ impl Conn {
     /// Connects to `addr` with `token` in the upgrade request and waits for
     /// `authenticated`.
     pub(crate) async fn open(addr: SocketAddr, codec: Codec, token: &str) -> Result<Self> {
+        Self::open_as(addr, codec, false, Some(token)).await
+    }
+
+    /// Connects with the `+batch` subprotocol when `batch`; with `token` in the
+    /// upgrade request, or as an anonymous viewer (`authenticate_anonymous`) without
+    /// one. Waits for `authenticated`.
+    pub(crate) async fn open_as(
+        addr: SocketAddr,
+        codec: Codec,
+        batch: bool,
+        token: Option<&str>,
+    ) -> Result<Self> {
         let deadline = Instant::now() + REPLY_TIMEOUT;
         let socket = timeout_at(deadline, TcpStream::connect(addr))
             .await
             .map_err(|_| anyhow!("TCP connect to {addr} timed out"))?
             .with_context(|| format!("TCP connect to {addr}"))?;
         socket.set_nodelay(true)?;
+        let subprotocol = codec.subprotocol_with(batch);
         let mut request = format!("ws://{addr}/ws").into_client_request()?;
         let headers = request.headers_mut();
-        headers.insert("sec-websocket-protocol", codec.subprotocol().parse()?);
-        headers.insert("authorization", format!("Bearer {token}").parse()?);
+        headers.insert("sec-websocket-protocol", subprotocol.parse()?);
+        if let Some(token) = token {
+            headers.insert("authorization", format!("Bearer {token}").parse()?);
+        }
         let (ws, response) = timeout_at(deadline, tokio_tungstenite::client_async(request, socket))
             .await
             .map_err(|_| anyhow!("WebSocket upgrade timed out"))?
@@ -57,15 +72,28 @@ impl Conn {
             .get("sec-websocket-protocol")
             .and_then(|v| v.to_str().ok());
         ensure!(
-            chosen == Some(codec.subprotocol()),
-            "the server chose subprotocol {chosen:?}, not {}",
-            codec.subprotocol()
+            chosen == Some(subprotocol),
+            "the server chose subprotocol {chosen:?}, not {subprotocol}"
         );
         let mut conn = Self {
             ws,
             codec,
             next_id: 1,
         };
+        if token.is_none() {
+            let id = conn.next_id;
+            conn.next_id += 1;
+            conn.ws
+                .send(encode_frame(
+                    codec,
+                    &pb::ClientFrame {
+                        id,
+                        kind: Some(In::AuthenticateAnonymous(pb::AuthenticateAnonymous {})),
+                    },
+                ))
+                .await
+                .context("send authenticate_anonymous")?;
+        }
         loop {
             match conn.next(deadline).await? {
                 Incoming::Frame(frame) => match frame.kind {

@@ -1473,6 +1473,62 @@ impl Handler<GetLiveSnapshot> for RoomActor {
     }
 }
 
+/// Reads a live room's ring for a long-poll: the events after `after` (the room's
+/// current end when `None`), at most `limit`. Answers `None` for a chat room, whose
+/// history is read from the store.
+#[derive(Message)]
+#[rtype(result = "Result<Option<LivePage>, ApiError>")]
+pub struct ReadLive {
+    pub after: Option<u64>,
+    pub limit: usize,
+}
+
+/// What [`ReadLive`] found.
+#[derive(Debug)]
+pub struct LivePage {
+    /// The room's last sequence now.
+    pub last_seq: u64,
+    /// The range (inclusive) after `after` that the ring no longer holds.
+    pub gap: Option<(u64, u64)>,
+    /// Events after the gap (or after `after`), in order, at most `limit`.
+    pub events: Vec<Arc<RoomEvent>>,
+    /// More events follow the last of `events`.
+    pub more: bool,
+}
+
+impl Handler<ReadLive> for RoomActor {
+    type Result = Result<Option<LivePage>, ApiError>;
+
+    fn handle(&mut self, msg: ReadLive, _ctx: &mut Self::Context) -> Self::Result {
+        if let Some(error) = self.unavailable() {
+            return Err(error);
+        }
+        if self.live.is_none() {
+            return Ok(None);
+        }
+        let last_seq = self.last_seq;
+        let after = msg.after.unwrap_or(last_seq);
+        if after > last_seq {
+            return Err(ApiError::new(
+                Code::OutOfRange,
+                format!("after_seq {after} is beyond the room's last sequence {last_seq}"),
+            ));
+        }
+        let first_in_ring = self.ring.front().map_or(last_seq + 1, |e| e.seq);
+        let gap = (after < last_seq && first_in_ring > after + 1)
+            .then(|| (after + 1, (first_in_ring - 1).min(last_seq)));
+        let mut events = self.ring.iter().filter(|e| e.seq > after);
+        let page: Vec<Arc<RoomEvent>> = events.by_ref().take(msg.limit).cloned().collect();
+        let more = events.next().is_some();
+        Ok(Some(LivePage {
+            last_seq,
+            gap,
+            events: page,
+            more,
+        }))
+    }
+}
+
 impl Handler<Restart> for RoomActor {
     type Result = ();
 

@@ -16,11 +16,15 @@ use tokio::time::Instant;
 
 use super::{
     access::room_access,
+    messages::room_actor,
     notifications::{self, notification_to_proto},
     validate, AppState, Principal,
 };
 use crate::{
-    actors::poll_hub::{PollEnd, Watch, WatchGuard},
+    actors::{
+        poll_hub::{PollEnd, Watch, WatchGuard},
+        room::{is_retired, ReadLive},
+    },
     error::{ApiError, Code},
     ids::{RoomId, UserId},
     proto::v1 as pb,
@@ -256,6 +260,20 @@ async fn read(
             }
             Err(e) => return Err(e),
         };
+        // A live room's comments are in its ring, not in the store (whose last_seq
+        // is the top of the block the room reserved): the room actor answers.
+        if state.store.get_live_room(&room.room_id).await?.is_some() {
+            match read_live(state, room, limit - page.count, &mut page).await {
+                Ok(()) => continue,
+                Err(e) if is_room_error(&e) => {
+                    room.refused = true;
+                    page.errors += 1;
+                    page.events.push(room_error(&room.room_id, &e));
+                    continue;
+                }
+                Err(e) => return Err(e),
+            }
+        }
         let last_seq = access.room.last_seq;
         let after = *room.after.get_or_insert(last_seq);
         if after > last_seq {
@@ -304,6 +322,54 @@ async fn read(
         room.after = Some(delivered);
     }
     Ok(page)
+}
+
+/// Reads a live room's ring after its cursor (resolving an unset cursor to the
+/// room's end), at most `remaining` events, into `page`.
+async fn read_live(
+    state: &AppState,
+    room: &mut RoomPosition,
+    remaining: u32,
+    page: &mut Page,
+) -> Result<(), ApiError> {
+    if room.after.is_some() && remaining == 0 {
+        page.more = true;
+        return Ok(());
+    }
+    let request = || ReadLive {
+        after: room.after,
+        limit: remaining as usize,
+    };
+    let mut reply = room_actor(state, &room.room_id)
+        .await?
+        .send(request())
+        .await?;
+    if reply.as_ref().is_err_and(is_retired) {
+        // The actor retired between lookup and read: ask the registry once more.
+        reply = room_actor(state, &room.room_id)
+            .await?
+            .send(request())
+            .await?;
+    }
+    let Some(live) = reply? else {
+        return Err(ApiError::unavailable(
+            "the room is changing from live to chat; poll again",
+        ));
+    };
+    let mut delivered = *room.after.get_or_insert(live.last_seq);
+    if let Some((from_seq, to_seq)) = live.gap {
+        page.events.push(gap(&room.room_id, from_seq, to_seq));
+        delivered = to_seq;
+    }
+    for event in &live.events {
+        page.events
+            .push(protocol::push(protocol::event_kind(&event.record)));
+        page.count += 1;
+        delivered = event.seq;
+    }
+    page.more |= live.more;
+    room.after = Some(delivered);
+    Ok(())
 }
 
 fn gap(room_id: &RoomId, from_seq: u64, to_seq: u64) -> pb::ServerFrame {
