@@ -571,4 +571,23 @@ both_backends!(bad_requests_get_clear_errors, |backend| async move {
         "permission_denied",
         403,
     );
+    // Access rules govern the service like any other.
+    let _: pb::CreateAccessRuleResponse = common::admin_call(
+        &server,
+        &admin,
+        "CreateAccessRule",
+        &pb::CreateAccessRuleRequest {
+            role: "member".into(),
+            operation: "roomcast.v1.PushService/*".into(),
+            effect: "deny".into(),
+            priority: 10,
+            description: "no long-polling for members".into(),
+        },
+    )
+    .await;
+    expect_error(
+        poll::poll(&server, token, &request(&[(&room, None)], 0)).await,
+        "permission_denied",
+        403,
+    );
 });
