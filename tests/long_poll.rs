@@ -591,3 +591,41 @@ both_backends!(bad_requests_get_clear_errors, |backend| async move {
         403,
     );
 });
+
+both_backends!(waiting_polls_per_user_are_bounded, |backend| async move {
+    let _gauge = GAUGE.read().await;
+    let server = TestServer::spawn_with(backend, |s| s.poll.max_waiting_per_user = 2).await;
+    let (owner, reader, room) = room_with_reader(&server, pb::RoomKind::Public).await;
+    let other = server.sign_up(&unique_name("other")).await;
+    join(&server, &other, &room).await;
+    let spawn_poll = |token: &str, poll_id: &str| {
+        let mut req = request(&[(&room, Some(0))], LONG_WAIT_MS);
+        req.poll_id = poll_id.to_owned();
+        let rpc = server.rpc_as(token);
+        tokio::spawn(async move {
+            rpc.call_proto::<_, pb::PollResponse>("PushService/Poll", &req)
+                .await
+        })
+    };
+    let first = spawn_poll(&reader.access_token, "a");
+    let second = spawn_poll(&reader.access_token, "b");
+    until_waiting(&server, 2).await;
+    // A third poller of the same user is refused; the limit is per user.
+    let mut req = request(&[(&room, Some(0))], LONG_WAIT_MS);
+    req.poll_id = "c".into();
+    let refused = poll::poll(&server, &reader.access_token, &req).await;
+    let message = expect_error(refused, "resource_exhausted", 429);
+    assert!(message.contains("poll.max_waiting_per_user"), "{message}");
+    let strangers = spawn_poll(&other.access_token, "a");
+    until_waiting(&server, 3).await;
+    // A poll that replaces one with the same poll_id does not add up.
+    let replacing = spawn_poll(&reader.access_token, "a");
+    let ended = first.await.unwrap().expect("poll");
+    assert_eq!(ended.ended.expect("ended").code, SUPERSEDED);
+    until_waiting(&server, 3).await;
+    send_http(&server, &owner, &room, "for everyone", "").await;
+    for waiting in [second, strangers, replacing] {
+        let response = waiting.await.unwrap().expect("poll");
+        assert_eq!(seqs(&response, &room), vec![1]);
+    }
+});

@@ -20,7 +20,7 @@ use super::{
     validate, AppState, Principal,
 };
 use crate::{
-    actors::poll_hub::{PollEnd, Watch, WatchGuard},
+    actors::poll_hub::{PollEnd, TooManyWaiters, Watch, WatchGuard},
     error::{ApiError, Code},
     ids::{RoomId, UserId},
     proto::v1 as pb,
@@ -172,7 +172,16 @@ pub async fn poll(
         rooms: rooms.iter().map(|r| r.room_id.clone()).collect(),
         notifications: req.notifications,
     };
-    let Some(guard) = WatchGuard::watch(&state.polls, watch).await else {
+    let guard = WatchGuard::watch(&state.polls, watch)
+        .await
+        .map_err(|TooManyWaiters(max)| {
+            ApiError::exhausted(format!(
+                "{max} polls of this user are already waiting on this server \
+                 (poll.max_waiting_per_user); give each poller its own poll_id and \
+                 reuse it"
+            ))
+        })?;
+    let Some(guard) = guard else {
         // The hub is restarting: answer now rather than wait without wake-ups.
         return Ok(answer(page, &rooms, notifications_after));
     };
