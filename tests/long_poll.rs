@@ -629,3 +629,50 @@ both_backends!(waiting_polls_per_user_are_bounded, |backend| async move {
         assert_eq!(seqs(&response, &room), vec![1]);
     }
 });
+
+both_backends!(draining_the_node_ends_waiting_polls, |backend| async move {
+    let _gauge = GAUGE.read().await;
+    let (server, admin) = TestServer::spawn_with_admin(backend, |_| {}).await;
+    let (_owner, reader, room) = room_with_reader(&server, pb::RoomKind::Public).await;
+    let waiting = {
+        let req = request(&[(&room, Some(0))], LONG_WAIT_MS);
+        let rpc = server.rpc_as(&reader.access_token);
+        tokio::spawn(async move {
+            rpc.call_proto::<_, pb::PollResponse>("PushService/Poll", &req)
+                .await
+                .expect("poll")
+        })
+    };
+    until_waiting(&server, 1).await;
+    let _: pb::DrainNodeResponse = common::admin_call(
+        &server,
+        &admin,
+        "DrainNode",
+        &pb::DrainNodeRequest {
+            reason: "maintenance".into(),
+        },
+    )
+    .await;
+    let response = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("the drain ends the wait")
+        .unwrap();
+    let ended = response.ended.clone().expect("ended");
+    assert_eq!(ended.code, u32::from(roomcast::protocol::close::SHUTDOWN));
+    assert_eq!(cursor(&response, &room), Some(0));
+    until_waiting(&server, 0).await;
+    // While draining, a poll with nothing new does not wait: it ends at once.
+    let started = Instant::now();
+    let response = poll::poll(
+        &server,
+        &reader.access_token,
+        &request(&[(&room, Some(0))], LONG_WAIT_MS),
+    )
+    .await
+    .expect("poll");
+    assert_eq!(
+        response.ended.expect("ended").code,
+        u32::from(roomcast::protocol::close::SHUTDOWN)
+    );
+    assert!(started.elapsed() < Duration::from_millis(u64::from(LONG_WAIT_MS) / 2));
+});

@@ -165,6 +165,10 @@ pub async fn poll(
     if page.count > 0 || page.errors > 0 || Instant::now() >= wait_until {
         return Ok(answer(page, &rooms, notifications_after));
     }
+    if state.drain.is_draining() {
+        // No new waits on a draining node: the client polls again elsewhere.
+        return Ok(ended(PollEnd::Shutdown, &rooms, notifications_after));
+    }
 
     let watch = Watch {
         user_id: user.clone(),
