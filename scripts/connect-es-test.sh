@@ -5,6 +5,8 @@
 #
 #     bash scripts/connect-es-test.sh
 #
+# Tests: compat (RPCs in both codecs), compression, sse (the npm eventsource
+# client), longpoll (PushService.Poll from push.proto).
 # Steps: `npm ci` in tests/connect-es (pinned versions from package-lock.json),
 # `buf generate` into tests/connect-es/gen/ (gitignored), `cargo build --bin
 # roomcast`, start target/debug/roomcast on a free loopback port with a

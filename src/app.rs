@@ -91,7 +91,8 @@ pub async fn start_state(settings: Arc<Settings>, store: Store) -> Result<AppSta
     let sessions_rooms = rooms.clone();
     let sessions = Supervisor::start(move |_| SessionRegistry::new(sessions_store, sessions_rooms));
     let hub_rooms = rooms.clone();
-    let polls = Supervisor::start(move |_| PollHub::new(hub_rooms));
+    let max_waiting = settings.poll.max_waiting_per_user;
+    let polls = Supervisor::start(move |_| PollHub::new(hub_rooms, max_waiting));
     let sweeper_store = store.clone();
     let sweep_every = Duration::from_secs(settings.rooms.retention_sweep_secs);
     let notification_retention = Duration::from_secs(settings.notifications.retention_secs);

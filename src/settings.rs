@@ -586,6 +586,10 @@ pub struct PollSettings {
     pub max_rooms: usize,
     /// Most events (room events and notifications) in one poll's answer.
     pub page_max: u32,
+    /// Most polls of one user waiting on one node at a time; more get
+    /// `resource_exhausted` (a newer poll with the same poll id replaces the older
+    /// and does not count twice).
+    pub max_waiting_per_user: usize,
 }
 
 /// Default of `poll.max_wait_ms`: 25 s, below common proxy timeouts (nginx 60 s).
@@ -594,6 +598,8 @@ pub const POLL_MAX_WAIT_MS: u64 = 25_000;
 pub const POLL_MAX_ROOMS: usize = 64;
 /// Default of `poll.page_max`.
 pub const POLL_PAGE_MAX: u32 = 500;
+/// Default of `poll.max_waiting_per_user`: a few tabs and devices.
+pub const POLL_MAX_WAITING_PER_USER: usize = 16;
 
 impl Default for PollSettings {
     fn default() -> Self {
@@ -601,6 +607,7 @@ impl Default for PollSettings {
             max_wait_ms: POLL_MAX_WAIT_MS,
             max_rooms: POLL_MAX_ROOMS,
             page_max: POLL_PAGE_MAX,
+            max_waiting_per_user: POLL_MAX_WAITING_PER_USER,
         }
     }
 }
@@ -690,6 +697,9 @@ impl Settings {
         }
         if self.poll.page_max == 0 {
             return bad("poll.page_max", "must be at least 1");
+        }
+        if self.poll.max_waiting_per_user == 0 {
+            return bad("poll.max_waiting_per_user", "must be at least 1");
         }
         if self.notifications.page_max == 0 {
             return bad("notifications.page_max", "must be at least 1");

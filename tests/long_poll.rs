@@ -571,6 +571,110 @@ both_backends!(bad_requests_get_clear_errors, |backend| async move {
         "permission_denied",
         403,
     );
+    // Access rules govern the service like any other.
+    let _: pb::CreateAccessRuleResponse = common::admin_call(
+        &server,
+        &admin,
+        "CreateAccessRule",
+        &pb::CreateAccessRuleRequest {
+            role: "member".into(),
+            operation: "roomcast.v1.PushService/*".into(),
+            effect: "deny".into(),
+            priority: 10,
+            description: "no long-polling for members".into(),
+        },
+    )
+    .await;
+    expect_error(
+        poll::poll(&server, token, &request(&[(&room, None)], 0)).await,
+        "permission_denied",
+        403,
+    );
+});
+
+both_backends!(waiting_polls_per_user_are_bounded, |backend| async move {
+    let _gauge = GAUGE.read().await;
+    let server = TestServer::spawn_with(backend, |s| s.poll.max_waiting_per_user = 2).await;
+    let (owner, reader, room) = room_with_reader(&server, pb::RoomKind::Public).await;
+    let other = server.sign_up(&unique_name("other")).await;
+    join(&server, &other, &room).await;
+    let spawn_poll = |token: &str, poll_id: &str| {
+        let mut req = request(&[(&room, Some(0))], LONG_WAIT_MS);
+        req.poll_id = poll_id.to_owned();
+        let rpc = server.rpc_as(token);
+        tokio::spawn(async move {
+            rpc.call_proto::<_, pb::PollResponse>("PushService/Poll", &req)
+                .await
+        })
+    };
+    let first = spawn_poll(&reader.access_token, "a");
+    let second = spawn_poll(&reader.access_token, "b");
+    until_waiting(&server, 2).await;
+    // A third poller of the same user is refused; the limit is per user.
+    let mut req = request(&[(&room, Some(0))], LONG_WAIT_MS);
+    req.poll_id = "c".into();
+    let refused = poll::poll(&server, &reader.access_token, &req).await;
+    let message = expect_error(refused, "resource_exhausted", 429);
+    assert!(message.contains("poll.max_waiting_per_user"), "{message}");
+    let strangers = spawn_poll(&other.access_token, "a");
+    until_waiting(&server, 3).await;
+    // A poll that replaces one with the same poll_id does not add up.
+    let replacing = spawn_poll(&reader.access_token, "a");
+    let ended = first.await.unwrap().expect("poll");
+    assert_eq!(ended.ended.expect("ended").code, SUPERSEDED);
+    until_waiting(&server, 3).await;
+    send_http(&server, &owner, &room, "for everyone", "").await;
+    for waiting in [second, strangers, replacing] {
+        let response = waiting.await.unwrap().expect("poll");
+        assert_eq!(seqs(&response, &room), vec![1]);
+    }
+});
+
+both_backends!(draining_the_node_ends_waiting_polls, |backend| async move {
+    let _gauge = GAUGE.read().await;
+    let (server, admin) = TestServer::spawn_with_admin(backend, |_| {}).await;
+    let (_owner, reader, room) = room_with_reader(&server, pb::RoomKind::Public).await;
+    let waiting = {
+        let req = request(&[(&room, Some(0))], LONG_WAIT_MS);
+        let rpc = server.rpc_as(&reader.access_token);
+        tokio::spawn(async move {
+            rpc.call_proto::<_, pb::PollResponse>("PushService/Poll", &req)
+                .await
+                .expect("poll")
+        })
+    };
+    until_waiting(&server, 1).await;
+    let _: pb::DrainNodeResponse = common::admin_call(
+        &server,
+        &admin,
+        "DrainNode",
+        &pb::DrainNodeRequest {
+            reason: "maintenance".into(),
+        },
+    )
+    .await;
+    let response = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("the drain ends the wait")
+        .unwrap();
+    let ended = response.ended.clone().expect("ended");
+    assert_eq!(ended.code, u32::from(roomcast::protocol::close::SHUTDOWN));
+    assert_eq!(cursor(&response, &room), Some(0));
+    until_waiting(&server, 0).await;
+    // While draining, a poll with nothing new does not wait: it ends at once.
+    let started = Instant::now();
+    let response = poll::poll(
+        &server,
+        &reader.access_token,
+        &request(&[(&room, Some(0))], LONG_WAIT_MS),
+    )
+    .await
+    .expect("poll");
+    assert_eq!(
+        response.ended.expect("ended").code,
+        u32::from(roomcast::protocol::close::SHUTDOWN)
+    );
+    assert!(started.elapsed() < Duration::from_millis(u64::from(LONG_WAIT_MS) / 2));
 });
 
 // A live room's comments live in its ring, not in the store: a poll reads them from

@@ -115,9 +115,10 @@ impl WaiterSignal {
 /// Identifies one waiter within the hub.
 pub type WaiterId = u64;
 
-/// Registers a waiting poll; answered with its signal.
+/// Registers a waiting poll; answered with its signal, or [`TooManyWaiters`] when
+/// the user already has `poll.max_waiting_per_user` waiting polls on this node.
 #[derive(Message)]
-#[rtype(result = "Watching")]
+#[rtype(result = "Result<Watching, TooManyWaiters>")]
 pub struct Watch {
     pub user_id: UserId,
     /// The client's poll id; empty: none.
@@ -132,6 +133,10 @@ pub struct Watching {
     pub id: WaiterId,
     pub signal: Arc<WaiterSignal>,
 }
+
+/// The user's waiting polls are at the limit (the value).
+#[derive(Debug, Clone, Copy)]
+pub struct TooManyWaiters(pub usize);
 
 /// Unregisters a waiter (its poll returned or was dropped).
 #[derive(Message)]
@@ -175,15 +180,18 @@ pub struct WatchGuard {
 }
 
 impl WatchGuard {
-    /// Registers a waiter with `hub`; `None` when the hub is restarting (the poll
-    /// then answers at once instead of waiting).
-    pub async fn watch(hub: &Addr<PollHub>, watch: Watch) -> Option<Self> {
-        let watching = hub.send(watch).await.ok()?;
-        Some(Self {
+    /// Registers a waiter with `hub`; `Ok(None)` when the hub is restarting (the
+    /// poll then answers at once instead of waiting).
+    pub async fn watch(hub: &Addr<PollHub>, watch: Watch) -> Result<Option<Self>, TooManyWaiters> {
+        let Ok(watching) = hub.send(watch).await else {
+            return Ok(None);
+        };
+        let watching = watching?;
+        Ok(Some(Self {
             hub: hub.clone(),
             id: watching.id,
             signal: watching.signal,
-        })
+        }))
     }
 }
 
@@ -215,6 +223,8 @@ struct RoomWatch {
 /// Wakes this node's waiting long-polls; see the module docs.
 pub struct PollHub {
     registry: Addr<RoomRegistry>,
+    /// `poll.max_waiting_per_user`.
+    max_per_user: usize,
     waiters: HashMap<WaiterId, Waiter>,
     rooms: HashMap<RoomId, RoomWatch>,
     by_user: HashMap<UserId, HashSet<WaiterId>>,
@@ -227,9 +237,10 @@ pub struct PollHub {
 }
 
 impl PollHub {
-    pub fn new(registry: Addr<RoomRegistry>) -> Self {
+    pub fn new(registry: Addr<RoomRegistry>, max_per_user: usize) -> Self {
         Self {
             registry,
+            max_per_user,
             waiters: HashMap::new(),
             rooms: HashMap::new(),
             by_user: HashMap::new(),
@@ -414,7 +425,7 @@ impl Supervised for PollHub {
 }
 
 impl Handler<Watch> for PollHub {
-    type Result = actix::MessageResult<Watch>;
+    type Result = Result<Watching, TooManyWaiters>;
 
     fn handle(&mut self, msg: Watch, ctx: &mut Self::Context) -> Self::Result {
         let signal = Arc::new(WaiterSignal::default());
@@ -424,18 +435,26 @@ impl Handler<Watch> for PollHub {
             id,
             signal: signal.clone(),
         };
-        guarded(
+        let admitted = guarded(
             self,
             ctx,
-            || (),
+            || Ok(()),
             move |act, ctx| {
                 if !msg.poll_id.is_empty() {
                     let key = (msg.user_id.clone(), msg.poll_id.clone());
-                    if let Some(older) = act.by_poll_id.insert(key, id) {
+                    if let Some(older) = act.by_poll_id.remove(&key) {
                         if let Some(waiter) = act.remove_waiter(older) {
                             waiter.signal.end(PollEnd::Superseded);
                         }
                     }
+                }
+                let waiting = act.by_user.get(&msg.user_id).map_or(0, HashSet::len);
+                if waiting >= act.max_per_user {
+                    return Err(TooManyWaiters(act.max_per_user));
+                }
+                if !msg.poll_id.is_empty() {
+                    act.by_poll_id
+                        .insert((msg.user_id.clone(), msg.poll_id.clone()), id);
                 }
                 act.by_user
                     .entry(msg.user_id.clone())
@@ -473,9 +492,10 @@ impl Handler<Watch> for PollHub {
                     },
                 );
                 act.count();
+                Ok(())
             },
         );
-        actix::MessageResult(answer)
+        admitted.map(|()| answer)
     }
 }
 

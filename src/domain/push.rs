@@ -22,7 +22,7 @@ use super::{
 };
 use crate::{
     actors::{
-        poll_hub::{PollEnd, Watch, WatchGuard},
+        poll_hub::{PollEnd, TooManyWaiters, Watch, WatchGuard},
         room::{is_retired, ReadLive},
     },
     error::{ApiError, Code},
@@ -170,6 +170,10 @@ pub async fn poll(
     if page.count > 0 || page.errors > 0 || Instant::now() >= wait_until {
         return Ok(answer(page, &rooms, notifications_after));
     }
+    if state.drain.is_draining() {
+        // No new waits on a draining node: the client polls again elsewhere.
+        return Ok(ended(PollEnd::Shutdown, &rooms, notifications_after));
+    }
 
     let watch = Watch {
         user_id: user.clone(),
@@ -177,7 +181,16 @@ pub async fn poll(
         rooms: rooms.iter().map(|r| r.room_id.clone()).collect(),
         notifications: req.notifications,
     };
-    let Some(guard) = WatchGuard::watch(&state.polls, watch).await else {
+    let guard = WatchGuard::watch(&state.polls, watch)
+        .await
+        .map_err(|TooManyWaiters(max)| {
+            ApiError::exhausted(format!(
+                "{max} polls of this user are already waiting on this server \
+                 (poll.max_waiting_per_user); give each poller its own poll_id and \
+                 reuse it"
+            ))
+        })?;
+    let Some(guard) = guard else {
         // The hub is restarting: answer now rather than wait without wake-ups.
         return Ok(answer(page, &rooms, notifications_after));
     };
