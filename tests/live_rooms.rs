@@ -922,3 +922,208 @@ async fn chat_room_with_batches(backend: Backend, codec: WsCodec) {
 }
 
 ws_matrix!(chat_batches, chat_room_with_batches);
+
+// ---------------------------------------------------------------------------
+// SSE: a batch is one event whose id is the position after its last event.
+// ---------------------------------------------------------------------------
+
+/// One SSE event: its id (if any), name and data.
+#[derive(Debug)]
+struct SseEvent {
+    id: Option<String>,
+    name: String,
+    data: serde_json::Value,
+}
+
+/// Reads SSE events from `response` until `pick` has seen enough (bounded by `IDLE`).
+async fn sse_events(
+    response: &mut reqwest::Response,
+    mut done: impl FnMut(&[SseEvent]) -> bool,
+) -> Vec<SseEvent> {
+    let mut buf = String::new();
+    let mut events = Vec::new();
+    let deadline = tokio::time::Instant::now() + IDLE;
+    while !done(&events) {
+        if let Some(end) = buf.find("\n\n") {
+            let block: String = buf.drain(..end + 2).collect();
+            let (mut id, mut name, mut data) = (None, String::new(), String::new());
+            for line in block.lines() {
+                match line.split_once(": ") {
+                    Some(("id", v)) => id = Some(v.to_owned()),
+                    Some(("event", v)) => name = v.to_owned(),
+                    Some(("data", v)) => data.push_str(v),
+                    _ => {}
+                }
+            }
+            if !data.is_empty() {
+                let data = serde_json::from_str(&data).expect("data is JSON");
+                events.push(SseEvent { id, name, data });
+            }
+            continue;
+        }
+        let chunk = tokio::time::timeout_at(deadline, response.chunk())
+            .await
+            .expect("SSE events in time")
+            .expect("the stream goes on")
+            .expect("a chunk");
+        buf.push_str(std::str::from_utf8(&chunk).expect("UTF-8"));
+    }
+    events
+}
+
+/// The sequences an SSE room event (message or batch) carries.
+fn sse_seqs(event: &SseEvent) -> Vec<u64> {
+    let seq = |m: &serde_json::Value| -> u64 {
+        m["message"]["seq"]
+            .as_str()
+            .expect("seq")
+            .parse()
+            .expect("numeric")
+    };
+    match event.name.as_str() {
+        "message" => vec![seq(&event.data)],
+        "batch" => event.data["batch"]["frames"]
+            .as_array()
+            .expect("frames")
+            .iter()
+            .map(seq)
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+async fn sse_batches(backend: Backend) {
+    let server = Arc::new(
+        TestServer::spawn_with(backend, |s| {
+            fast_sends(s);
+            s.rooms.live.coalesce_ms = 400;
+        })
+        .await,
+    );
+    let owner = server.sign_up(&common::unique_name("owner")).await;
+    let room = create_live_room(&server, &owner, pb::LiveControls::default())
+        .await
+        .id;
+    let open = |last_id: Option<String>| {
+        let (server, owner, room) = (server.clone(), owner.clone(), room.clone());
+        async move {
+            let mut request = server
+                .http()
+                .get(server.url(&format!("/sse?rooms={room}:0&notifications=off&batch=true")))
+                .bearer_auth(&owner.access_token);
+            if let Some(id) = last_id {
+                request = request.header("Last-Event-ID", id);
+            }
+            let response = request.send().await.expect("GET /sse");
+            assert_eq!(response.status(), 200);
+            response
+        }
+    };
+    let mut stream = open(None).await;
+    sse_events(&mut stream, |e| e.iter().any(|e| e.name == "subscribed")).await;
+    const N: u64 = 20;
+    let sends = (0..N).map(|i| {
+        let (server, owner, room) = (server.clone(), owner.clone(), room.clone());
+        async move {
+            send_http(
+                &server,
+                &owner,
+                &room,
+                &format!("sse {i}"),
+                &format!("e{i}"),
+            )
+            .await
+        }
+    });
+    futures_util::future::join_all(sends).await;
+    let events = sse_events(&mut stream, |e| {
+        e.iter().flat_map(sse_seqs).max() == Some(N)
+    })
+    .await;
+    let seqs: Vec<u64> = events.iter().flat_map(sse_seqs).collect();
+    assert_eq!(
+        seqs,
+        (1..=N).collect::<Vec<_>>(),
+        "every comment once, in order"
+    );
+    let batch = events
+        .iter()
+        .find(|e| e.name == "batch")
+        .expect("a busy window is one batch event");
+    assert!(
+        batch.id.is_some(),
+        "a batch event carries the position after it"
+    );
+    // Resuming from the batch's id continues right after its last event.
+    let after = *sse_seqs(batch).last().expect("a batch has events");
+    drop(stream);
+    let mut resumed = open(batch.id.clone()).await;
+    send_http(&server, &owner, &room, "after", "after").await;
+    let events = sse_events(&mut resumed, |e| {
+        e.iter().flat_map(sse_seqs).max() == Some(N + 1)
+    })
+    .await;
+    let seqs: Vec<u64> = events.iter().flat_map(sse_seqs).collect();
+    assert_eq!(
+        seqs,
+        (after + 1..=N + 1).collect::<Vec<_>>(),
+        "Last-Event-ID resumes exactly after the batch"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sse_batches_sqlite() {
+    sse_batches(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sse_batches_postgres() {
+    if common::postgres_available() {
+        sse_batches(Backend::Postgres).await;
+    }
+}
+
+/// Slow mode over HTTP: `Retry-After` says when to send again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn slow_mode_sets_retry_after_over_http() {
+    let server = TestServer::spawn_with(Backend::Sqlite, fast_sends).await;
+    let owner = server.sign_up(&common::unique_name("owner")).await;
+    let member = server.sign_up(&common::unique_name("member")).await;
+    let room = create_live_room(
+        &server,
+        &owner,
+        pb::LiveControls {
+            slow_mode_seconds: 5,
+            ..Default::default()
+        },
+    )
+    .await
+    .id;
+    join(&server, &member, &room).await;
+    try_send(&server, &member, &room, "first")
+        .await
+        .expect("first");
+    let response = server
+        .http()
+        .post(server.url("/roomcast.v1.RoomService/SendMessage"))
+        .bearer_auth(&member.access_token)
+        .json(&serde_json::json!({"roomId": room, "text": "second"}))
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(response.status(), 429);
+    let retry: u64 = response.headers()["retry-after"]
+        .to_str()
+        .expect("ascii")
+        .parse()
+        .expect("seconds");
+    assert!((1..=5).contains(&retry), "Retry-After {retry}");
+    let body: serde_json::Value = response.json().await.expect("JSON");
+    assert!(
+        body["message"]
+            .as_str()
+            .expect("message")
+            .starts_with("slow_mode:"),
+        "{body}"
+    );
+}

@@ -290,7 +290,8 @@ pub enum RoomNotice {
         message: String,
     },
     /// Title, topic or retention changed.
-    Updated(pb::Room),
+    /// (Boxed: a room with a pinned message is large.)
+    Updated(Box<pb::Room>),
     /// A member came online or went offline. `version` orders the changes of one
     /// user: a notice older than one already delivered is dropped.
     Presence {
@@ -1345,7 +1346,7 @@ impl Handler<Notify> for RoomActor {
                             ) => {}
                     RoomNotice::Presence { .. } if quiet_live => {}
                     RoomNotice::Member(event) => act.notice(push(Kind::Member(event)), None),
-                    RoomNotice::Updated(room) => act.notice(push(Kind::RoomUpdated(room)), None),
+                    RoomNotice::Updated(room) => act.notice(push(Kind::RoomUpdated(*room)), None),
                     RoomNotice::Presence {
                         user_id,
                         online,

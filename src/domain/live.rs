@@ -114,9 +114,9 @@ pub async fn update_live_controls(
     let mut pushed = super::convert::room_to_proto(&access.room, count, None);
     fill_live_fields(state, &access.room, &mut pushed).await?;
     pushed.viewer_count = 0;
-    actor.do_send(crate::actors::room::Notify(RoomNotice::Updated(
-        pushed.clone(),
-    )));
+    actor.do_send(crate::actors::room::Notify(RoomNotice::Updated(Box::new(
+        pushed,
+    ))));
     let mut room = super::convert::room_to_proto(&access.room, count, access.member.as_ref());
     fill_live_fields(state, &access.room, &mut room).await?;
     Ok(pb::UpdateLiveControlsResponse { room: Some(room) })

@@ -304,7 +304,7 @@ pub async fn update_room(
     notify(
         state,
         &room.id,
-        RoomNotice::Updated(room_to_proto(&room, count, None)),
+        RoomNotice::Updated(Box::new(room_to_proto(&room, count, None))),
     );
     Ok(pb::UpdateRoomResponse {
         room: Some(room_to_proto(&room, count, access.member.as_ref())),
