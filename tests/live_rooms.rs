@@ -1127,3 +1127,108 @@ async fn slow_mode_sets_retry_after_over_http() {
         "{body}"
     );
 }
+
+// ---------------------------------------------------------------------------
+// Fan-out shards: subscribers on every worker, a slow one on one of them.
+// ---------------------------------------------------------------------------
+
+async fn sharded_delivery(backend: Backend, codec: WsCodec) {
+    const WORKERS: usize = 3;
+    let server = Arc::new(
+        TestServer::spawn_with(backend, |s| {
+            fast_sends(s);
+            s.server.workers = WORKERS;
+            s.realtime.outbound_queue_bytes = 16 * 1024;
+            s.realtime.max_catch_up_rounds = 1000;
+            s.rooms.max_message_bytes = 48 * 1024;
+            s.rooms.live.coalesce_ms = 5;
+        })
+        .await,
+    );
+    let owner = server.sign_up(&common::unique_name("owner")).await;
+    let room = create_live_room(&server, &owner, pb::LiveControls::default())
+        .await
+        .id;
+    let reader = server.sign_up(&common::unique_name("reader")).await;
+    // A slow viewer that reads nothing, on whichever worker it lands.
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .set_recv_buffer_size(4096)
+        .expect("small receive buffer");
+    let stream = socket.connect(server.addr).await.expect("connect");
+    let mut slow = WsClient::connect_batched(
+        &ws_url(&server),
+        codec,
+        Some(&reader.access_token),
+        Some(stream),
+    )
+    .await;
+    slow.subscribe(&room, None).await.expect("subscribe");
+    // Connections are spread over the workers: enough of them reach every one.
+    let mut viewers = Vec::new();
+    for n in 0..(WORKERS * 4) {
+        let mut client = if n % 2 == 0 {
+            WsClient::connect_batched(&ws_url(&server), codec, Some(&reader.access_token), None)
+                .await
+        } else {
+            WsClient::connect_authenticated(&ws_url(&server), codec, &reader.access_token).await
+        };
+        client.subscribe(&room, None).await.expect("subscribe");
+        viewers.push(client);
+    }
+    let snapshot = server
+        .state()
+        .rooms
+        .send(roomcast::actors::room_registry::FindRoom {
+            room_id: roomcast::ids::RoomId(room.clone()),
+        })
+        .await
+        .expect("registry")
+        .expect("room running")
+        .send(roomcast::actors::room::GetLiveSnapshot)
+        .await
+        .expect("room")
+        .expect("snapshot");
+    assert_eq!(
+        snapshot.shards, WORKERS,
+        "the room's subscribers sit on every worker's shard"
+    );
+    assert_eq!(snapshot.viewers as usize, WORKERS * 4 + 1);
+    // 200 large comments: far more than the slow viewer's socket and queue hold.
+    const N: u64 = 200;
+    let text = "y".repeat(40 * 1024);
+    let mut acked = HashMap::new();
+    let readers: Vec<_> = viewers
+        .into_iter()
+        .enumerate()
+        .map(|(n, mut client)| {
+            let room = room.clone();
+            tokio::spawn(async move { (n, watch_until(&mut client, &room, N).await.0) })
+        })
+        .collect();
+    for i in 0..N {
+        let sent = send_http(
+            &server,
+            &owner,
+            &room,
+            &format!("{i} {text}"),
+            &format!("s{i}"),
+        )
+        .await;
+        let m = sent.message.expect("message");
+        acked.insert(m.seq, m.text);
+    }
+    // Every other viewer gets every comment once, in order, while the slow one
+    // still reads nothing.
+    for task in readers {
+        let (n, seen) = task.await.expect("reader");
+        let gapped = assert_covers(&seen, 1, N, &acked, &format!("viewer {n}"));
+        assert_eq!(gapped, 0, "viewer {n} kept up and missed nothing");
+    }
+    // The slow viewer lagged: a gap took it to the tail; nothing is missing unannounced.
+    let (seen, _) = watch_until(&mut slow, &room, N).await;
+    let gapped = assert_covers(&seen, 1, N, &acked, "slow viewer");
+    assert!(gapped > 0, "the slow viewer was moved to the tail");
+}
+
+ws_matrix!(sharded, sharded_delivery);
