@@ -291,6 +291,21 @@ async fn gapless_or_explicit_gaps(backend: Backend, codec: WsCodec) {
         "a retry within the ring is a duplicate"
     );
     assert_eq!(retry.message, first.message);
+    // Retries racing their first attempt: one message, the others duplicates of it.
+    let racing = (0..4).map(|_| {
+        let (server, account, room) = (server.clone(), senders[2].clone(), room.clone());
+        async move { send_http(&server, &account, &room, "raced", "race-1").await }
+    });
+    let replies = futures_util::future::join_all(racing).await;
+    assert_eq!(
+        replies.iter().filter(|r| !r.duplicate).count(),
+        1,
+        "{replies:?}"
+    );
+    assert!(
+        replies.windows(2).all(|w| w[0].message == w[1].message),
+        "{replies:?}"
+    );
 }
 
 ws_matrix!(concurrent_live, gapless_or_explicit_gaps);

@@ -778,6 +778,26 @@ impl RoomActor {
             let Some((message, reply)) = self.pending.pop_front() else {
                 break;
             };
+            // A retry that raced its first attempt (both waited for numbers) gets
+            // the first result, as the store's unique key gives chat rooms.
+            let first = message.client_message_id.as_ref().and_then(|key| {
+                published.iter().find(|r: &&MessageRecord| {
+                    r.sender_id == message.sender_id && r.client_message_id.as_ref() == Some(key)
+                })
+            });
+            let first = first.cloned().or_else(|| {
+                let key = message.client_message_id.clone()?;
+                let seq = *self
+                    .live
+                    .as_ref()?
+                    .sent_ids
+                    .get(&(message.sender_id.clone(), key))?;
+                self.ring_event(seq).map(|e| e.record.clone())
+            });
+            if let Some(first) = first {
+                let _ = reply.send(Ok(Appended::Duplicate(first)));
+                continue;
+            }
             match self.live_record(&message, next, &published) {
                 Ok(record) => {
                     if let (Some(live), Some(key)) = (self.live.as_mut(), &record.client_message_id)
