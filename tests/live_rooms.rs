@@ -1161,9 +1161,9 @@ async fn sharded_delivery(backend: Backend, codec: WsCodec) {
         .await,
     );
     let owner = server.sign_up(&common::unique_name("owner")).await;
-    let room = create_live_room(&server, &owner, pb::LiveControls::default())
-        .await
-        .id;
+    // A chat room: a subscriber that lags (the slow one, or any other on a busy
+    // machine) catches up from the store, so every subscriber must get every event.
+    let room = create_room(&server, &owner, pb::RoomKind::Public).await;
     let reader = server.sign_up(&common::unique_name("reader")).await;
     // A slow viewer that reads nothing, on whichever worker it lands.
     let socket = tokio::net::TcpSocket::new_v4().expect("socket");
@@ -1209,7 +1209,7 @@ async fn sharded_delivery(backend: Backend, codec: WsCodec) {
         "the room's subscribers sit on every worker's shard"
     );
     assert_eq!(snapshot.viewers as usize, WORKERS * 4 + 1);
-    // 200 large comments: far more than the slow viewer's socket and queue hold.
+    // 200 large messages: far more than the slow viewer's socket and queue hold.
     const N: u64 = 200;
     let text = "y".repeat(40 * 1024);
     let mut acked = HashMap::new();
@@ -1238,12 +1238,12 @@ async fn sharded_delivery(backend: Backend, codec: WsCodec) {
     for task in readers {
         let (n, seen) = task.await.expect("reader");
         let gapped = assert_covers(&seen, 1, N, &acked, &format!("viewer {n}"));
-        assert_eq!(gapped, 0, "viewer {n} kept up and missed nothing");
+        assert_eq!(gapped, 0, "viewer {n} missed nothing");
     }
-    // The slow viewer lagged: a gap took it to the tail; nothing is missing unannounced.
+    // The slow viewer lagged and catches up from the store: it misses nothing either.
     let (seen, _) = watch_until(&mut slow, &room, N).await;
     let gapped = assert_covers(&seen, 1, N, &acked, "slow viewer");
-    assert!(gapped > 0, "the slow viewer was moved to the tail");
+    assert_eq!(gapped, 0, "the slow viewer missed nothing");
 }
 
 ws_matrix!(sharded, sharded_delivery);
