@@ -750,6 +750,10 @@ impl Connection {
             addr: ctx.address().recipient(),
             gauge: self.gauge.clone(),
             batch: false,
+            // This connection runs on an HTTP worker's arbiter: its shard delivers
+            // the room's batches from the same thread.
+            shard: Some(super::fanout_shard::local_shard()),
+            registration: 0,
         };
         let anonymous = self.principal.is_none();
         let Some(sub) = self.subs.get_mut(room_id) else {

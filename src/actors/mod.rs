@@ -7,6 +7,9 @@
 //! - [`room_registry`]: `RoomRegistry` (supervised), room id → running room actor.
 //! - [`room`]: `RoomActor` (supervised), a room's sequence, recent-event ring,
 //!   group commit and fan-out to subscribers.
+//! - [`fanout_shard`]: `FanoutShard` (supervised), one per HTTP worker arbiter:
+//!   delivers rooms' batches to that arbiter's connections, in parallel with the
+//!   other shards.
 //! - [`live_state`]: what a room actor keeps for a live room (controls, pinned
 //!   message, reserved sequence numbers); not an actor.
 //! - [`session_registry`]: `SessionRegistry` (supervised), user id → user session.
@@ -22,6 +25,7 @@
 
 pub mod authenticator;
 pub mod connection;
+pub mod fanout_shard;
 pub mod live_state;
 pub mod password_hasher;
 pub mod poll_hub;

@@ -39,12 +39,15 @@ use std::{
 };
 
 use actix::{
-    fut::WrapFuture as _, Actor, ActorContext as _, ActorFutureExt as _, AsyncContext as _,
+    fut::WrapFuture as _, Actor, ActorContext as _, ActorFutureExt as _, Addr, AsyncContext as _,
     Context, Handler, Message, Recipient, ResponseFuture, SpawnHandle, Supervised,
 };
 use tokio::sync::oneshot;
 
 use super::{
+    fanout_shard::{
+        AddSubscriber, DeliverBatch, DropRoom, FanoutShard, RemoveSubscriber, ShardLagged,
+    },
     live_state::LiveState,
     supervision::{catch_panic, guarded},
 };
@@ -169,7 +172,7 @@ impl EventBatch {
 
     /// Bytes the batch takes on a connection using `codec`, as one `batch` frame
     /// or as single frames (encodes on first use).
-    fn wire_len(&self, codec: FrameCodec, batch: bool) -> usize {
+    pub(crate) fn wire_len(&self, codec: FrameCodec, batch: bool) -> usize {
         if self.sends_as_batch(batch) {
             self.batch_wire(codec).len()
         } else {
@@ -214,8 +217,13 @@ pub struct Subscriber {
     pub codec: FrameCodec,
     pub addr: Recipient<RoomPush>,
     pub gauge: Arc<OutboundGauge>,
-    /// The subscription takes `batch` frames (`Subscribe.batch`).
+    /// The subscription takes `batch` frames (a `+batch` subprotocol).
     pub batch: bool,
+    /// The fan-out shard of the connection's arbiter, which delivers the room's
+    /// batches to it; `None`: the room delivers them itself.
+    pub shard: Option<Addr<FanoutShard>>,
+    /// Set by the room when it registers the subscription (unique per room).
+    pub registration: u64,
 }
 
 /// Appends one event; answered after commit.
@@ -290,6 +298,7 @@ pub enum RoomNotice {
         message: String,
     },
     /// Title, topic or retention changed.
+    /// (Boxed: a room with a pinned message is large.)
     Updated(Box<pb::Room>),
     /// A member came online or went offline. `version` orders the changes of one
     /// user: a notice older than one already delivered is dropped.
@@ -346,6 +355,8 @@ pub struct LiveSnapshot {
     pub last_seq: u64,
     pub pinned: Option<pb::Message>,
     pub viewers: u32,
+    /// Fan-out shards (HTTP worker arbiters) holding some of its subscribers.
+    pub shards: usize,
 }
 
 /// Tells the registry that the room retired (it retires on its own once idle).
@@ -432,6 +443,9 @@ pub struct RoomActor {
     live: Option<LiveState>,
     /// The viewer count push of a live room.
     viewer_timer: Option<SpawnHandle>,
+    /// The fan-out shards holding some of the subscribers, with how many each.
+    shards: HashMap<Addr<FanoutShard>, usize>,
+    next_registration: u64,
     #[cfg(feature = "fault-injection")]
     faults: Faults,
 }
@@ -469,9 +483,62 @@ impl RoomActor {
             flush_timer: None,
             live: None,
             viewer_timer: None,
+            shards: HashMap::new(),
+            next_registration: 1,
             #[cfg(feature = "fault-injection")]
             faults: Faults::default(),
         }
+    }
+
+    /// Registers a subscriber (replacing an earlier one of its connection), with
+    /// its shard when it has one.
+    fn add_subscriber(&mut self, mut sub: Subscriber) {
+        self.remove_subscriber(sub.conn_id);
+        sub.registration = self.next_registration;
+        self.next_registration += 1;
+        if let Some(shard) = &sub.shard {
+            *self.shards.entry(shard.clone()).or_default() += 1;
+            shard.do_send(AddSubscriber {
+                room_id: self.id.clone(),
+                subscriber: sub.clone(),
+            });
+        }
+        self.subscribers.insert(sub.conn_id, sub);
+        self.subscriptions_gauge.set(self.subscribers.len());
+    }
+
+    /// Ends a subscription, at its shard too.
+    fn remove_subscriber(&mut self, conn_id: ConnectionId) -> Option<Subscriber> {
+        let sub = self.subscribers.remove(&conn_id)?;
+        if let Some(shard) = &sub.shard {
+            shard.do_send(RemoveSubscriber {
+                room_id: self.id.clone(),
+                conn_id,
+            });
+            self.forget_shard_share(shard);
+        }
+        Some(sub)
+    }
+
+    fn forget_shard_share(&mut self, shard: &Addr<FanoutShard>) {
+        if let Some(count) = self.shards.get_mut(shard) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                self.shards.remove(shard);
+            }
+        }
+    }
+
+    /// Ends every subscription (the caller tells the connections why).
+    fn drain_subscribers(&mut self) -> Vec<Subscriber> {
+        for (shard, _) in self.shards.drain() {
+            shard.do_send(DropRoom {
+                room_id: self.id.clone(),
+            });
+        }
+        let subs: Vec<Subscriber> = self.subscribers.drain().map(|(_, s)| s).collect();
+        self.subscriptions_gauge.set(0);
+        subs
     }
 
     fn is_idle(&self) -> bool {
@@ -711,6 +778,26 @@ impl RoomActor {
             let Some((message, reply)) = self.pending.pop_front() else {
                 break;
             };
+            // A retry that raced its first attempt (both waited for numbers) gets
+            // the first result, as the store's unique key gives chat rooms.
+            let first = message.client_message_id.as_ref().and_then(|key| {
+                published.iter().find(|r: &&MessageRecord| {
+                    r.sender_id == message.sender_id && r.client_message_id.as_ref() == Some(key)
+                })
+            });
+            let first = first.cloned().or_else(|| {
+                let key = message.client_message_id.clone()?;
+                let seq = *self
+                    .live
+                    .as_ref()?
+                    .sent_ids
+                    .get(&(message.sender_id.clone(), key))?;
+                self.ring_event(seq).map(|e| e.record.clone())
+            });
+            if let Some(first) = first {
+                let _ = reply.send(Ok(Appended::Duplicate(first)));
+                continue;
+            }
             match self.live_record(&message, next, &published) {
                 Ok(record) => {
                     if let (Some(live), Some(key)) = (self.live.as_mut(), &record.client_message_id)
@@ -913,11 +1000,11 @@ impl RoomActor {
         let window = self.coalesce_window();
         let since = self.last_flush.elapsed();
         if since >= window {
-            self.flush_outbox();
+            self.flush_outbox(ctx);
         } else {
-            self.flush_timer = Some(ctx.run_later(window - since, |act, _| {
+            self.flush_timer = Some(ctx.run_later(window - since, |act, ctx| {
                 act.flush_timer = None;
-                act.flush_outbox();
+                act.flush_outbox(ctx);
             }));
         }
     }
@@ -972,7 +1059,7 @@ impl RoomActor {
     }
 
     /// Delivers the events waiting in the outbox to every subscriber, as one batch.
-    fn flush_outbox(&mut self) {
+    fn flush_outbox(&mut self, ctx: &mut Context<Self>) {
         self.last_flush = Instant::now();
         if self.outbox.is_empty() {
             return;
@@ -984,7 +1071,20 @@ impl RoomActor {
         // Bytes per codec, as single frames and as one batch frame.
         let mut sizes = [[None, None], [None, None]];
         let mut lagged = Vec::new();
-        for (conn_id, sub) in &self.subscribers {
+        // Each shard gets the batch once and delivers it to its connections on its
+        // own arbiter; the room delivers to the others (without a shard) itself.
+        let live = self.live.is_some();
+        if !self.shards.is_empty() {
+            let room: Recipient<ShardLagged> = ctx.address().recipient();
+            for shard in self.shards.keys() {
+                shard.do_send(DeliverBatch {
+                    batch: batch.clone(),
+                    live,
+                    room: room.clone(),
+                });
+            }
+        }
+        for (conn_id, sub) in self.subscribers.iter().filter(|(_, s)| s.shard.is_none()) {
             let bytes = *sizes[sub.codec as usize][usize::from(sub.batch)]
                 .get_or_insert_with(|| batch.wire_len(sub.codec, sub.batch));
             if !sub.gauge.try_reserve(bytes) {
@@ -1005,7 +1105,7 @@ impl RoomActor {
                 .inc_by(batch.events.len() as u64);
         }
         for conn_id in lagged {
-            if let Some(sub) = self.subscribers.remove(&conn_id) {
+            if let Some(sub) = self.remove_subscriber(conn_id) {
                 tracing::debug!(room = %self.id, conn = conn_id, "subscriber lagged");
                 crate::metrics::metrics().subscribers_lagged.inc();
                 sub.addr.do_send(RoomPush::Lagged {
@@ -1104,7 +1204,7 @@ impl Supervised for RoomActor {
         // and subscribers resuming from before it get a `gap`.
         self.live = None;
         self.viewer_timer = None;
-        for (_, sub) in self.subscribers.drain() {
+        for sub in self.drain_subscribers() {
             sub.addr.do_send(RoomPush::Resync {
                 room_id: self.id.clone(),
             });
@@ -1240,9 +1340,7 @@ impl Handler<Subscribe> for RoomActor {
                             (gap, replay)
                         }
                     };
-                    act.subscribers
-                        .insert(msg.subscriber.conn_id, msg.subscriber);
-                    act.subscriptions_gauge.set(act.subscribers.len());
+                    act.add_subscriber(msg.subscriber);
                     act.idle_since = Instant::now();
                     return Ok(SubscribeReply::Live {
                         last_seq,
@@ -1274,9 +1372,7 @@ impl Handler<Subscribe> for RoomActor {
                         act.ring.iter().filter(|e| e.seq > since).cloned().collect()
                     }
                 };
-                act.subscribers
-                    .insert(msg.subscriber.conn_id, msg.subscriber);
-                act.subscriptions_gauge.set(act.subscribers.len());
+                act.add_subscriber(msg.subscriber);
                 act.idle_since = Instant::now();
                 crate::metrics::metrics()
                     .messages_delivered
@@ -1300,7 +1396,7 @@ impl Handler<Unsubscribe> for RoomActor {
             ctx,
             || (),
             move |act, _ctx| {
-                act.subscribers.remove(&msg.conn_id);
+                act.remove_subscriber(msg.conn_id);
                 act.subscriptions_gauge.set(act.subscribers.len());
             },
         )
@@ -1385,7 +1481,7 @@ impl Handler<Notify> for RoomActor {
                             .map(|(id, _)| *id)
                             .collect();
                         for conn_id in gone {
-                            if let Some(sub) = act.subscribers.remove(&conn_id) {
+                            if let Some(sub) = act.remove_subscriber(conn_id) {
                                 sub.addr.do_send(RoomPush::Removed {
                                     room_id: act.id.clone(),
                                     frame: frame.clone(),
@@ -1394,6 +1490,37 @@ impl Handler<Notify> for RoomActor {
                         }
                     }
                 }
+            },
+        )
+    }
+}
+
+impl Handler<ShardLagged> for RoomActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: ShardLagged, ctx: &mut Self::Context) {
+        guarded(
+            self,
+            ctx,
+            || (),
+            move |act, _ctx| {
+                let current = act
+                    .subscribers
+                    .get(&msg.conn_id)
+                    .is_some_and(|s| s.registration == msg.registration);
+                if !current {
+                    // The connection subscribed again meanwhile.
+                    return;
+                }
+                // The shard dropped it already.
+                if let Some(shard) = act
+                    .subscribers
+                    .remove(&msg.conn_id)
+                    .and_then(|sub| sub.shard)
+                {
+                    act.forget_shard_share(&shard);
+                }
+                act.subscriptions_gauge.set(act.subscribers.len());
             },
         )
     }
@@ -1469,6 +1596,7 @@ impl Handler<GetLiveSnapshot> for RoomActor {
             last_seq: self.last_seq,
             pinned: self.live.as_ref().and_then(|l| l.pinned.clone()),
             viewers: u32::try_from(self.subscribers.len()).unwrap_or(u32::MAX),
+            shards: self.shards.len(),
         })
     }
 }
@@ -1549,7 +1677,7 @@ impl Handler<Deleted> for RoomActor {
     type Result = ();
 
     fn handle(&mut self, msg: Deleted, ctx: &mut Self::Context) {
-        for (_, sub) in self.subscribers.drain() {
+        for sub in self.drain_subscribers() {
             sub.addr.do_send(RoomPush::Removed {
                 room_id: self.id.clone(),
                 frame: msg.frame.clone(),

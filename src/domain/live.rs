@@ -115,7 +115,7 @@ pub async fn update_live_controls(
     fill_live_fields(state, &access.room, &mut pushed).await?;
     pushed.viewer_count = 0;
     actor.do_send(crate::actors::room::Notify(RoomNotice::Updated(Box::new(
-        pushed.clone(),
+        pushed,
     ))));
     let mut room = super::convert::room_to_proto(&access.room, count, access.member.as_ref());
     fill_live_fields(state, &access.room, &mut room).await?;
