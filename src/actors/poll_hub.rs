@@ -324,6 +324,9 @@ impl PollHub {
             gauge: self.gauge.clone(),
             // The hub only wakes waiters; one frame per event is as cheap as a batch.
             batch: false,
+            // One subscriber per room: the room delivers to it itself.
+            shard: None,
+            registration: 0,
         };
         let conn_id = watch.conn_id;
         let registry = self.registry.clone();
