@@ -29,6 +29,7 @@ pub struct Settings {
     pub publish: PublishSettings,
     pub notifications: NotificationSettings,
     pub metrics: MetricsSettings,
+    pub tls: TlsSettings,
 }
 
 /// The HTTP listener.
@@ -504,6 +505,34 @@ impl Default for MetricsSettings {
     }
 }
 
+/// TLS terminated by roomcast itself (docs/deployment.md). Off while `cert_file`
+/// is empty.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsSettings {
+    /// PEM certificate chain, the server's certificate first; empty: no TLS.
+    pub cert_file: String,
+    /// PEM private key of that certificate (PKCS#8, RSA or EC).
+    pub key_file: String,
+    /// How often to look for changed certificate or key files and reload them,
+    /// in seconds; 0: only on SIGHUP.
+    pub watch_interval_secs: u64,
+}
+
+/// Default of `tls.watch_interval_secs`: a renewed certificate is served within
+/// a minute without a signal (certbot, cert-manager and friends replace the files).
+pub const TLS_WATCH_INTERVAL_SECS: u64 = 60;
+
+impl Default for TlsSettings {
+    fn default() -> Self {
+        Self {
+            cert_file: String::new(),
+            key_file: String::new(),
+            watch_interval_secs: TLS_WATCH_INTERVAL_SECS,
+        }
+    }
+}
+
 /// Default of `notifications.retention_secs`: 30 days.
 pub const NOTIFICATION_RETENTION_SECS: u64 = 30 * 24 * 3600;
 /// Default of `notifications.page_max`.
@@ -578,6 +607,12 @@ impl Settings {
                 reason: reason.into(),
                 origin: None,
             })
+        }
+        if self.tls.cert_file.is_empty() != self.tls.key_file.is_empty() {
+            return bad(
+                "tls.key_file",
+                "tls.cert_file and tls.key_file go together (both empty: no TLS)",
+            );
         }
         let url = &self.store.url;
         if !(url.starts_with("sqlite:")
