@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use sqlx::FromRow;
 
-use super::{parse_enum, Store, StoreError, StoreResult};
+use super::{parse_enum, timed, Store, StoreError, StoreResult};
 use crate::{
     ids::{now_ms, MessageId, RoomId, UserId},
     model::MessageKind,
@@ -120,57 +120,61 @@ impl Store {
         room: &RoomId,
         batch: &[NewMessage],
     ) -> StoreResult<Vec<Appended>> {
-        let mut tx = self.pool.begin().await?;
-        // The no-op update takes the room's row lock (PostgreSQL) or the write lock
-        // (SQLite) first, so concurrent appenders to this room queue here and the
-        // sequence stays gapless and in commit order.
-        let (mut last_seq,): (i64,) =
-            sqlx::query_as("UPDATE rooms SET last_seq = last_seq WHERE id = $1 RETURNING last_seq")
-                .bind(room.as_str())
-                .fetch_one(&mut *tx)
-                .await?;
-        let now = now_ms();
-        let mut results: Vec<Appended> = Vec::with_capacity(batch.len());
-        for new in batch {
-            if let Some(cmid) = &new.client_message_id {
-                if let Some(original) =
-                    find_by_client_id(&mut tx, room, &new.sender_id, cmid).await?
-                {
-                    results.push(Appended::Duplicate(original));
+        timed("append_messages", async move {
+            let mut tx = self.pool.begin().await?;
+            // The no-op update takes the room's row lock (PostgreSQL) or the write lock
+            // (SQLite) first, so concurrent appenders to this room queue here and the
+            // sequence stays gapless and in commit order.
+            let (mut last_seq,): (i64,) = sqlx::query_as(
+                "UPDATE rooms SET last_seq = last_seq WHERE id = $1 RETURNING last_seq",
+            )
+            .bind(room.as_str())
+            .fetch_one(&mut *tx)
+            .await?;
+            let now = now_ms();
+            let mut results: Vec<Appended> = Vec::with_capacity(batch.len());
+            for new in batch {
+                if let Some(cmid) = &new.client_message_id {
+                    if let Some(original) =
+                        find_by_client_id(&mut tx, room, &new.sender_id, cmid).await?
+                    {
+                        results.push(Appended::Duplicate(original));
+                        continue;
+                    }
+                }
+                if let Some(rejection) = check_target(&mut tx, room, new).await? {
+                    results.push(Appended::Rejected(rejection));
                     continue;
                 }
+                last_seq += 1;
+                let record = MessageRecord {
+                    room_id: room.clone(),
+                    seq: last_seq as u64,
+                    id: MessageId::generate().0,
+                    kind: new.kind,
+                    sender_id: new.sender_id.clone(),
+                    text: new.text.clone(),
+                    metadata: new.metadata.clone(),
+                    reply_to_seq: new.reply_to_seq,
+                    target_seq: new.target_seq,
+                    client_message_id: new.client_message_id.clone(),
+                    created_at: now,
+                    edited_at: None,
+                    deleted: false,
+                };
+                insert_message(&mut tx, &record).await?;
+                apply_to_target(&mut tx, room, &record).await?;
+                results.push(Appended::Stored(record));
             }
-            if let Some(rejection) = check_target(&mut tx, room, new).await? {
-                results.push(Appended::Rejected(rejection));
-                continue;
-            }
-            last_seq += 1;
-            let record = MessageRecord {
-                room_id: room.clone(),
-                seq: last_seq as u64,
-                id: MessageId::generate().0,
-                kind: new.kind,
-                sender_id: new.sender_id.clone(),
-                text: new.text.clone(),
-                metadata: new.metadata.clone(),
-                reply_to_seq: new.reply_to_seq,
-                target_seq: new.target_seq,
-                client_message_id: new.client_message_id.clone(),
-                created_at: now,
-                edited_at: None,
-                deleted: false,
-            };
-            insert_message(&mut tx, &record).await?;
-            apply_to_target(&mut tx, room, &record).await?;
-            results.push(Appended::Stored(record));
-        }
-        sqlx::query("UPDATE rooms SET last_seq = $1 WHERE id = $2")
-            .bind(last_seq)
-            .bind(room.as_str())
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        Ok(results)
+            sqlx::query("UPDATE rooms SET last_seq = $1 WHERE id = $2")
+                .bind(last_seq)
+                .bind(room.as_str())
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            Ok(results)
+        })
+        .await
     }
 
     /// Events with `after < seq <= upto`, ascending, at most `limit`.
@@ -181,6 +185,7 @@ impl Store {
         upto: u64,
         limit: u32,
     ) -> StoreResult<Vec<MessageRecord>> {
+        timed("messages_after", async move {
         let sql = format!(
             "SELECT {MESSAGE_COLUMNS} FROM messages WHERE room_id = $1 AND seq > $2 AND seq <= $3 ORDER BY seq LIMIT $4"
         );
@@ -194,6 +199,8 @@ impl Store {
             .fetch_all(&self.pool)
             .await?;
         rows.into_iter().map(TryInto::try_into).collect()
+        })
+        .await
     }
 
     /// The `limit` newest events with `seq < before`, returned ascending.
@@ -203,6 +210,7 @@ impl Store {
         before: u64,
         limit: u32,
     ) -> StoreResult<Vec<MessageRecord>> {
+        timed("messages_before", async move {
         let sql = format!(
             "SELECT {MESSAGE_COLUMNS} FROM messages WHERE room_id = $1 AND seq < $2 ORDER BY seq DESC LIMIT $3"
         );
@@ -218,10 +226,13 @@ impl Store {
             .collect::<StoreResult<_>>()?;
         out.reverse();
         Ok(out)
+        })
+        .await
     }
 
     /// Removes events older than each room's retention; returns how many.
     pub async fn prune_expired_messages(&self) -> StoreResult<u64> {
+        timed("prune_expired_messages", async move {
         let now = now_ms();
         let done = sqlx::query(
             "DELETE FROM messages WHERE room_id IN (SELECT id FROM rooms WHERE retention_seconds > 0) \
@@ -231,6 +242,8 @@ impl Store {
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected())
+        })
+        .await
     }
 }
 

@@ -261,24 +261,31 @@ impl Store {
 
     /// A server-wide value, e.g. the generated token secret.
     pub async fn kv_get(&self, key: &str) -> StoreResult<Option<String>> {
-        let value: Option<(String,)> = sqlx::query_as("SELECT value FROM server_kv WHERE key = $1")
-            .bind(key)
-            .fetch_optional(&self.pool)
-            .await?;
-        Ok(value.map(|(v,)| v))
+        timed("kv_get", async move {
+            let value: Option<(String,)> =
+                sqlx::query_as("SELECT value FROM server_kv WHERE key = $1")
+                    .bind(key)
+                    .fetch_optional(&self.pool)
+                    .await?;
+            Ok(value.map(|(v,)| v))
+        })
+        .await
     }
 
     /// Stores `value` under `key` unless a value is there already; returns the value
     /// that is stored afterwards (so concurrent nodes agree on the first one).
     pub async fn kv_get_or_insert(&self, key: &str, value: &str) -> StoreResult<String> {
-        sqlx::query(
-            "INSERT INTO server_kv (key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING",
-        )
-        .bind(key)
-        .bind(value)
-        .execute(&self.pool)
-        .await?;
-        self.kv_get(key).await?.ok_or(StoreError::NotFound)
+        timed("kv_get_or_insert", async move {
+            sqlx::query(
+                "INSERT INTO server_kv (key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING",
+            )
+            .bind(key)
+            .bind(value)
+            .execute(&self.pool)
+            .await?;
+            self.kv_get(key).await?.ok_or(StoreError::NotFound)
+        })
+        .await
     }
 }
 
@@ -373,6 +380,22 @@ pub fn exposed_files(database: &Path) -> Vec<String> {
         let _ = database;
         Vec::new()
     }
+}
+
+/// Runs one store operation, recording how long it took (pool wait, queries and
+/// commit) in `roomcast_store_query_duration_seconds{query}`. `query` is the
+/// operation's method name: a fixed set, so the label stays bounded.
+async fn timed<T>(
+    query: &'static str,
+    op: impl std::future::Future<Output = StoreResult<T>>,
+) -> StoreResult<T> {
+    let started = std::time::Instant::now();
+    let result = op.await;
+    crate::metrics::metrics()
+        .store_query_duration
+        .get_or_create(&crate::metrics::QueryLabels { query })
+        .observe(started.elapsed().as_secs_f64());
+    result
 }
 
 /// `NotFound` when a write touched no row (the row to change does not exist).
