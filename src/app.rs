@@ -12,6 +12,7 @@ use actix_web::{dev::AppConfig, middleware::from_fn, web, App};
 use crate::{
     actors::{
         authenticator::{AuthPool, EnsureAdmin},
+        commit_batcher::CommitBatcher,
         password_hasher::PasswordHasher,
         retention::RetentionSweeper,
         room_registry::RoomRegistry,
@@ -88,6 +89,12 @@ pub async fn start_state(settings: Arc<Settings>, store: Store) -> Result<AppSta
             password: settings.auth.admin_password.clone(),
         })
         .await?;
+    }
+    if store.backend() == crate::store::Backend::Sqlite {
+        // SQLite has one writer: rooms' group commits go through one batcher,
+        // which stores what waits in one transaction (PostgreSQL commits rooms
+        // concurrently, each in its own).
+        CommitBatcher::start(store.clone(), settings.store.group_commit_max_messages);
     }
     let room_threads = std::thread::available_parallelism().map_or(2, usize::from);
     let rooms = RoomRegistry::new(store.clone(), settings.clone(), room_threads).start_supervised();

@@ -125,7 +125,15 @@ pub struct StoreSettings {
     pub sqlite_synchronous: String,
     /// How long a query waits for a pool connection, in milliseconds.
     pub acquire_timeout_ms: u64,
+    /// SQLite: most messages one group commit across rooms stores (the rooms'
+    /// batches waiting while the previous commit ran, see
+    /// `crate::actors::commit_batcher`).
+    pub group_commit_max_messages: usize,
 }
+
+/// Default of `store.group_commit_max_messages`: 16 rooms' full batches
+/// (`rooms.max_batch`, 256) in one transaction; more wait for the next one.
+pub const GROUP_COMMIT_MAX_MESSAGES: usize = 4096;
 
 /// The embedded default database.
 pub const DEFAULT_STORE_URL: &str = "sqlite://data/roomcast.db";
@@ -138,6 +146,7 @@ impl Default for StoreSettings {
             migrate_on_start: true,
             sqlite_synchronous: "full".into(),
             acquire_timeout_ms: 10_000,
+            group_commit_max_messages: GROUP_COMMIT_MAX_MESSAGES,
         }
     }
 }
@@ -626,6 +635,9 @@ impl Settings {
         }
         if !matches!(self.store.sqlite_synchronous.as_str(), "full" | "normal") {
             return bad("store.sqlite_synchronous", "must be `full` or `normal`");
+        }
+        if self.store.group_commit_max_messages == 0 {
+            return bad("store.group_commit_max_messages", "must be at least 1");
         }
         if self.store.max_connections == 0 {
             return bad("store.max_connections", "must be at least 1");

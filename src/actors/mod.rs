@@ -9,6 +9,8 @@
 //!   group commit and fan-out to subscribers.
 //! - [`session_registry`]: `SessionRegistry` (supervised), user id → user session.
 //! - [`user_session`]: `UserSession`, one online user's connections and presence.
+//! - [`commit_batcher`]: `CommitBatcher` (supervised), the group commit across
+//!   rooms on SQLite: one transaction and one log sync for many rooms' batches.
 //! - [`retention`]: `RetentionSweeper` (supervised), prunes history past each
 //!   room's retention.
 //! - [`connection`]: `Connection`, one WebSocket: auth, frames, subscriptions,
@@ -17,6 +19,7 @@
 //!   supervisor sees (and restarts).
 
 pub mod authenticator;
+pub mod commit_batcher;
 pub mod connection;
 pub mod password_hasher;
 pub mod retention;

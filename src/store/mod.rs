@@ -12,7 +12,14 @@ mod rooms;
 mod sessions;
 mod users;
 
-use std::{path::Path, str::FromStr, time::Duration};
+use std::{
+    future::Future,
+    path::Path,
+    pin::Pin,
+    str::FromStr,
+    sync::{Arc, OnceLock},
+    time::Duration,
+};
 
 use sqlx::{
     any::{AnyConnectOptions, AnyPoolOptions},
@@ -117,11 +124,31 @@ const BUSY_RETRY_BASE: Duration = Duration::from_millis(10);
 /// Result of a store call.
 pub type StoreResult<T> = Result<T, StoreError>;
 
-/// Cheap to clone: clones share the pool.
+/// Cheap to clone: clones share the pool (and the route of grouped appends).
 #[derive(Clone, Debug)]
 pub struct Store {
     pool: AnyPool,
     backend: Backend,
+    grouped: Arc<OnceLock<GroupedRoute>>,
+}
+
+/// Takes one room's group-commit batch and answers its results.
+pub type GroupedAppend = Box<
+    dyn Fn(
+            crate::ids::RoomId,
+            Vec<NewMessage>,
+        ) -> Pin<Box<dyn Future<Output = StoreResult<Vec<Appended>>> + Send>>
+        + Send
+        + Sync,
+>;
+
+/// Where [`Store::append_grouped`] sends batches (the commit batcher actor).
+struct GroupedRoute(GroupedAppend);
+
+impl std::fmt::Debug for GroupedRoute {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("GroupedRoute")
+    }
 }
 
 /// SQLite migrations, embedded in the binary.
@@ -174,7 +201,11 @@ impl Store {
             })
             .connect_with(options)
             .await?;
-        Ok(Self { pool, backend })
+        Ok(Self {
+            pool,
+            backend,
+            grouped: Arc::default(),
+        })
     }
 
     /// Applies pending migrations of this backend.
@@ -242,6 +273,12 @@ impl Store {
             Backend::Sqlite => "",
             Backend::Postgres => " FOR UPDATE",
         }
+    }
+
+    /// Sends every [`Store::append_grouped`] of this store (and its clones)
+    /// through `route` from now on; only the first route set counts.
+    pub fn route_grouped_appends(&self, route: GroupedAppend) {
+        let _ = self.grouped.set(GroupedRoute(route));
     }
 
     /// Which database this is.
