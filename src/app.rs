@@ -12,6 +12,7 @@ use actix_web::{dev::AppConfig, middleware::from_fn, web, App};
 use crate::{
     actors::{
         authenticator::{AuthPool, EnsureAdmin},
+        commit_batcher::CommitBatcher,
         password_hasher::PasswordHasher,
         poll_hub::PollHub,
         retention::RetentionSweeper,
@@ -50,6 +51,8 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+    #[error("TLS (tls.cert_file, tls.key_file): {0}")]
+    Tls(#[from] http::tls::TlsError),
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
@@ -60,6 +63,9 @@ pub struct Running {
     pub server: actix_web::dev::Server,
     pub state: AppState,
     pub local_addr: std::net::SocketAddr,
+    /// The server's TLS when configured: [`http::tls::Tls::reload`] reloads the
+    /// certificate (SIGHUP does in [`serve`]).
+    pub tls: Option<http::tls::Tls>,
 }
 
 /// Connects the store and applies migrations when configured.
@@ -84,6 +90,12 @@ pub async fn start_state(settings: Arc<Settings>, store: Store) -> Result<AppSta
             password: settings.auth.admin_password.clone(),
         })
         .await?;
+    }
+    if store.backend() == crate::store::Backend::Sqlite {
+        // SQLite has one writer: rooms' group commits go through one batcher,
+        // which stores what waits in one transaction (PostgreSQL commits rooms
+        // concurrently, each in its own).
+        CommitBatcher::start(store.clone(), settings.store.group_commit_max_messages);
     }
     let room_threads = std::thread::available_parallelism().map_or(2, usize::from);
     let rooms = RoomRegistry::new(store.clone(), settings.clone(), room_threads).start_supervised();
@@ -125,6 +137,8 @@ pub async fn start_state(settings: Arc<Settings>, store: Store) -> Result<AppSta
 /// HTTP/2 prior-knowledge clients on the same port.
 pub async fn start(settings: Settings, listener: TcpListener) -> Result<Running, StartError> {
     let settings = Arc::new(settings);
+    // Before anything else: a certificate that cannot be served stops the start.
+    let tls = http::tls::Tls::from_settings(&settings.tls)?;
     let store = open_store(&settings).await?;
     let state = start_state(settings.clone(), store).await?;
     crate::metrics::watch_store(&state.store);
@@ -149,6 +163,7 @@ pub async fn start(settings: Settings, listener: TcpListener) -> Result<Running,
     let builder = actix_server::Server::build();
     let shutdown_signal = builder.graceful_shutdown_signal();
     let app_state = state.clone();
+    let acceptor = tls.as_ref().map(http::tls::Tls::acceptor);
     let mut builder = builder
         .workers(workers)
         .shutdown_timeout(settings.server.shutdown_timeout_secs)
@@ -173,7 +188,13 @@ pub async fn start(settings: Settings, listener: TcpListener) -> Result<Running,
                 .configure(http::configure)
                 .into_factory()
                 .map_err(|e: actix_web::Error| e.error_response());
-            let service = HttpService::build()
+            let service = HttpService::build();
+            let service = if acceptor.is_some() {
+                service.secure()
+            } else {
+                service
+            };
+            let service = service
                 .graceful_shutdown_signal(move || {
                     let signal = shutdown_signal.clone();
                     async move { signal.notified().await }
@@ -190,6 +211,7 @@ pub async fn start(settings: Settings, listener: TcpListener) -> Result<Running,
             http::accept::connection_service(
                 service,
                 admission.clone(),
+                acceptor.clone(),
                 header_timeout,
                 header_timeout + request_timeout,
             )
@@ -205,11 +227,23 @@ pub async fn start(settings: Settings, listener: TcpListener) -> Result<Running,
         })?;
     }
     let server = builder.run();
-    tracing::info!(addr = %local_addr, store = ?state.store.backend(), "roomcast listening");
+    if let Some(tls) = &tls {
+        let every = settings.tls.watch_interval_secs;
+        if every > 0 {
+            actix_web::rt::spawn(tls.clone().watch(Duration::from_secs(every)));
+        }
+    }
+    tracing::info!(
+        addr = %local_addr,
+        tls = tls.is_some(),
+        store = ?state.store.backend(),
+        "roomcast listening"
+    );
     Ok(Running {
         server,
         state,
         local_addr,
+        tls,
     })
 }
 
@@ -277,6 +311,9 @@ pub async fn serve(settings: Settings) -> Result<(), StartError> {
         source,
     })?;
     let running = start(settings, listener).await?;
+    if let Some(tls) = running.tls.clone() {
+        actix_web::rt::spawn(reload_on_sighup(tls));
+    }
     let handle = running.server.handle();
     let state = running.state.clone();
     actix_web::rt::spawn(async move {
@@ -303,6 +340,29 @@ pub async fn serve(settings: Settings) -> Result<(), StartError> {
     running.state.auth.stop();
     running.state.store.close().await;
     Ok(())
+}
+
+/// Reloads the TLS certificate on every SIGHUP (a failed reload keeps the old one).
+async fn reload_on_sighup(tls: http::tls::Tls) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut hangup = match signal(SignalKind::hangup()) {
+            Ok(hangup) => hangup,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGHUP; TLS reloads only on file changes");
+                return;
+            }
+        };
+        while hangup.recv().await.is_some() {
+            tracing::info!("SIGHUP: reloading the TLS certificate");
+            let _ = tls.reload();
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tls;
+    }
 }
 
 /// Completes on SIGTERM or SIGINT.

@@ -71,6 +71,18 @@ pub struct RuleLabels {
     pub rule: &'static str,
 }
 
+/// How something ended: `ok` or `error`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
+}
+
+/// A store query, by the name of the store operation (`append_messages`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct QueryLabels {
+    pub query: &'static str,
+}
+
 /// Makes latency histograms for a family.
 #[derive(Clone)]
 pub struct LatencyHistogram;
@@ -121,6 +133,18 @@ pub struct Metrics {
     pub ws_closes: Family<CloseLabels, Counter>,
     /// Long-polls waiting on this node (see [`GaugeShare::poll_waiters`]).
     pub poll_waiters: Gauge,
+    /// Subscriptions that left live delivery to read missed events from the store.
+    pub catch_up_rounds: Counter,
+    /// `gap` frames sent: ranges of history retention removed.
+    pub gaps_reported: Counter,
+    /// `lagging` frames sent to clients whose connection fell behind a room.
+    pub lagging_frames: Counter,
+    /// Store operation latency, by operation.
+    pub store_query_duration: Family<QueryLabels, Histogram, LatencyHistogram>,
+    /// TLS handshakes that failed or timed out.
+    pub tls_handshake_failures: Counter,
+    /// Certificate reloads, by result.
+    pub tls_reloads: Family<ResultLabels, Counter>,
 }
 
 impl Metrics {
@@ -144,6 +168,12 @@ impl Metrics {
             rate_limited: Family::default(),
             ws_closes: Family::default(),
             poll_waiters: Gauge::default(),
+            catch_up_rounds: Counter::default(),
+            gaps_reported: Counter::default(),
+            lagging_frames: Counter::default(),
+            store_query_duration: Family::new_with_constructor(LatencyHistogram),
+            tls_handshake_failures: Counter::default(),
+            tls_reloads: Family::default(),
         };
         m.register()
     }
@@ -232,6 +262,37 @@ impl Metrics {
             "Long-polls (PushService.Poll) waiting on this node",
             self.poll_waiters.clone(),
         );
+        r.register(
+            "roomcast_catch_up_rounds",
+            "Subscriptions that left live delivery to read missed events from the store (after lagging or an out-of-order event)",
+            self.catch_up_rounds.clone(),
+        );
+        r.register(
+            "roomcast_gaps_reported",
+            "gap frames sent: ranges of room history removed by retention",
+            self.gaps_reported.clone(),
+        );
+        r.register(
+            "roomcast_lagging_frames",
+            "lagging frames sent to connections that fell behind a room",
+            self.lagging_frames.clone(),
+        );
+        r.register_with_unit(
+            "roomcast_store_query_duration",
+            "Store operation latency (pool wait and transaction included), by operation",
+            Unit::Seconds,
+            self.store_query_duration.clone(),
+        );
+        r.register(
+            "roomcast_tls_handshake_failures",
+            "TLS handshakes that failed or did not finish within server.header_timeout_ms",
+            self.tls_handshake_failures.clone(),
+        );
+        r.register(
+            "roomcast_tls_reloads",
+            "TLS certificate reloads (SIGHUP or changed files), by result",
+            self.tls_reloads.clone(),
+        );
         self.registry.register_collector(Box::new(UsersOnline));
         // Process metrics carry the conventional unprefixed `process_` names.
         self.registry.register_collector(Box::new(ProcessCollector));
@@ -269,6 +330,14 @@ impl Metrics {
     /// Counts one close frame the server sent.
     pub fn closed(&self, code: u16) {
         self.ws_closes.get_or_create(&CloseLabels { code }).inc();
+    }
+
+    /// Counts one certificate reload.
+    pub fn tls_reloaded(&self, ok: bool) {
+        let result = if ok { "ok" } else { "error" };
+        self.tls_reloads
+            .get_or_create(&ResultLabels { result })
+            .inc();
     }
 
     /// Records a group commit that stored `n` new messages.

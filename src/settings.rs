@@ -32,6 +32,7 @@ pub struct Settings {
     pub notifications: NotificationSettings,
     pub poll: PollSettings,
     pub metrics: MetricsSettings,
+    pub tls: TlsSettings,
 }
 
 /// The HTTP listener.
@@ -132,7 +133,15 @@ pub struct StoreSettings {
     pub sqlite_synchronous: String,
     /// How long a query waits for a pool connection, in milliseconds.
     pub acquire_timeout_ms: u64,
+    /// SQLite: most messages one group commit across rooms stores (the rooms'
+    /// batches waiting while the previous commit ran, see
+    /// `crate::actors::commit_batcher`).
+    pub group_commit_max_messages: usize,
 }
+
+/// Default of `store.group_commit_max_messages`: 16 rooms' full batches
+/// (`rooms.max_batch`, 256) in one transaction; more wait for the next one.
+pub const GROUP_COMMIT_MAX_MESSAGES: usize = 4096;
 
 /// The embedded default database.
 pub const DEFAULT_STORE_URL: &str = "sqlite://data/roomcast.db";
@@ -145,6 +154,7 @@ impl Default for StoreSettings {
             migrate_on_start: true,
             sqlite_synchronous: "full".into(),
             acquire_timeout_ms: 10_000,
+            group_commit_max_messages: GROUP_COMMIT_MAX_MESSAGES,
         }
     }
 }
@@ -560,6 +570,34 @@ impl Default for MetricsSettings {
     }
 }
 
+/// TLS terminated by roomcast itself (docs/deployment.md). Off while `cert_file`
+/// is empty.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsSettings {
+    /// PEM certificate chain, the server's certificate first; empty: no TLS.
+    pub cert_file: String,
+    /// PEM private key of that certificate (PKCS#8, RSA or EC).
+    pub key_file: String,
+    /// How often to look for changed certificate or key files and reload them,
+    /// in seconds; 0: only on SIGHUP.
+    pub watch_interval_secs: u64,
+}
+
+/// Default of `tls.watch_interval_secs`: a renewed certificate is served within
+/// a minute without a signal (certbot, cert-manager and friends replace the files).
+pub const TLS_WATCH_INTERVAL_SECS: u64 = 60;
+
+impl Default for TlsSettings {
+    fn default() -> Self {
+        Self {
+            cert_file: String::new(),
+            key_file: String::new(),
+            watch_interval_secs: TLS_WATCH_INTERVAL_SECS,
+        }
+    }
+}
+
 /// Default of `notifications.retention_secs`: 30 days.
 pub const NOTIFICATION_RETENTION_SECS: u64 = 30 * 24 * 3600;
 /// Default of `notifications.page_max`.
@@ -673,6 +711,12 @@ impl Settings {
                 origin: None,
             })
         }
+        if self.tls.cert_file.is_empty() != self.tls.key_file.is_empty() {
+            return bad(
+                "tls.key_file",
+                "tls.cert_file and tls.key_file go together (both empty: no TLS)",
+            );
+        }
         let url = &self.store.url;
         if !(url.starts_with("sqlite:")
             || url.starts_with("postgres://")
@@ -685,6 +729,9 @@ impl Settings {
         }
         if !matches!(self.store.sqlite_synchronous.as_str(), "full" | "normal") {
             return bad("store.sqlite_synchronous", "must be `full` or `normal`");
+        }
+        if self.store.group_commit_max_messages == 0 {
+            return bad("store.group_commit_max_messages", "must be at least 1");
         }
         if self.store.max_connections == 0 {
             return bad("store.max_connections", "must be at least 1");

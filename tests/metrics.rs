@@ -83,6 +83,8 @@ impl Metrics {
 async fn scripted_session_moves_the_counters_by_what_happened() {
     session(Backend::Sqlite).await;
     send_rate_limit().await;
+    auth_limits_by_rule().await;
+    pruned_history_gap().await;
     if common::postgres_available() {
         session(Backend::Postgres).await;
     }
@@ -125,6 +127,124 @@ async fn send_rate_limit() {
         1.0
     );
     assert_eq!(m1.delta(&m0, "roomcast_messages_committed_total", &[]), 1.0);
+}
+
+/// Sign-in and sign-up refusals are counted under the rule that refused them.
+async fn auth_limits_by_rule() {
+    let server = TestServer::spawn_with(Backend::Sqlite, |s| {
+        s.auth.sign_in_ip_per_minute = 2;
+        s.auth.sign_in_ip_burst = 2;
+        s.auth.sign_up_ip_per_hour = 1;
+        s.auth.sign_up_ip_burst = 1;
+        s.auth.sign_in_free_failures = 1;
+        s.auth.sign_in_backoff_base_ms = 30_000;
+        s.auth.sign_in_backoff_max_ms = 30_000;
+    })
+    .await;
+    let m0 = Metrics::scrape(&server, "/metrics").await;
+    let alice = server.sign_up(&common::unique_name("alice")).await;
+    let second = server
+        .rpc()
+        .call_proto::<_, pb::SignUpResponse>(
+            "AuthService/SignUp",
+            &pb::SignUpRequest {
+                username: common::unique_name("bob"),
+                password: common::PASSWORD.into(),
+                display_name: String::new(),
+            },
+        )
+        .await
+        .expect_err("one sign-up per hour from this address");
+    second.expect("resource_exhausted", 429);
+    let sign_in = |password: &str| pb::SignInRequest {
+        username: alice.username.clone(),
+        password: password.into(),
+    };
+    let wrong = server
+        .rpc()
+        .call_proto::<_, pb::SignInResponse>("AuthService/SignIn", &sign_in("wrong password"))
+        .await
+        .expect_err("a wrong password");
+    wrong.expect("unauthenticated", 401);
+    let backoff = server
+        .rpc()
+        .call_proto::<_, pb::SignInResponse>("AuthService/SignIn", &sign_in(common::PASSWORD))
+        .await
+        .expect_err("the account must wait after a failure");
+    backoff.expect("resource_exhausted", 429);
+    let per_ip = server
+        .rpc()
+        .call_proto::<_, pb::SignInResponse>("AuthService/SignIn", &sign_in(common::PASSWORD))
+        .await
+        .expect_err("two sign-ins a minute from this address");
+    per_ip.expect("resource_exhausted", 429);
+    let m1 = Metrics::scrape(&server, "/metrics").await;
+    for rule in ["sign_up_per_ip", "sign_in_backoff", "sign_in_per_ip"] {
+        assert_eq!(
+            m1.delta(&m0, "roomcast_rate_limited_total", &[("rule", rule)]),
+            1.0,
+            "one refusal by {rule}"
+        );
+    }
+}
+
+/// A subscriber resuming from history retention removed gets one `gap` frame,
+/// and it is counted.
+async fn pruned_history_gap() {
+    let server = TestServer::spawn_with(Backend::Sqlite, |s| {
+        s.rooms.ring_size = 1;
+        s.rooms.retention_sweep_secs = 1;
+        s.realtime.send_burst = 100;
+    })
+    .await;
+    let owner = server.sign_up(&common::unique_name("owner")).await;
+    let created: pb::CreateRoomResponse = server
+        .rpc_as(&owner.access_token)
+        .call_proto(
+            "RoomService/CreateRoom",
+            &pb::CreateRoomRequest {
+                kind: pb::RoomKind::Public as i32,
+                title: "short-lived".into(),
+                retention_seconds: 1,
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("create a room");
+    let room = created.room.expect("a room").id;
+    for i in 0..3 {
+        send_http(
+            &server,
+            &owner,
+            &room,
+            &format!("gone {i}"),
+            &format!("g{i}"),
+        )
+        .await;
+    }
+    assert!(
+        common::eventually(Duration::from_secs(15), || async {
+            common::rooms::history(&server, &owner, &room)
+                .await
+                .is_empty()
+        })
+        .await,
+        "retention prunes the history"
+    );
+    let m0 = Metrics::scrape(&server, "/metrics").await;
+    let mut ws =
+        WsClient::connect_authenticated(&server.ws_url("/ws"), WsCodec::Json, &owner.access_token)
+            .await;
+    ws.subscribe(&room, Some(0)).await.expect("subscribe");
+    let gap = ws
+        .push_matching(WAIT, |kind| match kind {
+            Out::Gap(g) => Some(g.clone()),
+            _ => None,
+        })
+        .await;
+    assert_eq!((gap.from_seq, gap.to_seq), (1, 3));
+    let m1 = Metrics::scrape(&server, "/metrics").await;
+    assert_eq!(m1.delta(&m0, "roomcast_gaps_reported_total", &[]), 1.0);
 }
 
 async fn session(backend: Backend) {
@@ -294,8 +414,25 @@ async fn session(backend: Backend) {
         "every `lagging` frame the client read was counted ({lagged} < {lagging_frames})"
     );
     assert_eq!(
+        m5.delta(&m4, "roomcast_lagging_frames_total", &[]),
+        lagging_frames,
+        "every `lagging` frame sent was read by the one slow client"
+    );
+    assert!(
+        m5.delta(&m4, "roomcast_catch_up_rounds_total", &[]) >= lagging_frames,
+        "each `lagging` frame starts a catch-up round"
+    );
+    assert_eq!(
         m5.delta(&m4, "roomcast_messages_committed_total", &[]),
         SENDS as f64
+    );
+    assert!(
+        m5.delta(
+            &m4,
+            "roomcast_store_query_duration_seconds_count",
+            &[("query", "append_messages")]
+        ) >= 1.0,
+        "group commits are timed as store operations"
     );
     assert_eq!(
         m5.delta(&m4, "roomcast_rpc_requests_total", &send),

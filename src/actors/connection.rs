@@ -1006,12 +1006,14 @@ impl Connection {
                 self.register(ctx, room_id, None);
                 return;
             }
+            crate::metrics::metrics().lagging_frames.inc();
             let frame = protocol::push(Out::Lagging(pb::Lagging {
                 room_id: room_id.0.clone(),
                 delivered_seq: delivered,
             }));
             self.send_frame(ctx, &frame);
         }
+        crate::metrics::metrics().catch_up_rounds.inc();
         self.register(ctx, room_id, None);
     }
 
@@ -1112,6 +1114,7 @@ impl Connection {
     /// history (pruned by retention) and will not be delivered.
     fn gap(&mut self, ctx: &mut Ctx, room_id: &RoomId, from_seq: u64, to_seq: u64) {
         tracing::debug!(conn = self.id, room = %room_id, from_seq, to_seq, "history pruned; sending gap");
+        crate::metrics::metrics().gaps_reported.inc();
         self.transport
             .advance(Cursor::Room(room_id.clone(), to_seq));
         let frame = protocol::push(Out::Gap(pb::Gap {

@@ -16,6 +16,8 @@
 //! - [`user_session`]: `UserSession`, one online user's connections and presence.
 //! - [`poll_hub`]: `PollHub` (supervised), wakes the long-polls waiting on this
 //!   node (one room subscription per room with waiters); keeps no poll state.
+//! - [`commit_batcher`]: `CommitBatcher` (supervised), the group commit across
+//!   rooms on SQLite: one transaction and one log sync for many rooms' batches.
 //! - [`retention`]: `RetentionSweeper` (supervised), prunes history past each
 //!   room's retention.
 //! - [`connection`]: `Connection`, one WebSocket: auth, frames, subscriptions,
@@ -24,6 +26,7 @@
 //!   supervisor sees (and restarts).
 
 pub mod authenticator;
+pub mod commit_batcher;
 pub mod connection;
 pub mod fanout_shard;
 pub mod live_state;

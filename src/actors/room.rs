@@ -684,7 +684,7 @@ impl RoomActor {
             if let Some(result) = fault.apply().await {
                 return result;
             }
-            store.append_messages(&room, &messages).await
+            store.append_grouped(&room, messages).await
         };
         // A panic in the commit must not drop the actor's task unseen: it stops the
         // actor, the supervisor restarts it, and the batch's senders are told to

@@ -4,6 +4,11 @@
 //! those bytes are the HTTP/2 connection preface (cleartext "prior knowledge", as
 //! gRPC and Connect clients send it), else as HTTP/1.x.
 //!
+//! With TLS configured ([`super::tls`]), the TLS handshake comes first (within the
+//! same `server.header_timeout_ms`) and ALPN decides: `h2` is served as HTTP/2,
+//! `http/1.1` (or no ALPN) as HTTP/1.x. Everything after, WebSocket upgrades
+//! included, runs over the TLS stream ([`Socket::Tls`]).
+//!
 //! actix-http's header timeout covers only a connection's first request. On an
 //! HTTP/1 connection, a [`WatchedStream`] closes that gap: a request that has been
 //! arriving (or waiting for its answer) for longer than `server.header_timeout_ms`
@@ -29,8 +34,12 @@ use tokio::{
     net::TcpStream,
     time::Instant,
 };
+use tokio_rustls::TlsAcceptor;
 
-use crate::admission::{Admission, Refusal};
+use crate::{
+    admission::{Admission, Refusal},
+    ws::stream::Socket,
+};
 
 /// The HTTP/2 connection preface (RFC 9113 §3.4).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -41,10 +50,12 @@ const REFUSAL_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Wraps the HTTP service factory with the connection cap, the first-bytes deadline,
 /// the HTTP/1 or HTTP/2 choice, and (HTTP/1) the per-request watch: a request may
-/// take `request_limit` from its first byte to the first byte of its answer.
+/// take `request_limit` from its first byte to the first byte of its answer. With
+/// `tls`, every connection is a TLS connection (see the module docs).
 pub fn connection_service<F>(
     http: F,
     admission: Arc<Admission>,
+    tls: Option<TlsAcceptor>,
     header_timeout: Duration,
     request_limit: Duration,
 ) -> impl ServiceFactory<TcpStream, Config = (), Response = (), Error = (), InitError = ()>
@@ -62,24 +73,33 @@ where
     fn_factory(move || {
         let service = http.new_service(());
         let admission = admission.clone();
+        let tls = tls.clone();
         async move {
             let service = Rc::new(service.await?);
             Ok::<_, ()>(fn_service(move |io: TcpStream| {
                 let service = service.clone();
                 let admission = admission.clone();
+                let tls = tls.clone();
                 async move {
+                    let _ = io.set_nodelay(true);
+                    let peer = io.peer_addr().ok();
                     let permit = match admission.open_connection() {
                         Ok(permit) => permit,
                         Err(refusal) => {
-                            refuse(io, &refusal).await;
+                            refuse(io, tls.as_ref(), &refusal).await;
                             return Ok(());
                         }
                     };
-                    let Some(protocol) = detect(&io, header_timeout).await else {
-                        return Ok(());
+                    let (io, protocol) = match &tls {
+                        None => match detect(&io, header_timeout).await {
+                            Some(protocol) => (Socket::Plain(io), protocol),
+                            None => return Ok(()),
+                        },
+                        Some(tls) => match handshake(tls, io, header_timeout).await {
+                            Some(accepted) => accepted,
+                            None => return Ok(()),
+                        },
                     };
-                    let _ = io.set_nodelay(true);
-                    let peer = io.peer_addr().ok();
                     let activity = Rc::new(Activity::default());
                     let io = WatchedStream {
                         io,
@@ -142,8 +162,45 @@ async fn detect(io: &TcpStream, timeout: Duration) -> Option<Protocol> {
     }
 }
 
-/// Answers a connection over the cap with `503` and closes it.
-async fn refuse(mut io: TcpStream, refusal: &Refusal) {
+/// Runs the TLS handshake (within `timeout`); the protocol ALPN chose (HTTP/1.1
+/// when the client offered none), or `None` when the handshake failed or took
+/// too long.
+async fn handshake(
+    tls: &TlsAcceptor,
+    io: TcpStream,
+    timeout: Duration,
+) -> Option<(Socket, Protocol)> {
+    match tokio::time::timeout(timeout, tls.accept(io)).await {
+        Ok(Ok(stream)) => {
+            let protocol = match stream.get_ref().1.alpn_protocol() {
+                Some(b"h2") => Protocol::Http2,
+                _ => Protocol::Http1,
+            };
+            Some((Socket::Tls(Box::new(stream)), protocol))
+        }
+        Ok(Err(e)) => {
+            crate::metrics::metrics().tls_handshake_failures.inc();
+            tracing::debug!(error = %e, "TLS handshake failed; closing");
+            None
+        }
+        Err(_) => {
+            crate::metrics::metrics().tls_handshake_failures.inc();
+            tracing::debug!("no TLS handshake within the header timeout; closing");
+            None
+        }
+    }
+}
+
+/// Answers a connection over the cap with `503` and closes it (over TLS when the
+/// server speaks TLS: a cleartext answer would only be a handshake error).
+async fn refuse(io: TcpStream, tls: Option<&TlsAcceptor>, refusal: &Refusal) {
+    let mut io = match tls {
+        None => Socket::Plain(io),
+        Some(tls) => match handshake(tls, io, REFUSAL_WRITE_TIMEOUT).await {
+            Some((io, _)) => io,
+            None => return,
+        },
+    };
     tracing::warn!(%refusal, "connection refused");
     let body =
         serde_json::json!({ "code": "unavailable", "message": refusal.to_string() }).to_string();
@@ -184,15 +241,15 @@ async fn watch(activity: &Activity, limit: Duration) {
     }
 }
 
-/// A TCP stream whose reads and writes are watched (see the module docs).
+/// A connection's socket whose reads and writes are watched (see the module docs).
 pub struct WatchedStream {
-    io: TcpStream,
+    io: Socket,
     activity: Rc<Activity>,
 }
 
 impl WatchedStream {
     /// Takes the socket out of the watch (a WebSocket upgrade).
-    pub fn into_inner(self) -> TcpStream {
+    pub fn into_inner(self) -> Socket {
         self.activity.detached.set(true);
         self.io
     }

@@ -1,7 +1,7 @@
 //! The HTTP surface: what happens before HTTP ([`accept`]), who the client is behind
 //! a reverse proxy ([`client_addr`]), the RPC route table over
 //! the Connect codec, health checks, the WebSocket upgrade ([`ws`]), Server-Sent
-//! Events ([`sse`]). Handlers stay
+//! Events ([`sse`]), TLS termination ([`tls`]). Handlers stay
 //! thin: extract, call [`crate::domain`], encode.
 //! [`configure`] is used by the server and by the tests alike.
 
@@ -12,6 +12,7 @@ mod health;
 mod request_context;
 mod routes;
 pub mod sse;
+pub mod tls;
 pub mod ws;
 
 use actix_cors::Cors;

@@ -4,7 +4,7 @@
 
 use sqlx::FromRow;
 
-use super::{found, Store, StoreResult};
+use super::{found, timed, Store, StoreResult};
 use crate::ids::{now_ms, random_id, RoomId, UserId};
 
 /// A stored access rule.
@@ -62,8 +62,11 @@ const RULE_COLUMNS: &str =
 impl Store {
     /// Every access rule, highest priority first.
     pub async fn list_access_rules(&self) -> StoreResult<Vec<AccessRuleRecord>> {
-        let sql = format!("SELECT {RULE_COLUMNS} FROM access_rules ORDER BY priority DESC, id");
-        Ok(sqlx::query_as(&sql).fetch_all(&self.pool).await?)
+        timed("list_access_rules", async move {
+            let sql = format!("SELECT {RULE_COLUMNS} FROM access_rules ORDER BY priority DESC, id");
+            Ok(sqlx::query_as(&sql).fetch_all(&self.pool).await?)
+        })
+        .await
     }
 
     /// Stores a new rule.
@@ -72,6 +75,7 @@ impl Store {
         fields: &AccessRuleFields,
         created_by: &UserId,
     ) -> StoreResult<AccessRuleRecord> {
+        timed("create_access_rule", async move {
         let id = random_id("ar");
         let now = now_ms();
         self.retry_busy("create access rule", || async {
@@ -93,12 +97,17 @@ impl Store {
         })
         .await?;
         self.get_access_rule(&id).await
+        })
+        .await
     }
 
     /// One rule; `NotFound` when there is none.
     pub async fn get_access_rule(&self, id: &str) -> StoreResult<AccessRuleRecord> {
-        let sql = format!("SELECT {RULE_COLUMNS} FROM access_rules WHERE id = $1");
-        Ok(sqlx::query_as(&sql).bind(id).fetch_one(&self.pool).await?)
+        timed("get_access_rule", async move {
+            let sql = format!("SELECT {RULE_COLUMNS} FROM access_rules WHERE id = $1");
+            Ok(sqlx::query_as(&sql).bind(id).fetch_one(&self.pool).await?)
+        })
+        .await
     }
 
     /// Replaces a rule's fields; `NotFound` when there is none.
@@ -107,6 +116,7 @@ impl Store {
         id: &str,
         fields: &AccessRuleFields,
     ) -> StoreResult<AccessRuleRecord> {
+        timed("update_access_rule", async move {
         let done = sqlx::query(
             "UPDATE access_rules SET role = $1, operation = $2, effect = $3, priority = $4, description = $5, updated_at = $6 WHERE id = $7",
         )
@@ -121,19 +131,25 @@ impl Store {
         .await?;
         found(done)?;
         self.get_access_rule(id).await
+        })
+        .await
     }
 
     /// Deletes a rule; `NotFound` when there is none.
     pub async fn delete_access_rule(&self, id: &str) -> StoreResult<()> {
-        let done = sqlx::query("DELETE FROM access_rules WHERE id = $1")
-            .bind(id)
-            .execute(&self.pool)
-            .await?;
-        found(done)
+        timed("delete_access_rule", async move {
+            let done = sqlx::query("DELETE FROM access_rules WHERE id = $1")
+                .bind(id)
+                .execute(&self.pool)
+                .await?;
+            found(done)
+        })
+        .await
     }
 
     /// Appends one entry to the audit log.
     pub async fn append_audit(&self, entry: NewAudit<'_>) -> StoreResult<()> {
+        timed("append_audit", async move {
         let id = random_id("au");
         let at = now_ms();
         self.retry_busy("append audit entry", || async {
@@ -152,6 +168,8 @@ impl Store {
             Ok(())
         })
         .await
+        })
+        .await
     }
 
     /// A page of the audit log, newest first, strictly before `(before_at,
@@ -162,22 +180,26 @@ impl Store {
         action: Option<&str>,
         limit: u32,
     ) -> StoreResult<Vec<AuditRecord>> {
-        let (at, id) = before.unwrap_or((i64::MAX, ""));
-        let sql = "SELECT id, at, actor_id, action, target, room_id, detail FROM audit_log \
+        timed("list_audit", async move {
+            let (at, id) = before.unwrap_or((i64::MAX, ""));
+            let sql = "SELECT id, at, actor_id, action, target, room_id, detail FROM audit_log \
                    WHERE (at < $1 OR (at = $1 AND id < $2) OR $3 = 0) AND ($4 = '' OR action = $4) \
                    ORDER BY at DESC, id DESC LIMIT $5";
-        Ok(sqlx::query_as(sql)
-            .bind(at)
-            .bind(id)
-            .bind(i64::from(before.is_some()))
-            .bind(action.unwrap_or(""))
-            .bind(i64::from(limit))
-            .fetch_all(&self.pool)
-            .await?)
+            Ok(sqlx::query_as(sql)
+                .bind(at)
+                .bind(id)
+                .bind(i64::from(before.is_some()))
+                .bind(action.unwrap_or(""))
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await?)
+        })
+        .await
     }
 
     /// Suspends an account (again: keeps the first suspension).
     pub async fn suspend_user(&self, user: &UserId, by: &UserId, reason: &str) -> StoreResult<()> {
+        timed("suspend_user", async move {
         sqlx::query(
             "INSERT INTO user_suspensions (user_id, suspended_by, reason, created_at) VALUES ($1, $2, $3, $4) \
              ON CONFLICT (user_id) DO NOTHING",
@@ -189,73 +211,91 @@ impl Store {
         .execute(&self.pool)
         .await?;
         Ok(())
+        })
+        .await
     }
 
     /// Lifts a suspension; `NotFound` when the account is not suspended.
     pub async fn reinstate_user(&self, user: &UserId) -> StoreResult<()> {
-        let done = sqlx::query("DELETE FROM user_suspensions WHERE user_id = $1")
-            .bind(user.as_str())
-            .execute(&self.pool)
-            .await?;
-        found(done)
+        timed("reinstate_user", async move {
+            let done = sqlx::query("DELETE FROM user_suspensions WHERE user_id = $1")
+                .bind(user.as_str())
+                .execute(&self.pool)
+                .await?;
+            found(done)
+        })
+        .await
     }
 
     /// Whether the account is suspended.
     pub async fn is_suspended(&self, user: &UserId) -> StoreResult<bool> {
-        let row: Option<(String,)> =
-            sqlx::query_as("SELECT user_id FROM user_suspensions WHERE user_id = $1")
-                .bind(user.as_str())
-                .fetch_optional(&self.pool)
-                .await?;
-        Ok(row.is_some())
+        timed("is_suspended", async move {
+            let row: Option<(String,)> =
+                sqlx::query_as("SELECT user_id FROM user_suspensions WHERE user_id = $1")
+                    .bind(user.as_str())
+                    .fetch_optional(&self.pool)
+                    .await?;
+            Ok(row.is_some())
+        })
+        .await
     }
 
     /// Deletes a room with its memberships, invites, bans and history (cascade);
     /// returns the ids of its members before the delete. `NotFound` when there is
     /// no such room.
     pub async fn delete_room(&self, room: &RoomId) -> StoreResult<Vec<UserId>> {
-        let members: Vec<(String,)> =
-            sqlx::query_as("SELECT user_id FROM memberships WHERE room_id = $1")
-                .bind(room.as_str())
-                .fetch_all(&self.pool)
-                .await?;
-        let mut tx = self.begin_write().await?;
-        // Children first: CockroachDB's cascades are slower than explicit deletes,
-        // and SQLite needs foreign_keys on for the cascade (it is, but be explicit).
-        for table in ["messages", "bans", "invites", "memberships"] {
-            sqlx::query(&format!("DELETE FROM {table} WHERE room_id = $1"))
+        timed("delete_room", async move {
+            let members: Vec<(String,)> =
+                sqlx::query_as("SELECT user_id FROM memberships WHERE room_id = $1")
+                    .bind(room.as_str())
+                    .fetch_all(&self.pool)
+                    .await?;
+            let mut tx = self.begin_write().await?;
+            // Children first: CockroachDB's cascades are slower than explicit deletes,
+            // and SQLite needs foreign_keys on for the cascade (it is, but be explicit).
+            for table in ["messages", "bans", "invites", "memberships"] {
+                sqlx::query(&format!("DELETE FROM {table} WHERE room_id = $1"))
+                    .bind(room.as_str())
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            let done = sqlx::query("DELETE FROM rooms WHERE id = $1")
                 .bind(room.as_str())
                 .execute(&mut *tx)
                 .await?;
-        }
-        let done = sqlx::query("DELETE FROM rooms WHERE id = $1")
-            .bind(room.as_str())
-            .execute(&mut *tx)
-            .await?;
-        found(done)?;
-        tx.commit().await?;
-        Ok(members.into_iter().map(|(id,)| UserId(id)).collect())
+            found(done)?;
+            tx.commit().await?;
+            Ok(members.into_iter().map(|(id,)| UserId(id)).collect())
+        })
+        .await
     }
 
     /// Member ids of a room, at most `limit`.
     pub async fn member_ids(&self, room: &RoomId, limit: u32) -> StoreResult<Vec<UserId>> {
-        let rows: Vec<(String,)> =
-            sqlx::query_as("SELECT user_id FROM memberships WHERE room_id = $1 LIMIT $2")
-                .bind(room.as_str())
-                .bind(i64::from(limit))
-                .fetch_all(&self.pool)
-                .await?;
-        Ok(rows.into_iter().map(|(id,)| UserId(id)).collect())
+        timed("member_ids", async move {
+            let rows: Vec<(String,)> =
+                sqlx::query_as("SELECT user_id FROM memberships WHERE room_id = $1 LIMIT $2")
+                    .bind(room.as_str())
+                    .bind(i64::from(limit))
+                    .fetch_all(&self.pool)
+                    .await?;
+            Ok(rows.into_iter().map(|(id,)| UserId(id)).collect())
+        })
+        .await
     }
 
     /// Events a room stored since `since_ms` (uses the `(room_id, created_at)` index).
     pub async fn messages_since(&self, room: &RoomId, since_ms: i64) -> StoreResult<u64> {
-        let (n,): (i64,) =
-            sqlx::query_as("SELECT COUNT(*) FROM messages WHERE room_id = $1 AND created_at >= $2")
-                .bind(room.as_str())
-                .bind(since_ms)
-                .fetch_one(&self.pool)
-                .await?;
-        Ok(n as u64)
+        timed("messages_since", async move {
+            let (n,): (i64,) = sqlx::query_as(
+                "SELECT COUNT(*) FROM messages WHERE room_id = $1 AND created_at >= $2",
+            )
+            .bind(room.as_str())
+            .bind(since_ms)
+            .fetch_one(&self.pool)
+            .await?;
+            Ok(n as u64)
+        })
+        .await
     }
 }

@@ -3,7 +3,7 @@
 
 use sqlx::FromRow;
 
-use super::{found, Store, StoreError, StoreResult};
+use super::{found, timed, Store, StoreError, StoreResult};
 use crate::ids::{hash_secret, now_ms, ApiKeyId, UserId};
 
 /// A stored API key (without its secret).
@@ -34,6 +34,7 @@ impl Store {
         secret: &str,
         created_by: &UserId,
     ) -> StoreResult<ApiKeyRecord> {
+        timed("create_api_key", async move {
         let id = ApiKeyId::generate();
         let prefix: String = secret.chars().take(VISIBLE_PREFIX_LEN).collect();
         self.retry_busy("create API key", || async {
@@ -56,12 +57,15 @@ impl Store {
             .bind(id.as_str())
             .fetch_one(&self.pool)
             .await?)
+        })
+        .await
     }
 
     /// The active key whose secret this is, marking it used (at most once per
     /// [`LAST_USED_RESOLUTION_MS`], so busy server-to-server callers do not turn
     /// every request into a write).
     pub async fn use_api_key(&self, secret: &str) -> StoreResult<ApiKeyRecord> {
+        timed("use_api_key", async move {
         let sql = format!(
             "SELECT {KEY_COLUMNS} FROM api_keys WHERE secret_hash = $1 AND revoked_at IS NULL"
         );
@@ -90,31 +94,39 @@ impl Store {
             }
         }
         Ok(key)
+        })
+        .await
     }
 
     /// All keys, newest first.
     pub async fn list_api_keys(&self, include_revoked: bool) -> StoreResult<Vec<ApiKeyRecord>> {
-        let filter = if include_revoked {
-            ""
-        } else {
-            "WHERE revoked_at IS NULL"
-        };
-        let sql =
-            format!("SELECT {KEY_COLUMNS} FROM api_keys {filter} ORDER BY created_at DESC, id");
-        Ok(sqlx::query_as(&sql).fetch_all(&self.pool).await?)
+        timed("list_api_keys", async move {
+            let filter = if include_revoked {
+                ""
+            } else {
+                "WHERE revoked_at IS NULL"
+            };
+            let sql =
+                format!("SELECT {KEY_COLUMNS} FROM api_keys {filter} ORDER BY created_at DESC, id");
+            Ok(sqlx::query_as(&sql).fetch_all(&self.pool).await?)
+        })
+        .await
     }
 
     /// Revokes a key; `NotFound` when no active key has this id.
     pub async fn revoke_api_key(&self, id: &ApiKeyId) -> StoreResult<()> {
-        self.retry_busy("revoke API key", || async {
-            let done = sqlx::query(
-                "UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL",
-            )
-            .bind(now_ms())
-            .bind(id.as_str())
-            .execute(&self.pool)
-            .await?;
-            found(done)
+        timed("revoke_api_key", async move {
+            self.retry_busy("revoke API key", || async {
+                let done = sqlx::query(
+                    "UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL",
+                )
+                .bind(now_ms())
+                .bind(id.as_str())
+                .execute(&self.pool)
+                .await?;
+                found(done)
+            })
+            .await
         })
         .await
     }

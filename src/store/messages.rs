@@ -2,11 +2,11 @@
 //! sequence number inside the transaction that stores it, so the sequence is gapless
 //! and its order is the commit order, whichever node or connection sent it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use sqlx::FromRow;
 
-use super::{parse_enum, Store, StoreError, StoreResult};
+use super::{parse_enum, timed, Store, StoreError, StoreResult};
 use crate::{
     ids::{now_ms, MessageId, RoomId, UserId},
     model::MessageKind,
@@ -120,57 +120,47 @@ impl Store {
         room: &RoomId,
         batch: &[NewMessage],
     ) -> StoreResult<Vec<Appended>> {
-        let mut tx = self.pool.begin().await?;
-        // The no-op update takes the room's row lock (PostgreSQL) or the write lock
-        // (SQLite) first, so concurrent appenders to this room queue here and the
-        // sequence stays gapless and in commit order.
-        let (mut last_seq,): (i64,) =
-            sqlx::query_as("UPDATE rooms SET last_seq = last_seq WHERE id = $1 RETURNING last_seq")
-                .bind(room.as_str())
-                .fetch_one(&mut *tx)
-                .await?;
-        let now = now_ms();
-        let mut results: Vec<Appended> = Vec::with_capacity(batch.len());
-        for new in batch {
-            if let Some(cmid) = &new.client_message_id {
-                if let Some(original) =
-                    find_by_client_id(&mut tx, room, &new.sender_id, cmid).await?
-                {
-                    results.push(Appended::Duplicate(original));
-                    continue;
-                }
+        timed("append_messages", async move {
+            let mut tx = self.pool.begin().await?;
+            let results = append_in(&mut tx, room, batch).await?;
+            tx.commit().await?;
+            Ok(results)
+        })
+        .await
+    }
+
+    /// Appends several rooms' batches in one transaction (the group commit across
+    /// rooms of [`crate::actors::commit_batcher`]): one commit, one log sync, for
+    /// all of them. Results per room, in `batches` order. A room appears at most
+    /// once. A failure stores nothing of any batch.
+    pub async fn append_many(
+        &self,
+        batches: &[(RoomId, Vec<NewMessage>)],
+    ) -> StoreResult<Vec<Vec<Appended>>> {
+        timed("append_many", async move {
+            let mut tx = self.pool.begin().await?;
+            let mut results = Vec::with_capacity(batches.len());
+            for (room, batch) in batches {
+                results.push(append_in(&mut tx, room, batch).await?);
             }
-            if let Some(rejection) = check_target(&mut tx, room, new).await? {
-                results.push(Appended::Rejected(rejection));
-                continue;
-            }
-            last_seq += 1;
-            let record = MessageRecord {
-                room_id: room.clone(),
-                seq: last_seq as u64,
-                id: MessageId::generate().0,
-                kind: new.kind,
-                sender_id: new.sender_id.clone(),
-                text: new.text.clone(),
-                metadata: new.metadata.clone(),
-                reply_to_seq: new.reply_to_seq,
-                target_seq: new.target_seq,
-                client_message_id: new.client_message_id.clone(),
-                created_at: now,
-                edited_at: None,
-                deleted: false,
-            };
-            insert_message(&mut tx, &record).await?;
-            apply_to_target(&mut tx, room, &record).await?;
-            results.push(Appended::Stored(record));
+            tx.commit().await?;
+            Ok(results)
+        })
+        .await
+    }
+
+    /// A room's group commit: through the commit batcher when the server runs
+    /// one (SQLite, see [`Store::route_grouped_appends`]), else
+    /// [`Store::append_messages`]. The same results either way.
+    pub async fn append_grouped(
+        &self,
+        room: &RoomId,
+        batch: Vec<NewMessage>,
+    ) -> StoreResult<Vec<Appended>> {
+        match self.grouped.get() {
+            Some(route) => (route.0)(room.clone(), batch).await,
+            None => self.append_messages(room, &batch).await,
         }
-        sqlx::query("UPDATE rooms SET last_seq = $1 WHERE id = $2")
-            .bind(last_seq)
-            .bind(room.as_str())
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        Ok(results)
     }
 
     /// Events with `after < seq <= upto`, ascending, at most `limit`.
@@ -181,6 +171,7 @@ impl Store {
         upto: u64,
         limit: u32,
     ) -> StoreResult<Vec<MessageRecord>> {
+        timed("messages_after", async move {
         let sql = format!(
             "SELECT {MESSAGE_COLUMNS} FROM messages WHERE room_id = $1 AND seq > $2 AND seq <= $3 ORDER BY seq LIMIT $4"
         );
@@ -194,6 +185,8 @@ impl Store {
             .fetch_all(&self.pool)
             .await?;
         rows.into_iter().map(TryInto::try_into).collect()
+        })
+        .await
     }
 
     /// The `limit` newest events with `seq < before`, returned ascending.
@@ -203,6 +196,7 @@ impl Store {
         before: u64,
         limit: u32,
     ) -> StoreResult<Vec<MessageRecord>> {
+        timed("messages_before", async move {
         let sql = format!(
             "SELECT {MESSAGE_COLUMNS} FROM messages WHERE room_id = $1 AND seq < $2 ORDER BY seq DESC LIMIT $3"
         );
@@ -218,10 +212,13 @@ impl Store {
             .collect::<StoreResult<_>>()?;
         out.reverse();
         Ok(out)
+        })
+        .await
     }
 
     /// Removes events older than each room's retention; returns how many.
     pub async fn prune_expired_messages(&self) -> StoreResult<u64> {
+        timed("prune_expired_messages", async move {
         let now = now_ms();
         let done = sqlx::query(
             "DELETE FROM messages WHERE room_id IN (SELECT id FROM rooms WHERE retention_seconds > 0) \
@@ -231,27 +228,193 @@ impl Store {
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected())
+        })
+        .await
     }
 }
 
 type Tx<'a> = sqlx::Transaction<'a, sqlx::Any>;
 
-async fn find_by_client_id(
+/// Most (sender, client message id) pairs looked up in one query.
+const CLIENT_IDS_PER_QUERY: usize = 200;
+/// Most rows inserted by one statement (11 parameters each: well under SQLite's
+/// 32,766 and PostgreSQL's 65,535 parameters).
+const ROWS_PER_INSERT: usize = 500;
+
+/// Appends `batch` to `room` inside `tx`: the room's sequence continues from its
+/// row, which the first statement locks (PostgreSQL's row lock, SQLite's write
+/// lock), so concurrent appenders to the room queue there and the sequence stays
+/// gapless and in commit order.
+///
+/// Retries are found with one query for the whole batch; plain messages are
+/// inserted several rows per statement. Events that look at another message
+/// (replies, edits, deletions) first insert what is pending, so they see every
+/// earlier event of the batch.
+async fn append_in(
     tx: &mut Tx<'_>,
     room: &RoomId,
-    sender: &UserId,
-    cmid: &str,
-) -> StoreResult<Option<MessageRecord>> {
-    let sql = format!(
-        "SELECT {MESSAGE_COLUMNS} FROM messages WHERE room_id = $1 AND sender_id = $2 AND client_message_id = $3"
-    );
-    let row: Option<MessageRow> = sqlx::query_as(&sql)
+    batch: &[NewMessage],
+) -> StoreResult<Vec<Appended>> {
+    let (mut last_seq,): (i64,) =
+        sqlx::query_as("UPDATE rooms SET last_seq = last_seq WHERE id = $1 RETURNING last_seq")
+            .bind(room.as_str())
+            .fetch_one(&mut **tx)
+            .await?;
+    let now = now_ms();
+    let mut known = find_by_client_ids(tx, room, batch).await?;
+    let mut results: Vec<Appended> = Vec::with_capacity(batch.len());
+    // Indexes into `results` of stored events not inserted yet.
+    let mut pending: Vec<usize> = Vec::new();
+    for new in batch {
+        if let Some(cmid) = &new.client_message_id {
+            if let Some(original) = known.get(&(new.sender_id.0.clone(), cmid.clone())) {
+                results.push(Appended::Duplicate(original.clone()));
+                continue;
+            }
+        }
+        let looks_elsewhere = new.kind != MessageKind::Text || new.reply_to_seq > 0;
+        if looks_elsewhere {
+            insert_pending(tx, &results, &mut pending).await?;
+            if let Some(rejection) = check_target(tx, room, new).await? {
+                results.push(Appended::Rejected(rejection));
+                continue;
+            }
+        }
+        last_seq += 1;
+        let record = MessageRecord {
+            room_id: room.clone(),
+            seq: last_seq as u64,
+            id: MessageId::generate().0,
+            kind: new.kind,
+            sender_id: new.sender_id.clone(),
+            text: new.text.clone(),
+            metadata: new.metadata.clone(),
+            reply_to_seq: new.reply_to_seq,
+            target_seq: new.target_seq,
+            client_message_id: new.client_message_id.clone(),
+            created_at: now,
+            edited_at: None,
+            deleted: false,
+        };
+        if let Some(cmid) = &record.client_message_id {
+            // A second copy later in the same batch is a retry of this one.
+            known.insert((record.sender_id.0.clone(), cmid.clone()), record.clone());
+        }
+        if new.kind == MessageKind::Text {
+            pending.push(results.len());
+        } else {
+            insert_rows(tx, &[&record]).await?;
+            apply_to_target(tx, room, &record).await?;
+        }
+        results.push(Appended::Stored(record));
+    }
+    insert_pending(tx, &results, &mut pending).await?;
+    sqlx::query("UPDATE rooms SET last_seq = $1 WHERE id = $2")
+        .bind(last_seq)
         .bind(room.as_str())
-        .bind(sender.as_str())
-        .bind(cmid)
-        .fetch_optional(&mut **tx)
+        .execute(&mut **tx)
         .await?;
-    row.map(TryInto::try_into).transpose()
+    Ok(results)
+}
+
+/// The stored events of `batch`'s (sender, client message id) pairs, by pair.
+async fn find_by_client_ids(
+    tx: &mut Tx<'_>,
+    room: &RoomId,
+    batch: &[NewMessage],
+) -> StoreResult<HashMap<(String, String), MessageRecord>> {
+    let pairs: Vec<(&str, &str)> = batch
+        .iter()
+        .filter_map(|m| Some((m.sender_id.as_str(), m.client_message_id.as_deref()?)))
+        .collect();
+    let mut found = HashMap::new();
+    for chunk in pairs.chunks(CLIENT_IDS_PER_QUERY) {
+        // Each branch names the whole unique key (room, sender, client id), so
+        // both databases answer it from the unique index, branch by branch.
+        let branches: Vec<String> = (0..chunk.len())
+            .map(|i| {
+                format!(
+                    "(room_id = $1 AND sender_id = ${} AND client_message_id = ${})",
+                    2 * i + 2,
+                    2 * i + 3
+                )
+            })
+            .collect();
+        let sql = format!(
+            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE {}",
+            branches.join(" OR ")
+        );
+        let mut query = sqlx::query_as::<_, MessageRow>(&sql).bind(room.as_str());
+        for (sender, cmid) in chunk {
+            query = query.bind(*sender).bind(*cmid);
+        }
+        for row in query.fetch_all(&mut **tx).await? {
+            let record = MessageRecord::try_from(row)?;
+            if let Some(cmid) = record.client_message_id.clone() {
+                found.insert((record.sender_id.0.clone(), cmid), record);
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// Inserts the stored events `pending` points at, and empties it.
+async fn insert_pending(
+    tx: &mut Tx<'_>,
+    results: &[Appended],
+    pending: &mut Vec<usize>,
+) -> StoreResult<()> {
+    let records: Vec<&MessageRecord> = pending
+        .drain(..)
+        .filter_map(|i| match &results[i] {
+            Appended::Stored(record) => Some(record),
+            _ => None,
+        })
+        .collect();
+    for chunk in records.chunks(ROWS_PER_INSERT) {
+        insert_rows(tx, chunk).await?;
+    }
+    Ok(())
+}
+
+/// Inserts `records` with one statement.
+async fn insert_rows(tx: &mut Tx<'_>, records: &[&MessageRecord]) -> StoreResult<()> {
+    if records.is_empty() {
+        return Ok(());
+    }
+    const COLUMNS: usize = 11;
+    let rows: Vec<String> = (0..records.len())
+        .map(|r| {
+            let params: Vec<String> = (1..=COLUMNS)
+                .map(|c| format!("${}", r * COLUMNS + c))
+                .collect();
+            format!("({})", params.join(", "))
+        })
+        .collect();
+    let sql = format!(
+        "INSERT INTO messages (room_id, seq, id, kind, sender_id, text, metadata, reply_to_seq, \
+         target_seq, client_message_id, created_at) VALUES {}",
+        rows.join(", ")
+    );
+    let mut query = sqlx::query(&sql);
+    for m in records {
+        let metadata =
+            serde_json::to_string(&m.metadata).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        query = query
+            .bind(m.room_id.as_str())
+            .bind(m.seq as i64)
+            .bind(m.id.as_str())
+            .bind(m.kind.as_str())
+            .bind(m.sender_id.as_str())
+            .bind(m.text.as_str())
+            .bind(metadata)
+            .bind(m.reply_to_seq as i64)
+            .bind(m.target_seq as i64)
+            .bind(m.client_message_id.as_deref())
+            .bind(m.created_at);
+    }
+    query.execute(&mut **tx).await?;
+    Ok(())
 }
 
 async fn check_target(
@@ -286,29 +449,6 @@ async fn check_target(
         _ => is_author || new.moderator,
     };
     Ok((!allowed).then_some(AppendRejection::NotAuthor))
-}
-
-async fn insert_message(tx: &mut Tx<'_>, m: &MessageRecord) -> StoreResult<()> {
-    let metadata =
-        serde_json::to_string(&m.metadata).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-    sqlx::query(
-        "INSERT INTO messages (room_id, seq, id, kind, sender_id, text, metadata, reply_to_seq, target_seq, \
-         client_message_id, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
-    )
-    .bind(m.room_id.as_str())
-    .bind(m.seq as i64)
-    .bind(&m.id)
-    .bind(m.kind.as_str())
-    .bind(m.sender_id.as_str())
-    .bind(&m.text)
-    .bind(metadata)
-    .bind(m.reply_to_seq as i64)
-    .bind(m.target_seq as i64)
-    .bind(m.client_message_id.as_deref())
-    .bind(m.created_at)
-    .execute(&mut **tx)
-    .await?;
-    Ok(())
 }
 
 /// Makes the original message show its edit or deletion in history.

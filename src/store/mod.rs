@@ -12,7 +12,14 @@ mod rooms;
 mod sessions;
 mod users;
 
-use std::{path::Path, str::FromStr, time::Duration};
+use std::{
+    future::Future,
+    path::Path,
+    pin::Pin,
+    str::FromStr,
+    sync::{Arc, OnceLock},
+    time::Duration,
+};
 
 use sqlx::{
     any::{AnyConnectOptions, AnyPoolOptions},
@@ -120,11 +127,31 @@ const BUSY_RETRY_BASE: Duration = Duration::from_millis(10);
 /// Result of a store call.
 pub type StoreResult<T> = Result<T, StoreError>;
 
-/// Cheap to clone: clones share the pool.
+/// Cheap to clone: clones share the pool (and the route of grouped appends).
 #[derive(Clone, Debug)]
 pub struct Store {
     pool: AnyPool,
     backend: Backend,
+    grouped: Arc<OnceLock<GroupedRoute>>,
+}
+
+/// Takes one room's group-commit batch and answers its results.
+pub type GroupedAppend = Box<
+    dyn Fn(
+            crate::ids::RoomId,
+            Vec<NewMessage>,
+        ) -> Pin<Box<dyn Future<Output = StoreResult<Vec<Appended>>> + Send>>
+        + Send
+        + Sync,
+>;
+
+/// Where [`Store::append_grouped`] sends batches (the commit batcher actor).
+struct GroupedRoute(GroupedAppend);
+
+impl std::fmt::Debug for GroupedRoute {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("GroupedRoute")
+    }
 }
 
 /// SQLite migrations, embedded in the binary.
@@ -177,7 +204,11 @@ impl Store {
             })
             .connect_with(options)
             .await?;
-        Ok(Self { pool, backend })
+        Ok(Self {
+            pool,
+            backend,
+            grouped: Arc::default(),
+        })
     }
 
     /// Applies pending migrations of this backend.
@@ -247,6 +278,12 @@ impl Store {
         }
     }
 
+    /// Sends every [`Store::append_grouped`] of this store (and its clones)
+    /// through `route` from now on; only the first route set counts.
+    pub fn route_grouped_appends(&self, route: GroupedAppend) {
+        let _ = self.grouped.set(GroupedRoute(route));
+    }
+
     /// Which database this is.
     pub fn backend(&self) -> Backend {
         self.backend
@@ -264,24 +301,31 @@ impl Store {
 
     /// A server-wide value, e.g. the generated token secret.
     pub async fn kv_get(&self, key: &str) -> StoreResult<Option<String>> {
-        let value: Option<(String,)> = sqlx::query_as("SELECT value FROM server_kv WHERE key = $1")
-            .bind(key)
-            .fetch_optional(&self.pool)
-            .await?;
-        Ok(value.map(|(v,)| v))
+        timed("kv_get", async move {
+            let value: Option<(String,)> =
+                sqlx::query_as("SELECT value FROM server_kv WHERE key = $1")
+                    .bind(key)
+                    .fetch_optional(&self.pool)
+                    .await?;
+            Ok(value.map(|(v,)| v))
+        })
+        .await
     }
 
     /// Stores `value` under `key` unless a value is there already; returns the value
     /// that is stored afterwards (so concurrent nodes agree on the first one).
     pub async fn kv_get_or_insert(&self, key: &str, value: &str) -> StoreResult<String> {
-        sqlx::query(
-            "INSERT INTO server_kv (key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING",
-        )
-        .bind(key)
-        .bind(value)
-        .execute(&self.pool)
-        .await?;
-        self.kv_get(key).await?.ok_or(StoreError::NotFound)
+        timed("kv_get_or_insert", async move {
+            sqlx::query(
+                "INSERT INTO server_kv (key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING",
+            )
+            .bind(key)
+            .bind(value)
+            .execute(&self.pool)
+            .await?;
+            self.kv_get(key).await?.ok_or(StoreError::NotFound)
+        })
+        .await
     }
 }
 
@@ -376,6 +420,22 @@ pub fn exposed_files(database: &Path) -> Vec<String> {
         let _ = database;
         Vec::new()
     }
+}
+
+/// Runs one store operation, recording how long it took (pool wait, queries and
+/// commit) in `roomcast_store_query_duration_seconds{query}`. `query` is the
+/// operation's method name: a fixed set, so the label stays bounded.
+async fn timed<T>(
+    query: &'static str,
+    op: impl std::future::Future<Output = StoreResult<T>>,
+) -> StoreResult<T> {
+    let started = std::time::Instant::now();
+    let result = op.await;
+    crate::metrics::metrics()
+        .store_query_duration
+        .get_or_create(&crate::metrics::QueryLabels { query })
+        .observe(started.elapsed().as_secs_f64());
+    result
 }
 
 /// `NotFound` when a write touched no row (the row to change does not exist).

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use sqlx::FromRow;
 
-use super::{found, Store, StoreError, StoreResult};
+use super::{found, timed, Store, StoreError, StoreResult};
 use crate::{
     ids::{now_ms, random_id, RoomId, UserId},
     model::RoomKind,
@@ -165,60 +165,61 @@ impl Store {
         new: &NewNotification,
         expire_before: i64,
     ) -> StoreResult<NotificationInserted> {
-        self.retry_busy("insert notification", || async {
-            let mut tx = self.begin_write().await?;
-            // The lock first: a concurrent insert with the same idempotency key waits
-            // here, then finds the first one below.
-            let seq: Option<(i64,)> = sqlx::query_as(
-                "UPDATE users SET last_notification_seq = last_notification_seq + 1 \
+        timed("insert_notification", async move {
+            self.retry_busy("insert notification", || async {
+                let mut tx = self.begin_write().await?;
+                // The lock first: a concurrent insert with the same idempotency key waits
+                // here, then finds the first one below.
+                let seq: Option<(i64,)> = sqlx::query_as(
+                    "UPDATE users SET last_notification_seq = last_notification_seq + 1 \
                  WHERE id = $1 RETURNING last_notification_seq",
-            )
-            .bind(new.user_id.as_str())
-            .fetch_optional(&mut *tx)
-            .await?;
-            let Some((seq,)) = seq else {
-                return Err(StoreError::NotFound);
-            };
-            if let Some(key) = &new.idempotency_key {
-                let sql = format!(
-                    "SELECT {NOTIFICATION_COLUMNS} FROM notifications \
-                     WHERE user_id = $1 AND idempotency_key = $2"
-                );
-                let original: Option<NotificationRow> = sqlx::query_as(&sql)
-                    .bind(new.user_id.as_str())
-                    .bind(key)
-                    .fetch_optional(&mut *tx)
-                    .await?;
-                if let Some(original) = original {
-                    // Dropping the transaction rolls the sequence bump back.
-                    drop(tx);
-                    return Ok(NotificationInserted::Duplicate(original.try_into()?));
-                }
-            }
-            sqlx::query("DELETE FROM notifications WHERE user_id = $1 AND created_at < $2")
+                )
                 .bind(new.user_id.as_str())
-                .bind(expire_before)
-                .execute(&mut *tx)
+                .fetch_optional(&mut *tx)
                 .await?;
-            let record = NotificationRecord {
-                user_id: new.user_id.clone(),
-                seq: seq as u64,
-                id: random_id("n"),
-                kind: new.kind,
-                sender: new.sender.clone(),
-                room_id: new
-                    .room_id
-                    .as_ref()
-                    .map(|r| r.0.clone())
-                    .unwrap_or_default(),
-                room_seq: new.room_seq,
-                text: new.text.clone(),
-                data: new.data.clone(),
-                created_at: now_ms(),
-            };
-            let data = serde_json::to_string(&record.data)
-                .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            sqlx::query(
+                let Some((seq,)) = seq else {
+                    return Err(StoreError::NotFound);
+                };
+                if let Some(key) = &new.idempotency_key {
+                    let sql = format!(
+                        "SELECT {NOTIFICATION_COLUMNS} FROM notifications \
+                     WHERE user_id = $1 AND idempotency_key = $2"
+                    );
+                    let original: Option<NotificationRow> = sqlx::query_as(&sql)
+                        .bind(new.user_id.as_str())
+                        .bind(key)
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                    if let Some(original) = original {
+                        // Dropping the transaction rolls the sequence bump back.
+                        drop(tx);
+                        return Ok(NotificationInserted::Duplicate(original.try_into()?));
+                    }
+                }
+                sqlx::query("DELETE FROM notifications WHERE user_id = $1 AND created_at < $2")
+                    .bind(new.user_id.as_str())
+                    .bind(expire_before)
+                    .execute(&mut *tx)
+                    .await?;
+                let record = NotificationRecord {
+                    user_id: new.user_id.clone(),
+                    seq: seq as u64,
+                    id: random_id("n"),
+                    kind: new.kind,
+                    sender: new.sender.clone(),
+                    room_id: new
+                        .room_id
+                        .as_ref()
+                        .map(|r| r.0.clone())
+                        .unwrap_or_default(),
+                    room_seq: new.room_seq,
+                    text: new.text.clone(),
+                    data: new.data.clone(),
+                    created_at: now_ms(),
+                };
+                let data = serde_json::to_string(&record.data)
+                    .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                sqlx::query(
                 "INSERT INTO notifications (user_id, seq, id, kind, sender, room_id, room_seq, \
                  text, data, idempotency_key, created_at) \
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
@@ -236,8 +237,10 @@ impl Store {
             .bind(record.created_at)
             .execute(&mut *tx)
             .await?;
-            tx.commit().await?;
-            Ok(NotificationInserted::Stored(record))
+                tx.commit().await?;
+                Ok(NotificationInserted::Stored(record))
+            })
+            .await
         })
         .await
     }
@@ -264,34 +267,40 @@ impl Store {
         created_since: i64,
         limit: u32,
     ) -> StoreResult<Vec<NotificationRecord>> {
-        let sql = format!(
-            "SELECT {NOTIFICATION_COLUMNS} FROM notifications \
+        timed("notifications_after", async move {
+            let sql = format!(
+                "SELECT {NOTIFICATION_COLUMNS} FROM notifications \
              WHERE user_id = $1 AND seq > $2 AND created_at >= $3 ORDER BY seq LIMIT $4"
-        );
-        let rows: Vec<NotificationRow> = sqlx::query_as(&sql)
-            .bind(user.as_str())
-            .bind(cursor(after))
-            .bind(created_since)
-            .bind(i64::from(limit))
-            .fetch_all(&self.pool)
-            .await?;
-        rows.into_iter().map(TryInto::try_into).collect()
+            );
+            let rows: Vec<NotificationRow> = sqlx::query_as(&sql)
+                .bind(user.as_str())
+                .bind(cursor(after))
+                .bind(created_since)
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await?;
+            rows.into_iter().map(TryInto::try_into).collect()
+        })
+        .await
     }
 
     /// The user's newest notification sequence and read cursor; `NotFound` when
     /// the user does not exist.
     pub async fn notification_state(&self, user: &UserId) -> StoreResult<NotificationState> {
-        let row: Option<(i64, i64)> = sqlx::query_as(
-            "SELECT last_notification_seq, notification_read_seq FROM users WHERE id = $1",
-        )
-        .bind(user.as_str())
-        .fetch_optional(&self.pool)
-        .await?;
-        let (last, read) = row.ok_or(StoreError::NotFound)?;
-        Ok(NotificationState {
-            last_seq: last as u64,
-            read_seq: read as u64,
+        timed("notification_state", async move {
+            let row: Option<(i64, i64)> = sqlx::query_as(
+                "SELECT last_notification_seq, notification_read_seq FROM users WHERE id = $1",
+            )
+            .bind(user.as_str())
+            .fetch_optional(&self.pool)
+            .await?;
+            let (last, read) = row.ok_or(StoreError::NotFound)?;
+            Ok(NotificationState {
+                last_seq: last as u64,
+                read_seq: read as u64,
+            })
         })
+        .await
     }
 
     /// Moves the read cursor forward to `up_to` (capped at the newest sequence);
@@ -301,20 +310,23 @@ impl Store {
         user: &UserId,
         up_to: u64,
     ) -> StoreResult<NotificationState> {
-        self.retry_busy("mark notifications read", || async {
-            sqlx::query(
-                "UPDATE users SET notification_read_seq = \
+        timed("mark_notifications_read", async move {
+            self.retry_busy("mark notifications read", || async {
+                sqlx::query(
+                    "UPDATE users SET notification_read_seq = \
                  CASE WHEN $1 < last_notification_seq THEN $1 ELSE last_notification_seq END \
                  WHERE id = $2 AND notification_read_seq < $1",
-            )
-            .bind(cursor(up_to))
-            .bind(user.as_str())
-            .execute(&self.pool)
+                )
+                .bind(cursor(up_to))
+                .bind(user.as_str())
+                .execute(&self.pool)
+                .await?;
+                Ok(())
+            })
             .await?;
-            Ok(())
+            self.notification_state(user).await
         })
-        .await?;
-        self.notification_state(user).await
+        .await
     }
 
     /// Retained notifications of `user` after `read_seq`.
@@ -324,6 +336,7 @@ impl Store {
         read_seq: u64,
         created_since: i64,
     ) -> StoreResult<u64> {
+        timed("count_notifications_after", async move {
         let (n,): (i64,) = sqlx::query_as(
             "SELECT COUNT(*) FROM notifications WHERE user_id = $1 AND seq > $2 AND created_at >= $3",
         )
@@ -333,6 +346,8 @@ impl Store {
         .fetch_one(&self.pool)
         .await?;
         Ok(n as u64)
+        })
+        .await
     }
 
     /// Pending invitations of `user`, newest first, after the position
@@ -343,6 +358,7 @@ impl Store {
         after: Option<(i64, String)>,
         limit: u32,
     ) -> StoreResult<Vec<InvitationRecord>> {
+        timed("list_invitations", async move {
         let (at, room) = after.unwrap_or((i64::MAX, String::new()));
         let rows: Vec<(String, String, String, String, i64)> = sqlx::query_as(
             "SELECT i.room_id, r.kind, r.title, i.invited_by, i.created_at \
@@ -368,17 +384,22 @@ impl Store {
                 })
             })
             .collect()
+        })
+        .await
     }
 
     /// Removes a pending invitation; `NotFound` when there was none.
     pub async fn delete_invitation(&self, room: &RoomId, user: &UserId) -> StoreResult<()> {
-        self.retry_busy("delete invitation", || async {
-            let done = sqlx::query("DELETE FROM invites WHERE room_id = $1 AND user_id = $2")
-                .bind(room.as_str())
-                .bind(user.as_str())
-                .execute(&self.pool)
-                .await?;
-            found(done)
+        timed("delete_invitation", async move {
+            self.retry_busy("delete invitation", || async {
+                let done = sqlx::query("DELETE FROM invites WHERE room_id = $1 AND user_id = $2")
+                    .bind(room.as_str())
+                    .bind(user.as_str())
+                    .execute(&self.pool)
+                    .await?;
+                found(done)
+            })
+            .await
         })
         .await
     }

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 
 use sqlx::{AnyConnection, FromRow};
 
-use super::{found, parse_enum, Store, StoreError, StoreResult};
+use super::{found, parse_enum, timed, Store, StoreError, StoreResult};
 use crate::{
     ids::{now_ms, RoomId, UserId},
     model::{MemberRole, RoomKind},
@@ -232,14 +232,19 @@ impl Store {
     /// `Conflict` when a direct room for the same pair exists.
     /// How many rooms `user` created (for the per-user room quota).
     pub async fn count_rooms_created_by(&self, user: &UserId) -> StoreResult<u64> {
-        let (count,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM rooms WHERE created_by = $1")
-            .bind(user.as_str())
-            .fetch_one(&self.pool)
-            .await?;
-        Ok(count.max(0) as u64)
+        timed("count_rooms_created_by", async move {
+            let (count,): (i64,) =
+                sqlx::query_as("SELECT COUNT(*) FROM rooms WHERE created_by = $1")
+                    .bind(user.as_str())
+                    .fetch_one(&self.pool)
+                    .await?;
+            Ok(count.max(0) as u64)
+        })
+        .await
     }
 
     pub async fn create_room(&self, new: NewRoom) -> StoreResult<RoomRecord> {
+        timed("create_room", async move {
         let id = RoomId::generate();
         let now = now_ms();
         let mut tx = self.pool.begin().await?;
@@ -291,6 +296,8 @@ impl Store {
         }
         tx.commit().await?;
         self.get_room(&id).await
+        })
+        .await
     }
 
     /// A live room's controls and pinned message; `None` for a chat room.
@@ -347,42 +354,51 @@ impl Store {
 
     /// The room with this id.
     pub async fn get_room(&self, id: &RoomId) -> StoreResult<RoomRecord> {
-        let sql = format!("SELECT {ROOM_COLUMNS} FROM rooms WHERE id = $1");
-        let row: RoomRow = sqlx::query_as(&sql)
-            .bind(id.as_str())
-            .fetch_one(&self.pool)
-            .await?;
-        row.try_into()
+        timed("get_room", async move {
+            let sql = format!("SELECT {ROOM_COLUMNS} FROM rooms WHERE id = $1");
+            let row: RoomRow = sqlx::query_as(&sql)
+                .bind(id.as_str())
+                .fetch_one(&self.pool)
+                .await?;
+            row.try_into()
+        })
+        .await
     }
 
     /// The direct room of a pair, by its key.
     pub async fn find_direct_room(&self, direct_key: &str) -> StoreResult<Option<RoomRecord>> {
-        let sql = format!("SELECT {ROOM_COLUMNS} FROM rooms WHERE direct_key = $1");
-        let row: Option<RoomRow> = sqlx::query_as(&sql)
-            .bind(direct_key)
-            .fetch_optional(&self.pool)
-            .await?;
-        row.map(TryInto::try_into).transpose()
+        timed("find_direct_room", async move {
+            let sql = format!("SELECT {ROOM_COLUMNS} FROM rooms WHERE direct_key = $1");
+            let row: Option<RoomRow> = sqlx::query_as(&sql)
+                .bind(direct_key)
+                .fetch_optional(&self.pool)
+                .await?;
+            row.map(TryInto::try_into).transpose()
+        })
+        .await
     }
 
     /// Changes the fields of `update` that are set.
     pub async fn update_room(&self, id: &RoomId, update: RoomUpdate) -> StoreResult<RoomRecord> {
-        let current = self.get_room(id).await?;
-        sqlx::query(
-            "UPDATE rooms SET title = $1, topic = $2, retention_seconds = $3 WHERE id = $4",
-        )
-        .bind(update.title.unwrap_or(current.title))
-        .bind(update.topic.unwrap_or(current.topic))
-        .bind(
-            update
-                .retention_seconds
-                .unwrap_or(current.retention_seconds)
-                .min(i64::MAX as u64) as i64,
-        )
-        .bind(id.as_str())
-        .execute(&self.pool)
-        .await?;
-        self.get_room(id).await
+        timed("update_room", async move {
+            let current = self.get_room(id).await?;
+            sqlx::query(
+                "UPDATE rooms SET title = $1, topic = $2, retention_seconds = $3 WHERE id = $4",
+            )
+            .bind(update.title.unwrap_or(current.title))
+            .bind(update.topic.unwrap_or(current.topic))
+            .bind(
+                update
+                    .retention_seconds
+                    .unwrap_or(current.retention_seconds)
+                    .min(i64::MAX as u64) as i64,
+            )
+            .bind(id.as_str())
+            .execute(&self.pool)
+            .await?;
+            self.get_room(id).await
+        })
+        .await
     }
 
     /// The rooms `user` is a member of, with the membership, ordered by room id
@@ -393,6 +409,7 @@ impl Store {
         after_id: &str,
         limit: u32,
     ) -> StoreResult<Vec<(RoomRecord, MemberRecord)>> {
+        timed("list_user_rooms", async move {
         // One query: the page of rooms with the caller's membership joined in.
         let rows: Vec<UserRoomRow> = sqlx::query_as(
             "SELECT r.id, r.kind, r.title, r.topic, r.created_by, r.created_at, r.last_seq, r.retention_seconds, \
@@ -419,6 +436,8 @@ impl Store {
                 Ok((row.room.try_into()?, member.try_into()?))
             })
             .collect()
+        })
+        .await
     }
 
     /// Public and broadcast rooms, ordered by id after `after_id`.
@@ -427,6 +446,7 @@ impl Store {
         after_id: &str,
         limit: u32,
     ) -> StoreResult<Vec<RoomRecord>> {
+        timed("list_public_rooms", async move {
         let sql = format!(
             "SELECT {ROOM_COLUMNS} FROM rooms WHERE kind IN ('public', 'broadcast') AND id > $1 ORDER BY id LIMIT $2"
         );
@@ -436,35 +456,44 @@ impl Store {
             .fetch_all(&self.pool)
             .await?;
         rows.into_iter().map(TryInto::try_into).collect()
+        })
+        .await
     }
 
     /// How many members a room has.
     pub async fn member_count(&self, room: &RoomId) -> StoreResult<u64> {
-        let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM memberships WHERE room_id = $1")
-            .bind(room.as_str())
-            .fetch_one(&self.pool)
-            .await?;
-        Ok(n as u64)
+        timed("member_count", async move {
+            let (n,): (i64,) =
+                sqlx::query_as("SELECT COUNT(*) FROM memberships WHERE room_id = $1")
+                    .bind(room.as_str())
+                    .fetch_one(&self.pool)
+                    .await?;
+            Ok(n as u64)
+        })
+        .await
     }
 
     /// Member counts of several rooms; rooms without members are absent.
     pub async fn member_counts(&self, rooms: &[RoomId]) -> StoreResult<HashMap<RoomId, u64>> {
-        if rooms.is_empty() {
-            return Ok(HashMap::new());
-        }
-        let sql = format!(
-            "SELECT room_id, COUNT(*) FROM memberships WHERE room_id IN ({}) GROUP BY room_id",
-            placeholders(1, rooms.len())
-        );
-        let mut query = sqlx::query_as::<_, (String, i64)>(&sql);
-        for room in rooms {
-            query = query.bind(room.as_str());
-        }
-        let rows = query.fetch_all(&self.pool).await?;
-        Ok(rows
-            .into_iter()
-            .map(|(room, n)| (RoomId(room), n as u64))
-            .collect())
+        timed("member_counts", async move {
+            if rooms.is_empty() {
+                return Ok(HashMap::new());
+            }
+            let sql = format!(
+                "SELECT room_id, COUNT(*) FROM memberships WHERE room_id IN ({}) GROUP BY room_id",
+                placeholders(1, rooms.len())
+            );
+            let mut query = sqlx::query_as::<_, (String, i64)>(&sql);
+            for room in rooms {
+                query = query.bind(room.as_str());
+            }
+            let rows = query.fetch_all(&self.pool).await?;
+            Ok(rows
+                .into_iter()
+                .map(|(room, n)| (RoomId(room), n as u64))
+                .collect())
+        })
+        .await
     }
 
     /// The memberships of `user` among `rooms`.
@@ -473,23 +502,26 @@ impl Store {
         user: &UserId,
         rooms: &[RoomId],
     ) -> StoreResult<Vec<MemberRecord>> {
-        if rooms.is_empty() {
-            return Ok(Vec::new());
-        }
-        let sql = format!(
-            "SELECT {MEMBER_COLUMNS} FROM memberships WHERE user_id = $1 AND room_id IN ({})",
-            placeholders(2, rooms.len())
-        );
-        let mut query = sqlx::query_as::<_, MemberRow>(&sql).bind(user.as_str());
-        for room in rooms {
-            query = query.bind(room.as_str());
-        }
-        query
-            .fetch_all(&self.pool)
-            .await?
-            .into_iter()
-            .map(TryInto::try_into)
-            .collect()
+        timed("memberships_in", async move {
+            if rooms.is_empty() {
+                return Ok(Vec::new());
+            }
+            let sql = format!(
+                "SELECT {MEMBER_COLUMNS} FROM memberships WHERE user_id = $1 AND room_id IN ({})",
+                placeholders(2, rooms.len())
+            );
+            let mut query = sqlx::query_as::<_, MemberRow>(&sql).bind(user.as_str());
+            for room in rooms {
+                query = query.bind(room.as_str());
+            }
+            query
+                .fetch_all(&self.pool)
+                .await?
+                .into_iter()
+                .map(TryInto::try_into)
+                .collect()
+        })
+        .await
     }
 
     /// Removes a membership unless `user` is the only owner and others remain.
@@ -498,17 +530,20 @@ impl Store {
         room: &RoomId,
         user: &UserId,
     ) -> StoreResult<MembershipChange> {
-        let mut tx = self.pool.begin().await?;
-        if let Some(refused) = owner_guard(&mut tx, room, user, None).await? {
-            return Ok(refused);
-        }
-        sqlx::query("DELETE FROM memberships WHERE room_id = $1 AND user_id = $2")
-            .bind(room.as_str())
-            .bind(user.as_str())
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        Ok(MembershipChange::Done)
+        timed("remove_member_keeping_owner", async move {
+            let mut tx = self.pool.begin().await?;
+            if let Some(refused) = owner_guard(&mut tx, room, user, None).await? {
+                return Ok(refused);
+            }
+            sqlx::query("DELETE FROM memberships WHERE room_id = $1 AND user_id = $2")
+                .bind(room.as_str())
+                .bind(user.as_str())
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            Ok(MembershipChange::Done)
+        })
+        .await
     }
 
     /// Changes a member's role unless that demotes the room's only owner.
@@ -518,18 +553,21 @@ impl Store {
         user: &UserId,
         role: MemberRole,
     ) -> StoreResult<MembershipChange> {
-        let mut tx = self.pool.begin().await?;
-        if let Some(refused) = owner_guard(&mut tx, room, user, Some(role)).await? {
-            return Ok(refused);
-        }
-        sqlx::query("UPDATE memberships SET role = $1 WHERE room_id = $2 AND user_id = $3")
-            .bind(role.as_str())
-            .bind(room.as_str())
-            .bind(user.as_str())
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        Ok(MembershipChange::Done)
+        timed("set_member_role_keeping_owner", async move {
+            let mut tx = self.pool.begin().await?;
+            if let Some(refused) = owner_guard(&mut tx, room, user, Some(role)).await? {
+                return Ok(refused);
+            }
+            sqlx::query("UPDATE memberships SET role = $1 WHERE room_id = $2 AND user_id = $3")
+                .bind(role.as_str())
+                .bind(room.as_str())
+                .bind(user.as_str())
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            Ok(MembershipChange::Done)
+        })
+        .await
     }
 
     /// Like [`Store::ban`], but refuses to remove the room's only owner while
@@ -542,6 +580,7 @@ impl Store {
         reason: &str,
         expires_at: Option<i64>,
     ) -> StoreResult<MembershipChange> {
+        timed("ban_keeping_owner", async move {
         let mut tx = self.pool.begin().await?;
         match owner_guard(&mut tx, room, user, None).await? {
             None | Some(MembershipChange::NotMember) => {}
@@ -571,6 +610,8 @@ impl Store {
         }
         tx.commit().await?;
         Ok(MembershipChange::Done)
+        })
+        .await
     }
 
     /// The membership of `user` in `room`, if any.
@@ -579,14 +620,18 @@ impl Store {
         room: &RoomId,
         user: &UserId,
     ) -> StoreResult<Option<MemberRecord>> {
-        let sql =
-            format!("SELECT {MEMBER_COLUMNS} FROM memberships WHERE room_id = $1 AND user_id = $2");
-        let row: Option<MemberRow> = sqlx::query_as(&sql)
-            .bind(room.as_str())
-            .bind(user.as_str())
-            .fetch_optional(&self.pool)
-            .await?;
-        row.map(TryInto::try_into).transpose()
+        timed("get_member", async move {
+            let sql = format!(
+                "SELECT {MEMBER_COLUMNS} FROM memberships WHERE room_id = $1 AND user_id = $2"
+            );
+            let row: Option<MemberRow> = sqlx::query_as(&sql)
+                .bind(room.as_str())
+                .bind(user.as_str())
+                .fetch_optional(&self.pool)
+                .await?;
+            row.map(TryInto::try_into).transpose()
+        })
+        .await
     }
 
     /// Members ordered by user id after `after_user`.
@@ -596,6 +641,7 @@ impl Store {
         after_user: &str,
         limit: u32,
     ) -> StoreResult<Vec<MemberRecord>> {
+        timed("list_members", async move {
         let sql = format!(
             "SELECT {MEMBER_COLUMNS} FROM memberships WHERE room_id = $1 AND user_id > $2 ORDER BY user_id LIMIT $3"
         );
@@ -606,6 +652,8 @@ impl Store {
             .fetch_all(&self.pool)
             .await?;
         rows.into_iter().map(TryInto::try_into).collect()
+        })
+        .await
     }
 
     /// Adds a member and consumes a pending invitation; `Conflict` when already a member.
@@ -615,6 +663,7 @@ impl Store {
         user: &UserId,
         role: MemberRole,
     ) -> StoreResult<MemberRecord> {
+        timed("add_member", async move {
         let mut tx = self.pool.begin().await?;
         sqlx::query(
             "INSERT INTO memberships (room_id, user_id, role, joined_at, last_read_seq) VALUES ($1, $2, $3, $4, 0)",
@@ -634,16 +683,21 @@ impl Store {
         self.get_member(room, user)
             .await?
             .ok_or(StoreError::NotFound)
+        })
+        .await
     }
 
     /// Removes a membership; `NotFound` when there was none.
     pub async fn remove_member(&self, room: &RoomId, user: &UserId) -> StoreResult<()> {
-        let done = sqlx::query("DELETE FROM memberships WHERE room_id = $1 AND user_id = $2")
-            .bind(room.as_str())
-            .bind(user.as_str())
-            .execute(&self.pool)
-            .await?;
-        found(done)
+        timed("remove_member", async move {
+            let done = sqlx::query("DELETE FROM memberships WHERE room_id = $1 AND user_id = $2")
+                .bind(room.as_str())
+                .bind(user.as_str())
+                .execute(&self.pool)
+                .await?;
+            found(done)
+        })
+        .await
     }
 
     /// Mutes until a time (`i64::MAX`: until lifted) or, with `None`, unmutes.
@@ -653,20 +707,24 @@ impl Store {
         user: &UserId,
         until: Option<i64>,
     ) -> StoreResult<()> {
-        let done = sqlx::query(
-            "UPDATE memberships SET muted_until = $1 WHERE room_id = $2 AND user_id = $3",
-        )
-        .bind(until)
-        .bind(room.as_str())
-        .bind(user.as_str())
-        .execute(&self.pool)
-        .await?;
-        found(done)
+        timed("set_member_mute", async move {
+            let done = sqlx::query(
+                "UPDATE memberships SET muted_until = $1 WHERE room_id = $2 AND user_id = $3",
+            )
+            .bind(until)
+            .bind(room.as_str())
+            .bind(user.as_str())
+            .execute(&self.pool)
+            .await?;
+            found(done)
+        })
+        .await
     }
 
     /// Moves the read cursor forward (never back, never past the room's last
     /// sequence); returns the cursor afterwards.
     pub async fn mark_read(&self, room: &RoomId, user: &UserId, seq: u64) -> StoreResult<u64> {
+        timed("mark_read", async move {
         sqlx::query(
             "UPDATE memberships SET last_read_seq = $1 WHERE room_id = $2 AND user_id = $3 AND last_read_seq < $1",
         )
@@ -680,10 +738,13 @@ impl Store {
             .await?
             .ok_or(StoreError::NotFound)?;
         Ok(member.last_read_seq)
+        })
+        .await
     }
 
     /// Records an invitation (idempotent).
     pub async fn invite(&self, room: &RoomId, user: &UserId, by: &UserId) -> StoreResult<()> {
+        timed("invite", async move {
         sqlx::query(
             "INSERT INTO invites (room_id, user_id, invited_by, created_at) VALUES ($1, $2, $3, $4) \
              ON CONFLICT (room_id, user_id) DO NOTHING",
@@ -695,27 +756,35 @@ impl Store {
         .execute(&self.pool)
         .await?;
         Ok(())
+        })
+        .await
     }
 
     /// Whether `user` has a pending invitation to `room`.
     pub async fn has_invite(&self, room: &RoomId, user: &UserId) -> StoreResult<bool> {
-        let row: Option<(String,)> =
-            sqlx::query_as("SELECT user_id FROM invites WHERE room_id = $1 AND user_id = $2")
-                .bind(room.as_str())
-                .bind(user.as_str())
-                .fetch_optional(&self.pool)
-                .await?;
-        Ok(row.is_some())
+        timed("has_invite", async move {
+            let row: Option<(String,)> =
+                sqlx::query_as("SELECT user_id FROM invites WHERE room_id = $1 AND user_id = $2")
+                    .bind(room.as_str())
+                    .bind(user.as_str())
+                    .fetch_optional(&self.pool)
+                    .await?;
+            Ok(row.is_some())
+        })
+        .await
     }
 
     /// Lifts a ban; `NotFound` when there was none.
     pub async fn unban(&self, room: &RoomId, user: &UserId) -> StoreResult<()> {
-        let done = sqlx::query("DELETE FROM bans WHERE room_id = $1 AND user_id = $2")
-            .bind(room.as_str())
-            .bind(user.as_str())
-            .execute(&self.pool)
-            .await?;
-        found(done)
+        timed("unban", async move {
+            let done = sqlx::query("DELETE FROM bans WHERE room_id = $1 AND user_id = $2")
+                .bind(room.as_str())
+                .bind(user.as_str())
+                .execute(&self.pool)
+                .await?;
+            found(done)
+        })
+        .await
     }
 
     /// The ban of `user` in `room` that is in force at `now`, if any.
@@ -725,6 +794,7 @@ impl Store {
         user: &UserId,
         now: i64,
     ) -> StoreResult<Option<BanRecord>> {
+        timed("active_ban", async move {
         let ban: Option<BanRecord> = sqlx::query_as(
             "SELECT banned_by, reason, created_at, expires_at FROM bans WHERE room_id = $1 AND user_id = $2",
         )
@@ -733,6 +803,8 @@ impl Store {
         .fetch_optional(&self.pool)
         .await?;
         Ok(ban.filter(|b| b.expires_at.is_none_or(|t| t > now)))
+        })
+        .await
     }
 }
 
@@ -794,11 +866,14 @@ async fn owner_guard(
 impl Store {
     /// Ids of the rooms `user` is a member of.
     pub async fn user_room_ids(&self, user: &UserId) -> StoreResult<Vec<RoomId>> {
-        let rows: Vec<(String,)> =
-            sqlx::query_as("SELECT room_id FROM memberships WHERE user_id = $1")
-                .bind(user.as_str())
-                .fetch_all(&self.pool)
-                .await?;
-        Ok(rows.into_iter().map(|(id,)| RoomId(id)).collect())
+        timed("user_room_ids", async move {
+            let rows: Vec<(String,)> =
+                sqlx::query_as("SELECT room_id FROM memberships WHERE user_id = $1")
+                    .bind(user.as_str())
+                    .fetch_all(&self.pool)
+                    .await?;
+            Ok(rows.into_iter().map(|(id,)| RoomId(id)).collect())
+        })
+        .await
     }
 }

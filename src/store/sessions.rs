@@ -4,7 +4,7 @@
 
 use sqlx::FromRow;
 
-use super::{Store, StoreResult};
+use super::{timed, Store, StoreResult};
 use crate::ids::{hash_secret, now_ms, SessionId, UserId};
 
 /// A stored session.
@@ -47,8 +47,11 @@ impl Store {
         refresh_token: &str,
         ttl_ms: i64,
     ) -> StoreResult<SessionRecord> {
-        self.retry_busy("create session", || {
-            self.create_session_once(user, refresh_token, ttl_ms)
+        timed("create_session", async move {
+            self.retry_busy("create session", || {
+                self.create_session_once(user, refresh_token, ttl_ms)
+            })
+            .await
         })
         .await
     }
@@ -92,12 +95,15 @@ impl Store {
 
     /// The session with this id.
     pub async fn get_session(&self, id: &SessionId) -> StoreResult<SessionRecord> {
-        Ok(sqlx::query_as(
+        timed("get_session", async move {
+            Ok(sqlx::query_as(
             "SELECT id, user_id, created_at, expires_at, revoked_at FROM sessions WHERE id = $1",
         )
         .bind(id.as_str())
         .fetch_one(&self.pool)
         .await?)
+        })
+        .await
     }
 
     /// Consumes `presented` and stores `next` in its place, extending the session.
@@ -122,10 +128,13 @@ impl Store {
         ttl_ms: i64,
         grace_ms: i64,
     ) -> StoreResult<RefreshOutcome> {
-        let hash = hash_secret(presented);
-        let next_hash = hash_secret(next);
-        self.retry_busy("rotate refresh token", || {
-            self.rotate_once(&hash, &next_hash, ttl_ms, grace_ms)
+        timed("rotate_refresh_token", async move {
+            let hash = hash_secret(presented);
+            let next_hash = hash_secret(next);
+            self.retry_busy("rotate refresh token", || {
+                self.rotate_once(&hash, &next_hash, ttl_ms, grace_ms)
+            })
+            .await
         })
         .await
     }
@@ -249,6 +258,7 @@ impl Store {
 
     /// Revokes one session; returns how many were active.
     pub async fn revoke_session(&self, id: &SessionId) -> StoreResult<u64> {
+        timed("revoke_session", async move {
         self.retry_busy("revoke session", || async {
             let done = sqlx::query(
                 "UPDATE sessions SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL AND expires_at > $1",
@@ -260,10 +270,13 @@ impl Store {
             Ok(done.rows_affected())
         })
         .await
+        })
+        .await
     }
 
     /// Revokes every session of a user; returns how many were active.
     pub async fn revoke_user_sessions(&self, user: &UserId) -> StoreResult<u64> {
+        timed("revoke_user_sessions", async move {
         self.retry_busy("revoke user sessions", || async {
             let done = sqlx::query(
                 "UPDATE sessions SET revoked_at = $1 WHERE user_id = $2 AND revoked_at IS NULL AND expires_at > $1",
@@ -273,6 +286,8 @@ impl Store {
             .execute(&self.pool)
             .await?;
             Ok(done.rows_affected())
+        })
+        .await
         })
         .await
     }

@@ -4,7 +4,7 @@
 
 use sqlx::FromRow;
 
-use super::{found, parse_enum, Store, StoreError, StoreResult};
+use super::{found, parse_enum, timed, Store, StoreError, StoreResult};
 use crate::{
     ids::{now_ms, UserId},
     model::Role,
@@ -90,6 +90,7 @@ impl Store {
     /// Creates an account; `Conflict` when the username, or one that looks like it
     /// (the same [`username_skeleton`]), is taken.
     pub async fn create_user(&self, new: NewUser) -> StoreResult<UserRecord> {
+        timed("create_user", async move {
         let id = UserId::generate();
         let now = now_ms();
         self.retry_busy("create user", || async {
@@ -111,16 +112,21 @@ impl Store {
         })
         .await?;
         self.get_user(&id).await
+        })
+        .await
     }
 
     /// The account whose username looks like `username` (has its skeleton).
     pub async fn get_user_by_lookalike(&self, username: &str) -> StoreResult<UserRecord> {
-        let sql = format!("SELECT {USER_COLUMNS} FROM users WHERE username_skeleton = $1");
-        let row: UserRow = sqlx::query_as(&sql)
-            .bind(username_skeleton(username))
-            .fetch_one(&self.pool)
-            .await?;
-        row.try_into()
+        timed("get_user_by_lookalike", async move {
+            let sql = format!("SELECT {USER_COLUMNS} FROM users WHERE username_skeleton = $1");
+            let row: UserRow = sqlx::query_as(&sql)
+                .bind(username_skeleton(username))
+                .fetch_one(&self.pool)
+                .await?;
+            row.try_into()
+        })
+        .await
     }
 
     /// Fills in the skeletons of accounts made before they were stored, oldest
@@ -128,74 +134,86 @@ impl Store {
     /// sign in; its name is only not protected) and is logged. Answers how many
     /// were filled in.
     pub(crate) async fn backfill_username_skeletons(&self) -> StoreResult<u64> {
-        let missing: Vec<(String, String)> = sqlx::query_as(
-            "SELECT id, username FROM users \
+        timed("backfill_username_skeletons", async move {
+            let missing: Vec<(String, String)> = sqlx::query_as(
+                "SELECT id, username FROM users \
              WHERE username IS NOT NULL AND username_skeleton IS NULL ORDER BY created_at, id",
-        )
-        .fetch_all(&self.pool)
-        .await?;
-        let mut filled = 0;
-        for (id, username) in missing {
-            let done = sqlx::query("UPDATE users SET username_skeleton = $1 WHERE id = $2")
-                .bind(username_skeleton(&username))
-                .bind(&id)
-                .execute(&self.pool)
-                .await;
-            match done {
-                Ok(_) => filled += 1,
-                Err(e) => match StoreError::from(e) {
-                    StoreError::Conflict => tracing::warn!(
-                        user = %id,
-                        username,
-                        "username looks like an older account's; left without a skeleton"
-                    ),
-                    other => return Err(other),
-                },
+            )
+            .fetch_all(&self.pool)
+            .await?;
+            let mut filled = 0;
+            for (id, username) in missing {
+                let done = sqlx::query("UPDATE users SET username_skeleton = $1 WHERE id = $2")
+                    .bind(username_skeleton(&username))
+                    .bind(&id)
+                    .execute(&self.pool)
+                    .await;
+                match done {
+                    Ok(_) => filled += 1,
+                    Err(e) => match StoreError::from(e) {
+                        StoreError::Conflict => tracing::warn!(
+                            user = %id,
+                            username,
+                            "username looks like an older account's; left without a skeleton"
+                        ),
+                        other => return Err(other),
+                    },
+                }
             }
-        }
-        Ok(filled)
+            Ok(filled)
+        })
+        .await
     }
 
     /// The user with this id.
     pub async fn get_user(&self, id: &UserId) -> StoreResult<UserRecord> {
-        let sql = format!("SELECT {USER_COLUMNS} FROM users WHERE id = $1");
-        let row: UserRow = sqlx::query_as(&sql)
-            .bind(id.as_str())
-            .fetch_one(&self.pool)
-            .await?;
-        row.try_into()
+        timed("get_user", async move {
+            let sql = format!("SELECT {USER_COLUMNS} FROM users WHERE id = $1");
+            let row: UserRow = sqlx::query_as(&sql)
+                .bind(id.as_str())
+                .fetch_one(&self.pool)
+                .await?;
+            row.try_into()
+        })
+        .await
     }
 
     /// The account with this (lower-case) username.
     pub async fn get_user_by_username(&self, username: &str) -> StoreResult<UserRecord> {
-        let sql = format!("SELECT {USER_COLUMNS} FROM users WHERE username = $1");
-        let row: UserRow = sqlx::query_as(&sql)
-            .bind(username)
-            .fetch_one(&self.pool)
-            .await?;
-        row.try_into()
+        timed("get_user_by_username", async move {
+            let sql = format!("SELECT {USER_COLUMNS} FROM users WHERE username = $1");
+            let row: UserRow = sqlx::query_as(&sql)
+                .bind(username)
+                .fetch_one(&self.pool)
+                .await?;
+            row.try_into()
+        })
+        .await
     }
 
     /// The users with these ids, in no particular order; unknown ids are skipped.
     pub async fn get_users(&self, ids: &[UserId]) -> StoreResult<Vec<UserRecord>> {
-        if ids.is_empty() {
-            return Ok(Vec::new());
-        }
-        let placeholders: Vec<String> = (1..=ids.len()).map(|i| format!("${i}")).collect();
-        let sql = format!(
-            "SELECT {USER_COLUMNS} FROM users WHERE id IN ({})",
-            placeholders.join(", ")
-        );
-        let mut query = sqlx::query_as::<_, UserRow>(&sql);
-        for id in ids {
-            query = query.bind(id.as_str());
-        }
-        query
-            .fetch_all(&self.pool)
-            .await?
-            .into_iter()
-            .map(TryInto::try_into)
-            .collect()
+        timed("get_users", async move {
+            if ids.is_empty() {
+                return Ok(Vec::new());
+            }
+            let placeholders: Vec<String> = (1..=ids.len()).map(|i| format!("${i}")).collect();
+            let sql = format!(
+                "SELECT {USER_COLUMNS} FROM users WHERE id IN ({})",
+                placeholders.join(", ")
+            );
+            let mut query = sqlx::query_as::<_, UserRow>(&sql);
+            for id in ids {
+                query = query.bind(id.as_str());
+            }
+            query
+                .fetch_all(&self.pool)
+                .await?
+                .into_iter()
+                .map(TryInto::try_into)
+                .collect()
+        })
+        .await
     }
 
     /// The user of an external application, created on first sight; its display
@@ -206,6 +224,7 @@ impl Store {
         display_name: &str,
         role: Role,
     ) -> StoreResult<UserRecord> {
+        timed("upsert_external_user", async move {
         let now = now_ms();
         let id = UserId::generate();
         sqlx::query(
@@ -228,6 +247,8 @@ impl Store {
             .fetch_one(&self.pool)
             .await?;
         row.try_into()
+        })
+        .await
     }
 
     /// Changes the fields of `update` that are set.
@@ -236,9 +257,12 @@ impl Store {
         id: &UserId,
         update: ProfileUpdate,
     ) -> StoreResult<UserRecord> {
-        self.retry_busy("update profile", || self.update_profile_once(id, &update))
-            .await?;
-        self.get_user(id).await
+        timed("update_profile", async move {
+            self.retry_busy("update profile", || self.update_profile_once(id, &update))
+                .await?;
+            self.get_user(id).await
+        })
+        .await
     }
 
     async fn update_profile_once(&self, id: &UserId, update: &ProfileUpdate) -> StoreResult<()> {
@@ -263,14 +287,17 @@ impl Store {
 
     /// Changes a user's server-wide role.
     pub async fn set_user_role(&self, id: &UserId, role: Role) -> StoreResult<()> {
-        self.retry_busy("set user role", || async {
-            let done = sqlx::query("UPDATE users SET role = $1, updated_at = $2 WHERE id = $3")
-                .bind(role.as_str())
-                .bind(now_ms())
-                .bind(id.as_str())
-                .execute(&self.pool)
-                .await?;
-            found(done)
+        timed("set_user_role", async move {
+            self.retry_busy("set user role", || async {
+                let done = sqlx::query("UPDATE users SET role = $1, updated_at = $2 WHERE id = $3")
+                    .bind(role.as_str())
+                    .bind(now_ms())
+                    .bind(id.as_str())
+                    .execute(&self.pool)
+                    .await?;
+                found(done)
+            })
+            .await
         })
         .await
     }
@@ -283,6 +310,7 @@ impl Store {
         after_id: &str,
         limit: u32,
     ) -> StoreResult<Vec<UserRecord>> {
+        timed("search_users", async move {
         let escaped = prefix
             .replace('\\', "\\\\")
             .replace('%', "\\%")
@@ -300,5 +328,7 @@ impl Store {
             .fetch_all(&self.pool)
             .await?;
         rows.into_iter().map(TryInto::try_into).collect()
+        })
+        .await
     }
 }

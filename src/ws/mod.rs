@@ -7,6 +7,7 @@
 //!   code each violation earns.
 //! - [`handshake`]: the upgrade request's checks (method, headers, version, key,
 //!   `Origin`) and the `101 Switching Protocols` answer.
+//! - [`stream`]: the socket under a connection, plain TCP or TLS.
 //! - [`transport`]: one upgraded socket as a reader stream, a non-blocking write
 //!   handle with a byte-counted queue, and a writer that coalesces frames and
 //!   gives up on peers that stopped reading.
@@ -19,4 +20,5 @@ pub mod decoder;
 pub mod echo;
 pub mod frame;
 pub mod handshake;
+pub mod stream;
 pub mod transport;

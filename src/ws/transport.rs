@@ -17,7 +17,7 @@
 
 use std::{
     future::Future,
-    io::{self, IoSlice},
+    io::IoSlice,
     pin::Pin,
     rc::Rc,
     sync::{
@@ -31,14 +31,12 @@ use std::{
 use bytes::{Buf as _, Bytes, BytesMut};
 use bytestring::ByteString;
 use futures_util::Stream;
-use tokio::{
-    net::TcpStream,
-    sync::{mpsc, oneshot, Notify},
-};
+use tokio::sync::{mpsc, oneshot, Notify};
 
 use super::{
     decoder::{Decoder, Message, ProtocolError},
     frame::{close_payload, server_header, OpCode, MAX_CONTROL_PAYLOAD},
+    stream::{SharedSocket, Socket},
 };
 use crate::{
     actors::room::OutboundGauge,
@@ -128,8 +126,8 @@ impl Shared {
 
 /// Splits an upgraded socket (with the bytes the HTTP parser already read past the
 /// request) into its reader, write handle and writer.
-pub fn split(io: TcpStream, read_buf: BytesMut, limits: Limits) -> (Reader, Transport, Writer) {
-    let io = Rc::new(io);
+pub fn split(io: Socket, read_buf: BytesMut, limits: Limits) -> (Reader, Transport, Writer) {
+    let io = Rc::new(SharedSocket::from(io));
     let (tx, rx) = mpsc::unbounded_channel();
     let (gone_tx, gone_rx) = oneshot::channel();
     let shared = Arc::new(Shared {
@@ -171,7 +169,7 @@ pub fn split(io: TcpStream, read_buf: BytesMut, limits: Limits) -> (Reader, Tran
 /// The client's messages, in order; ends after a close frame, a protocol error
 /// (reported once) or the loss of the socket.
 pub struct Reader {
-    io: Rc<TcpStream>,
+    io: Rc<SharedSocket>,
     buf: BytesMut,
     decoder: Decoder,
     writer_gone: oneshot::Receiver<()>,
@@ -218,16 +216,11 @@ impl Stream for Reader {
             if this.buf.capacity() - this.buf.len() < READ_CHUNK {
                 this.buf.reserve(want);
             }
-            match this.io.poll_read_ready(cx) {
+            match this.io.poll_read_buf(cx, &mut this.buf) {
                 Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(0)) => return this.lost("the peer closed the connection"),
+                Poll::Ready(Ok(_)) => {}
                 Poll::Ready(Err(e)) => return this.lost(e.to_string()),
-                Poll::Ready(Ok(())) => {}
-            }
-            match this.io.try_read_buf(&mut this.buf) {
-                Ok(0) => return this.lost("the peer closed the connection"),
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return this.lost(e.to_string()),
             }
         }
     }
@@ -381,7 +374,7 @@ pub enum WriterEnd {
 
 /// Drains the write queue into the socket; see the module docs.
 pub struct Writer {
-    io: Rc<TcpStream>,
+    io: Rc<SharedSocket>,
     rx: mpsc::UnboundedReceiver<Outbound>,
     shared: Arc<Shared>,
     stall: Duration,
@@ -398,7 +391,7 @@ impl Writer {
             WriterEnd::Stalled | WriterEnd::Failed => {
                 // Nobody reads what is still in the kernel's buffer: reset
                 // instead of keeping it around until TCP gives up.
-                let _ = socket2::SockRef::from(&*self.io).set_linger(Some(Duration::ZERO));
+                self.io.reset_on_close();
             }
         }
         // Whatever was never written goes back to the gauge.
@@ -451,15 +444,11 @@ impl Writer {
             .collect();
         let mut start = 0;
         while start < parts.len() {
-            match tokio::time::timeout(self.stall, self.io.writable()).await {
-                Err(_) => return Err(WriterEnd::Stalled),
-                Ok(Err(_)) => return Err(WriterEnd::Failed),
-                Ok(Ok(())) => {}
-            }
             let slices: Vec<IoSlice<'_>> = parts[start..].iter().map(|b| IoSlice::new(b)).collect();
-            match self.io.try_write_vectored(&slices) {
-                Ok(0) => return Err(WriterEnd::Failed),
-                Ok(mut n) => {
+            match tokio::time::timeout(self.stall, self.io.write_vectored(&slices)).await {
+                Err(_) => return Err(WriterEnd::Stalled),
+                Ok(Ok(0)) => return Err(WriterEnd::Failed),
+                Ok(Ok(mut n)) => {
                     while n > 0 {
                         let part = &mut parts[start];
                         let take = n.min(part.len());
@@ -470,31 +459,21 @@ impl Writer {
                         }
                     }
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(_) => return Err(WriterEnd::Failed),
+                Ok(Err(_)) => return Err(WriterEnd::Failed),
             }
         }
-        Ok(())
+        match tokio::time::timeout(self.stall, self.io.flush()).await {
+            Err(_) => Err(WriterEnd::Stalled),
+            Ok(Err(_)) => Err(WriterEnd::Failed),
+            Ok(Ok(())) => Ok(()),
+        }
     }
 
     /// Half-closes the socket and gives the peer [`CLOSE_LINGER`] to close its side,
     /// discarding what it still sends, so it reads our close frame instead of a reset.
     async fn linger(&self) {
-        let _ = socket2::SockRef::from(&*self.io).shutdown(std::net::Shutdown::Write);
-        let drain = async {
-            let mut scratch = [0u8; LINGER_CHUNK];
-            loop {
-                if self.io.readable().await.is_err() {
-                    return;
-                }
-                match self.io.try_read(&mut scratch) {
-                    Ok(0) => return,
-                    Ok(_) => {}
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(_) => return,
-                }
-            }
-        };
+        self.io.shutdown_write(CLOSE_LINGER).await;
+        let drain = self.io.discard_until_closed(LINGER_CHUNK);
         let _ = tokio::time::timeout(CLOSE_LINGER, drain).await;
     }
 }

@@ -454,6 +454,7 @@ fn run_server(
             server,
             state,
             local_addr,
+            ..
         } = match app::start(settings, listener).await {
             Ok(running) => running,
             Err(e) => {
@@ -620,6 +621,16 @@ pub struct Rpc {
 }
 
 impl Rpc {
+    /// Calls RPCs at `base` (`https://localhost:PORT`) through `http`: for servers
+    /// that need a client of their own (TLS with the test's CA).
+    pub fn over(http: reqwest::Client, base: &str) -> Self {
+        Self {
+            http,
+            base: base.trim_end_matches('/').to_owned(),
+            token: None,
+        }
+    }
+
     /// The same client with `Authorization: Bearer <token>`.
     pub fn with_token(&self, token: &str) -> Self {
         Self {
@@ -824,6 +835,11 @@ pub struct Account {
 }
 
 impl Account {
+    /// The account a SignUp or SignIn reply describes.
+    pub fn from_reply(user: Option<pb::User>, tokens: Option<pb::TokenPair>) -> Self {
+        Self::from_parts(user, tokens)
+    }
+
     fn from_parts(user: Option<pb::User>, tokens: Option<pb::TokenPair>) -> Self {
         let user = user.expect("the reply has a user");
         let tokens = tokens.expect("the reply has tokens");

@@ -93,6 +93,17 @@ impl WsClient {
     /// Upgrades an already connected socket (e.g. one with a tiny receive buffer)
     /// and waits for `authenticated`.
     pub async fn from_stream(stream: TcpStream, url: &str, codec: WsCodec, token: &str) -> Self {
+        Self::over(MaybeTlsStream::Plain(stream), url, codec, token).await
+    }
+
+    /// Upgrades an already connected socket, plain or TLS (`wss://`), and waits
+    /// for `authenticated`.
+    pub async fn over(
+        stream: MaybeTlsStream<TcpStream>,
+        url: &str,
+        codec: WsCodec,
+        token: &str,
+    ) -> Self {
         let mut request = url.into_client_request().expect("a valid ws url");
         request.headers_mut().insert(
             "sec-websocket-protocol",
@@ -102,7 +113,7 @@ impl WsClient {
             "authorization",
             format!("Bearer {token}").parse().expect("header value"),
         );
-        let (stream, _) = tokio_tungstenite::client_async(request, MaybeTlsStream::Plain(stream))
+        let (stream, _) = tokio_tungstenite::client_async(request, stream)
             .await
             .unwrap_or_else(|e| panic!("upgrade {url}: {e}"));
         Self::from_upgraded(stream, codec).await

@@ -112,6 +112,7 @@ impl AuthLimits {
         check_addr(
             self.sign_in_per_addr.as_ref(),
             addr,
+            "sign_in_per_ip",
             "too many sign-in attempts from your address",
         )
     }
@@ -121,6 +122,7 @@ impl AuthLimits {
         check_addr(
             self.sign_up_per_addr.as_ref(),
             addr,
+            "sign_up_per_ip",
             "too many accounts created from your address",
         )
     }
@@ -151,6 +153,7 @@ impl AuthLimits {
         }
         if let Some(until) = attempts.blocked_until.filter(|until| *until > now) {
             return Err(exhausted(
+                "sign_in_backoff",
                 "too many failed sign-ins for this account",
                 until - now,
             ));
@@ -199,6 +202,7 @@ impl AuthLimits {
 fn check_addr(
     limiter: Option<&DefaultKeyedRateLimiter<IpAddr>>,
     addr: ClientAddr,
+    rule: &'static str,
     what: &str,
 ) -> Result<(), ApiError> {
     let (Some(limiter), Some(key)) = (limiter, addr.limit_key()) else {
@@ -209,13 +213,14 @@ fn check_addr(
     }
     limiter.check_key(&key).map_err(|not_until| {
         let wait = not_until.wait_time_from(limiter.clock().now());
-        exhausted(what, wait)
+        exhausted(rule, what, wait)
     })
 }
 
-/// `resource_exhausted` saying how long to wait (rounded up to whole seconds).
-fn exhausted(what: &str, wait: Duration) -> ApiError {
-    crate::metrics::metrics().limited("auth");
+/// `resource_exhausted` saying how long to wait (rounded up to whole seconds),
+/// counted under `rule` (`roomcast_rate_limited_total{rule}`).
+fn exhausted(rule: &'static str, what: &str, wait: Duration) -> ApiError {
+    crate::metrics::metrics().limited(rule);
     let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
     let secs = secs.max(1);
     ApiError::exhausted(format!("{what}; retry in {secs} s"))
