@@ -31,6 +31,7 @@ pub struct Settings {
     pub publish: PublishSettings,
     pub notifications: NotificationSettings,
     pub metrics: MetricsSettings,
+    pub web: WebSettings,
 }
 
 /// The HTTP listener.
@@ -507,6 +508,25 @@ impl Default for MetricsSettings {
             enabled: true,
             path: METRICS_PATH.to_owned(),
             listen: String::new(),
+        }
+    }
+}
+
+/// The bundled web client (`web/`, compiled into the binary; docs/web-client.md).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebSettings {
+    /// Serve the web client at `/` and `/web/<file>`; off, those paths are 404.
+    pub enabled: bool,
+}
+
+/// Default of `web.enabled`: the client works out of the box.
+pub const WEB_ENABLED: bool = true;
+
+impl Default for WebSettings {
+    fn default() -> Self {
+        Self {
+            enabled: WEB_ENABLED,
         }
     }
 }
