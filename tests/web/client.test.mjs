@@ -219,6 +219,32 @@ test("two users chat through the web client", async (t) => {
     await expectMessages(bob.page, said);
   });
 
+  await t.test("older history loads on demand, above what is shown", async () => {
+    // 55 more messages through the API (the page shows 50 events at first).
+    const batch = Array.from({ length: 55 }, (_, i) => `bulk ${i + 1}`);
+    await alice.page.evaluate(async (texts) => {
+      const token = JSON.parse(sessionStorage.getItem("roomcast.session")).accessToken;
+      const roomId = new URLSearchParams(location.hash.slice(1)).get("room");
+      for (const text of texts) {
+        const res = await fetch("/roomcast.v1.RoomService/SendMessage", {
+          method: "POST",
+          headers: { "Content-Type": "application/json", Authorization: `Bearer ${token}` },
+          body: JSON.stringify({ roomId, text }),
+        });
+        if (!res.ok) throw new Error(await res.text());
+      }
+    }, batch);
+    said.push(...batch);
+    await expectMessages(alice.page, said);
+    await bob.page.reload({ waitUntil: "load" });
+    await status(bob.page, "live");
+    await expectMessages(bob.page, said.slice(-50));
+    await visible(bob.page, "#load-older");
+    await bob.page.click("#load-older");
+    await expectMessages(bob.page, said);
+    await bob.page.waitForSelector("#load-older", { hidden: true });
+  });
+
   await t.test("the access token is refreshed and the socket stays up", async () => {
     const before = await sessionToken(alice.page);
     assert.ok(before, "alice has a session");
