@@ -15,6 +15,9 @@
 #                                  generated from src/proto against a live
 #                                  server, JSON and binary; needs Node.js >= 18
 #                                  and npm, installed with apt if missing)
+#     scripts/web-test.sh         (only when no EXTRA: the bundled web client in
+#                                  a real headless Chromium against a live server;
+#                                  installs Debian's chromium with apt if missing)
 #     ../shared/tools/autobahn.sh (only when no EXTRA: the Autobahn WebSocket
 #                                  conformance suite against the server's echo
 #                                  endpoint, realtime.echo_path; needs Python 2.7)
@@ -32,6 +35,7 @@
 #     ROOMCAST_TEST_THREADS=N     --test-threads for cargo test (default 4)
 #     ROOMCAST_TEST_SKIP_LINT=1   skip fmt and clippy (local iteration only)
 #     ROOMCAST_TEST_SKIP_CONNECT_ES=1  skip the connect-es step (local iteration only)
+#     ROOMCAST_TEST_SKIP_WEB=1         skip the web client step (local iteration only)
 #     ROOMCAST_TEST_SKIP_AUTOBAHN=1    skip the autobahn step (local iteration only)
 set -euo pipefail
 
@@ -62,6 +66,7 @@ cleanup() {
     stop_services
     [[ -n ${cargo_test_log:-} ]] && rm -f "$cargo_test_log"
     [[ -n ${connect_es_log:-} ]] && rm -f "$connect_es_log"
+    [[ -n ${web_log:-} ]] && rm -f "$web_log"
     exit "$rc"
 }
 trap cleanup EXIT
@@ -187,6 +192,20 @@ else
 fi
 
 # shellcheck disable=SC2317  # invoked through run_step
+web_client() {
+    # tee for the summary's pass/fail counts (node's "# pass N" / "# fail N").
+    bash scripts/web-test.sh 2>&1 | tee "$web_log"
+}
+web_log=$(mktemp /tmp/roomcast-web-test.XXXXXX.log)
+if ((${#extra[@]} > 0)); then
+    echo "extra cargo test arguments given: skipping the web client step" >&2
+elif [[ ${ROOMCAST_TEST_SKIP_WEB:-0} == 1 ]]; then
+    echo "ROOMCAST_TEST_SKIP_WEB=1: skipping the web client step" >&2
+else
+    run_step "web" web_client
+fi
+
+# shellcheck disable=SC2317  # invoked through run_step
 autobahn() {
     # The Autobahn|Testsuite against an echo endpoint built on roomcast's own
     # WebSocket framing (src/ws/): the roomcast binary with realtime.echo_path
@@ -276,6 +295,11 @@ overall=0
         printf '  connect-es: %s passed, %s failed (node --test)\n' \
             "$(sed -n 's/^# pass \([0-9]*\)$/\1/p' "$connect_es_log" | tail -n 1 | grep . || echo 0)" \
             "$(sed -n 's/^# fail \([0-9]*\)$/\1/p' "$connect_es_log" | tail -n 1 | grep . || echo 0)"
+    fi
+    if [[ -s $web_log ]]; then
+        printf '  web:        %s passed, %s failed (node --test, Chromium)\n' \
+            "$(sed -n 's/^# pass \([0-9]*\)$/\1/p' "$web_log" | tail -n 1 | grep . || echo 0)" \
+            "$(sed -n 's/^# fail \([0-9]*\)$/\1/p' "$web_log" | tail -n 1 | grep . || echo 0)"
     fi
     if grep -q '^failures:$' "$cargo_test_log"; then
         printf '  failing tests:\n'

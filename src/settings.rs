@@ -33,6 +33,7 @@ pub struct Settings {
     pub poll: PollSettings,
     pub metrics: MetricsSettings,
     pub tls: TlsSettings,
+    pub web: WebSettings,
 }
 
 /// The HTTP listener.
@@ -594,6 +595,25 @@ impl Default for TlsSettings {
             cert_file: String::new(),
             key_file: String::new(),
             watch_interval_secs: TLS_WATCH_INTERVAL_SECS,
+        }
+    }
+}
+
+/// The bundled web client (`web/`, compiled into the binary; docs/web-client.md).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebSettings {
+    /// Serve the web client at `/` and `/web/<file>`; off, those paths are 404.
+    pub enabled: bool,
+}
+
+/// Default of `web.enabled`: the client works out of the box.
+pub const WEB_ENABLED: bool = true;
+
+impl Default for WebSettings {
+    fn default() -> Self {
+        Self {
+            enabled: WEB_ENABLED,
         }
     }
 }

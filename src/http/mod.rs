@@ -13,6 +13,7 @@ mod request_context;
 mod routes;
 pub mod sse;
 pub mod tls;
+pub mod web_client;
 pub mod ws;
 
 use actix_cors::Cors;
@@ -29,6 +30,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.route("/readyz", web::get().to(health::readyz));
     cfg.route(ws::WS_PATH, web::get().to(ws::not_an_upgrade));
     cfg.route(sse::SSE_PATH, web::get().to(sse::open));
+    web_client::configure(cfg);
     routes::configure(cfg);
     cfg.default_service(web::to(routes::unknown_rpc));
 }
