@@ -16,51 +16,46 @@
 //!   reports the end too, so the owner stops.
 
 use std::{
-    future::Future,
+    cell::{Cell, OnceCell, RefCell},
+    collections::VecDeque,
+    future::{poll_fn, Future},
     io::{self, IoSlice},
     pin::Pin,
     rc::Rc,
-    sync::{
-        atomic::{AtomicBool, AtomicUsize, Ordering},
-        Arc, OnceLock,
-    },
-    task::{Context, Poll},
+    sync::Arc,
+    task::{Context, Poll, Waker},
     time::Duration,
 };
 
 use bytes::{Buf as _, Bytes, BytesMut};
 use bytestring::ByteString;
 use futures_util::Stream;
-use tokio::{
-    net::TcpStream,
-    sync::{mpsc, oneshot, Notify},
-};
+use tokio::{net::TcpStream, sync::Notify};
 
 use super::{
     decoder::{Decoder, Message, ProtocolError},
-    frame::{close_payload, server_header, OpCode, MAX_CONTROL_PAYLOAD},
+    frame::{close_payload, OpCode, MAX_CONTROL_PAYLOAD},
 };
 use crate::{
     actors::room::OutboundGauge,
     admission::{Refusal, WsTicket},
 };
 
-/// The read buffer of an idle connection.
-const READ_BUF_INITIAL: usize = 1024;
-/// A read buffer that grew past this for a big frame is replaced by a small one
-/// once that frame was decoded.
-const READ_BUF_KEEP: usize = 4 * 1024;
-/// Bytes each read asks for at least (more when a bigger frame is in flight).
+/// Bytes each read asks for at least (more when a bigger frame is in flight). An
+/// idle connection holds no read buffer at all: it is taken when the socket is
+/// readable and given back once every byte in it was decoded.
 const READ_CHUNK: usize = 1024;
+/// Most frames gathered into one `writev` (each is two slices).
+const COALESCE_FRAMES: usize = 64;
 /// Most bytes gathered into one `writev`.
 const COALESCE_BYTES: usize = 256 * 1024;
-/// Most frames gathered into one `writev` (each is two slices).
-const COALESCE_FRAMES: usize = 256;
 /// After the close frame is written, how long the peer may take to answer it and
 /// close its side before the socket is dropped anyway.
 pub const CLOSE_LINGER: Duration = Duration::from_secs(2);
 /// Bytes read (and discarded) at a time while lingering.
 const LINGER_CHUNK: usize = 1024;
+/// Longest server frame header: 2 bytes and a 64-bit length.
+const MAX_SERVER_HEADER: usize = 10;
 
 /// The limits of one transport.
 #[derive(Debug, Clone, Copy)]
@@ -92,36 +87,162 @@ pub struct QueueFull {
     pub budget: usize,
 }
 
-/// A frame waiting to be written.
+/// A frame waiting to be written: its header inline (no allocation per frame), the
+/// payload shared with whoever encoded it (a room's event is encoded once).
 struct Outbound {
-    header: Bytes,
+    header: [u8; MAX_SERVER_HEADER],
+    header_len: u8,
+    /// Header bytes already written (a `writev` may stop anywhere).
+    header_sent: u8,
     payload: Bytes,
+    /// Bytes charged when queued (header and payload), released once written.
+    charged: usize,
     close: bool,
 }
 
 impl Outbound {
+    fn new(opcode: OpCode, payload: Bytes, close: bool) -> Self {
+        let mut header = [0u8; MAX_SERVER_HEADER];
+        header[0] = 0x80 | opcode.bits();
+        let len = payload.len();
+        let header_len = if len < 126 {
+            header[1] = len as u8;
+            2
+        } else if let Ok(len) = u16::try_from(len) {
+            header[1] = 126;
+            header[2..4].copy_from_slice(&len.to_be_bytes());
+            4
+        } else {
+            header[1] = 127;
+            header[2..10].copy_from_slice(&(len as u64).to_be_bytes());
+            10
+        };
+        Self {
+            header,
+            header_len,
+            header_sent: 0,
+            charged: usize::from(header_len) + payload.len(),
+            payload,
+            close,
+        }
+    }
+
+    /// Bytes still to write.
     fn len(&self) -> usize {
-        self.header.len() + self.payload.len()
+        usize::from(self.header_len - self.header_sent) + self.payload.len()
+    }
+
+    /// Bytes this frame was charged with when queued.
+    fn charged(&self) -> usize {
+        self.charged
+    }
+
+    fn unsent_header(&self) -> &[u8] {
+        &self.header[usize::from(self.header_sent)..usize::from(self.header_len)]
+    }
+
+    /// Marks up to `n` bytes as written; answers how many of them this frame took.
+    fn advance(&mut self, n: usize) -> usize {
+        let from_header = n.min(usize::from(self.header_len - self.header_sent));
+        self.header_sent += from_header as u8;
+        let from_payload = (n - from_header).min(self.payload.len());
+        self.payload.advance(from_payload);
+        from_header + from_payload
     }
 }
 
-/// State the transport handle and the writer share.
+/// One upgraded socket and everything its three parts share. The reader, the
+/// write handle and the writer all live on the thread (the arbiter) that took the
+/// connection, so this is plain `Rc`/`Cell` state: no atomics, no channel.
 struct Shared {
-    queued: AtomicUsize,
-    closing: AtomicBool,
-    gauge: OnceLock<Arc<OutboundGauge>>,
-    /// The connection's admission slots, returned when both halves are gone.
-    ticket: OnceLock<WsTicket>,
+    io: TcpStream,
+    /// Frames waiting for the writer; empty (no allocation) while idle.
+    queue: RefCell<VecDeque<Outbound>>,
+    /// Bytes in `queue` (as charged).
+    queued: Cell<usize>,
+    /// A close frame was queued: nothing is queued after it.
+    closing: Cell<bool>,
+    /// The [`Transport`] was dropped: the writer finishes what is queued and ends.
+    transport_gone: Cell<bool>,
+    /// The writer ended (the reader then ends too).
+    writer_done: Cell<bool>,
+    /// The writer, waiting for frames.
+    writer_waker: Cell<Option<Waker>>,
+    /// The reader, waiting for bytes (woken when the writer ends).
+    reader_waker: Cell<Option<Waker>>,
+    gauge: OnceCell<Arc<OutboundGauge>>,
+    /// The connection's admission slots, returned when every part is gone.
+    ticket: OnceCell<WsTicket>,
     /// Woken whenever the writer took bytes off the queue, and when it ends.
     drained: Notify,
-    writer_done: AtomicBool,
 }
 
 impl Shared {
     fn release(&self, n: usize) {
-        self.queued.fetch_sub(n, Ordering::AcqRel);
+        self.queued.set(self.queued.get().saturating_sub(n));
         if let Some(gauge) = self.gauge.get() {
             gauge.release(n);
+        }
+    }
+
+    fn wake_writer(&self) {
+        if let Some(waker) = self.writer_waker.take() {
+            waker.wake();
+        }
+    }
+
+    /// Writes as much of the queue as the socket takes now. Answers whether the
+    /// close frame went out, or the socket's error (`WouldBlock`: try again once
+    /// it is writable).
+    fn flush(&self) -> io::Result<bool> {
+        let mut queue = self.queue.borrow_mut();
+        loop {
+            if queue.is_empty() {
+                // Idle connections keep no queue allocation.
+                *queue = VecDeque::new();
+                return Ok(false);
+            }
+            let mut slices = [IoSlice::new(&[]); 2 * COALESCE_FRAMES];
+            let mut count = 0;
+            let mut bytes = 0;
+            for frame in queue.iter().take(COALESCE_FRAMES) {
+                if bytes >= COALESCE_BYTES {
+                    break;
+                }
+                for part in [frame.unsent_header(), &frame.payload[..]] {
+                    if !part.is_empty() {
+                        slices[count] = IoSlice::new(part);
+                        count += 1;
+                    }
+                }
+                bytes += frame.len();
+                if frame.close {
+                    break;
+                }
+            }
+            let mut n = match self.io.try_write_vectored(&slices[..count]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => n,
+                Err(e) => return Err(e),
+            };
+            let mut released = 0;
+            let mut closed = false;
+            while n > 0 {
+                let Some(front) = queue.front_mut() else {
+                    break;
+                };
+                n -= front.advance(n);
+                if front.len() == 0 {
+                    let frame = queue.pop_front().expect("front exists");
+                    released += frame.charged();
+                    closed |= frame.close;
+                }
+            }
+            self.release(released);
+            self.drained.notify_waiters();
+            if closed {
+                return Ok(true);
+            }
         }
     }
 }
@@ -129,39 +250,39 @@ impl Shared {
 /// Splits an upgraded socket (with the bytes the HTTP parser already read past the
 /// request) into its reader, write handle and writer.
 pub fn split(io: TcpStream, read_buf: BytesMut, limits: Limits) -> (Reader, Transport, Writer) {
-    let io = Rc::new(io);
-    let (tx, rx) = mpsc::unbounded_channel();
-    let (gone_tx, gone_rx) = oneshot::channel();
-    let shared = Arc::new(Shared {
-        queued: AtomicUsize::new(0),
-        closing: AtomicBool::new(false),
-        gauge: OnceLock::new(),
-        ticket: OnceLock::new(),
+    let shared = Rc::new(Shared {
+        io,
+        queue: RefCell::new(VecDeque::new()),
+        queued: Cell::new(0),
+        closing: Cell::new(false),
+        transport_gone: Cell::new(false),
+        writer_done: Cell::new(false),
+        writer_waker: Cell::new(None),
+        reader_waker: Cell::new(None),
+        gauge: OnceCell::new(),
+        ticket: OnceCell::new(),
         drained: Notify::new(),
-        writer_done: AtomicBool::new(false),
     });
     // The HTTP/1 dispatcher's read buffer is large; keep only what it read ahead.
-    let mut buf = BytesMut::with_capacity(READ_BUF_INITIAL.max(read_buf.len()));
-    buf.extend_from_slice(&read_buf);
+    let buf = if read_buf.is_empty() {
+        BytesMut::new()
+    } else {
+        BytesMut::from(&read_buf[..])
+    };
     drop(read_buf);
     let reader = Reader {
-        io: io.clone(),
+        shared: shared.clone(),
         buf,
         decoder: Decoder::new(limits.max_message),
-        writer_gone: gone_rx,
         done: false,
     };
     let transport = Transport {
-        tx,
         shared: shared.clone(),
         max_queued: limits.max_queued,
     };
     let writer = Writer {
-        io,
-        rx,
         shared,
         stall: limits.write_stall,
-        _gone: gone_tx,
     };
     (reader, transport, writer)
 }
@@ -171,16 +292,16 @@ pub fn split(io: TcpStream, read_buf: BytesMut, limits: Limits) -> (Reader, Tran
 /// The client's messages, in order; ends after a close frame, a protocol error
 /// (reported once) or the loss of the socket.
 pub struct Reader {
-    io: Rc<TcpStream>,
+    shared: Rc<Shared>,
     buf: BytesMut,
     decoder: Decoder,
-    writer_gone: oneshot::Receiver<()>,
     done: bool,
 }
 
 impl Reader {
     fn lost(&mut self, why: impl Into<String>) -> Poll<Option<Result<Message, ReadError>>> {
         self.done = true;
+        self.buf = BytesMut::new();
         Poll::Ready(Some(Err(ReadError::Lost(why.into()))))
     }
 }
@@ -199,31 +320,40 @@ impl Stream for Reader {
                     if matches!(message, Message::Close(_)) {
                         this.done = true;
                     }
-                    if this.buf.is_empty() && this.buf.capacity() > READ_BUF_KEEP {
-                        this.buf = BytesMut::with_capacity(READ_BUF_INITIAL);
+                    if this.buf.is_empty() {
+                        // Nothing in flight: give the buffer back (an idle
+                        // connection holds none).
+                        this.buf = BytesMut::new();
                     }
                     return Poll::Ready(Some(Ok(message)));
                 }
                 Err(e) => {
                     this.done = true;
+                    this.buf = BytesMut::new();
                     return Poll::Ready(Some(Err(ReadError::Protocol(e))));
                 }
                 Ok(None) => {}
             }
-            if Pin::new(&mut this.writer_gone).poll(cx).is_ready() {
+            if this.shared.writer_done.get() {
                 return this.lost("the connection could not be written to");
+            }
+            match this.shared.io.poll_read_ready(cx) {
+                Poll::Pending => {
+                    this.shared.reader_waker.set(Some(cx.waker().clone()));
+                    if this.buf.is_empty() {
+                        this.buf = BytesMut::new();
+                    }
+                    return Poll::Pending;
+                }
+                Poll::Ready(Err(e)) => return this.lost(e.to_string()),
+                Poll::Ready(Ok(())) => {}
             }
             let needed = this.decoder.needed(&this.buf);
             let want = needed.saturating_sub(this.buf.len()).max(READ_CHUNK);
             if this.buf.capacity() - this.buf.len() < READ_CHUNK {
                 this.buf.reserve(want);
             }
-            match this.io.poll_read_ready(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(Err(e)) => return this.lost(e.to_string()),
-                Poll::Ready(Ok(())) => {}
-            }
-            match this.io.try_read_buf(&mut this.buf) {
+            match this.shared.io.try_read_buf(&mut this.buf) {
                 Ok(0) => return this.lost("the peer closed the connection"),
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -237,9 +367,16 @@ impl Stream for Reader {
 
 /// The write side as its owner sees it: every call returns at once.
 pub struct Transport {
-    tx: mpsc::UnboundedSender<Outbound>,
-    shared: Arc<Shared>,
+    shared: Rc<Shared>,
     max_queued: usize,
+}
+
+impl Drop for Transport {
+    fn drop(&mut self) {
+        // The writer writes what is queued, then ends.
+        self.shared.transport_gone.set(true);
+        self.shared.wake_writer();
+    }
 }
 
 impl Transport {
@@ -265,7 +402,7 @@ impl Transport {
 
     /// Bytes queued and not yet written.
     pub fn queued(&self) -> usize {
-        self.shared.queued.load(Ordering::Acquire)
+        self.shared.queued.get()
     }
 
     /// Completes once at most `below` bytes are queued, or the writer is gone: a
@@ -278,9 +415,7 @@ impl Transport {
                 let notified = shared.drained.notified();
                 tokio::pin!(notified);
                 notified.as_mut().enable();
-                if shared.queued.load(Ordering::Acquire) <= below
-                    || shared.writer_done.load(Ordering::Acquire)
-                {
+                if shared.queued.get() <= below || shared.writer_done.get() {
                     return;
                 }
                 notified.await;
@@ -290,7 +425,7 @@ impl Transport {
 
     /// Whether a close frame was queued (nothing is sent after it).
     pub fn is_closing(&self) -> bool {
-        self.shared.closing.load(Ordering::Acquire)
+        self.shared.closing.get()
     }
 
     /// Queues a text message.
@@ -326,28 +461,26 @@ impl Transport {
     }
 
     fn push(&self, opcode: OpCode, payload: Bytes, close: bool) -> Result<(), QueueFull> {
-        if close {
-            if self.shared.closing.swap(true, Ordering::AcqRel) {
-                return Ok(());
-            }
-        } else if self.is_closing() {
+        let shared = &*self.shared;
+        if shared.closing.get() {
             return Ok(());
         }
-        let frame = Outbound {
-            header: server_header(opcode, payload.len()),
-            payload,
-            close,
-        };
-        let n = frame.len();
-        let queued = self.shared.queued.fetch_add(n, Ordering::AcqRel) + n;
-        if let Some(gauge) = self.shared.gauge.get() {
+        if close {
+            shared.closing.set(true);
+        }
+        if shared.writer_done.get() {
+            // The writer is gone; so is the peer. Nothing will be written.
+            return Ok(());
+        }
+        let frame = Outbound::new(opcode, payload, close);
+        let n = frame.charged();
+        let queued = shared.queued.get() + n;
+        shared.queued.set(queued);
+        if let Some(gauge) = shared.gauge.get() {
             gauge.charge(n);
         }
-        if self.tx.send(frame).is_err() {
-            // The writer is gone; so is the peer. Nothing will be written.
-            self.shared.release(n);
-            return Ok(());
-        }
+        shared.queue.borrow_mut().push_back(frame);
+        shared.wake_writer();
         if queued > self.max_queued && !close {
             crate::metrics::metrics().outbound_overflows.inc();
             return Err(QueueFull {
@@ -374,113 +507,83 @@ pub enum WriterEnd {
 
 /// Drains the write queue into the socket; see the module docs.
 pub struct Writer {
-    io: Rc<TcpStream>,
-    rx: mpsc::UnboundedReceiver<Outbound>,
-    shared: Arc<Shared>,
+    shared: Rc<Shared>,
     stall: Duration,
-    /// Dropped when the writer ends, which ends the reader too.
-    _gone: oneshot::Sender<()>,
 }
 
 impl Writer {
     /// Runs until the connection is over; then closes the socket.
-    pub async fn run(mut self) -> WriterEnd {
+    pub async fn run(self) -> WriterEnd {
         let end = self.write_all().await;
+        let shared = &*self.shared;
         match end {
             WriterEnd::Closed | WriterEnd::Dropped => self.linger().await,
             WriterEnd::Stalled | WriterEnd::Failed => {
                 // Nobody reads what is still in the kernel's buffer: reset
                 // instead of keeping it around until TCP gives up.
-                let _ = socket2::SockRef::from(&*self.io).set_linger(Some(Duration::ZERO));
+                let _ = socket2::SockRef::from(&shared.io).set_linger(Some(Duration::ZERO));
             }
         }
         // Whatever was never written goes back to the gauge.
-        self.rx.close();
-        while let Ok(frame) = self.rx.try_recv() {
-            self.shared.release(frame.len());
+        let left: VecDeque<Outbound> = shared.queue.take();
+        for frame in left {
+            shared.release(frame.charged());
         }
-        self.shared.writer_done.store(true, Ordering::Release);
-        self.shared.drained.notify_waiters();
+        shared.writer_done.set(true);
+        shared.drained.notify_waiters();
+        if let Some(waker) = shared.reader_waker.take() {
+            waker.wake();
+        }
         end
     }
 
-    async fn write_all(&mut self) -> WriterEnd {
-        let mut batch: Vec<Outbound> = Vec::new();
+    async fn write_all(&self) -> WriterEnd {
+        let shared = &*self.shared;
         loop {
-            let Some(first) = self.rx.recv().await else {
+            // Wait for frames, or for the owner to go.
+            let more = poll_fn(|cx| {
+                if !shared.queue.borrow().is_empty() {
+                    Poll::Ready(true)
+                } else if shared.transport_gone.get() {
+                    Poll::Ready(false)
+                } else {
+                    shared.writer_waker.set(Some(cx.waker().clone()));
+                    Poll::Pending
+                }
+            })
+            .await;
+            if !more {
                 return WriterEnd::Dropped;
-            };
-            let mut bytes = first.len();
-            let mut closing = first.close;
-            batch.push(first);
-            while !closing && bytes < COALESCE_BYTES && batch.len() < COALESCE_FRAMES {
-                let Ok(next) = self.rx.try_recv() else {
-                    break;
-                };
-                bytes += next.len();
-                closing = next.close;
-                batch.push(next);
             }
-            let result = self.write_batch(&batch).await;
-            for frame in batch.drain(..) {
-                self.shared.release(frame.len());
-            }
-            self.shared.drained.notify_waiters();
-            if let Err(end) = result {
-                return end;
-            }
-            if closing {
-                return WriterEnd::Closed;
-            }
-        }
-    }
-
-    /// Writes every frame of `batch`, several per system call.
-    async fn write_batch(&self, batch: &[Outbound]) -> Result<(), WriterEnd> {
-        let mut parts: Vec<Bytes> = batch
-            .iter()
-            .flat_map(|f| [f.header.clone(), f.payload.clone()])
-            .filter(|b| !b.is_empty())
-            .collect();
-        let mut start = 0;
-        while start < parts.len() {
-            match tokio::time::timeout(self.stall, self.io.writable()).await {
-                Err(_) => return Err(WriterEnd::Stalled),
-                Ok(Err(_)) => return Err(WriterEnd::Failed),
-                Ok(Ok(())) => {}
-            }
-            let slices: Vec<IoSlice<'_>> = parts[start..].iter().map(|b| IoSlice::new(b)).collect();
-            match self.io.try_write_vectored(&slices) {
-                Ok(0) => return Err(WriterEnd::Failed),
-                Ok(mut n) => {
-                    while n > 0 {
-                        let part = &mut parts[start];
-                        let take = n.min(part.len());
-                        part.advance(take);
-                        n -= take;
-                        if part.is_empty() {
-                            start += 1;
+            loop {
+                match shared.flush() {
+                    Ok(true) => return WriterEnd::Closed,
+                    Ok(false) => break,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        match tokio::time::timeout(self.stall, shared.io.writable()).await {
+                            Err(_) => return WriterEnd::Stalled,
+                            Ok(Err(_)) => return WriterEnd::Failed,
+                            Ok(Ok(())) => {}
                         }
                     }
+                    Err(_) => return WriterEnd::Failed,
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(_) => return Err(WriterEnd::Failed),
             }
         }
-        Ok(())
     }
 
     /// Half-closes the socket and gives the peer [`CLOSE_LINGER`] to close its side,
     /// discarding what it still sends, so it reads our close frame instead of a reset.
     async fn linger(&self) {
-        let _ = socket2::SockRef::from(&*self.io).shutdown(std::net::Shutdown::Write);
+        let io = &self.shared.io;
+        let _ = socket2::SockRef::from(io).shutdown(std::net::Shutdown::Write);
         let drain = async {
             let mut scratch = [0u8; LINGER_CHUNK];
             loop {
-                if self.io.readable().await.is_err() {
+                if io.readable().await.is_err() {
                     return;
                 }
-                match self.io.try_read(&mut scratch) {
+                match io.try_read(&mut scratch) {
                     Ok(0) => return,
                     Ok(_) => {}
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
