@@ -28,7 +28,10 @@
 //! and history reads running at once, per connection.
 //!
 //! Heartbeats: a ping every `heartbeat_interval_ms`; the connection closes when
-//! nothing arrived for `idle_timeout_ms`. Close codes are in [`crate::protocol::close`].
+//! nothing arrived for `idle_timeout_ms`. Those checks, the authentication deadline
+//! and the token's expiry are driven by its arbiter's
+//! [`ConnectionSweep`](super::sweep::ConnectionSweep), not by timers of its own. Close codes are in
+//! [`crate::protocol::close`].
 
 use std::{
     collections::{HashMap, HashSet, VecDeque},
@@ -41,7 +44,7 @@ use std::{
 
 use actix::{
     fut::WrapFuture as _, Actor, ActorContext as _, ActorFutureExt as _, Addr, AsyncContext as _,
-    Handler, SpawnHandle, StreamHandler,
+    Handler, StreamHandler,
 };
 use prost::Message as _;
 use tokio::sync::{Semaphore, SemaphorePermit};
@@ -52,6 +55,7 @@ use super::{
         Subscriber, Unsubscribe,
     },
     session_registry::{ConnectionClosed, ConnectionOpened, ConnectionReauthenticated},
+    sweep::{self, SweepSignal},
     user_session::{ConnectionDetails, SessionSignal},
 };
 use crate::{
@@ -136,7 +140,8 @@ struct RoomSub {
 /// One WebSocket connection.
 pub struct Connection {
     id: ConnectionId,
-    state: AppState,
+    /// Shared by the connections of a worker (see [`crate::http::ws`]).
+    state: Arc<AppState>,
     codec: FrameCodec,
     principal: Option<Principal>,
     /// An anonymous viewer (no principal): may watch live rooms that allow it.
@@ -149,7 +154,8 @@ pub struct Connection {
     gauge: Arc<OutboundGauge>,
     last_heard: Instant,
     malformed: u32,
-    expiry: Option<SpawnHandle>,
+    /// The connection's entry in its arbiter's sweep (heartbeats, deadlines).
+    sweep: Option<sweep::Slot>,
     lags: VecDeque<Instant>,
     next_generation: u64,
     /// Rooms whose `subscribe` is being checked; they count towards the limit.
@@ -171,14 +177,14 @@ pub struct Connection {
     notifications: Option<NotificationFeed>,
     /// The peer's address, when the transport passed it ([`Connection::with_remote_addr`]);
     /// listed by the admin API.
-    remote_addr: Option<String>,
+    remote_addr: Option<std::net::IpAddr>,
 }
 
 impl Connection {
     /// A connection writing through `transport`; its reader must be added to the
     /// actor's context as a stream.
     pub fn new(
-        state: AppState,
+        state: Arc<AppState>,
         codec: FrameCodec,
         token: Option<String>,
         transport: Transport,
@@ -188,11 +194,12 @@ impl Connection {
 
     /// A connection writing through any [`Outlet`] (WebSocket, SSE).
     pub fn with_outlet(
-        state: AppState,
+        state: impl Into<Arc<AppState>>,
         codec: FrameCodec,
         token: Option<String>,
         transport: Box<dyn Outlet>,
     ) -> Self {
+        let state = state.into();
         let gauge = Arc::new(OutboundGauge::new(
             state.settings.realtime.outbound_queue_bytes,
         ));
@@ -212,7 +219,7 @@ impl Connection {
             gauge,
             last_heard: Instant::now(),
             malformed: 0,
-            expiry: None,
+            sweep: None,
             lags: VecDeque::new(),
             next_generation: 1,
             pending_subscribes: HashSet::new(),
@@ -241,7 +248,7 @@ impl Connection {
 
     /// Records the peer's address, for the admin API's connection list.
     pub fn with_remote_addr(mut self, addr: Option<std::net::IpAddr>) -> Self {
-        self.remote_addr = addr.map(|a| a.to_string());
+        self.remote_addr = addr;
         self
     }
 
@@ -328,19 +335,12 @@ impl Connection {
 
     fn authenticated(&mut self, ctx: &mut Ctx, request_id: Option<u64>, principal: Principal) {
         let first = self.principal.is_none();
-        if let Some(timer) = self.expiry.take() {
-            ctx.cancel_future(timer);
-        }
-        let remaining = principal.expires_at.saturating_sub(now_ms());
-        if principal.expires_at != i64::MAX {
-            let after = Duration::from_millis(remaining.max(0) as u64);
-            self.expiry = Some(ctx.run_later(after, |act, ctx| {
-                act.close(
-                    ctx,
-                    close::TOKEN_EXPIRED,
-                    "access token expired; reconnect with a fresh token",
-                );
-            }));
+        // The sweep closes the connection when the token expires.
+        if let Some(slot) = &self.sweep {
+            let remaining = principal.expires_at.saturating_sub(now_ms());
+            let expires_in = (principal.expires_at != i64::MAX)
+                .then(|| Duration::from_millis(remaining.max(0) as u64));
+            sweep::set_deadline(slot, expires_in);
         }
         if first {
             // The per-user connection cap (crate::admission).
@@ -358,7 +358,7 @@ impl Connection {
                 user_id: principal.user_id.clone(),
                 conn_id: self.id,
                 session_id,
-                addr: ctx.address().recipient(),
+                addr: ctx.address().downgrade().recipient(),
             });
             tracing::debug!(conn = self.id, user = %principal.user_id, "connection authenticated");
         } else {
@@ -372,7 +372,7 @@ impl Connection {
                 user_id: principal.user_id.clone(),
                 conn_id: self.id,
                 session_id,
-                addr: ctx.address().recipient(),
+                addr: ctx.address().downgrade().recipient(),
             });
         }
         let rt = &self.state.settings.realtime;
@@ -1150,27 +1150,22 @@ impl Actor for Connection {
     type Context = Ctx;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        let rt = self.state.settings.realtime.clone();
+        let rt = &self.state.settings.realtime;
         ctx.set_mailbox_capacity(rt.outbound_queue_frames);
-        let talks = self.transport.client_talks();
-        ctx.run_interval(self.transport.heartbeat_interval(&rt), move |act, ctx| {
-            if talks && act.last_heard.elapsed() > Duration::from_millis(rt.idle_timeout_ms) {
-                act.close(ctx, close::IDLE_TIMEOUT, "no heartbeat received");
-            } else {
-                act.transport.heartbeat();
-            }
-        });
-        ctx.run_later(Duration::from_millis(rt.auth_deadline_ms), |act, ctx| {
-            if act.principal.is_none() && !act.anonymous {
-                act.close(ctx, close::AUTH_FAILED, "not authenticated in time");
-            }
-        });
+        self.sweep = Some(sweep::register(
+            ctx.address().downgrade(),
+            self.transport.heartbeat_interval(rt),
+            Some(Duration::from_millis(rt.auth_deadline_ms)),
+        ));
         if let Some(token) = self.initial_token.take() {
             self.authenticate(ctx, None, token);
         }
     }
 
     fn stopped(&mut self, _ctx: &mut Self::Context) {
+        if let Some(slot) = self.sweep.take() {
+            sweep::unregister(slot);
+        }
         for (_, sub) in self.subs.drain() {
             sub.room.do_send(Unsubscribe { conn_id: self.id });
         }
@@ -1297,6 +1292,35 @@ impl Handler<RoomPush> for Connection {
     }
 }
 
+impl Handler<SweepSignal> for Connection {
+    type Result = ();
+
+    fn handle(&mut self, msg: SweepSignal, ctx: &mut Self::Context) {
+        match msg {
+            SweepSignal::Heartbeat => {
+                let idle = Duration::from_millis(self.state.settings.realtime.idle_timeout_ms);
+                if self.transport.client_talks() && self.last_heard.elapsed() > idle {
+                    self.close(ctx, close::IDLE_TIMEOUT, "no heartbeat received");
+                } else {
+                    self.transport.heartbeat();
+                }
+            }
+            SweepSignal::Deadline => match &self.principal {
+                // An anonymous viewer (live rooms) has no deadline to authenticate.
+                None if self.anonymous => {}
+                None => self.close(ctx, close::AUTH_FAILED, "not authenticated in time"),
+                Some(principal) if principal.expires_at <= now_ms() => self.close(
+                    ctx,
+                    close::TOKEN_EXPIRED,
+                    "access token expired; reconnect with a fresh token",
+                ),
+                // Authenticated again with a later token meanwhile.
+                Some(_) => {}
+            },
+        }
+    }
+}
+
 impl Handler<SessionSignal> for Connection {
     type Result = ();
 
@@ -1319,7 +1343,7 @@ impl Handler<SessionSignal> for Connection {
                 subscriptions.sort();
                 reply.send(ConnectionDetails {
                     transport: self.transport.describe(self.codec),
-                    remote_address: self.remote_addr.clone(),
+                    remote_address: self.remote_addr.map(|a| a.to_string()),
                     subscriptions,
                 });
             }

@@ -22,6 +22,8 @@
 //!   room's retention.
 //! - [`connection`]: `Connection`, one WebSocket: auth, frames, subscriptions,
 //!   catch-up, heartbeats.
+//! - [`sweep`]: `ConnectionSweep` (supervised), one per arbiter: the heartbeats
+//!   and deadlines of that arbiter's connections, instead of timers per connection.
 //! - [`supervision`]: turns a panic inside an actor's future into a stop its
 //!   supervisor sees (and restarts).
 
@@ -37,4 +39,5 @@ pub mod room;
 pub mod room_registry;
 pub mod session_registry;
 pub mod supervision;
+pub mod sweep;
 pub mod user_session;

@@ -11,10 +11,13 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    sync::atomic::{AtomicU64, Ordering},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
 };
 
-use actix::{Actor, Addr, Context, Handler, Message, Recipient, Supervised};
+use actix::{Actor, Addr, Context, Handler, Message, Supervised, WeakRecipient};
 
 use super::{
     room::ConnectionId,
@@ -44,7 +47,7 @@ pub struct ConnectionOpened {
     pub user_id: UserId,
     pub conn_id: ConnectionId,
     pub session_id: Option<SessionId>,
-    pub addr: Recipient<SessionSignal>,
+    pub addr: WeakRecipient<SessionSignal>,
 }
 
 /// An open connection authenticated again, possibly with another session's token:
@@ -55,7 +58,7 @@ pub struct ConnectionReauthenticated {
     pub user_id: UserId,
     pub conn_id: ConnectionId,
     pub session_id: Option<SessionId>,
-    pub addr: Recipient<SessionSignal>,
+    pub addr: WeakRecipient<SessionSignal>,
 }
 
 /// A connection of `user_id` closed.
@@ -150,13 +153,70 @@ pub struct OnlineSet(pub HashSet<UserId>);
 /// One online user: their session actor and open connections.
 struct Online {
     session: Addr<UserSession>,
-    connections: HashSet<ConnectionId>,
+    connections: ConnIds,
+}
+
+/// A user's open connection ids; one (the common case) needs no allocation.
+#[derive(Default)]
+enum ConnIds {
+    #[default]
+    None,
+    One(ConnectionId),
+    Many(Vec<ConnectionId>),
+}
+
+impl ConnIds {
+    fn contains(&self, id: ConnectionId) -> bool {
+        match self {
+            ConnIds::None => false,
+            ConnIds::One(one) => *one == id,
+            ConnIds::Many(many) => many.contains(&id),
+        }
+    }
+
+    fn insert(&mut self, id: ConnectionId) {
+        if self.contains(id) {
+            return;
+        }
+        *self = match std::mem::take(self) {
+            ConnIds::None => ConnIds::One(id),
+            ConnIds::One(one) => ConnIds::Many(vec![one, id]),
+            ConnIds::Many(mut many) => {
+                many.push(id);
+                ConnIds::Many(many)
+            }
+        };
+    }
+
+    /// Answers whether `id` was there.
+    fn remove(&mut self, id: ConnectionId) -> bool {
+        if !self.contains(id) {
+            return false;
+        }
+        *self = match std::mem::take(self) {
+            ConnIds::Many(mut many) => {
+                many.retain(|c| *c != id);
+                match many.as_slice() {
+                    [] => ConnIds::None,
+                    [one] => ConnIds::One(*one),
+                    _ => ConnIds::Many(many),
+                }
+            }
+            _ => ConnIds::None,
+        };
+        true
+    }
+
+    fn is_empty(&self) -> bool {
+        matches!(self, ConnIds::None)
+    }
 }
 
 /// Owns the user sessions.
 pub struct SessionRegistry {
     store: Store,
-    rooms: Addr<RoomRegistry>,
+    /// Shared by every session (an address per session would allocate per user).
+    rooms: Arc<Addr<RoomRegistry>>,
     sessions: HashMap<UserId, Online>,
 }
 
@@ -164,7 +224,7 @@ impl SessionRegistry {
     pub fn new(store: Store, rooms: Addr<RoomRegistry>) -> Self {
         Self {
             store,
-            rooms,
+            rooms: Arc::new(rooms),
             sessions: HashMap::new(),
         }
     }
@@ -196,7 +256,7 @@ impl Handler<ConnectionOpened> for SessionRegistry {
                             next_presence_version(),
                         )
                         .start(),
-                        connections: HashSet::new(),
+                        connections: ConnIds::None,
                     });
                 online.connections.insert(msg.conn_id);
                 online.session.do_send(Attach {
@@ -219,7 +279,7 @@ impl Handler<ConnectionReauthenticated> for SessionRegistry {
             || (),
             move |act, _ctx| {
                 if let Some(online) = act.sessions.get(&msg.user_id) {
-                    if online.connections.contains(&msg.conn_id) {
+                    if online.connections.contains(msg.conn_id) {
                         online.session.do_send(Attach {
                             conn_id: msg.conn_id,
                             session_id: msg.session_id,
@@ -244,7 +304,7 @@ impl Handler<ConnectionClosed> for SessionRegistry {
                 let Some(online) = act.sessions.get_mut(&msg.user_id) else {
                     return;
                 };
-                if !online.connections.remove(&msg.conn_id) {
+                if !online.connections.remove(msg.conn_id) {
                     return;
                 }
                 let last = online.connections.is_empty();
@@ -308,7 +368,7 @@ impl Handler<SignalOneConnection> for SessionRegistry {
                 let (user, online) = act
                     .sessions
                     .iter()
-                    .find(|(_, online)| online.connections.contains(&msg.conn_id))?;
+                    .find(|(_, online)| online.connections.contains(msg.conn_id))?;
                 online.session.do_send(SignalConnection {
                     conn_id: msg.conn_id,
                     signal: msg.signal,

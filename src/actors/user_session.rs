@@ -5,17 +5,14 @@
 //! starts it with the user's first connection and detaches the last one; it then
 //! announces "offline" and stops.
 
-use std::{
-    collections::HashMap,
-    sync::{
-        atomic::{AtomicUsize, Ordering},
-        Arc,
-    },
+use std::sync::{
+    atomic::{AtomicUsize, Ordering},
+    Arc,
 };
 
 use actix::{
     fut::WrapFuture as _, Actor, ActorContext as _, ActorFutureExt as _, Addr, AsyncContext as _,
-    Context, Handler, Message, Recipient,
+    Context, Handler, Message, WeakRecipient,
 };
 
 use super::{
@@ -141,7 +138,8 @@ pub struct ShutDown;
 pub struct Attach {
     pub conn_id: ConnectionId,
     pub session_id: Option<SessionId>,
-    pub addr: Recipient<SessionSignal>,
+    /// Weak: the session does not keep a closed connection's mailbox alive.
+    pub addr: WeakRecipient<SessionSignal>,
 }
 
 /// A connection of this user closed. `offline_version` is set when it was the
@@ -169,14 +167,100 @@ pub struct EndSessions {
     pub session_id: Option<SessionId>,
 }
 
+/// One connection of the user.
+struct Attached {
+    conn_id: ConnectionId,
+    session_id: Option<SessionId>,
+    addr: WeakRecipient<SessionSignal>,
+    /// When the connection attached (Unix ms), for the admin API.
+    attached_at: i64,
+}
+
+impl Attached {
+    fn send(&self, signal: SessionSignal) {
+        if let Some(addr) = self.addr.upgrade() {
+            addr.do_send(signal);
+        }
+    }
+}
+
+/// The user's connections: most users have one, which needs no allocation.
+#[derive(Default)]
+enum Connections {
+    #[default]
+    None,
+    One(Attached),
+    Many(Vec<Attached>),
+}
+
+impl Connections {
+    fn as_slice(&self) -> &[Attached] {
+        match self {
+            Connections::None => &[],
+            Connections::One(one) => std::slice::from_ref(one),
+            Connections::Many(many) => many,
+        }
+    }
+
+    fn get(&self, conn_id: ConnectionId) -> Option<&Attached> {
+        self.as_slice().iter().find(|a| a.conn_id == conn_id)
+    }
+
+    /// Adds a connection, or updates its session and address (a re-authentication).
+    fn attach(
+        &mut self,
+        conn_id: ConnectionId,
+        session_id: Option<SessionId>,
+        addr: WeakRecipient<SessionSignal>,
+    ) {
+        let found = match self {
+            Connections::None => None,
+            Connections::One(one) => (one.conn_id == conn_id).then_some(one),
+            Connections::Many(many) => many.iter_mut().find(|a| a.conn_id == conn_id),
+        };
+        if let Some(attached) = found {
+            attached.session_id = session_id;
+            attached.addr = addr;
+            return;
+        }
+        let new = Attached {
+            conn_id,
+            session_id,
+            addr,
+            attached_at: crate::ids::now_ms(),
+        };
+        *self = match std::mem::take(self) {
+            Connections::None => Connections::One(new),
+            Connections::One(one) => Connections::Many(vec![one, new]),
+            Connections::Many(mut many) => {
+                many.push(new);
+                Connections::Many(many)
+            }
+        };
+    }
+
+    fn detach(&mut self, conn_id: ConnectionId) {
+        *self = match std::mem::take(self) {
+            Connections::One(one) if one.conn_id == conn_id => Connections::None,
+            Connections::Many(mut many) => {
+                many.retain(|a| a.conn_id != conn_id);
+                match many.len() {
+                    0 => Connections::None,
+                    1 => Connections::One(many.remove(0)),
+                    _ => Connections::Many(many),
+                }
+            }
+            other => other,
+        };
+    }
+}
+
 /// One online user.
 pub struct UserSession {
     user_id: UserId,
     store: Store,
-    rooms: Addr<RoomRegistry>,
-    connections: HashMap<ConnectionId, (Option<SessionId>, Recipient<SessionSignal>)>,
-    /// When each connection attached (Unix ms), for the admin API.
-    attached_at: HashMap<ConnectionId, i64>,
+    rooms: Arc<Addr<RoomRegistry>>,
+    connections: Connections,
     /// The presence version of the "online" announcement (see the registry).
     online_version: u64,
 }
@@ -185,15 +269,14 @@ impl UserSession {
     pub fn new(
         user_id: UserId,
         store: Store,
-        rooms: Addr<RoomRegistry>,
+        rooms: Arc<Addr<RoomRegistry>>,
         online_version: u64,
     ) -> Self {
         Self {
             user_id,
             store,
             rooms,
-            connections: HashMap::new(),
-            attached_at: HashMap::new(),
+            connections: Connections::None,
             online_version,
         }
     }
@@ -265,10 +348,7 @@ impl Handler<Attach> for UserSession {
 
     fn handle(&mut self, msg: Attach, _ctx: &mut Self::Context) {
         self.connections
-            .insert(msg.conn_id, (msg.session_id, msg.addr));
-        self.attached_at
-            .entry(msg.conn_id)
-            .or_insert_with(crate::ids::now_ms);
+            .attach(msg.conn_id, msg.session_id, msg.addr);
     }
 }
 
@@ -276,8 +356,7 @@ impl Handler<Detach> for UserSession {
     type Result = ();
 
     fn handle(&mut self, msg: Detach, ctx: &mut Self::Context) {
-        self.connections.remove(&msg.conn_id);
-        self.attached_at.remove(&msg.conn_id);
+        self.connections.detach(msg.conn_id);
         if let Some(version) = msg.offline_version {
             self.announce(false, version, ctx);
         }
@@ -288,8 +367,8 @@ impl Handler<SessionSignal> for UserSession {
     type Result = ();
 
     fn handle(&mut self, msg: SessionSignal, _ctx: &mut Self::Context) {
-        for (_, addr) in self.connections.values() {
-            addr.do_send(msg.clone());
+        for attached in self.connections.as_slice() {
+            attached.send(msg.clone());
         }
     }
 }
@@ -298,9 +377,9 @@ impl Handler<SignalConnection> for UserSession {
     type Result = bool;
 
     fn handle(&mut self, msg: SignalConnection, _ctx: &mut Self::Context) -> bool {
-        match self.connections.get(&msg.conn_id) {
-            Some((_, addr)) => {
-                addr.do_send(msg.signal);
+        match self.connections.get(msg.conn_id) {
+            Some(attached) => {
+                attached.send(msg.signal);
                 true
             }
             None => false,
@@ -312,8 +391,8 @@ impl Handler<ShutDown> for UserSession {
     type Result = ();
 
     fn handle(&mut self, _msg: ShutDown, _ctx: &mut Self::Context) {
-        for (_, addr) in self.connections.values() {
-            addr.do_send(SessionSignal::ServerShutdown);
+        for attached in self.connections.as_slice() {
+            attached.send(SessionSignal::ServerShutdown);
         }
     }
 }
@@ -322,9 +401,9 @@ impl Handler<EndSessions> for UserSession {
     type Result = ();
 
     fn handle(&mut self, msg: EndSessions, _ctx: &mut Self::Context) {
-        for (session, addr) in self.connections.values() {
-            if msg.session_id.is_none() || msg.session_id == *session {
-                addr.do_send(SessionSignal::SignedOut);
+        for attached in self.connections.as_slice() {
+            if msg.session_id.is_none() || msg.session_id == attached.session_id {
+                attached.send(SessionSignal::SignedOut);
             }
         }
     }
@@ -336,15 +415,16 @@ impl Handler<DescribeConnections> for UserSession {
     fn handle(&mut self, _msg: DescribeConnections, _ctx: &mut Self::Context) -> Self::Result {
         let asked: Vec<_> = self
             .connections
+            .as_slice()
             .iter()
-            .map(|(conn_id, (session_id, addr))| {
+            .map(|attached| {
                 let (reply, answer) = DescribeReply::new();
-                addr.do_send(SessionSignal::Describe(reply));
+                attached.send(SessionSignal::Describe(reply));
                 let summary = ConnectionSummary {
-                    conn_id: *conn_id,
+                    conn_id: attached.conn_id,
                     user_id: self.user_id.clone(),
-                    session_id: session_id.clone(),
-                    attached_at: self.attached_at.get(conn_id).copied().unwrap_or_default(),
+                    session_id: attached.session_id.clone(),
+                    attached_at: attached.attached_at,
                     transport: String::new(),
                     remote_address: None,
                     subscriptions: Vec::new(),

@@ -18,6 +18,7 @@
 
 use std::{
     cell::Cell,
+    future::Future,
     io,
     net::SocketAddr,
     pin::Pin,
@@ -105,7 +106,10 @@ where
                         io,
                         activity: activity.clone(),
                     };
-                    let serve = service.call((io, protocol, peer));
+                    // Boxed: the HTTP/1 dispatcher (its buffers, its service futures) is
+                    // freed as soon as it ends, while a WebSocket that took the socket
+                    // goes on in this task (`Handover`) with only what it needs.
+                    let serve = Box::pin(service.call((io, protocol, peer)));
                     let result = if protocol == Protocol::Http1 {
                         tokio::select! {
                             result = serve => Some(result),
@@ -123,6 +127,9 @@ where
                             "a request took too long to arrive and be answered; closing"
                         ),
                         Some(Ok(())) => {}
+                    }
+                    if let Some(then) = activity.then.take() {
+                        then.await;
                     }
                     drop(permit);
                     Ok(())
@@ -224,6 +231,22 @@ struct Activity {
     request_since: Cell<Option<Instant>>,
     /// Set once a WebSocket upgrade took the socket: no more watching.
     detached: Cell<bool>,
+    /// What runs in the connection's task once the HTTP dispatcher ended (a
+    /// WebSocket's writer): the connection holds its slot until it completes.
+    then: Cell<Option<Pin<Box<dyn Future<Output = ()>>>>>,
+}
+
+/// Hands work to the connection's task after a WebSocket upgrade took the socket
+/// ([`WatchedStream::handover`]).
+pub struct Handover(Rc<Activity>);
+
+impl Handover {
+    /// Runs `then` in the connection's task after the HTTP/1 dispatcher ended; the
+    /// connection keeps its slot of `server.max_connections` (and graceful shutdown
+    /// waits for it) until `then` completes.
+    pub fn run_after(self, then: impl Future<Output = ()> + 'static) {
+        self.0.then.set(Some(Box::pin(then)));
+    }
 }
 
 /// Completes when a request has been pending for longer than `limit`; never once
@@ -252,6 +275,11 @@ impl WatchedStream {
     pub fn into_inner(self) -> Socket {
         self.activity.detached.set(true);
         self.io
+    }
+
+    /// Where an upgrade hands the rest of the connection's work (see [`Handover`]).
+    pub fn handover(&self) -> Handover {
+        Handover(self.activity.clone())
     }
 }
 

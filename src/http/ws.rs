@@ -110,20 +110,33 @@ pub fn upgrade_service(
     Error = actix_http::Error,
     InitError = (),
 > {
+    // One copy of the state per worker, shared by its connections (each clone of an
+    // `AppState` clones actor addresses, which allocate).
+    let shared = Arc::new(context.state);
+    let admission = context.admission;
     actix_service::fn_service(
         move |(req, framed): (Request, Framed<WatchedStream, Codec>)| {
-            let context = context.clone();
+            let state = shared.clone();
+            let admission = admission.clone();
             async move {
-                upgrade(context, req, framed).await;
+                upgrade(state, admission, req, framed).await;
                 Ok::<_, actix_http::Error>(())
             }
         },
     )
 }
 
-/// Answers one upgrade request; for an accepted WebSocket, runs it to its end.
-async fn upgrade(context: UpgradeContext, req: Request, mut framed: Framed<WatchedStream, Codec>) {
-    let settings = &context.state.settings;
+/// Answers one upgrade request. An accepted WebSocket goes on after this returns:
+/// its connection actor runs on this arbiter, its writer in the connection's task
+/// (see [`crate::http::accept::Handover`]) once the HTTP/1 dispatcher, and all it
+/// held for the request, is gone.
+async fn upgrade(
+    state: Arc<AppState>,
+    admission: Arc<Admission>,
+    req: Request,
+    mut framed: Framed<WatchedStream, Codec>,
+) {
+    let settings = &state.settings;
     let path = req.path().to_owned();
     let echo_path = &settings.realtime.echo_path;
     let is_echo = !echo_path.is_empty() && path == *echo_path;
@@ -163,9 +176,11 @@ async fn upgrade(context: UpgradeContext, req: Request, mut framed: Framed<Watch
             return;
         }
         let parts = framed.into_parts();
+        let handover = parts.io.handover();
         let (reader, transport, writer) =
             transport::split(parts.io.into_inner(), parts.read_buf, limits);
-        return echo::run(reader, transport, writer).await;
+        handover.run_after(echo::run(reader, transport, writer));
+        return;
     }
     let (codec, batch) = match choose_codec(req.headers()) {
         Ok(chosen) => chosen,
@@ -180,13 +195,13 @@ async fn upgrade(context: UpgradeContext, req: Request, mut framed: Framed<Watch
         req.headers(),
         &settings.server.trusted_proxies,
     );
-    if let Some(reason) = context.state.drain.reason() {
+    if let Some(reason) = state.drain.reason() {
         let error = ApiError::unavailable(format!(
             "this node is draining ({reason}): connect to another node"
         ));
         return refuse(&mut framed, &error, Some(503)).await;
     }
-    let ticket = match context.admission.open_websocket(peer) {
+    let ticket = match admission.open_websocket(peer) {
         Ok(ticket) => ticket,
         Err(refusal) => {
             let (error, status) = match refusal {
@@ -207,19 +222,14 @@ async fn upgrade(context: UpgradeContext, req: Request, mut framed: Framed<Watch
         return;
     }
     // Whatever the client sent after its request (its first frames) is in the
-    // HTTP codec's read buffer: the reader starts with it. The HTTP/1 codec's
-    // write buffer and the request are dropped here: this function stays alive
-    // as long as the connection (see below), and nothing it keeps may cost memory
-    // per connection.
+    // HTTP codec's read buffer: the reader starts with it. Everything else of the
+    // request (the codec, its buffers, the request) is dropped with this function.
     let parts = framed.into_parts();
+    let handover = parts.io.handover();
     let (reader, transport, writer) =
         transport::split(parts.io.into_inner(), parts.read_buf, limits);
-    drop(parts.write_buf);
-    drop(parts.codec);
-    drop(req);
     transport.hold_ticket(ticket);
-    let state = context.state.clone();
-    let _open = crate::metrics::ConnectionGauge::open(
+    let open = crate::metrics::ConnectionGauge::open(
         "websocket",
         match codec {
             FrameCodec::Json => "json",
@@ -234,7 +244,10 @@ async fn upgrade(context: UpgradeContext, req: Request, mut framed: Framed<Watch
     });
     // The connection lives as long as its writer: the server's graceful shutdown
     // waits for it like for any request in flight.
-    writer.run().await;
+    handover.run_after(async move {
+        writer.run().await;
+        drop(open);
+    });
 }
 
 /// Answers with a Connect error and closes the connection.
