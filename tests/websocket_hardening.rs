@@ -1066,3 +1066,50 @@ async fn presence_follows_connections(backend: Backend, codec: WsCodec) {
 }
 
 ws_matrix!(presence, presence_follows_connections);
+
+// A client that read a message from history (ListMessages reads the store) and
+// subscribes from it at once may be ahead of the room actor: the store has
+// committed the batch, the room has not yet published it. The subscription waits
+// for that commit instead of failing with out_of_range, and delivers what follows
+// exactly once.
+both_backends!(
+    subscribing_from_a_committed_but_unpublished_sequence_waits_for_it,
+    |backend| async move {
+        let server = Arc::new(TestServer::spawn(backend).await);
+        let owner = server.sign_up(&common::unique_name("owner")).await;
+        let reader = server.sign_up(&common::unique_name("reader")).await;
+        let room = create_room(&server, &owner, pb::RoomKind::Public).await;
+        send_http(&server, &owner, &room, "first", "first").await;
+        inject(
+            &server,
+            &room,
+            InjectFault::DelayAfterNextCommit(Duration::from_millis(1500)),
+        )
+        .await;
+        let held = {
+            let (server, owner, room) = (server.clone(), owner.clone(), room.clone());
+            tokio::spawn(async move { send_http(&server, &owner, &room, "second", "second").await })
+        };
+        // The store shows seq 2 while the room still sits on 1.
+        assert!(
+            common::eventually(Duration::from_secs(10), || async {
+                history(&server, &reader, &room).await.len() == 2
+            })
+            .await,
+            "the second message never reached the store"
+        );
+        let mut ws =
+            WsClient::connect_authenticated(&url(&server), WsCodec::Proto, &reader.access_token)
+                .await;
+        let subscribed = ws.subscribe(&room, Some(2)).await;
+        assert!(
+            subscribed.is_ok(),
+            "a subscription from a committed sequence must wait for its publication: {subscribed:?}"
+        );
+        held.await.expect("the held send");
+        let third = send_http(&server, &owner, &room, "third", "third").await;
+        let next = ws.collect_until(&room, 3, Duration::from_secs(10)).await;
+        let seqs: Vec<u64> = next.iter().map(|m| m.seq).collect();
+        assert_eq!(seqs, vec![third.message.expect("message").seq]);
+    }
+);

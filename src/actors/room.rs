@@ -382,6 +382,9 @@ pub enum InjectFault {
     /// The next group commit waits this long before it starts (so that appends
     /// pile up into one batch behind it).
     DelayNextCommit(Duration),
+    /// The next group commit waits this long after the store committed it, before
+    /// the room learns of it: the store shows events the room has not published.
+    DelayAfterNextCommit(Duration),
     /// Every commit of a batch holding a message with this text fails as a store
     /// fault would (the transaction stores nothing).
     FailCommitsWithText(String),
@@ -397,6 +400,7 @@ pub enum InjectFault {
 struct Faults {
     panic_next_commit: bool,
     delay_next_commit: Option<Duration>,
+    delay_after_next_commit: Option<Duration>,
     fail_text: Option<String>,
     retire_on_subscribe: bool,
 }
@@ -446,6 +450,9 @@ pub struct RoomActor {
     /// The fan-out shards holding some of the subscribers, with how many each.
     shards: HashMap<Addr<FanoutShard>, usize>,
     next_registration: u64,
+    /// Subscriptions from a sequence the store already shows but this room has not
+    /// published yet (its commit is finishing): answered once it has.
+    deferred: Vec<(Subscribe, oneshot::Sender<Result<SubscribeReply, ApiError>>)>,
     #[cfg(feature = "fault-injection")]
     faults: Faults,
 }
@@ -485,6 +492,7 @@ impl RoomActor {
             viewer_timer: None,
             shards: HashMap::new(),
             next_registration: 1,
+            deferred: Vec::new(),
             #[cfg(feature = "fault-injection")]
             faults: Faults::default(),
         }
@@ -679,12 +687,19 @@ impl RoomActor {
         let room = self.id.clone();
         #[cfg(feature = "fault-injection")]
         let fault = self.faults.for_commit(&messages);
+        #[cfg(feature = "fault-injection")]
+        let delay_after = self.faults.delay_after_next_commit.take();
         let commit = async move {
             #[cfg(feature = "fault-injection")]
             if let Some(result) = fault.apply().await {
                 return result;
             }
-            store.append_grouped(&room, messages).await
+            let result = store.append_grouped(&room, messages).await;
+            #[cfg(feature = "fault-injection")]
+            if let Some(delay) = delay_after {
+                tokio::time::sleep(delay).await;
+            }
+            result
         };
         // A panic in the commit must not drop the actor's task unseen: it stops the
         // actor, the supervisor restarts it, and the batch's senders are told to
@@ -700,6 +715,7 @@ impl RoomActor {
                         Ok(result) => {
                             act.committed(batch, isolated, result, ctx);
                             act.flush(ctx);
+                            act.retry_deferred(ctx);
                         }
                         Err(panicked) => {
                             tracing::error!(room = %act.id, error = %panicked, "room commit panicked; restarting the room");
@@ -1189,6 +1205,9 @@ impl Actor for RoomActor {
 
 impl Supervised for RoomActor {
     fn restarting(&mut self, _ctx: &mut Self::Context) {
+        // Waiting subscriptions are answered "retry" (their senders dropped): the
+        // reloaded room may not know the sequences they wait for.
+        self.deferred.clear();
         tracing::warn!(room = %self.id, subscribers = self.subscribers.len(), "room actor restarting");
         // In-flight commits were dropped with the old context: their senders get
         // an error and retry with the same client message id (idempotent).
@@ -1286,10 +1305,35 @@ impl Handler<Append> for RoomActor {
 }
 
 impl Handler<Subscribe> for RoomActor {
-    type Result = Result<SubscribeReply, ApiError>;
+    type Result = ResponseFuture<Result<SubscribeReply, ApiError>>;
 
     fn handle(&mut self, msg: Subscribe, ctx: &mut Self::Context) -> Self::Result {
-        guarded(
+        let (reply, answer) = oneshot::channel();
+        self.try_subscribe(msg, reply, ctx);
+        // Dropped unanswered: the actor stopped (the connection looks the room up
+        // again and subscribes anew).
+        Box::pin(async move {
+            answer
+                .await
+                .unwrap_or_else(|_| Err(ApiError::unavailable(RETIRED_MESSAGE)))
+        })
+    }
+}
+
+impl RoomActor {
+    /// Registers a subscription and answers `reply`, or, when it starts after a
+    /// sequence the store already shows but this room has not published yet (a
+    /// client read it from history while the commit was finishing), keeps it until
+    /// that commit has been published ([`RoomActor::retry_deferred`]).
+    fn try_subscribe(
+        &mut self,
+        msg: Subscribe,
+        reply: oneshot::Sender<Result<SubscribeReply, ApiError>>,
+        ctx: &mut Context<Self>,
+    ) {
+        let mut deferred: Option<Subscribe> = None;
+        let wait = &mut deferred;
+        let result = guarded(
             self,
             ctx,
             // The connection looks the room up again and subscribes anew.
@@ -1355,6 +1399,12 @@ impl Handler<Subscribe> for RoomActor {
                 }
                 let replay = match msg.since {
                     None => Vec::new(),
+                    Some(since) if since > last_seq && act.writing => {
+                        *wait = Some(msg);
+                        return Err(ApiError::unavailable(
+                            "deferred until the commit is published",
+                        ));
+                    }
                     Some(since) if since > last_seq => {
                         return Err(ApiError::new(
                             Code::OutOfRange,
@@ -1383,7 +1433,20 @@ impl Handler<Subscribe> for RoomActor {
                     replay,
                 })
             },
-        )
+        );
+        match deferred {
+            Some(msg) => self.deferred.push((msg, reply)),
+            None => {
+                let _ = reply.send(result);
+            }
+        }
+    }
+
+    /// Tries the deferred subscriptions again (after a commit was published).
+    fn retry_deferred(&mut self, ctx: &mut Context<Self>) {
+        for (msg, reply) in std::mem::take(&mut self.deferred) {
+            self.try_subscribe(msg, reply, ctx);
+        }
     }
 }
 
@@ -1723,6 +1786,9 @@ impl Handler<InjectFault> for RoomActor {
             move |act, _ctx| match msg {
                 InjectFault::PanicInNextCommit => act.faults.panic_next_commit = true,
                 InjectFault::DelayNextCommit(delay) => act.faults.delay_next_commit = Some(delay),
+                InjectFault::DelayAfterNextCommit(delay) => {
+                    act.faults.delay_after_next_commit = Some(delay)
+                }
                 InjectFault::FailCommitsWithText(text) => act.faults.fail_text = Some(text),
                 InjectFault::RetireOnNextSubscribe => act.faults.retire_on_subscribe = true,
                 InjectFault::PanicInHandler => panic!("injected fault: a room handler panics"),
