@@ -13,6 +13,9 @@
 #     sends-rooms      100 senders × 32 in flight over 100 rooms     (issue 10 item 5)
 #     fanout           SUBSCRIBERS WebSocket subscribers of one room, RATE msgs/s
 #     fanout-sse       the same load, subscribers over SSE
+#     fanout-poll      the same load, subscribers long-polling (PushService.Poll)
+#     live             LIVE_VIEWERS anonymous viewers of one live room (+batch), LIVE_RATE msgs/s, 30 s
+#     live-burst       2,000 anonymous viewers of one live room (+batch), 200 msgs/s
 #     rooms            ROOMS_SUBSCRIBERS subscribers over ROOMS rooms (1,000 × 10)
 #     idle             IDLE idle authenticated connections, one account each
 #     storm            STORM connections authenticated and subscribed, one account each
@@ -45,6 +48,7 @@
 #     BENCH_PIPE_SENDERS=100 BENCH_PIPE_IN_FLIGHT=32 BENCH_PIPE_MESSAGES=200   sends-*
 #     BENCH_SUBSCRIBERS=1000 BENCH_PUBLISHERS=2 BENCH_RATE=100 BENCH_DURATION=10   fanout*
 #     BENCH_ROOMS=1000 BENCH_ROOMS_SUBSCRIBERS=10000 BENCH_ROOMS_RATE=1000     rooms
+#     BENCH_LIVE_VIEWERS=10000 BENCH_LIVE_RATE=20 BENCH_LIVE_DURATION=30       live
 #     BENCH_IDLE=10000 BENCH_STORM=10000                       idle, storm
 #     BENCH_CODEC=proto                                        proto or json
 # Results: the bench's summaries on stdout, and the JSON lines (one per run, with
@@ -105,6 +109,9 @@ pipe_messages=${BENCH_PIPE_MESSAGES:-200}
 rooms=${BENCH_ROOMS:-1000}
 rooms_subscribers=${BENCH_ROOMS_SUBSCRIBERS:-10000}
 rooms_rate=${BENCH_ROOMS_RATE:-1000}
+live_viewers=${BENCH_LIVE_VIEWERS:-10000}
+live_rate=${BENCH_LIVE_RATE:-20}
+live_duration=${BENCH_LIVE_DURATION:-30}
 idle=${BENCH_IDLE:-10000}
 storm=${BENCH_STORM:-10000}
 codec=${BENCH_CODEC:-proto}
@@ -191,6 +198,7 @@ fd_limit=$(ulimit -n)
 most=$idle
 ((storm > most)) && most=$storm
 ((rooms_subscribers > most)) && most=$rooms_subscribers
+((live_viewers > most)) && most=$live_viewers
 need=$((most + 200))
 if [[ $fd_limit != unlimited ]] && ((fd_limit < need)); then
     echo "bench.sh: the open-files limit is $fd_limit but $most connections need about $need; raise the hard limit (ulimit -Hn)" >&2
@@ -330,6 +338,12 @@ run_scenario fanout fanout --subscribers "$subscribers" --publishers "$publisher
     --rate "$rate" --duration "$duration" --timeout 300
 run_scenario fanout-sse fanout --transport sse --subscribers "$subscribers" \
     --publishers "$publishers" --rate "$rate" --duration "$duration" --timeout 300
+run_scenario fanout-poll fanout --transport poll --subscribers "$subscribers" \
+    --publishers "$publishers" --rate "$rate" --duration "$duration" --timeout 300
+run_scenario live fanout --live --anonymous --batch --subscribers "$live_viewers" \
+    --publishers "$publishers" --rate "$live_rate" --duration "$live_duration" --timeout 600
+run_scenario live-burst fanout --live --anonymous --batch --subscribers 2000 \
+    --publishers "$publishers" --rate 200 --duration "$duration" --timeout 300
 run_scenario rooms fanout --rooms "$rooms" --subscribers "$rooms_subscribers" \
     --subscriber-users 200 --publishers "$publishers" --rate "$rooms_rate" \
     --duration "$duration" --timeout 600
