@@ -338,8 +338,10 @@ run_scenario fanout fanout --subscribers "$subscribers" --publishers "$publisher
     --rate "$rate" --duration "$duration" --timeout 300
 run_scenario fanout-sse fanout --transport sse --subscribers "$subscribers" \
     --publishers "$publishers" --rate "$rate" --duration "$duration" --timeout 300
+# One account per poller: poll.max_waiting_per_user (16) bounds a user's waiting polls.
 run_scenario fanout-poll fanout --transport poll --subscribers "$subscribers" \
-    --publishers "$publishers" --rate "$rate" --duration "$duration" --timeout 300
+    --subscriber-users "$subscribers" --publishers "$publishers" --rate "$rate" \
+    --duration "$duration" --timeout 300
 run_scenario live fanout --live --anonymous --batch --subscribers "$live_viewers" \
     --publishers "$publishers" --rate "$live_rate" --duration "$live_duration" --timeout 600
 run_scenario live-burst fanout --live --anonymous --batch --subscribers 2000 \
