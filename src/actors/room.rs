@@ -422,6 +422,8 @@ pub struct RoomActor {
     subscribers: HashMap<ConnectionId, Subscriber>,
     /// This room's share of the `roomcast_subscriptions` gauge.
     subscriptions_gauge: crate::metrics::GaugeShare,
+    /// A live room's share of the `roomcast_live_viewers` gauge.
+    viewers_gauge: crate::metrics::GaugeShare,
     pending: VecDeque<PendingAppend>,
     writing: bool,
     /// Appends still to be committed one at a time, because the batch they were
@@ -476,6 +478,7 @@ impl RoomActor {
             ring: VecDeque::new(),
             subscribers: HashMap::new(),
             subscriptions_gauge: crate::metrics::GaugeShare::subscriptions(),
+            viewers_gauge: crate::metrics::GaugeShare::live_viewers(),
             pending: VecDeque::new(),
             writing: false,
             isolate: 0,
@@ -659,10 +662,11 @@ impl RoomActor {
         }
         let every = Duration::from_millis(self.settings.rooms.live.viewer_count_interval_ms);
         self.viewer_timer = Some(ctx.run_interval(every, |act, _ctx| {
+            let count = act.viewers();
+            act.viewers_gauge.set(count as usize);
             if act.subscribers.is_empty() || act.retired {
                 return;
             }
-            let count = act.viewers();
             let frame = crate::protocol::push(pb::server_frame::Kind::Viewers(pb::Viewers {
                 room_id: act.id.0.clone(),
                 count,
@@ -1093,6 +1097,9 @@ impl RoomActor {
         if self.outbox.is_empty() {
             return;
         }
+        crate::metrics::metrics()
+            .fanout_batch_events
+            .observe(self.outbox.len() as f64);
         let batch = Arc::new(EventBatch::new(
             self.id.clone(),
             std::mem::take(&mut self.outbox),
