@@ -15,6 +15,8 @@ const PROTOS: &[&str] = &[
     "roomcast/v1/push.proto",
     "roomcast/v1/realtime.proto",
     "roomcast/v1/admin.proto",
+    // node to node (the cluster broker), never seen by clients
+    "roomcast/node/v1/node.proto",
 ];
 
 /// Emits `pub mod <service_snake> { NAME, METHODS }` for each service.

@@ -55,6 +55,10 @@ pub enum StartError {
     Tls(#[from] http::tls::TlsError),
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    #[error("cluster: {0}")]
+    Cluster(#[from] crate::cluster::BrokerError),
+    #[error("cluster.broker = \"redis\" links several nodes, which must share one PostgreSQL store; store.url is an SQLite file (one node only): set store.url to postgres://… or cluster.broker to \"local\"")]
+    ClusterNeedsPostgres,
 }
 
 /// A started server.
@@ -79,6 +83,11 @@ pub async fn open_store(settings: &Settings) -> Result<Store, StoreError> {
 
 /// Starts the actors that serve the API. Must run inside an actix `System`.
 pub async fn start_state(settings: Arc<Settings>, store: Store) -> Result<AppState, StartError> {
+    if settings.cluster.broker == "redis" && store.backend() == crate::store::Backend::Sqlite {
+        return Err(StartError::ClusterNeedsPostgres);
+    }
+    // The broker first: rooms register their interest in it as they load.
+    let bus = crate::cluster::start(&settings.cluster)?;
     let hasher_settings = settings.auth.clone();
     let hasher = SyncArbiter::start(settings.auth.hasher_threads, move || {
         PasswordHasher::new(&hasher_settings)
@@ -98,7 +107,9 @@ pub async fn start_state(settings: Arc<Settings>, store: Store) -> Result<AppSta
         CommitBatcher::start(store.clone(), settings.store.group_commit_max_messages);
     }
     let room_threads = std::thread::available_parallelism().map_or(2, usize::from);
-    let rooms = RoomRegistry::new(store.clone(), settings.clone(), room_threads).start_supervised();
+    let rooms = RoomRegistry::new(store.clone(), settings.clone(), room_threads)
+        .with_bus(bus.clone())
+        .start_supervised();
     let hub_rooms = rooms.clone();
     let max_waiting = settings.poll.max_waiting_per_user;
     let polls = Supervisor::start(move |_| PollHub::new(hub_rooms, max_waiting));
@@ -128,6 +139,7 @@ pub async fn start_state(settings: Arc<Settings>, store: Store) -> Result<AppSta
         polls,
         send_limiter,
         drain: Arc::default(),
+        bus,
     })
 }
 
@@ -240,6 +252,8 @@ pub async fn start(settings: Settings, listener: TcpListener) -> Result<Running,
         addr = %local_addr,
         tls = tls.is_some(),
         store = ?state.store.backend(),
+        broker = state.bus.broker_name(),
+        node = state.bus.node_id(),
         "roomcast listening"
     );
     Ok(Running {

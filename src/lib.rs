@@ -13,6 +13,9 @@
 //! - [`actors`]: every actix actor, one per file (auth, rooms, sessions, connections).
 //! - [`admission`]: connection caps: server-wide, per address, per user, unauthenticated.
 //! - [`app`]: starts the actors and the HTTP server, and shuts them down in order.
+//! - [`cluster`]: the broker everything that crosses nodes goes through (room events,
+//!   user pushes, control commands, presence): in-process alone, Redis pub/sub
+//!   between nodes; and the per-room cross-node order (holes filled from the store).
 //! - [`domain`]: the operations behind each RPC, shared by HTTP and WebSocket, with
 //!   the access rules every RPC and frame passes and the audit log of moderation and
 //!   admin actions.
@@ -34,6 +37,7 @@
 pub mod actors;
 pub mod admission;
 pub mod app;
+pub mod cluster;
 pub mod domain;
 pub mod error;
 pub mod http;

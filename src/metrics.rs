@@ -159,6 +159,8 @@ pub struct Metrics {
     /// Events per delivery a room hands its subscribers: 1 when delivered at
     /// once, more when the coalescing window gathered them into one batch.
     pub fanout_batch_events: Histogram,
+    /// The cluster broker (see [`ClusterMetrics`]).
+    pub cluster: ClusterMetrics,
 }
 
 impl Metrics {
@@ -191,6 +193,7 @@ impl Metrics {
             live_viewers: Gauge::default(),
             live_refusals: Family::default(),
             fanout_batch_events: Histogram::new(exponential_buckets(start, factor, n)),
+            cluster: ClusterMetrics::default(),
         };
         m.register()
     }
@@ -325,6 +328,7 @@ impl Metrics {
             "Events per delivery a room hands its subscribers (more than 1: coalesced into a batch)",
             self.fanout_batch_events.clone(),
         );
+        self.cluster.register(&mut self.registry);
         self.registry.register_collector(Box::new(UsersOnline));
         // Process metrics carry the conventional unprefixed `process_` names.
         self.registry.register_collector(Box::new(ProcessCollector));
@@ -727,5 +731,72 @@ async fn scrape() -> actix_web::HttpResponse {
             tracing::error!(error = %e, "could not encode the metrics");
             actix_web::HttpResponse::InternalServerError().finish()
         }
+    }
+}
+
+/// The cluster broker's metrics (`crate::cluster`): what crossed nodes, what was
+/// lost on the way and filled from the store, and the link to Redis.
+#[derive(Default)]
+pub struct ClusterMetrics {
+    /// Messages published through the broker (local delivery included).
+    pub published: Counter,
+    /// Messages received from other nodes.
+    pub received: Counter,
+    /// Messages that could not be sent to the other nodes (link down, queue full).
+    pub dropped: Counter,
+    /// Holes in a room's sequence filled by reading the store.
+    pub gap_fills: Counter,
+    /// Events read from the store to fill holes.
+    pub gap_filled_events: Counter,
+    /// Holes in a live room's sequence that no node delivered (reported as `gap`).
+    pub live_gaps: Counter,
+    /// Links to Redis established again after a loss.
+    pub reconnects: Counter,
+    /// 1 while the node is cut off from the other nodes (Redis unreachable).
+    pub degraded: Gauge,
+}
+
+impl ClusterMetrics {
+    fn register(&self, r: &mut Registry) {
+        r.register(
+            "roomcast_broker_published",
+            "Messages published through the cluster broker (local delivery included)",
+            self.published.clone(),
+        );
+        r.register(
+            "roomcast_broker_received",
+            "Messages received from other nodes through the cluster broker",
+            self.received.clone(),
+        );
+        r.register(
+            "roomcast_broker_dropped",
+            "Messages not sent to other nodes (Redis unreachable or the send queue full); receivers fill them from the store",
+            self.dropped.clone(),
+        );
+        r.register(
+            "roomcast_broker_gap_fills",
+            "Holes in a room's sequence (events lost or late between nodes) filled from the store",
+            self.gap_fills.clone(),
+        );
+        r.register(
+            "roomcast_broker_gap_filled_events",
+            "Events read from the store to fill holes in a room's sequence",
+            self.gap_filled_events.clone(),
+        );
+        r.register(
+            "roomcast_broker_live_gaps",
+            "Holes in a live room's sequence no node delivered within cluster.live_holdback_ms",
+            self.live_gaps.clone(),
+        );
+        r.register(
+            "roomcast_broker_reconnects",
+            "Links to Redis established again after a loss",
+            self.reconnects.clone(),
+        );
+        r.register(
+            "roomcast_broker_degraded",
+            "1 while this node is cut off from the other nodes (Redis unreachable)",
+            self.degraded.clone(),
+        );
     }
 }

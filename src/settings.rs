@@ -34,6 +34,7 @@ pub struct Settings {
     pub metrics: MetricsSettings,
     pub tls: TlsSettings,
     pub web: WebSettings,
+    pub cluster: ClusterSettings,
 }
 
 /// The HTTP listener.
@@ -138,6 +139,56 @@ pub struct StoreSettings {
     /// batches waiting while the previous commit ran, see
     /// `crate::actors::commit_batcher`).
     pub group_commit_max_messages: usize,
+}
+
+/// How nodes exchange what crosses them (room events, user pushes, control
+/// commands, presence): see `crate::cluster`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterSettings {
+    /// `local`: one node, the in-process broker. `redis`: several nodes sharing one
+    /// PostgreSQL store (`store.url`) and one Redis (`redis_url`).
+    pub broker: String,
+    /// The Redis every node uses (`redis://host:port/db`); used when `broker = "redis"`.
+    pub redis_url: String,
+    /// This node's name in the cluster (logs, metrics, the origin of what it
+    /// publishes); empty: one is generated at each start.
+    pub node_id: String,
+    /// Prefix of every Redis channel name, so several clusters (or test runs) can
+    /// share one Redis.
+    pub channel_prefix: String,
+    /// First wait before reconnecting to Redis after a failure, in milliseconds;
+    /// doubled after each failed attempt.
+    pub reconnect_min_ms: u64,
+    /// Longest wait between two reconnection attempts, in milliseconds.
+    pub reconnect_max_ms: u64,
+    /// Live rooms: how long a node holds back an event that arrives after a hole in
+    /// the sequence (another node's event still on its way) before it reports the
+    /// hole as a `gap` and goes on, in milliseconds.
+    pub live_holdback_ms: u64,
+}
+
+/// Default of `cluster.reconnect_min_ms`.
+pub const CLUSTER_RECONNECT_MIN_MS: u64 = 100;
+/// Default of `cluster.reconnect_max_ms`.
+pub const CLUSTER_RECONNECT_MAX_MS: u64 = 5_000;
+/// Default of `cluster.live_holdback_ms`: a few Redis round trips on one network.
+pub const CLUSTER_LIVE_HOLDBACK_MS: u64 = 200;
+/// Default of `cluster.channel_prefix`.
+pub const CLUSTER_CHANNEL_PREFIX: &str = "roomcast:";
+
+impl Default for ClusterSettings {
+    fn default() -> Self {
+        Self {
+            broker: "local".into(),
+            redis_url: "redis://127.0.0.1:6379/0".into(),
+            node_id: String::new(),
+            channel_prefix: CLUSTER_CHANNEL_PREFIX.into(),
+            reconnect_min_ms: CLUSTER_RECONNECT_MIN_MS,
+            reconnect_max_ms: CLUSTER_RECONNECT_MAX_MS,
+            live_holdback_ms: CLUSTER_LIVE_HOLDBACK_MS,
+        }
+    }
 }
 
 /// Default of `store.group_commit_max_messages`: 16 rooms' full batches
@@ -749,6 +800,33 @@ impl Settings {
         }
         if !matches!(self.store.sqlite_synchronous.as_str(), "full" | "normal") {
             return bad("store.sqlite_synchronous", "must be `full` or `normal`");
+        }
+        match self.cluster.broker.as_str() {
+            "local" => {}
+            "redis" => {
+                if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                    return bad(
+                        "cluster.broker",
+                        "`redis` links several nodes, which must share one PostgreSQL store: \
+                         set store.url to postgres://… (an SQLite file belongs to one node)",
+                    );
+                }
+                if !(self.cluster.redis_url.starts_with("redis://")
+                    || self.cluster.redis_url.starts_with("redis+unix://")
+                    || self.cluster.redis_url.starts_with("unix://"))
+                {
+                    return bad("cluster.redis_url", "must be a redis:// (or unix://) URL");
+                }
+            }
+            _ => return bad("cluster.broker", "must be `local` or `redis`"),
+        }
+        if self.cluster.reconnect_min_ms == 0
+            || self.cluster.reconnect_max_ms < self.cluster.reconnect_min_ms
+        {
+            return bad(
+                "cluster.reconnect_max_ms",
+                "reconnect_min_ms must be at least 1 and reconnect_max_ms at least reconnect_min_ms",
+            );
         }
         if self.store.group_commit_max_messages == 0 {
             return bad("store.group_commit_max_messages", "must be at least 1");

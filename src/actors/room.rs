@@ -53,6 +53,7 @@ use super::{
     supervision::{catch_panic, guarded},
 };
 use crate::{
+    cluster::{Body, Bus, Delivered, Envelope, Interest, RoomOrder, Topic},
     error::{ApiError, Code},
     ids::{now_ms, MessageId, RoomId, UserId},
     model::{MessageKind, RoomKind},
@@ -456,6 +457,14 @@ pub struct RoomActor {
     /// Subscriptions from a sequence the store already shows but this room has not
     /// published yet (its commit is finishing): answered once it has.
     deferred: Vec<(Subscribe, oneshot::Sender<Result<SubscribeReply, ApiError>>)>,
+    /// The cluster broker: committed events go out through it and come back (from
+    /// this node and the others) through [`RoomActor::on_envelope`].
+    bus: Bus,
+    /// This room's interest in its topic, while loaded.
+    interest: Option<Interest>,
+    /// What arrives from the broker, put in one gapless order (see
+    /// [`crate::cluster::order`]).
+    order: RoomOrder,
     #[cfg(feature = "fault-injection")]
     faults: Faults,
 }
@@ -497,9 +506,19 @@ impl RoomActor {
             shards: HashMap::new(),
             next_registration: 1,
             deferred: Vec::new(),
+            bus: Bus::local(),
+            interest: None,
+            order: RoomOrder::new(0, false, Duration::ZERO),
             #[cfg(feature = "fault-injection")]
             faults: Faults::default(),
         }
+    }
+
+    /// Publishes and receives the room's events through `bus` (default: an
+    /// in-process broker of its own).
+    pub fn with_bus(mut self, bus: Bus) -> Self {
+        self.bus = bus;
+        self
     }
 
     /// Registers a subscriber (replacing an earlier one of its connection), with
@@ -595,6 +614,8 @@ impl RoomActor {
     fn retire(&mut self, ctx: &mut Context<Self>) {
         self.retired = true;
         self.retired_flag.store(true, Ordering::Release);
+        // A retired room receives nothing more (its successor registers anew).
+        self.interest = None;
         if let Some(timer) = self.idle_timer.take() {
             ctx.cancel_future(timer);
         }
@@ -640,6 +661,17 @@ impl RoomActor {
                         });
                         if act.live.is_some() {
                             act.start_viewer_counts(ctx);
+                        }
+                        act.order = RoomOrder::new(
+                            room.last_seq,
+                            act.live.is_some(),
+                            Duration::from_millis(act.settings.cluster.live_holdback_ms),
+                        );
+                        if act.interest.is_none() {
+                            act.interest = Some(act.bus.register(
+                                Topic::Room(act.id.clone()),
+                                ctx.address().recipient(),
+                            ));
                         }
                         tracing::debug!(room = %act.id, last_seq = act.last_seq, live = act.live.is_some(), "room loaded");
                     }
@@ -788,7 +820,7 @@ impl RoomActor {
             let _ = reply.send(Ok(outcome));
         }
         crate::metrics::metrics().committed(events.len());
-        self.publish(&events, ctx);
+        self.broadcast(&events, ctx);
     }
 
     /// Live rooms: gives each pending append the next sequence number (while the
@@ -847,7 +879,7 @@ impl RoomActor {
             }
         }
         crate::metrics::metrics().committed(published.len());
-        self.publish(&published, ctx);
+        self.broadcast(&published, ctx);
         for record in published.iter().filter(|r| r.kind == MessageKind::Delete) {
             if self
                 .live
@@ -996,13 +1028,47 @@ impl RoomActor {
         self.notice(frame, None);
     }
 
-    /// Adds committed events to the ring and delivers them to every subscriber.
-    fn publish(&mut self, records: &[MessageRecord], ctx: &mut Context<Self>) {
+    /// Publishes committed events through the broker (to this node and the
+    /// others), and delivers what the broker hands back like what the others
+    /// publish: one delivery path.
+    fn broadcast(&mut self, records: &[MessageRecord], ctx: &mut Context<Self>) {
         if records.is_empty() {
             return;
         }
-        for record in records {
-            let event = Arc::new(RoomEvent::new(record));
+        let events = records
+            .iter()
+            .map(|r| Arc::new(RoomEvent::new(r)))
+            .collect();
+        let envelope = self.bus.publish(
+            Topic::Room(self.id.clone()),
+            Body::RoomEvents {
+                room_id: self.id.clone(),
+                events,
+                live: self.live.is_some(),
+            },
+            self.interest.as_ref(),
+        );
+        self.on_envelope(&envelope, ctx);
+    }
+
+    /// Something published on the room's topic, by this node or another.
+    fn on_envelope(&mut self, envelope: &Envelope, ctx: &mut Context<Self>) {
+        if let Body::RoomEvents { events, .. } = &envelope.body {
+            let step = self.order.accept(events.iter().cloned());
+            if !step.ready.is_empty() {
+                self.publish(step.ready, ctx);
+            }
+        }
+    }
+
+    /// Adds committed events (contiguous, in order) to the ring and delivers them
+    /// to every subscriber.
+    fn publish(&mut self, events: Vec<Arc<RoomEvent>>, ctx: &mut Context<Self>) {
+        if events.is_empty() {
+            return;
+        }
+        for event in events {
+            let record = &event.record;
             if event.seq != self.last_seq + 1 {
                 // Someone else appended in between (another node); the ring would
                 // have a hole, so start it afresh from here.
@@ -1010,8 +1076,8 @@ impl RoomActor {
             }
             self.last_seq = event.seq;
             self.ring.push_back(event.clone());
-            self.outbox.push(event);
             self.amend_ring(record);
+            self.outbox.push(event);
         }
         let ring_size = self.ring_size();
         while self.ring.len() > ring_size {
@@ -1573,6 +1639,24 @@ impl Handler<Notify> for RoomActor {
                         }
                     }
                 }
+            },
+        )
+    }
+}
+
+impl Handler<Delivered> for RoomActor {
+    type Result = ();
+
+    fn handle(&mut self, Delivered(envelope): Delivered, ctx: &mut Self::Context) {
+        guarded(
+            self,
+            ctx,
+            || (),
+            move |act, ctx| {
+                if act.retired || act.broken.is_some() {
+                    return;
+                }
+                act.on_envelope(&envelope, ctx);
             },
         )
     }

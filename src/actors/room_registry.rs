@@ -20,7 +20,7 @@ use super::{
     room::{Notify, RetiredFlag, RoomActor, RoomIdle, RoomNotice},
     supervision::guarded,
 };
-use crate::{ids::RoomId, settings::Settings, store::Store};
+use crate::{cluster::Bus, ids::RoomId, settings::Settings, store::Store};
 
 /// The running actor of a room, started when needed; `None` only when the registry
 /// failed while answering (it is then restarting: retry).
@@ -60,6 +60,8 @@ pub struct RoomRegistry {
     _owned: Vec<Arbiter>,
     next_arbiter: usize,
     rooms: HashMap<RoomId, RoomEntry>,
+    /// The cluster broker the rooms publish to and receive from.
+    bus: Bus,
 }
 
 /// A running room and the flag it raises when it retires.
@@ -87,7 +89,14 @@ impl RoomRegistry {
             _owned: owned,
             next_arbiter: 0,
             rooms: HashMap::new(),
+            bus: Bus::local(),
         }
+    }
+
+    /// The rooms publish their events through `bus` (default: an in-process one).
+    pub fn with_bus(mut self, bus: Bus) -> Self {
+        self.bus = bus;
+        self
     }
 
     /// Starts the registry under a supervisor.
@@ -103,12 +112,13 @@ impl RoomRegistry {
         self.next_arbiter = self.next_arbiter.wrapping_add(1);
         let store = self.store.clone();
         let settings = self.settings.clone();
+        let bus = self.bus.clone();
         let registry = ctx.address().recipient();
         let id = room_id.clone();
         let retired = RetiredFlag::default();
         let flag = retired.clone();
         let addr = Supervisor::start_in_arbiter(arbiter, move |_| {
-            RoomActor::new(id, store, settings, Some(registry), flag)
+            RoomActor::new(id, store, settings, Some(registry), flag).with_bus(bus)
         });
         self.rooms.insert(
             room_id,

@@ -53,6 +53,8 @@ pub struct AppState {
     pub send_limiter: Arc<SendLimiter>,
     /// Set once the node drains (SIGTERM or AdminService.DrainNode).
     pub drain: Arc<drain::Drain>,
+    /// This node's end of the cluster broker (publish, register interest).
+    pub bus: crate::cluster::Bus,
 }
 
 /// Per-user token bucket for sends (HTTP and WebSocket share it).

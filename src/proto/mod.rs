@@ -1,4 +1,5 @@
-//! The protobuf API: the `.proto` files under `src/proto/roomcast/v1/` are the single
+//! The protobuf API: the `.proto` files under `src/proto/roomcast/v1/` (and the
+//! node-to-node messages under `src/proto/roomcast/node/v1/`) are the single
 //! source of truth. `build.rs` compiles them into the prost types, the canonical
 //! proto3 JSON mapping (pbjson) and a table of method names per service.
 
@@ -7,6 +8,17 @@
 pub mod v1 {
     include!(concat!(env!("OUT_DIR"), "/roomcast.v1.rs"));
     include!(concat!(env!("OUT_DIR"), "/roomcast.v1.serde.rs"));
+}
+
+/// `roomcast.node.v1`: what nodes tell each other through the cluster broker
+/// (`src/proto/roomcast/node/v1/node.proto`; see [`crate::cluster`]). Never sent
+/// to clients.
+pub mod node {
+    /// Version 1 of the node-to-node messages.
+    #[allow(clippy::all, missing_docs)]
+    pub mod v1 {
+        include!(concat!(env!("OUT_DIR"), "/roomcast.node.v1.rs"));
+    }
 }
 
 /// `google.protobuf.Timestamp`, with the canonical proto3 JSON form: RFC 3339 in

@@ -1,0 +1,92 @@
+//! The cluster broker: everything that crosses nodes (room events, room notices,
+//! user pushes and notifications, control commands, presence) goes through it.
+//! `cluster.broker = "local"` (the default) keeps it in the process
+//! ([`broker_memory`]); `"redis"` links nodes that share one PostgreSQL store
+//! through Redis pub/sub ([`broker_redis`], one supervised `Cluster` actor owning
+//! the connections). Node-to-node messages are `roomcast.node.v1.NodeMessage`
+//! (`src/proto/roomcast/node/v1/node.proto`).
+//!
+//! - [`broker`]: [`Topic`], [`Body`], [`Envelope`], [`Delivered`], the [`Broker`]
+//!   trait and [`Bus`], this node's end of it.
+//! - [`hub`]: this node's interest (topic → local consumers).
+//! - [`broker_memory`], [`broker_redis`]: the two brokers.
+//! - [`codec`]: envelopes to and from the node protocol.
+//! - [`order`]: [`RoomOrder`], how a room actor turns what arrives from every node
+//!   into one gapless order (holes filled from the store, or reported as `gap` in
+//!   live rooms).
+//!
+//! ## One delivery path
+//!
+//! Every publish, local or not, goes through [`Bus::publish`], which hands it to
+//! this node's consumers of the topic (no network hop) and to the broker, which
+//! carries it to the other nodes' consumers. The publisher gets the envelope back
+//! and handles it as it handles the others' (a room actor feeds its own committed
+//! events through the same [`RoomOrder`] as another node's). A node ignores its own
+//! messages when Redis echoes them.
+//!
+//! ## Registering interest (how a consumer receives what crosses nodes)
+//!
+//! An actor that wants a topic implements `Handler<Delivered>` and calls
+//! [`Bus::register`]`(topic, ctx.address().recipient())`, keeping the returned
+//! [`Interest`] for as long as it wants the topic (dropping it unregisters; the
+//! node unsubscribes from the topic's Redis channel when its last interest goes).
+//! Topics: [`Topic::Room`] (events and notices of a room: the room's actor
+//! registers while it is loaded), [`Topic::User`] (register while the user has
+//! connections on this node), [`Topic::Control`] (every node; register once at
+//! start). Publish with [`Bus::publish`]`(topic, body, None)` (or
+//! `Some(&interest)` when the publisher is itself a consumer of the topic and
+//! handles the returned envelope itself). A consumer also gets [`Body::Relinked`]
+//! when the node relinks after a Redis fault and when its topic's subscription took
+//! effect: what it may have missed is in the store (re-read it) or is lost (a live
+//! room reports a `gap`). Delivery is at most once and, between nodes, may be out
+//! of order: consumers that need order carry a sequence (rooms do).
+//!
+//! The [`Bus`] is in `AppState` (`state.bus`); its `linked()` says whether the node
+//! is degraded (see `/readyz`).
+
+pub mod broker;
+pub mod broker_memory;
+pub mod broker_redis;
+pub mod codec;
+pub mod hub;
+pub mod order;
+
+use std::sync::Arc;
+
+pub use broker::{Body, Broker, BrokerError, Bus, Delivered, Envelope, Interest, Topic};
+pub use order::RoomOrder;
+
+use crate::settings::ClusterSettings;
+
+/// A node id for a node whose `cluster.node_id` is empty: random, new at each start.
+pub fn generate_node_id() -> String {
+    format!("node-{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
+}
+
+/// Starts the configured broker and returns this node's bus. Must run inside an
+/// actix `System` (the Redis broker starts its `Cluster` actor).
+pub fn start(settings: &ClusterSettings) -> Result<Bus, BrokerError> {
+    let node_id: Arc<str> = if settings.node_id.is_empty() {
+        generate_node_id().into()
+    } else {
+        settings.node_id.as_str().into()
+    };
+    match settings.broker.as_str() {
+        "local" => Ok(broker_memory::MemoryBroker::bus(node_id)),
+        "redis" => {
+            tracing::info!(node = %node_id, redis = %redact(&settings.redis_url), "cluster broker: Redis pub/sub");
+            broker_redis::RedisBroker::start(settings, node_id)
+        }
+        other => Err(BrokerError::UnknownBroker(other.to_owned())),
+    }
+}
+
+/// A Redis URL without its password, for logs.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}://…@{}", &url[..scheme], &url[at + 1..])
+        }
+        _ => url.to_owned(),
+    }
+}
