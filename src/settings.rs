@@ -139,6 +139,10 @@ pub struct StoreSettings {
     /// batches waiting while the previous commit ran, see
     /// `crate::actors::commit_batcher`).
     pub group_commit_max_messages: usize,
+    /// Entries per kind of access fact (rooms, memberships, sessions, users' room
+    /// lists) kept in memory so that sends, subscriptions and token checks need no
+    /// query; every change drops its entries at once. 0 turns the cache off.
+    pub access_cache_max_entries: usize,
 }
 
 /// How nodes exchange what crosses them (room events, user pushes, control
@@ -195,6 +199,10 @@ impl Default for ClusterSettings {
 /// (`rooms.max_batch`, 256) in one transaction; more wait for the next one.
 pub const GROUP_COMMIT_MAX_MESSAGES: usize = 4096;
 
+/// Default of `store.access_cache_max_entries`: a busy node's sessions and
+/// memberships (a few hundred bytes each).
+pub const ACCESS_CACHE_MAX_ENTRIES: usize = 100_000;
+
 /// The embedded default database.
 pub const DEFAULT_STORE_URL: &str = "sqlite://data/roomcast.db";
 
@@ -207,6 +215,7 @@ impl Default for StoreSettings {
             sqlite_synchronous: "full".into(),
             acquire_timeout_ms: 10_000,
             group_commit_max_messages: GROUP_COMMIT_MAX_MESSAGES,
+            access_cache_max_entries: ACCESS_CACHE_MAX_ENTRIES,
         }
     }
 }

@@ -61,7 +61,7 @@ use super::{
 use crate::{
     actors::{authenticator::Authenticate, room::Relay},
     domain::{
-        access::room_access,
+        access::check_room_access,
         access_rules::Operation,
         messages,
         notifications::{self, LiveStep, NotificationFeed},
@@ -624,7 +624,7 @@ impl Connection {
         let user_id = principal.user_id.0.clone();
         ctx.spawn(
             async move {
-                room_access(&state, &principal, &room_id.0)
+                check_room_access(&state, &principal, &room_id.0)
                     .await?
                     .require_send()
                     .map_err(|_| ApiError::denied("only members who may send can send typing"))
@@ -694,7 +694,7 @@ impl Connection {
                 let room_id = RoomId::from(crate::domain::validate::id("room_id", &req.room_id)?);
                 return Ok((messages::room_actor(&state, &room_id).await?, checked_at));
             };
-            let access = room_access(&state, &principal, &req.room_id).await?;
+            let access = check_room_access(&state, &principal, &req.room_id).await?;
             drop(slot);
             access.require_read()?;
             Ok::<_, ApiError>((
@@ -1141,7 +1141,7 @@ async fn check_read(
     room_id: &RoomId,
 ) -> Result<(), ApiError> {
     let principal = principal.ok_or_else(|| ApiError::unauthenticated("authenticate first"))?;
-    room_access(state, &principal, &room_id.0)
+    check_room_access(state, &principal, &room_id.0)
         .await?
         .require_read()
 }

@@ -6,6 +6,7 @@
 
 mod admin;
 mod api_keys;
+mod cache;
 mod messages;
 mod notifications;
 mod rooms;
@@ -30,6 +31,7 @@ use crate::settings::StoreSettings;
 
 pub use admin::{AccessRuleFields, AccessRuleRecord, AuditRecord, NewAudit};
 pub use api_keys::ApiKeyRecord;
+pub use cache::{AccessChange, MemberFacts, SessionFacts};
 pub use messages::{AppendRejection, Appended, MessageRecord, NewMessage};
 pub use notifications::{
     InvitationRecord, NewNotification, NotificationInserted, NotificationKind, NotificationRecord,
@@ -133,6 +135,8 @@ pub struct Store {
     pool: AnyPool,
     backend: Backend,
     grouped: Arc<OnceLock<GroupedRoute>>,
+    /// Access facts kept in memory (see [`cache`]).
+    cache: Arc<cache::AccessCache>,
 }
 
 /// Takes one room's group-commit batch and answers its results.
@@ -208,6 +212,7 @@ impl Store {
             pool,
             backend,
             grouped: Arc::default(),
+            cache: Arc::new(cache::AccessCache::new(settings.access_cache_max_entries)),
         })
     }
 
@@ -282,6 +287,15 @@ impl Store {
     /// through `route` from now on; only the first route set counts.
     pub fn route_grouped_appends(&self, route: GroupedAppend) {
         let _ = self.grouped.set(GroupedRoute(route));
+    }
+
+    /// Drops the cached access facts that `change` may have made wrong. Every
+    /// store write that changes a room, a membership, a ban, an invitation, a
+    /// user, a suspension or a session calls this after its commit; a node that
+    /// learns of a change another node made to the shared database must call it
+    /// too (the cluster forwards each [`AccessChange`]).
+    pub fn invalidate_access(&self, change: &AccessChange) {
+        self.cache.invalidate(change);
     }
 
     /// Which database this is.
