@@ -29,7 +29,7 @@ use std::{
     future::{poll_fn, Future},
     io::{self, IoSlice},
     pin::Pin,
-    rc::Rc,
+    rc::{Rc, Weak},
     sync::Arc,
     task::{Context, Poll, Waker},
     time::Duration,
@@ -48,6 +48,7 @@ use super::{
 use crate::{
     actors::room::OutboundGauge,
     admission::{Refusal, WsTicket},
+    protocol::WireFrame,
 };
 
 /// Bytes each read asks for at least (more when a bigger frame is in flight).
@@ -506,7 +507,7 @@ impl Transport {
     /// A handle for the arbiter's fan-out shard (see [`Pusher`]).
     pub fn pusher(&self) -> Pusher {
         Pusher {
-            shared: self.shared.clone(),
+            shared: Rc::downgrade(&self.shared),
         }
     }
 
@@ -580,29 +581,39 @@ fn close(shared: &Shared, code: Option<u16>, reason: &str) {
 /// its arbiter (same thread: it is not `Send`). It writes a frame to the socket at
 /// once when nothing else is queued, so a shard's delivery costs one system call
 /// per connection and no task wake-up; otherwise the frame queues behind the
-/// others. It never keeps the writer alive: the connection ends when its owner
-/// drops the [`Transport`].
+/// others. It holds the connection weakly: the socket closes when the connection
+/// is over, whoever still holds a pusher.
 #[derive(Clone)]
 pub struct Pusher {
-    shared: Rc<Shared>,
+    shared: Weak<Shared>,
 }
 
 impl Pusher {
     /// Writes (or queues) a text or binary message; `Err` when the queue is over
-    /// its budget (the frame is queued all the same, like [`Transport::text`]).
-    pub fn write(&self, binary: bool, payload: Bytes) -> Result<(), QueueFull> {
-        let opcode = if binary { OpCode::Binary } else { OpCode::Text };
-        self.shared.push(opcode, payload, false, true)
+    /// its budget (the frame is queued all the same, like [`Transport::text`]). A
+    /// connection that is gone takes nothing and answers `Ok`.
+    pub fn write(&self, frame: WireFrame) -> Result<(), QueueFull> {
+        let Some(shared) = self.shared.upgrade() else {
+            return Ok(());
+        };
+        match frame {
+            WireFrame::Text(text) => shared.push(OpCode::Text, text.into_bytes(), false, true),
+            WireFrame::Binary(bytes) => shared.push(OpCode::Binary, bytes, false, true),
+        }
     }
 
     /// Queues the close frame, as [`Transport::close`].
     pub fn close(&self, code: Option<u16>, reason: &str) {
-        close(&self.shared, code, reason);
+        if let Some(shared) = self.shared.upgrade() {
+            close(&shared, code, reason);
+        }
     }
 
     /// Whether the connection is closing or gone (nothing more is written).
     pub fn is_closed(&self) -> bool {
-        self.shared.closing.get() || self.shared.writer_done.get()
+        self.shared
+            .upgrade()
+            .is_none_or(|shared| shared.closing.get() || shared.writer_done.get())
     }
 }
 
