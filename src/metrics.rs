@@ -120,6 +120,9 @@ pub struct Metrics {
     pub messages_committed: Counter,
     /// Events pushed to subscribers (one per event per subscriber).
     pub messages_delivered: Counter,
+    /// Of those, events a fan-out shard wrote straight into a WebSocket's transport
+    /// (the others went through the connection actor).
+    pub messages_delivered_direct: Counter,
     /// Messages per group commit.
     pub commit_batch_size: Histogram,
     /// Time a group commit took, store round trip included.
@@ -174,6 +177,7 @@ impl Metrics {
             messages_received: Counter::default(),
             messages_committed: Counter::default(),
             messages_delivered: Counter::default(),
+            messages_delivered_direct: Counter::default(),
             commit_batch_size: Histogram::new(exponential_buckets(start, factor, n)),
             commit_duration: latency_histogram(),
             subscribers_lagged: Counter::default(),
@@ -229,6 +233,11 @@ impl Metrics {
             "roomcast_messages_delivered",
             "Events pushed to subscribers, one per event per subscriber",
             self.messages_delivered.clone(),
+        );
+        r.register(
+            "roomcast_messages_delivered_direct",
+            "Of the events pushed to subscribers, those a fan-out shard wrote straight to a WebSocket (without a message to its connection actor)",
+            self.messages_delivered_direct.clone(),
         );
         r.register(
             "roomcast_commit_batch_size",
