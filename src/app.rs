@@ -99,12 +99,15 @@ pub async fn start_state(settings: Arc<Settings>, store: Store) -> Result<AppSta
     }
     let room_threads = std::thread::available_parallelism().map_or(2, usize::from);
     let rooms = RoomRegistry::new(store.clone(), settings.clone(), room_threads).start_supervised();
-    let sessions_store = store.clone();
-    let sessions_rooms = rooms.clone();
-    let sessions = Supervisor::start(move |_| SessionRegistry::new(sessions_store, sessions_rooms));
     let hub_rooms = rooms.clone();
     let max_waiting = settings.poll.max_waiting_per_user;
     let polls = Supervisor::start(move |_| PollHub::new(hub_rooms, max_waiting));
+    let sessions_store = store.clone();
+    let sessions_rooms = rooms.clone();
+    let sessions_polls = polls.clone().recipient();
+    let sessions = Supervisor::start(move |_| {
+        SessionRegistry::new(sessions_store, sessions_rooms, sessions_polls.clone())
+    });
     let sweeper_store = store.clone();
     let sweep_every = Duration::from_secs(settings.rooms.retention_sweep_secs);
     let notification_retention = Duration::from_secs(settings.notifications.retention_secs);

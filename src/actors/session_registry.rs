@@ -18,9 +18,12 @@ use std::{
     time::Duration,
 };
 
-use actix::{Actor, Addr, AsyncContext as _, Context, Handler, Message, Supervised, WeakRecipient};
+use actix::{
+    Actor, Addr, AsyncContext as _, Context, Handler, Message, Recipient, Supervised, WeakRecipient,
+};
 
 use super::{
+    poll_hub::{EndUserPolls, PollEnd},
     room::ConnectionId,
     room_registry::RoomRegistry,
     supervision::guarded,
@@ -228,14 +231,17 @@ pub struct SessionRegistry {
     store: Store,
     /// Shared by every session (an address per session would allocate per user).
     rooms: Arc<Addr<RoomRegistry>>,
+    /// The poll hub, whose waiting long-polls a sign-out ends.
+    polls: Recipient<EndUserPolls>,
     sessions: HashMap<UserId, Online>,
 }
 
 impl SessionRegistry {
-    pub fn new(store: Store, rooms: Addr<RoomRegistry>) -> Self {
+    pub fn new(store: Store, rooms: Addr<RoomRegistry>, polls: Recipient<EndUserPolls>) -> Self {
         Self {
             store,
             rooms: Arc::new(rooms),
+            polls,
             sessions: HashMap::new(),
         }
     }
@@ -340,6 +346,12 @@ impl Handler<SignOutUser> for SessionRegistry {
             ctx,
             || (),
             move |act, _ctx| {
+                // Long-polls of the session end too (`ended` 4501), on this node.
+                act.polls.do_send(EndUserPolls {
+                    user_id: msg.user_id.clone(),
+                    session_id: msg.session_id.clone(),
+                    why: PollEnd::SignedOut,
+                });
                 if let Some(online) = act.sessions.get(&msg.user_id) {
                     online.session.do_send(EndSessions {
                         session_id: msg.session_id,
