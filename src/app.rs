@@ -194,6 +194,7 @@ pub async fn start(settings: Settings, listener: TcpListener) -> Result<Running,
                 .app_data(web::Data::new(app_state.clone()))
                 .app_data(web::Data::new(admission.clone()))
                 .wrap(http::cors(&app_state.settings.cors))
+                .wrap(from_fn(http::close_keep_alive_while_draining))
                 .wrap(from_fn(http::request_context))
                 .configure(|cfg| {
                     if app_state.settings.metrics.listen.is_empty() {
@@ -339,8 +340,10 @@ pub async fn serve(settings: Settings) -> Result<(), StartError> {
             "shutdown requested: closing live connections, finishing in-flight requests"
         );
         // The same drain as AdminService.DrainNode: not ready, no new WebSockets,
-        // live ones get the "reconnect" close code instead of a dropped socket.
-        drain::drain(&state, "shutting down").await;
+        // live ones get the "reconnect" close code instead of a dropped socket,
+        // spread over server.drain_spread_ms; then the listener closes and the
+        // requests in flight finish.
+        drain::drain_for_shutdown(&state, "shutting down").await;
         handle.stop(true).await;
     });
     running.server.await?;

@@ -51,6 +51,10 @@ pub struct ServerSettings {
     pub request_timeout_ms: u64,
     /// How long a graceful shutdown waits for in-flight requests, in seconds.
     pub shutdown_timeout_secs: u64,
+    /// When the node drains (SIGTERM, AdminService.DrainNode), its live connections
+    /// are told to reconnect spread evenly over this window, in milliseconds, so the
+    /// other nodes are not stampeded by every client at once. 0 closes them at once.
+    pub drain_spread_ms: u64,
     /// RPC replies at least this long are gzip-compressed for clients that accept it.
     pub compress_min_bytes: usize,
     /// How long a new connection may take to send its first request's headers (or
@@ -75,6 +79,9 @@ pub const DEFAULT_MAX_REQUEST_BYTES: usize = 1024 * 1024;
 pub const DEFAULT_REQUEST_TIMEOUT_MS: u64 = 30_000;
 /// Graceful shutdown waits 30 s for in-flight requests.
 pub const DEFAULT_SHUTDOWN_TIMEOUT_SECS: u64 = 30;
+/// A draining node's clients reconnect spread over 10 s: a node of 10,000
+/// connections sends the others 1,000 reconnects a second, not 10,000 at once.
+pub const DEFAULT_DRAIN_SPREAD_MS: u64 = 10_000;
 /// Replies from 1 KiB up are compressed (the threshold connect-es uses for requests):
 /// below it, gzip's header and CPU cost outweigh the bytes saved.
 pub const DEFAULT_COMPRESS_MIN_BYTES: usize = 1024;
@@ -93,6 +100,7 @@ impl Default for ServerSettings {
             max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
             request_timeout_ms: DEFAULT_REQUEST_TIMEOUT_MS,
             shutdown_timeout_secs: DEFAULT_SHUTDOWN_TIMEOUT_SECS,
+            drain_spread_ms: DEFAULT_DRAIN_SPREAD_MS,
             compress_min_bytes: DEFAULT_COMPRESS_MIN_BYTES,
             header_timeout_ms: DEFAULT_HEADER_TIMEOUT_MS,
             max_connections: DEFAULT_MAX_CONNECTIONS,

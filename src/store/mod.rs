@@ -220,6 +220,15 @@ impl Store {
     pub async fn migrate(&self) -> StoreResult<()> {
         match self.backend {
             Backend::Sqlite => SQLITE_MIGRATIONS.run(&self.pool).await?,
+            Backend::Postgres if self.is_cockroachdb().await? => {
+                // CockroachDB has no pg_advisory_lock (cockroachdb/cockroach#13546),
+                // which sqlx's migrator takes to keep two processes from migrating
+                // at once: run without it. Migrate from one place (one node first,
+                // or `roomcast migrate`), as docs/scaling.md says.
+                let mut unlocked = sqlx::migrate!("src/store/migrations/postgres");
+                unlocked.set_locking(false);
+                unlocked.run(&self.pool).await?;
+            }
             Backend::Postgres => POSTGRES_MIGRATIONS.run(&self.pool).await?,
         }
         // Values that only Rust can compute (Unicode skeletons).
@@ -228,6 +237,14 @@ impl Store {
             tracing::info!(filled, "username skeletons filled in");
         }
         Ok(())
+    }
+
+    /// Whether the PostgreSQL-protocol server is CockroachDB (its `version()` says so).
+    async fn is_cockroachdb(&self) -> StoreResult<bool> {
+        let version: String = sqlx::query_scalar("SELECT version()")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(version.contains("CockroachDB"))
     }
 
     /// Whether the database answers.
