@@ -320,6 +320,7 @@ async fn batches_carry_the_same_events(backend: Backend, codec: WsCodec) {
             fast_sends(s);
             // A long window: everything sent while it runs goes in one batch.
             s.rooms.live.coalesce_ms = 400;
+            s.rooms.live.coalesce_min_ms = 400;
         })
         .await,
     );
@@ -1049,6 +1050,7 @@ async fn sse_batches(backend: Backend) {
         TestServer::spawn_with(backend, |s| {
             fast_sends(s);
             s.rooms.live.coalesce_ms = 400;
+            s.rooms.live.coalesce_min_ms = 400;
         })
         .await,
     );

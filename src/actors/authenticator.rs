@@ -1095,8 +1095,14 @@ impl Shared {
             .await?;
         let session_id = SessionId(session.id);
         // A token is used right after it is issued (a client signs in, then
-        // connects): read what its checks need now, so they find it in memory.
-        if let Err(e) = self.store.session_facts(&session_id, &user.id).await {
+        // connects): read what its check and the user's presence need now, so
+        // they find it in memory.
+        let (facts, rooms) = futures_util::future::join(
+            self.store.session_facts(&session_id, &user.id),
+            self.store.user_room_ids(&user.id),
+        )
+        .await;
+        if let Err(e) = facts.and(rooms.map(drop)) {
             debug!(error = %e, "cannot pre-read the new session's facts");
         }
         let (access_token, access_expires_at) =

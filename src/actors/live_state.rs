@@ -24,6 +24,12 @@ use crate::{
 
 /// The window of `rate_limit_per_minute`.
 const RATE_WINDOW: Duration = Duration::from_secs(60);
+/// How often a live room's event rate is re-estimated (its coalescing window
+/// follows it).
+const RATE_PERIOD: Duration = Duration::from_millis(100);
+/// Weight of the newest period in the smoothed event rate: a burst is seen within
+/// a few periods, a single busy period does not swing the window.
+const RATE_SMOOTHING: f64 = 0.3;
 
 /// A live room's state inside its room actor.
 #[derive(Debug, Default)]
@@ -40,6 +46,8 @@ pub struct LiveState {
     recent: HashMap<UserId, VecDeque<Instant>>,
     /// (sender, client message id) → sequence, for the messages the ring holds.
     pub sent_ids: HashMap<(UserId, String), u64>,
+    /// The coalescing window, following the room's load.
+    pub window: AdaptiveWindow,
 }
 
 impl LiveState {
@@ -202,6 +210,61 @@ fn filtered_word<'a>(list: &'a [String], text: &str) -> Option<&'a str> {
 }
 
 #[cfg(test)]
+mod window_tests {
+    use super::*;
+
+    fn settings(min: u64, max: u64, budget: u64) -> LiveRoomSettings {
+        LiveRoomSettings {
+            coalesce_min_ms: min,
+            coalesce_ms: max,
+            coalesce_writes_per_sec: budget,
+            ..LiveRoomSettings::default()
+        }
+    }
+
+    #[test]
+    fn quiet_or_small_rooms_get_the_shortest_window() {
+        let s = settings(5, 100, 50_000);
+        assert_eq!(window_for(&s, 0.0, 10_000), Duration::from_millis(5));
+        // 200 msgs/s × 100 viewers = 20,000 writes/s: within the budget.
+        assert_eq!(window_for(&s, 200.0, 100), Duration::from_millis(5));
+    }
+
+    #[test]
+    fn busy_rooms_get_a_window_that_keeps_writes_within_the_budget() {
+        let s = settings(5, 100, 50_000);
+        // 2,000 viewers: 25 writes per viewer per second.
+        assert_eq!(window_for(&s, 200.0, 2_000), Duration::from_millis(40));
+        // 10,000 viewers would need 200 ms: capped at the maximum.
+        assert_eq!(window_for(&s, 20.0, 10_000), Duration::from_millis(100));
+        // A minimum above the maximum is the maximum; 0 turns coalescing off.
+        assert_eq!(
+            window_for(&settings(50, 20, 1), 1e6, 10),
+            Duration::from_millis(20)
+        );
+        assert_eq!(window_for(&settings(5, 0, 1), 1e6, 10), Duration::ZERO);
+    }
+
+    #[test]
+    fn the_window_grows_with_the_rate_and_shrinks_when_it_falls() {
+        let s = settings(5, 100, 50_000);
+        let mut w = AdaptiveWindow::default();
+        let mut now = w.period_start;
+        let mut windows = Vec::new();
+        // 2,000 viewers; 200 msgs/s for 2 s, then 1 msg/s for 5 s.
+        for (rate, periods) in [(200u64, 20), (1, 50)] {
+            for _ in 0..periods {
+                w.record((rate / 10) as usize);
+                now += RATE_PERIOD;
+                windows.push(w.window(&s, 2_000, now));
+            }
+        }
+        assert_eq!(windows[19], Duration::from_millis(40), "a sustained burst");
+        assert_eq!(*windows.last().expect("windows"), Duration::from_millis(5));
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
@@ -263,4 +326,77 @@ mod tests {
         );
         assert_eq!(error.retry_after, Some(Duration::from_secs(58)));
     }
+}
+
+/// A live room's coalescing window, adapted to its load: one write per subscriber
+/// per event costs the server most of its time (the kernel's send path, and the
+/// per-subscriber bookkeeping), so a room whose events would need more than
+/// `rooms.live.coalesce_writes_per_sec` writes a second if delivered one by one
+/// (event rate × subscribers) gets a window long enough to stay within that
+/// budget (subscribers ÷ budget), between `rooms.live.coalesce_min_ms` and
+/// `rooms.live.coalesce_ms`; a room within the budget gets the shortest window.
+/// As the rate or the audience falls, the window shrinks again. (A quiet room
+/// still delivers at once: the window only holds events that come within it of
+/// the last delivery.)
+#[derive(Debug)]
+pub struct AdaptiveWindow {
+    /// Events per second, smoothed.
+    rate: f64,
+    /// Start of the current estimation period.
+    period_start: Instant,
+    /// Events published in the current period.
+    events: u64,
+}
+
+impl Default for AdaptiveWindow {
+    fn default() -> Self {
+        Self {
+            rate: 0.0,
+            period_start: Instant::now(),
+            events: 0,
+        }
+    }
+}
+
+impl AdaptiveWindow {
+    /// Counts `n` published events.
+    pub fn record(&mut self, n: usize) {
+        self.events = self.events.saturating_add(n as u64);
+    }
+
+    /// The smoothed event rate (events per second) at `now`.
+    pub fn rate(&mut self, now: Instant) -> f64 {
+        let elapsed = now.saturating_duration_since(self.period_start);
+        if elapsed >= RATE_PERIOD {
+            let current = self.events as f64 / elapsed.as_secs_f64();
+            // A long silence counts as one period at the average rate it had.
+            self.rate = RATE_SMOOTHING * current + (1.0 - RATE_SMOOTHING) * self.rate;
+            self.events = 0;
+            self.period_start = now;
+        }
+        self.rate
+    }
+
+    /// The window for a room with `subscribers` at `now`.
+    pub fn window(
+        &mut self,
+        settings: &LiveRoomSettings,
+        subscribers: usize,
+        now: Instant,
+    ) -> Duration {
+        let rate = self.rate(now);
+        window_for(settings, rate, subscribers)
+    }
+}
+
+/// The window for `rate` events a second and `subscribers` (see [`AdaptiveWindow`]).
+pub fn window_for(settings: &LiveRoomSettings, rate: f64, subscribers: usize) -> Duration {
+    let max = Duration::from_millis(settings.coalesce_ms);
+    let min = Duration::from_millis(settings.coalesce_min_ms).min(max);
+    let budget = settings.coalesce_writes_per_sec.max(1) as f64;
+    let subscribers = subscribers as f64;
+    if rate * subscribers <= budget {
+        return min;
+    }
+    Duration::from_secs_f64(subscribers / budget).clamp(min, max)
 }

@@ -23,8 +23,10 @@
 //! interval instead of presence and join/leave events, and moves a subscriber that
 //! lags to the ring's tail with a `gap` instead of a catch-up from the store.
 //!
-//! Coalescing: a room that delivered within its window (`rooms.live.coalesce_ms`
-//! for live rooms, `realtime.coalesce_window_ms` for chat rooms) collects events
+//! Coalescing: a room that delivered within its window (adaptive between
+//! `rooms.live.coalesce_min_ms` and `rooms.live.coalesce_ms` for live rooms, see
+//! [`super::live_state::AdaptiveWindow`]; `realtime.coalesce_window_ms` for chat
+//! rooms) collects events
 //! until the window ends and hands each subscriber one [`EventBatch`]; the batch
 //! is encoded once per codec (as single frames and as one `batch` frame) and the
 //! bytes are shared by every subscriber.
@@ -600,13 +602,17 @@ impl RoomActor {
         }
     }
 
-    /// The coalescing window.
-    fn coalesce_window(&self) -> Duration {
-        Duration::from_millis(if self.live.is_some() {
-            self.settings.rooms.live.coalesce_ms
-        } else {
-            self.settings.realtime.coalesce_window_ms
-        })
+    /// The coalescing window: adapted to the load in live rooms (see
+    /// [`super::live_state::AdaptiveWindow`]), fixed in chat rooms.
+    fn coalesce_window(&mut self) -> Duration {
+        let subscribers = self.subscribers.len();
+        match self.live.as_mut() {
+            Some(live) => {
+                live.window
+                    .window(&self.settings.rooms.live, subscribers, Instant::now())
+            }
+            None => Duration::from_millis(self.settings.realtime.coalesce_window_ms),
+        }
     }
 
     /// Stops taking work: every later request is answered with a retry error, and
@@ -1078,6 +1084,9 @@ impl RoomActor {
             self.ring.push_back(event.clone());
             self.amend_ring(record);
             self.outbox.push(event);
+        }
+        if let Some(live) = self.live.as_mut() {
+            live.window.record(records.len());
         }
         let ring_size = self.ring_size();
         while self.ring.len() > ring_size {

@@ -235,11 +235,28 @@ impl Store {
 
 type Tx<'a> = sqlx::Transaction<'a, sqlx::Any>;
 
-/// Most (sender, client message id) pairs looked up in one query.
+/// Most (sender, client message id) pairs looked up in one query on PostgreSQL.
 const CLIENT_IDS_PER_QUERY: usize = 200;
-/// Most rows inserted by one statement (11 parameters each: well under SQLite's
-/// 32,766 and PostgreSQL's 65,535 parameters).
+/// Most rows inserted by one statement on PostgreSQL (11 parameters each: well
+/// under its 65,535 parameters), where each statement is a round trip.
 const ROWS_PER_INSERT: usize = 500;
+/// The same two on SQLite. Binding a statement's n parameters costs O(n²) there:
+/// sqlx asks `sqlite3_bind_parameter_name` for each, which walks the statement's
+/// list of names. A 256-message group commit bound as one 2,816-parameter insert
+/// spent a third of the server's CPU in that walk (perf, `sends-pipelined`). Small
+/// statements, prepared once and reused from the connection's statement cache,
+/// cost nothing like it, and SQLite has no round trips to save.
+const SQLITE_CLIENT_IDS_PER_QUERY: usize = 16;
+const SQLITE_ROWS_PER_INSERT: usize = 16;
+
+/// (rows per insert, client id pairs per lookup) for the transaction's database.
+fn chunk_sizes(tx: &Tx<'_>) -> (usize, usize) {
+    if tx.backend_name().eq_ignore_ascii_case("sqlite") {
+        (SQLITE_ROWS_PER_INSERT, SQLITE_CLIENT_IDS_PER_QUERY)
+    } else {
+        (ROWS_PER_INSERT, CLIENT_IDS_PER_QUERY)
+    }
+}
 
 /// Appends `batch` to `room` inside `tx`: the room's sequence continues from its
 /// row, which the first statement locks (PostgreSQL's row lock, SQLite's write
@@ -328,7 +345,8 @@ async fn find_by_client_ids(
         .filter_map(|m| Some((m.sender_id.as_str(), m.client_message_id.as_deref()?)))
         .collect();
     let mut found = HashMap::new();
-    for chunk in pairs.chunks(CLIENT_IDS_PER_QUERY) {
+    let (_, per_query) = chunk_sizes(tx);
+    for chunk in pairs.chunks(per_query) {
         // Each branch names the whole unique key (room, sender, client id), so
         // both databases answer it from the unique index, branch by branch.
         let branches: Vec<String> = (0..chunk.len())
@@ -371,7 +389,8 @@ async fn insert_pending(
             _ => None,
         })
         .collect();
-    for chunk in records.chunks(ROWS_PER_INSERT) {
+    let (per_insert, _) = chunk_sizes(tx);
+    for chunk in records.chunks(per_insert) {
         insert_rows(tx, chunk).await?;
     }
     Ok(())

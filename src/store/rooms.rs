@@ -110,6 +110,19 @@ impl TryFrom<MemberRow> for MemberRecord {
 
 const MEMBER_COLUMNS: &str = "room_id, user_id, role, joined_at, last_read_seq, muted_until";
 
+/// A membership and a ban of one user in one room, either or both absent.
+#[derive(FromRow)]
+struct MemberAndBanRow {
+    role: Option<String>,
+    joined_at: Option<i64>,
+    last_read_seq: Option<i64>,
+    muted_until: Option<i64>,
+    banned_by: Option<String>,
+    reason: Option<String>,
+    banned_at: Option<i64>,
+    expires_at: Option<i64>,
+}
+
 /// A ban of a user from a room.
 #[derive(Debug, Clone, FromRow)]
 pub struct BanRecord {
@@ -967,17 +980,13 @@ impl Store {
             return Ok(facts);
         }
         let ticket = self.cache.ticket();
-        let member = self.get_member(&room.id, user).await?;
-        let (ban, invited) = if member.is_some() {
-            (None, false)
-        } else {
-            let ban = self.ban_record(&room.id, user).await?;
-            let invited = match room.kind {
-                RoomKind::Public | RoomKind::Broadcast => false,
-                _ => self.has_invite(&room.id, user).await?,
-            };
-            (ban, invited)
+        let (member, ban) = self.member_and_ban(&room.id, user).await?;
+        let invited = match (&member, room.kind) {
+            (Some(_), _) | (None, RoomKind::Public | RoomKind::Broadcast) => false,
+            (None, _) => self.has_invite(&room.id, user).await?,
         };
+        // A member's ban is moot (a ban removes the membership).
+        let ban = if member.is_some() { None } else { ban };
         let facts = MemberFacts {
             member,
             ban,
@@ -988,16 +997,46 @@ impl Store {
         Ok(Arc::new(facts))
     }
 
-    /// The ban of `user` in `room`, in force or not.
-    async fn ban_record(&self, room: &RoomId, user: &UserId) -> StoreResult<Option<BanRecord>> {
-        timed("ban_record", async move {
-            Ok(sqlx::query_as(
-                "SELECT banned_by, reason, created_at, expires_at FROM bans WHERE room_id = $1 AND user_id = $2",
+    /// The membership of `user` in `room` and their ban there (in force or not),
+    /// with one query.
+    async fn member_and_ban(
+        &self,
+        room: &RoomId,
+        user: &UserId,
+    ) -> StoreResult<(Option<MemberRecord>, Option<BanRecord>)> {
+        timed("member_and_ban", async move {
+            let row: MemberAndBanRow = sqlx::query_as(
+                "SELECT m.role, m.joined_at, m.last_read_seq, m.muted_until, \
+                 b.banned_by, b.reason, b.created_at AS banned_at, b.expires_at \
+                 FROM (SELECT 1 AS one) AS k \
+                 LEFT JOIN memberships m ON m.room_id = $1 AND m.user_id = $2 \
+                 LEFT JOIN bans b ON b.room_id = $1 AND b.user_id = $2",
             )
             .bind(room.as_str())
             .bind(user.as_str())
-            .fetch_optional(&self.pool)
-            .await?)
+            .fetch_one(&self.pool)
+            .await?;
+            let member = match (row.role, row.joined_at, row.last_read_seq) {
+                (Some(role), Some(joined_at), Some(last_read_seq)) => Some(MemberRecord {
+                    room_id: room.clone(),
+                    user_id: user.clone(),
+                    role: parse_enum(&role, MemberRole::parse)?,
+                    joined_at,
+                    last_read_seq: last_read_seq as u64,
+                    muted_until: row.muted_until,
+                }),
+                _ => None,
+            };
+            let ban = match (row.banned_by, row.reason, row.banned_at) {
+                (Some(banned_by), Some(reason), Some(created_at)) => Some(BanRecord {
+                    banned_by,
+                    reason,
+                    created_at,
+                    expires_at: row.expires_at,
+                }),
+                _ => None,
+            };
+            Ok((member, ban))
         })
         .await
     }
