@@ -38,6 +38,9 @@ pub(crate) struct IdleReport {
     pub(crate) open_s: f64,
     pub(crate) connections_per_s: f64,
     pub(crate) connect_latency: Latency,
+    /// What warming the store's page cache added to the server's RSS (not part of
+    /// `kib_per_connection`).
+    pub(crate) server_rss_store_warm_kib: Option<u64>,
     pub(crate) server_rss_before_kib: Option<u64>,
     pub(crate) server_rss_after_kib: Option<u64>,
     pub(crate) kib_per_connection: Option<f64>,
@@ -134,11 +137,15 @@ pub(crate) async fn run(ctx: &Ctx, args: &IdleArgs) -> Result<IdleReport> {
             hold(conn);
         }
     }
-    if ctx.server_pid.is_some() {
+    let mut store_warm_kib = None;
+    if let Some(pid) = ctx.server_pid {
         eprintln!("idle: warming the store's page cache (one authenticated call per account)");
+        tokio::time::sleep(settle).await;
+        let cold = rss_kib(pid)?;
         warm_store(ctx, &accounts, args.concurrency).await?;
+        tokio::time::sleep(settle).await;
+        store_warm_kib = Some(rss_kib(pid)?.saturating_sub(cold));
     }
-    tokio::time::sleep(settle).await;
     let before = ctx.server_pid.map(rss_kib).transpose()?;
 
     eprintln!(
@@ -207,6 +214,7 @@ pub(crate) async fn run(ctx: &Ctx, args: &IdleArgs) -> Result<IdleReport> {
         open_s: round2(open_s),
         connections_per_s: round2(opened as f64 / open_s.max(1e-9)),
         connect_latency: Latency::from_us(&mut connect_us),
+        server_rss_store_warm_kib: store_warm_kib,
         server_rss_before_kib: before,
         server_rss_after_kib: after,
         kib_per_connection,
@@ -272,6 +280,11 @@ impl IdleReport {
                 println!("  server RSS: {b} KiB before, {a} KiB after: {per:.2} KiB per connection")
             }
             _ => println!("  server RSS: not measured (give --server-pid)"),
+        }
+        if let Some(warm) = self.server_rss_store_warm_kib {
+            println!(
+                "  store page cache warmed first (one GetMe per account): +{warm} KiB, not counted above"
+            );
         }
         println!("  closed while held: {}", self.closed_during_hold);
         if let Some(e) = &self.first_failure {
