@@ -84,19 +84,24 @@ where
                 async move {
                     let _ = io.set_nodelay(true);
                     let peer = io.peer_addr().ok();
+                    // This task lives as long as the connection (a WebSocket's
+                    // writer runs in it), and its size is that of its largest
+                    // state: the short-lived steps (the refusal, the protocol
+                    // detection, the TLS handshake with its buffers, the request
+                    // watch) are boxed, so an idle connection keeps only pointers.
                     let permit = match admission.open_connection() {
                         Ok(permit) => permit,
                         Err(refusal) => {
-                            refuse(io, tls.as_ref(), &refusal).await;
+                            Box::pin(refuse(io, tls.as_ref(), &refusal)).await;
                             return Ok(());
                         }
                     };
                     let (io, protocol) = match &tls {
-                        None => match detect(&io, header_timeout).await {
+                        None => match Box::pin(detect(&io, header_timeout)).await {
                             Some(protocol) => (Socket::Plain(io), protocol),
                             None => return Ok(()),
                         },
-                        Some(tls) => match handshake(tls, io, header_timeout).await {
+                        Some(tls) => match Box::pin(handshake(tls, io, header_timeout)).await {
                             Some(accepted) => accepted,
                             None => return Ok(()),
                         },
@@ -111,9 +116,10 @@ where
                     // goes on in this task (`Handover`) with only what it needs.
                     let serve = Box::pin(service.call((io, protocol, peer)));
                     let result = if protocol == Protocol::Http1 {
+                        let watched = Box::pin(watch(&activity, request_limit));
                         tokio::select! {
                             result = serve => Some(result),
-                            () = watch(&activity, request_limit) => None,
+                            () = watched => None,
                         }
                     } else {
                         Some(serve.await)

@@ -642,7 +642,8 @@ impl Writer {
         let end = self.write_all().await;
         let shared = &*self.shared;
         match end {
-            WriterEnd::Closed | WriterEnd::Dropped => self.linger().await,
+            // Boxed for the same reason as the stall timer in `write_all`.
+            WriterEnd::Closed | WriterEnd::Dropped => Box::pin(self.linger()).await,
             WriterEnd::Stalled | WriterEnd::Failed => {
                 // Nobody reads what is still in the kernel's buffer: reset
                 // instead of keeping it around until TCP gives up.
@@ -688,7 +689,9 @@ impl Writer {
                     futures_util::task::noop_waker_ref(),
                 )) {
                     Poll::Ready(result) => result,
-                    Poll::Pending => match tokio::time::timeout(self.stall, step).await {
+                    // Boxed: the writer's future lives as long as the connection
+                    // and would otherwise carry the timer inline while idle.
+                    Poll::Pending => match Box::pin(tokio::time::timeout(self.stall, step)).await {
                         Err(_) => return WriterEnd::Stalled,
                         Ok(result) => result,
                     },
