@@ -305,6 +305,69 @@ async fn poller(
     }
 }
 
+/// A WebSocket subscriber through nginx: subscribes from the start, and after
+/// every close (4001 from a draining node) or broken socket reconnects through
+/// nginx and resubscribes from the last sequence it has, until it has `target`
+/// (read once set); answers every (seq, client message id) it received, in order.
+async fn ws_subscriber(
+    url: String,
+    token: String,
+    room: String,
+    proto: bool,
+    target: Arc<AtomicU64>,
+) -> Vec<(u64, String)> {
+    let mut seen = Vec::new();
+    let mut last = 0u64;
+    let deadline = Instant::now() + LOAD_DEADLINE;
+    let mut id = 0u64;
+    'connections: loop {
+        assert!(
+            Instant::now() < deadline,
+            "WebSocket subscriber stuck at {last} (target {})",
+            target.load(Ordering::Relaxed)
+        );
+        let mut ws = ws_connect(&url, &token, proto).await;
+        id += 1;
+        let subscribe = pb::ClientFrame {
+            id,
+            kind: Some(In::Subscribe(pb::Subscribe {
+                room_id: room.clone(),
+                since_seq: Some(last),
+            })),
+        };
+        if ws.send(ws_message(proto, &subscribe)).await.is_err() {
+            continue;
+        }
+        loop {
+            let until = target.load(Ordering::Relaxed);
+            if until > 0 && last >= until {
+                let _ = ws.close(None).await;
+                return seen;
+            }
+            let message = match tokio::time::timeout(Duration::from_millis(500), ws.next()).await {
+                Err(_) => continue,
+                Ok(Some(Ok(message))) => message,
+                Ok(Some(Err(_)) | None) => continue 'connections,
+            };
+            if matches!(message, Message::Close(_)) {
+                continue 'connections;
+            }
+            let Some(frame) = ws_frame(&message) else {
+                continue;
+            };
+            match frame.kind {
+                Some(Out::Message(m)) if m.room_id == room => {
+                    last = m.seq;
+                    seen.push((m.seq, m.client_message_id));
+                }
+                // Refused while the node stops: subscribe again elsewhere.
+                Some(Out::Error(_)) if frame.id == id => continue 'connections,
+                _ => {}
+            }
+        }
+    }
+}
+
 /// Every message of the room, oldest first, read from node `index`.
 async fn history(cluster: &Cluster, index: usize, token: &str, room: &str) -> Vec<pb::Message> {
     let mut out: Vec<pb::Message> = Vec::new();
@@ -331,19 +394,22 @@ async fn history(cluster: &Cluster, index: usize, token: &str, room: &str) -> Ve
     panic!("history of more than 10,000 pages");
 }
 
-/// A rolling restart of three real nodes behind nginx, under load: HTTP and
-/// WebSocket senders (both codecs) and long-pollers, all through nginx, while each
+/// A rolling restart of three real nodes behind nginx, linked by Redis, under
+/// load: HTTP and WebSocket senders (both codecs), long-pollers and WebSocket
+/// subscribers (both codecs), all through nginx, while each
 /// node in turn gets SIGTERM (drain: not ready, 4001 to its WebSockets spread over
 /// the window, keep-alive connections closed, then exit) and is started again.
 /// Clients reconnect through nginx and resend what was not acknowledged with the
 /// same client message id; pollers resume from their cursors. Afterwards the room
 /// holds every acknowledged message once, at the sequence its acknowledgement
-/// gave, in a gapless sequence, and every poller received exactly that sequence.
+/// gave, in a gapless sequence, and every poller and subscriber received exactly
+/// that sequence.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn rolling_restart_behind_nginx_under_load_loses_and_duplicates_nothing() {
     let Some(mut cluster) = Cluster::builder(3)
         .process_nodes()
         .nginx()
+        .redis()
         .configure(|s, _| {
             s.server.drain_spread_ms = 1_000;
             s.server.shutdown_timeout_secs = 10;
@@ -371,7 +437,7 @@ async fn rolling_restart_behind_nginx_under_load_loses_and_duplicates_nothing() 
         .expect("CreateRoom");
     let room = created.room.expect("a room").id;
     let mut accounts = Vec::new();
-    for i in 0..6 {
+    for i in 0..8 {
         let account = cluster
             .sign_up(i % cluster.len(), &common::unique_name("load"))
             .await;
@@ -420,6 +486,17 @@ async fn rolling_restart_behind_nginx_under_load_loses_and_duplicates_nothing() 
             cluster.nginx_rpc_as(&account.access_token),
             room.clone(),
             format!("poller{i}"),
+            target.clone(),
+        )));
+    }
+
+    let mut subscribers = Vec::new();
+    for (i, account) in accounts[6..8].iter().enumerate() {
+        subscribers.push(tokio::spawn(ws_subscriber(
+            cluster.nginx_ws_url(),
+            account.access_token.clone(),
+            room.clone(),
+            i % 2 == 0,
             target.clone(),
         )));
     }
@@ -502,6 +579,14 @@ async fn rolling_restart_behind_nginx_under_load_loses_and_duplicates_nothing() 
     for poller in pollers {
         let seen = poller.await.expect("a poller");
         assert_eq!(seen, expected, "a poller missed or repeated messages");
+    }
+    // Every WebSocket subscriber too, across its reconnects and resumes.
+    for subscriber in subscribers {
+        let seen = subscriber.await.expect("a WebSocket subscriber");
+        assert_eq!(
+            seen, expected,
+            "a WebSocket subscriber missed or repeated messages"
+        );
     }
 }
 
