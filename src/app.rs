@@ -126,10 +126,15 @@ pub async fn start_state(settings: Arc<Settings>, store: Store) -> Result<AppSta
         RetentionSweeper::new(sweeper_store, sweep_every)
             .with_notification_retention(notification_retention)
     });
-    let send_limiter = Arc::new(SendLimiter::new(
+    let mut send_limiter = SendLimiter::new(
         settings.realtime.send_rate_per_sec,
         settings.realtime.send_burst,
-    ));
+    );
+    // Users across nodes (crate::cluster::{control, presence, limits}).
+    let presence = crate::cluster::start_users(&settings, &bus, &store, &sessions, &polls)?;
+    if let Some(cluster_limit) = presence.1 {
+        send_limiter = send_limiter.with_cluster(cluster_limit);
+    }
     Ok(AppState {
         settings,
         store,
@@ -137,9 +142,10 @@ pub async fn start_state(settings: Arc<Settings>, store: Store) -> Result<AppSta
         rooms,
         sessions,
         polls,
-        send_limiter,
+        send_limiter: Arc::new(send_limiter),
         drain: Arc::default(),
         bus,
+        presence: presence.0,
     })
 }
 

@@ -178,6 +178,12 @@ pub struct ClusterSettings {
     /// the sequence (another node's event still on its way) before it reports the
     /// hole as a `gap` and goes on, in milliseconds.
     pub live_holdback_ms: u64,
+    /// How often a node publishes which users are online on it, in milliseconds
+    /// (`crate::cluster::presence`).
+    pub presence_refresh_ms: u64,
+    /// A node whose presence was not refreshed for this long counts as gone: its
+    /// users are offline for the others, in milliseconds (a few refreshes).
+    pub presence_expiry_ms: u64,
 }
 
 /// Default of `cluster.reconnect_min_ms`.
@@ -186,6 +192,12 @@ pub const CLUSTER_RECONNECT_MIN_MS: u64 = 100;
 pub const CLUSTER_RECONNECT_MAX_MS: u64 = 5_000;
 /// Default of `cluster.live_holdback_ms`: a few Redis round trips on one network.
 pub const CLUSTER_LIVE_HOLDBACK_MS: u64 = 200;
+/// Default of `cluster.presence_refresh_ms`: the others see a user come online
+/// within 2 s.
+pub const CLUSTER_PRESENCE_REFRESH_MS: u64 = 2_000;
+/// Default of `cluster.presence_expiry_ms`: three refreshes missed, so one lost
+/// message (pub/sub is at most once) does not make anyone offline.
+pub const CLUSTER_PRESENCE_EXPIRY_MS: u64 = 7_000;
 /// Default of `cluster.channel_prefix`.
 pub const CLUSTER_CHANNEL_PREFIX: &str = "roomcast:";
 
@@ -199,6 +211,8 @@ impl Default for ClusterSettings {
             reconnect_min_ms: CLUSTER_RECONNECT_MIN_MS,
             reconnect_max_ms: CLUSTER_RECONNECT_MAX_MS,
             live_holdback_ms: CLUSTER_LIVE_HOLDBACK_MS,
+            presence_refresh_ms: CLUSTER_PRESENCE_REFRESH_MS,
+            presence_expiry_ms: CLUSTER_PRESENCE_EXPIRY_MS,
         }
     }
 }

@@ -14,12 +14,13 @@ use std::{
 
 use common::{
     cluster::{Cluster, NodeKind},
+    ws::{Incoming, WsClient, WsCodec},
     Codec,
 };
 use futures_util::{SinkExt as _, StreamExt as _};
 use pb::{client_frame::Kind as In, server_frame::Kind as Out};
 use prost::Message as _;
-use roomcast::proto::v1 as pb;
+use roomcast::{proto::v1 as pb, settings::Settings};
 use tokio_tungstenite::tungstenite::{client::IntoClientRequest as _, Message};
 
 /// The harness itself: in-process and process nodes share one database (an
@@ -304,6 +305,69 @@ async fn poller(
     }
 }
 
+/// A WebSocket subscriber through nginx: subscribes from the start, and after
+/// every close (4001 from a draining node) or broken socket reconnects through
+/// nginx and resubscribes from the last sequence it has, until it has `target`
+/// (read once set); answers every (seq, client message id) it received, in order.
+async fn ws_subscriber(
+    url: String,
+    token: String,
+    room: String,
+    proto: bool,
+    target: Arc<AtomicU64>,
+) -> Vec<(u64, String)> {
+    let mut seen = Vec::new();
+    let mut last = 0u64;
+    let deadline = Instant::now() + LOAD_DEADLINE;
+    let mut id = 0u64;
+    'connections: loop {
+        assert!(
+            Instant::now() < deadline,
+            "WebSocket subscriber stuck at {last} (target {})",
+            target.load(Ordering::Relaxed)
+        );
+        let mut ws = ws_connect(&url, &token, proto).await;
+        id += 1;
+        let subscribe = pb::ClientFrame {
+            id,
+            kind: Some(In::Subscribe(pb::Subscribe {
+                room_id: room.clone(),
+                since_seq: Some(last),
+            })),
+        };
+        if ws.send(ws_message(proto, &subscribe)).await.is_err() {
+            continue;
+        }
+        loop {
+            let until = target.load(Ordering::Relaxed);
+            if until > 0 && last >= until {
+                let _ = ws.close(None).await;
+                return seen;
+            }
+            let message = match tokio::time::timeout(Duration::from_millis(500), ws.next()).await {
+                Err(_) => continue,
+                Ok(Some(Ok(message))) => message,
+                Ok(Some(Err(_)) | None) => continue 'connections,
+            };
+            if matches!(message, Message::Close(_)) {
+                continue 'connections;
+            }
+            let Some(frame) = ws_frame(&message) else {
+                continue;
+            };
+            match frame.kind {
+                Some(Out::Message(m)) if m.room_id == room => {
+                    last = m.seq;
+                    seen.push((m.seq, m.client_message_id));
+                }
+                // Refused while the node stops: subscribe again elsewhere.
+                Some(Out::Error(_)) if frame.id == id => continue 'connections,
+                _ => {}
+            }
+        }
+    }
+}
+
 /// Every message of the room, oldest first, read from node `index`.
 async fn history(cluster: &Cluster, index: usize, token: &str, room: &str) -> Vec<pb::Message> {
     let mut out: Vec<pb::Message> = Vec::new();
@@ -330,19 +394,22 @@ async fn history(cluster: &Cluster, index: usize, token: &str, room: &str) -> Ve
     panic!("history of more than 10,000 pages");
 }
 
-/// A rolling restart of three real nodes behind nginx, under load: HTTP and
-/// WebSocket senders (both codecs) and long-pollers, all through nginx, while each
+/// A rolling restart of three real nodes behind nginx, linked by Redis, under
+/// load: HTTP and WebSocket senders (both codecs), long-pollers and WebSocket
+/// subscribers (both codecs), all through nginx, while each
 /// node in turn gets SIGTERM (drain: not ready, 4001 to its WebSockets spread over
 /// the window, keep-alive connections closed, then exit) and is started again.
 /// Clients reconnect through nginx and resend what was not acknowledged with the
 /// same client message id; pollers resume from their cursors. Afterwards the room
 /// holds every acknowledged message once, at the sequence its acknowledgement
-/// gave, in a gapless sequence, and every poller received exactly that sequence.
+/// gave, in a gapless sequence, and every poller and subscriber received exactly
+/// that sequence.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn rolling_restart_behind_nginx_under_load_loses_and_duplicates_nothing() {
     let Some(mut cluster) = Cluster::builder(3)
         .process_nodes()
         .nginx()
+        .redis()
         .configure(|s, _| {
             s.server.drain_spread_ms = 1_000;
             s.server.shutdown_timeout_secs = 10;
@@ -370,7 +437,7 @@ async fn rolling_restart_behind_nginx_under_load_loses_and_duplicates_nothing() 
         .expect("CreateRoom");
     let room = created.room.expect("a room").id;
     let mut accounts = Vec::new();
-    for i in 0..6 {
+    for i in 0..8 {
         let account = cluster
             .sign_up(i % cluster.len(), &common::unique_name("load"))
             .await;
@@ -419,6 +486,17 @@ async fn rolling_restart_behind_nginx_under_load_loses_and_duplicates_nothing() 
             cluster.nginx_rpc_as(&account.access_token),
             room.clone(),
             format!("poller{i}"),
+            target.clone(),
+        )));
+    }
+
+    let mut subscribers = Vec::new();
+    for (i, account) in accounts[6..8].iter().enumerate() {
+        subscribers.push(tokio::spawn(ws_subscriber(
+            cluster.nginx_ws_url(),
+            account.access_token.clone(),
+            room.clone(),
+            i % 2 == 0,
             target.clone(),
         )));
     }
@@ -501,5 +579,519 @@ async fn rolling_restart_behind_nginx_under_load_loses_and_duplicates_nothing() 
     for poller in pollers {
         let seen = poller.await.expect("a poller");
         assert_eq!(seen, expected, "a poller missed or repeated messages");
+    }
+    // Every WebSocket subscriber too, across its reconnects and resumes.
+    for subscriber in subscribers {
+        let seen = subscriber.await.expect("a WebSocket subscriber");
+        assert_eq!(
+            seen, expected,
+            "a WebSocket subscriber missed or repeated messages"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Users across nodes (Redis broker)
+// ---------------------------------------------------------------------------
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// Two (or more) in-process nodes linked through Redis, with an admin; `None`
+/// when PostgreSQL or Redis is missing (reported as skipped).
+async fn linked(
+    nodes: usize,
+    configure: impl Fn(&mut Settings) + Send + Sync + 'static,
+) -> Option<Cluster> {
+    Cluster::builder(nodes)
+        .redis()
+        .admin()
+        .configure(move |s, _| configure(s))
+        .start()
+        .await
+}
+
+/// An API key of the admin, made on node 0.
+async fn api_key(cluster: &Cluster) -> String {
+    let admin = cluster.admin(0).await;
+    let key: pb::CreateApiKeyResponse = cluster
+        .rpc_as(0, &admin.access_token)
+        .call(
+            Codec::Proto,
+            "AuthService/CreateApiKey",
+            &pb::CreateApiKeyRequest {
+                name: "backend".into(),
+            },
+        )
+        .await
+        .expect("CreateApiKey");
+    key.secret
+}
+
+/// Reads SSE bytes until an event named `name` arrives; its `data:` as JSON, or
+/// `None` when the stream ends first.
+async fn sse_event(
+    response: &mut reqwest::Response,
+    buf: &mut String,
+    name: &str,
+) -> Option<serde_json::Value> {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        while let Some(end) = buf.find("\n\n") {
+            let block: String = buf.drain(..end + 2).collect();
+            let event = block.lines().find_map(|l| l.strip_prefix("event: "));
+            let data = block.lines().find_map(|l| l.strip_prefix("data: "));
+            if event == Some(name) {
+                return Some(data.map_or(serde_json::Value::Null, |d| {
+                    serde_json::from_str(d).expect("data is JSON")
+                }));
+            }
+        }
+        let left = deadline
+            .checked_duration_since(Instant::now())
+            .unwrap_or_else(|| panic!("no `{name}` SSE event within {WAIT:?}"));
+        match tokio::time::timeout(left, response.chunk()).await {
+            Ok(Ok(Some(bytes))) => buf.push_str(std::str::from_utf8(&bytes).expect("UTF-8")),
+            Ok(Ok(None)) | Ok(Err(_)) => return None,
+            Err(_) => panic!("no `{name}` SSE event within {WAIT:?}"),
+        }
+    }
+}
+
+/// Opens `GET /sse?{query}` on node `index` as `token`, and waits for `notificationsSubscribed`.
+async fn open_sse(
+    cluster: &Cluster,
+    index: usize,
+    token: &str,
+    query: &str,
+) -> (reqwest::Response, String) {
+    let mut response = cluster
+        .http()
+        .get(cluster.url(index, &format!("/sse?{query}")))
+        .bearer_auth(token)
+        .timeout(Duration::from_secs(60))
+        .send()
+        .await
+        .expect("GET /sse");
+    assert_eq!(response.status(), 200);
+    let mut buf = String::new();
+    sse_event(&mut response, &mut buf, "notificationsSubscribed")
+        .await
+        .expect("the stream subscribes to notifications");
+    (response, buf)
+}
+
+/// Waits for `ws` to be closed; its close code.
+async fn close_code(ws: &mut WsClient) -> u16 {
+    loop {
+        match ws.next_push(WAIT).await {
+            Incoming::Closed(code, _) => return code,
+            Incoming::Frame(_) => continue,
+            Incoming::Timeout => panic!("the connection was not closed within {WAIT:?}"),
+        }
+    }
+}
+
+/// A user with a WebSocket on node 0 and an SSE stream on node 1, both on the
+/// notification stream, gets one PublishToUser (made through node 0's or node 1's
+/// API) exactly once on each connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_to_user_reaches_the_user_on_every_node_once() {
+    let Some(cluster) = linked(2, |_| {}).await else {
+        return;
+    };
+    let key = api_key(&cluster).await;
+    let user = cluster.sign_up(0, &common::unique_name("carol")).await;
+    let mut ws =
+        WsClient::connect_authenticated(&cluster.ws_url(0), WsCodec::Proto, &user.access_token)
+            .await;
+    let reply = ws
+        .request(In::SubscribeNotifications(pb::SubscribeNotifications {
+            since_seq: None,
+        }))
+        .await;
+    assert!(
+        matches!(reply.kind, Some(Out::NotificationsSubscribed(_))),
+        "{reply:?}"
+    );
+    let (mut sse, mut buf) = open_sse(&cluster, 1, &user.access_token, "notifications=live").await;
+
+    for (via, text) in [(0, "paid"), (1, "shipped")] {
+        let published: pb::PublishToUserResponse = cluster
+            .rpc_as(via, &key)
+            .call(
+                Codec::Proto,
+                "PublishService/PublishToUser",
+                &pb::PublishToUserRequest {
+                    user_id: user.user_id.clone(),
+                    sender: "shop".into(),
+                    text: text.into(),
+                    ..Default::default()
+                },
+            )
+            .await
+            .expect("PublishToUser");
+        let seq = published.notification.expect("the notification").seq;
+        let pushed = ws
+            .push_matching(WAIT, |kind| match kind {
+                Out::Notification(n) => Some(n.clone()),
+                _ => None,
+            })
+            .await;
+        assert_eq!((pushed.seq, pushed.text.as_str()), (seq, text));
+        let event = sse_event(&mut sse, &mut buf, "notification")
+            .await
+            .expect("the SSE stream is open");
+        assert_eq!(event["notification"]["text"], text, "{event}");
+        assert_eq!(event["notification"]["seq"], seq.to_string(), "{event}");
+    }
+    // Once each: nothing more arrives on either connection.
+    match ws.next_push(Duration::from_millis(500)).await {
+        Incoming::Timeout => {}
+        Incoming::Frame(f) if !matches!(f.kind, Some(Out::Notification(_))) => {}
+        other => panic!("a second push on the WebSocket: {other:?}"),
+    }
+}
+
+/// DisconnectUser, a sign-out of every session and an account suspension, each
+/// asked of one node, close the user's connections on every node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disconnect_sign_out_and_suspension_close_the_user_on_every_node() {
+    let Some(cluster) = linked(2, |_| {}).await else {
+        return;
+    };
+    let key = api_key(&cluster).await;
+    let admin = cluster.admin(1).await;
+    let user = cluster.sign_up(0, &common::unique_name("dave")).await;
+    let connect = |index: usize, token: String| {
+        let url = cluster.ws_url(index);
+        async move { WsClient::connect_authenticated(&url, WsCodec::Json, &token).await }
+    };
+
+    // DisconnectUser through node 0's publish API: both close with 4504.
+    let mut on0 = connect(0, user.access_token.clone()).await;
+    let mut on1 = connect(1, user.access_token.clone()).await;
+    let _: pb::DisconnectUserResponse = cluster
+        .rpc_as(0, &key)
+        .call(
+            Codec::Proto,
+            "PublishService/DisconnectUser",
+            &pb::DisconnectUserRequest {
+                user_id: user.user_id.clone(),
+                revoke_sessions: false,
+                reason: "bye".into(),
+            },
+        )
+        .await
+        .expect("DisconnectUser");
+    assert_eq!(close_code(&mut on0).await, 4504);
+    assert_eq!(close_code(&mut on1).await, 4504);
+
+    // Sign-out of every session on node 1: the WebSocket on node 0 (another
+    // session) and the SSE stream on node 1 close.
+    let other = cluster.sign_in(1, &user.username).await;
+    let mut on0 = connect(0, user.access_token.clone()).await;
+    let (mut sse, mut buf) = open_sse(&cluster, 1, &user.access_token, "notifications=live").await;
+    let _: pb::SignOutResponse = cluster
+        .rpc_as(1, &other.access_token)
+        .call(
+            Codec::Proto,
+            "AuthService/SignOut",
+            &pb::SignOutRequest { all_sessions: true },
+        )
+        .await
+        .expect("SignOut");
+    assert_eq!(close_code(&mut on0).await, 4501);
+    // The SSE stream gets its `close` event (or simply ends).
+    let _ = sse_event(&mut sse, &mut buf, "close").await;
+    assert!(
+        sse_event(&mut sse, &mut buf, "never").await.is_none(),
+        "the signed-out SSE stream on node 1 stays open"
+    );
+
+    // An admin on node 1 suspends the account: its connection on node 0 closes.
+    let again = cluster.sign_up(0, &common::unique_name("erin")).await;
+    let mut on0 = connect(0, again.access_token.clone()).await;
+    let _: pb::SuspendUserResponse = cluster
+        .rpc_as(1, &admin.access_token)
+        .call(
+            Codec::Json,
+            "AdminService/SuspendUser",
+            &pb::SuspendUserRequest {
+                user_id: again.user_id.clone(),
+                reason: "spam".into(),
+            },
+        )
+        .await
+        .expect("SuspendUser");
+    assert_eq!(close_code(&mut on0).await, 4501);
+}
+
+/// The per-user send limit is one budget for the whole cluster: a burst of 3 and
+/// one send a second refuse the sends past the burst even when they alternate
+/// between two nodes (each node alone would allow 3).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_send_limit_holds_across_nodes() {
+    let Some(cluster) = linked(2, |s| {
+        s.realtime.send_rate_per_sec = 1;
+        s.realtime.send_burst = 3;
+    })
+    .await
+    else {
+        return;
+    };
+    let owner = cluster.sign_up(0, &common::unique_name("owner")).await;
+    let created: pb::CreateRoomResponse = cluster
+        .rpc_as(0, &owner.access_token)
+        .call(
+            Codec::Proto,
+            "RoomService/CreateRoom",
+            &pb::CreateRoomRequest {
+                kind: pb::RoomKind::Public.into(),
+                title: "limits".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("CreateRoom");
+    let room = created.room.expect("a room").id;
+    let started = Instant::now();
+    let mut accepted = 0u64;
+    let mut refused = 0u64;
+    for i in 0..8 {
+        let reply: Result<pb::SendMessageResponse, _> = cluster
+            .rpc_as(i % 2, &owner.access_token)
+            .call(
+                Codec::Proto,
+                "RoomService/SendMessage",
+                &pb::SendMessageRequest {
+                    room_id: room.clone(),
+                    text: format!("m{i}"),
+                    client_message_id: format!("c{i}"),
+                    ..Default::default()
+                },
+            )
+            .await;
+        match reply {
+            Ok(_) => accepted += 1,
+            Err(e) => {
+                e.expect("resource_exhausted", 429);
+                refused += 1;
+            }
+        }
+    }
+    // The burst, plus one token per whole second that passed.
+    let allowed = 3 + started.elapsed().as_secs() + 1;
+    assert!(
+        accepted <= allowed && refused > 0,
+        "{accepted} sends accepted ({refused} refused) over two nodes; the cluster allows {allowed}"
+    );
+}
+
+/// Presence queries on one node see the users connected to the others, and the
+/// users of a node that was killed drop out within the presence expiry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_sees_every_node_and_forgets_a_killed_one() {
+    let Some(mut cluster) = Cluster::builder(3)
+        .node_kind(2, NodeKind::Process)
+        .redis()
+        .admin()
+        .configure(|s, _| {
+            s.cluster.presence_refresh_ms = 200;
+            s.cluster.presence_expiry_ms = 1_000;
+        })
+        .start()
+        .await
+    else {
+        return;
+    };
+    let key = api_key(&cluster).await;
+    let owner = cluster.sign_up(0, &common::unique_name("owner")).await;
+    let created: pb::CreateRoomResponse = cluster
+        .rpc_as(0, &owner.access_token)
+        .call(
+            Codec::Proto,
+            "RoomService/CreateRoom",
+            &pb::CreateRoomRequest {
+                kind: pb::RoomKind::Public.into(),
+                title: "presence".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("CreateRoom");
+    let room = created.room.expect("a room").id;
+    let mut members = Vec::new();
+    for index in [1, 2] {
+        let member = cluster.sign_up(index, &common::unique_name("m")).await;
+        let _: pb::JoinRoomResponse = cluster
+            .rpc_as(index, &member.access_token)
+            .call(
+                Codec::Proto,
+                "RoomService/JoinRoom",
+                &pb::JoinRoomRequest {
+                    room_id: room.clone(),
+                },
+            )
+            .await
+            .expect("JoinRoom");
+        members.push(member);
+    }
+    // One member online on node 1 (in-process), one on node 2 (a process).
+    let _on1 = WsClient::connect_authenticated(
+        &cluster.ws_url(1),
+        WsCodec::Proto,
+        &members[0].access_token,
+    )
+    .await;
+    let _on2 = WsClient::connect_authenticated(
+        &cluster.ws_url(2),
+        WsCodec::Proto,
+        &members[1].access_token,
+    )
+    .await;
+    let online = |cluster: &Cluster| {
+        let rpc = cluster.rpc_as(0, &key);
+        let room = room.clone();
+        async move {
+            let presence: pb::GetPresenceResponse = rpc
+                .call(
+                    Codec::Proto,
+                    "PublishService/GetPresence",
+                    &pb::GetPresenceRequest {
+                        room_id: room.clone(),
+                    },
+                )
+                .await
+                .expect("GetPresence");
+            let counts: pb::GetOnlineCountsResponse = rpc
+                .call(
+                    Codec::Proto,
+                    "PublishService/GetOnlineCounts",
+                    &pb::GetOnlineCountsRequest {
+                        room_ids: vec![room.clone()],
+                    },
+                )
+                .await
+                .expect("GetOnlineCounts");
+            (
+                presence.online_user_ids,
+                counts.online.get(&room).copied().unwrap_or(0),
+            )
+        }
+    };
+    let mut both = vec![members[0].user_id.clone(), members[1].user_id.clone()];
+    both.sort();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (ids, count) = online(&cluster).await;
+        if ids == both && count == 2 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node 0 sees {ids:?} ({count}) online, not the members on nodes 1 and 2"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // kill -9 node 2: its member is offline within the expiry.
+    cluster.kill(2);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (ids, count) = online(&cluster).await;
+        if ids == vec![members[0].user_id.clone()] && count == 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node 0 still sees {ids:?} ({count}) online after node 2 was killed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A ban made through one node refuses the banned user's next send on another
+/// node at once, although that node had the user's membership in its access
+/// cache: the change is forwarded to every node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ban_on_one_node_is_enforced_on_the_others_at_once() {
+    let Some(cluster) = linked(2, |_| {}).await else {
+        return;
+    };
+    let owner = cluster.sign_up(0, &common::unique_name("owner")).await;
+    let member = cluster.sign_up(1, &common::unique_name("member")).await;
+    let created: pb::CreateRoomResponse = cluster
+        .rpc_as(0, &owner.access_token)
+        .call(
+            Codec::Proto,
+            "RoomService/CreateRoom",
+            &pb::CreateRoomRequest {
+                kind: pb::RoomKind::Public.into(),
+                title: "moderated".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("CreateRoom");
+    let room = created.room.expect("a room").id;
+    let _: pb::JoinRoomResponse = cluster
+        .rpc_as(1, &member.access_token)
+        .call(
+            Codec::Proto,
+            "RoomService/JoinRoom",
+            &pb::JoinRoomRequest {
+                room_id: room.clone(),
+            },
+        )
+        .await
+        .expect("JoinRoom");
+    let send = |i: u32| {
+        let rpc = cluster.rpc_as(1, &member.access_token);
+        let room = room.clone();
+        async move {
+            rpc.call::<_, pb::SendMessageResponse>(
+                Codec::Proto,
+                "RoomService/SendMessage",
+                &pb::SendMessageRequest {
+                    room_id: room,
+                    text: format!("hello {i}"),
+                    client_message_id: format!("b{i}"),
+                    ..Default::default()
+                },
+            )
+            .await
+        }
+    };
+    // Node 1 now holds the membership (and the session) in its cache.
+    send(1).await.expect("a member sends on node 1");
+    send(2).await.expect("a member sends on node 1 again");
+    let _: pb::BanMemberResponse = cluster
+        .rpc_as(0, &owner.access_token)
+        .call(
+            Codec::Proto,
+            "RoomService/BanMember",
+            &pb::BanMemberRequest {
+                room_id: room.clone(),
+                user_id: member.user_id.clone(),
+                reason: "spam".into(),
+                duration_seconds: 0,
+            },
+        )
+        .await
+        .expect("BanMember on node 0");
+    // The forwarded change crosses Redis in well under a second; the cache has no
+    // expiry of its own, so without it node 1 would accept sends indefinitely.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        match send(3).await {
+            Err(e) => {
+                e.expect("permission_denied", 403);
+                break;
+            }
+            Ok(_) => assert!(
+                Instant::now() < deadline,
+                "node 1 still accepts the banned member's sends"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

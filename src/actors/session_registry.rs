@@ -160,6 +160,12 @@ pub struct OnlineUsers {
     pub user_ids: Vec<UserId>,
 }
 
+/// Every user with a live connection on this node (the node's presence share,
+/// published to the other nodes: `crate::cluster::presence`).
+#[derive(Message)]
+#[rtype(result = "Vec<UserId>")]
+pub struct OnlineUserIds;
+
 /// The users of an [`OnlineUsers`] query that are online.
 #[derive(Debug, Default, actix::MessageResponse)]
 pub struct OnlineSet(pub HashSet<UserId>);
@@ -473,6 +479,14 @@ impl Handler<OnlineUsers> for SessionRegistry {
                 )
             },
         )
+    }
+}
+
+impl Handler<OnlineUserIds> for SessionRegistry {
+    type Result = actix::MessageResult<OnlineUserIds>;
+
+    fn handle(&mut self, _msg: OnlineUserIds, _ctx: &mut Self::Context) -> Self::Result {
+        actix::MessageResult(self.sessions.keys().cloned().collect())
     }
 }
 

@@ -48,8 +48,11 @@ pub mod broker;
 pub mod broker_memory;
 pub mod broker_redis;
 pub mod codec;
+pub mod control;
 pub mod hub;
+pub mod limits;
 pub mod order;
+pub mod presence;
 
 use std::sync::Arc;
 
@@ -79,6 +82,59 @@ pub fn start(settings: &ClusterSettings) -> Result<Bus, BrokerError> {
         }
         other => Err(BrokerError::UnknownBroker(other.to_owned())),
     }
+}
+
+/// Starts what carries users across nodes, on this node's `bus`: the
+/// [`control::ControlListener`] (sign-outs, disconnects, notifications, access
+/// changes from every node), the [`presence::PresenceBoard`], and with the Redis
+/// broker the cluster-wide send limit ([`limits::ClusterRateLimit`]) and the
+/// forwarding of this node's access changes to the others.
+pub fn start_users(
+    settings: &crate::settings::Settings,
+    bus: &Bus,
+    store: &crate::store::Store,
+    sessions: &actix::Addr<crate::actors::session_registry::SessionRegistry>,
+    polls: &actix::Addr<crate::actors::poll_hub::PollHub>,
+) -> Result<
+    (
+        actix::Addr<presence::PresenceBoard>,
+        Option<limits::ClusterRateLimit>,
+    ),
+    BrokerError,
+> {
+    use actix::Supervisor;
+    use std::time::Duration;
+    let (listener_bus, listener_store) = (bus.clone(), store.clone());
+    let (listener_sessions, listener_polls) = (sessions.clone(), polls.clone());
+    Supervisor::start(move |_| {
+        control::ControlListener::new(
+            listener_bus.clone(),
+            listener_store.clone(),
+            listener_sessions.clone(),
+            listener_polls.clone(),
+        )
+    });
+    let (board_bus, board_sessions) = (bus.clone(), sessions.clone());
+    let refresh = Duration::from_millis(settings.cluster.presence_refresh_ms.max(1));
+    let expiry = Duration::from_millis(settings.cluster.presence_expiry_ms.max(1));
+    let board = Supervisor::start(move |_| {
+        presence::PresenceBoard::new(board_bus.clone(), board_sessions.clone(), refresh, expiry)
+    });
+    if settings.cluster.broker != "redis" {
+        return Ok((board, None));
+    }
+    let forward_bus = bus.clone();
+    store.forward_access_changes(Arc::new(move |change| {
+        control::access_changed(&forward_bus, change);
+    }));
+    let limit = limits::ClusterRateLimit::new(
+        &settings.cluster.redis_url,
+        &settings.cluster.channel_prefix,
+        settings.realtime.send_rate_per_sec,
+        settings.realtime.send_burst,
+    )
+    .map_err(BrokerError::RedisUrl)?;
+    Ok((board, Some(limit)))
 }
 
 /// A Redis URL without its password, for logs.

@@ -13,8 +13,7 @@ use crate::{
         room::Deleted,
         room_registry::FindRoom,
         session_registry::{
-            describe_connections, ListSessions, OnlineUsers, SignOutUser, SignalEveryone,
-            SignalOneConnection, SignalUser,
+            describe_connections, ListSessions, SignalEveryone, SignalOneConnection, SignalUser,
         },
         user_session::SessionSignal,
     },
@@ -109,7 +108,7 @@ pub async fn get_room_stats(
         .store
         .member_ids(&room_id, ONLINE_COUNT_MEMBERS_MAX)
         .await?;
-    let online = state.sessions.send(OnlineUsers { user_ids: ids }).await?;
+    let online = crate::cluster::presence::online_anywhere(state, ids).await?;
     let recent = state
         .store
         .messages_since(&room_id, now_ms() - RATE_WINDOW_MS)
@@ -124,7 +123,7 @@ pub async fn get_room_stats(
     Ok(pb::GetRoomStatsResponse {
         room_id: room_id.0,
         members,
-        members_online: online.0.len() as u64,
+        members_online: online.len() as u64,
         last_seq: room.last_seq,
         messages_last_minute: recent,
         messages_per_second: recent as f64 / (RATE_WINDOW_MS as f64 / 1000.0),
@@ -142,10 +141,7 @@ pub async fn revoke_user_sessions(
     let user = user_id("user_id", &req.user_id)?;
     require_user_exists(state, &user).await?;
     let revoked = state.store.revoke_user_sessions(&user).await?;
-    state.sessions.do_send(SignOutUser {
-        user_id: user.clone(),
-        session_id: None,
-    });
+    crate::cluster::control::sign_out(&state.bus, &user, None);
     tracing::info!(user = %user, by = %principal.user_id, revoked, "sessions revoked by an admin");
     let detail = format!("sessions ended: {revoked}");
     audit::record(
@@ -184,10 +180,7 @@ pub async fn suspend_user(
     // The suspension alone refuses every token from now on; ending the sessions
     // also kills the refresh tokens, and the signal closes live connections.
     state.store.revoke_user_sessions(&user).await?;
-    state.sessions.do_send(SignOutUser {
-        user_id: user.clone(),
-        session_id: None,
-    });
+    crate::cluster::control::sign_out(&state.bus, &user, None);
     tracing::info!(user = %user, by = %principal.user_id, "account suspended");
     audit::record(
         state,

@@ -12,9 +12,8 @@ use crate::{
         SignUp,
     },
     actors::password_hasher::CallerAlive,
-    actors::session_registry::SignOutUser,
     error::ApiError,
-    ids::{ApiKeyId, UserId},
+    ids::ApiKeyId,
     proto::v1 as pb,
 };
 
@@ -84,10 +83,7 @@ pub async fn refresh(
             user_id,
             session_id,
         } => {
-            state.sessions.do_send(SignOutUser {
-                user_id,
-                session_id: Some(session_id),
-            });
+            crate::cluster::control::sign_out(&state.bus, &user_id, Some(&session_id));
             return Err(ApiError::unauthenticated(
                 "refresh token was already used; the session has been revoked",
             ));
@@ -116,10 +112,8 @@ pub async fn sign_out(
         Credential::Session(id) if !req.all_sessions => Some(id.clone()),
         _ => None,
     };
-    state.sessions.do_send(SignOutUser {
-        user_id: principal.user_id.clone(),
-        session_id,
-    });
+    // On every node (this one included).
+    crate::cluster::control::sign_out(&state.bus, &principal.user_id, session_id.as_ref());
     Ok(pb::SignOutResponse {
         sessions_ended: u32::try_from(ended).unwrap_or(u32::MAX),
     })
@@ -178,9 +172,6 @@ pub async fn revoke_api_key(
         .await?;
     // Live connections authenticated with the key end with "signed out"; an API
     // key's principal uses the key id as its user id.
-    state.sessions.do_send(SignOutUser {
-        user_id: UserId::from(id),
-        session_id: None,
-    });
+    crate::cluster::control::api_key_revoked(&state.bus, id);
     Ok(pb::RevokeApiKeyResponse {})
 }

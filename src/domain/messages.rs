@@ -138,7 +138,7 @@ pub async fn send_message(
     }
     validate::no_control_chars("client_message_id", &req.client_message_id)?;
     // The rate limit comes before any database read: a flood costs no queries.
-    state.send_limiter.check(principal.require_user()?)?;
+    state.send_limiter.check(principal.require_user()?).await?;
     let access = check_room_access(state, principal, &req.room_id).await?;
     access.require_send()?;
     let message = NewMessage {
@@ -177,7 +177,7 @@ pub async fn edit_message(
     if req.seq == 0 {
         return Err(ApiError::invalid("seq is required"));
     }
-    state.send_limiter.check(principal.require_user()?)?;
+    state.send_limiter.check(principal.require_user()?).await?;
     let access = check_room_access(state, principal, &req.room_id).await?;
     access.require_send()?;
     let message = NewMessage {

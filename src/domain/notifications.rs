@@ -6,13 +6,10 @@
 //! [`NotificationFeed`], the cursor logic a connection uses to replay from the store
 //! and continue live with no gap and no duplicate.
 
-use std::{collections::BTreeMap, sync::Arc};
+use std::collections::BTreeMap;
 
 use super::{validate, AppState, Principal};
 use crate::{
-    actors::{
-        poll_hub::NotificationStored, session_registry::SignalUser, user_session::SessionSignal,
-    },
     error::ApiError,
     ids::{now_ms, RoomId, UserId},
     model::timestamp,
@@ -73,14 +70,8 @@ pub async fn deliver(
     };
     if let NotificationInserted::Stored(record) = &inserted {
         tracing::debug!(user = %user_id, seq = record.seq, kind = record.kind.as_str(), "notification stored");
-        // Long-polls of the user waiting on this node read it from the store.
-        state.polls.do_send(NotificationStored {
-            user_id: user_id.clone(),
-        });
-        state.sessions.do_send(SignalUser {
-            user_id,
-            signal: SessionSignal::Notification(Arc::new(record.clone())),
-        });
+        // To the user's connections and waiting long-polls on every node.
+        crate::cluster::control::notification_stored(&state.bus, record);
     }
     Ok(inserted)
 }

@@ -14,10 +14,6 @@ use super::{
     validate, AppState, Principal,
 };
 use crate::{
-    actors::{
-        session_registry::{OnlineUsers, SignalUser},
-        user_session::SessionSignal,
-    },
     domain::convert::message_to_proto,
     error::ApiError,
     ids::{RoomId, UserId},
@@ -298,18 +294,9 @@ pub async fn disconnect_user(
         reason.to_owned()
     };
     tracing::info!(user = %user, sessions_revoked, "user disconnected by the publish API");
-    // Waiting long-polls of the user answer at once with `ended` 4504.
-    state.polls.do_send(crate::actors::poll_hub::EndUserPolls {
-        user_id: user.clone(),
-        session_id: None,
-        why: crate::actors::poll_hub::PollEnd::Disconnected {
-            reason: reason.clone(),
-        },
-    });
-    state.sessions.do_send(SignalUser {
-        user_id: user,
-        signal: SessionSignal::Disconnected { reason },
-    });
+    // On every node: live connections close with 4504, waiting long-polls answer
+    // at once with `ended` 4504.
+    crate::cluster::control::disconnect_user(&state.bus, &user, &reason);
     Ok(pb::DisconnectUserResponse { sessions_revoked })
 }
 
@@ -337,13 +324,8 @@ async fn online_members(state: &AppState, room: &str) -> Result<(Vec<UserId>, u6
         if let Some(last) = user_ids.last() {
             after = last.0.clone();
         }
-        let set = state
-            .sessions
-            .send(OnlineUsers {
-                user_ids: user_ids.clone(),
-            })
-            .await?
-            .0;
+        // Online on any node.
+        let set = crate::cluster::presence::online_anywhere(state, user_ids.clone()).await?;
         online.extend(user_ids.into_iter().filter(|u| set.contains(u)));
         if done {
             break;

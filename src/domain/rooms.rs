@@ -38,9 +38,7 @@ use super::{
 };
 use crate::{
     actors::{
-        room::RoomNotice,
-        room_registry::NotifyRoom,
-        session_registry::{OnlineUsers, SignalUser},
+        room::RoomNotice, room_registry::NotifyRoom, session_registry::SignalUser,
         user_session::SessionSignal,
     },
     error::ApiError,
@@ -515,7 +513,7 @@ pub async fn list_members(
         .iter()
         .map(|u| (u.id.clone(), user_to_proto(u)))
         .collect();
-    let online = state.sessions.send(OnlineUsers { user_ids }).await?.0;
+    let online = crate::cluster::presence::online_anywhere(state, user_ids).await?;
     let now = now_ms();
     let members = members
         .into_iter()

@@ -182,6 +182,16 @@ impl AccessCache {
     }
 
     /// Drops every entry `change` may have made wrong.
+    /// Drops everything (a node that may have missed other nodes' changes).
+    pub(crate) fn clear(&self) {
+        let mut maps = self.lock();
+        maps.generation = maps.generation.wrapping_add(1);
+        maps.rooms.clear();
+        maps.members.clear();
+        maps.sessions.clear();
+        maps.user_rooms.clear();
+    }
+
     pub(crate) fn invalidate(&self, change: &AccessChange) {
         let mut maps = self.lock();
         maps.generation = maps.generation.wrapping_add(1);

@@ -137,6 +137,8 @@ pub struct Store {
     grouped: Arc<OnceLock<GroupedRoute>>,
     /// Access facts kept in memory (see [`cache`]).
     cache: Arc<cache::AccessCache>,
+    /// Where this node's access changes go besides its own cache (the cluster).
+    forward_access: Arc<OnceLock<ForwardAccess>>,
 }
 
 /// Takes one room's group-commit batch and answers its results.
@@ -155,6 +157,17 @@ struct GroupedRoute(GroupedAppend);
 impl std::fmt::Debug for GroupedRoute {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("GroupedRoute")
+    }
+}
+
+/// Where [`Store::forward_access_changes`] sends this node's access changes.
+pub type AccessForward = Arc<dyn Fn(&AccessChange) + Send + Sync>;
+
+struct ForwardAccess(AccessForward);
+
+impl std::fmt::Debug for ForwardAccess {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ForwardAccess")
     }
 }
 
@@ -213,6 +226,7 @@ impl Store {
             backend,
             grouped: Arc::default(),
             cache: Arc::new(cache::AccessCache::new(settings.access_cache_max_entries)),
+            forward_access: Arc::default(),
         })
     }
 
@@ -313,6 +327,28 @@ impl Store {
     /// too (the cluster forwards each [`AccessChange`]).
     pub fn invalidate_access(&self, change: &AccessChange) {
         self.cache.invalidate(change);
+        if let Some(ForwardAccess(forward)) = self.forward_access.get() {
+            forward(change);
+        }
+    }
+
+    /// Passes every [`AccessChange`] this node's writes make to `forward` from now
+    /// on (the cluster tells the other nodes: `crate::cluster::control`); only the
+    /// first one set counts.
+    pub fn forward_access_changes(&self, forward: AccessForward) {
+        let _ = self.forward_access.set(ForwardAccess(forward));
+    }
+
+    /// Another node's [`AccessChange`]: drops the cached facts it touches (and
+    /// forwards nothing).
+    pub fn apply_remote_access_change(&self, change: &AccessChange) {
+        self.cache.invalidate(change);
+    }
+
+    /// Drops every cached access fact: after this node was cut off from the
+    /// others, whose changes it may have missed.
+    pub fn clear_access_cache(&self) {
+        self.cache.clear();
     }
 
     /// Which database this is.

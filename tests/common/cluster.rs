@@ -19,8 +19,8 @@
 //! ```
 //!
 //! Requirements: PostgreSQL (`ROOMCAST_TEST_POSTGRES_URL`, see [`super`]); with
-//! [`ClusterBuilder::nginx`], an nginx binary ([`super::nginx`]); tests that need
-//! Redis check `ROOMCAST_TEST_REDIS_URL` with [`redis_url`]. Without
+//! [`ClusterBuilder::nginx`], an nginx binary ([`super::nginx`]); with
+//! [`ClusterBuilder::redis`], `ROOMCAST_TEST_REDIS_URL` ([`redis_url`]). Without
 //! one of them [`ClusterBuilder::start`] reports the test as skipped (or fails it
 //! where the suite requires them) and answers `None`.
 //!
@@ -36,6 +36,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use rand::Rng as _;
 use roomcast::settings::Settings;
 
 use super::{
@@ -95,6 +96,7 @@ pub type Configure = Arc<dyn Fn(&mut Settings, usize) + Send + Sync>;
 pub struct ClusterBuilder {
     kinds: Vec<NodeKind>,
     nginx: bool,
+    redis: bool,
     admin: bool,
     configure: Vec<Configure>,
 }
@@ -119,6 +121,14 @@ impl ClusterBuilder {
         self
     }
 
+    /// The nodes are linked through the suite's Redis ([`redis_url`]) with
+    /// `cluster.broker = "redis"`, each node named `node<index>`, on channels of
+    /// this cluster's own (a prefix no other test uses).
+    pub fn redis(mut self) -> Self {
+        self.redis = true;
+        self
+    }
+
     /// Configures the admin account `admin` / [`PASSWORD`] on every node
     /// ([`Cluster::admin`] signs it in).
     pub fn admin(mut self) -> Self {
@@ -140,6 +150,8 @@ impl ClusterBuilder {
         if !postgres_available() {
             return None;
         }
+        let redis = if self.redis { Some(redis_url()?) } else { None };
+        let prefix = format!("rc{:012x}:", rand::thread_rng().gen::<u64>() >> 16);
         let nginx_bin = if self.nginx {
             Some(nginx_binary()?)
         } else {
@@ -164,6 +176,12 @@ impl ClusterBuilder {
             if self.admin {
                 settings.auth.admin_username = "admin".into();
                 settings.auth.admin_password = PASSWORD.into();
+            }
+            if let Some(url) = &redis {
+                settings.cluster.broker = "redis".into();
+                settings.cluster.redis_url = url.clone();
+                settings.cluster.channel_prefix = prefix.clone();
+                settings.cluster.node_id = format!("node{index}");
             }
             for f in &self.configure {
                 f(&mut settings, index);
@@ -238,6 +256,7 @@ impl Cluster {
         ClusterBuilder {
             kinds: vec![NodeKind::InProcess; nodes],
             nginx: false,
+            redis: false,
             admin: false,
             configure: Vec::new(),
         }
