@@ -52,7 +52,10 @@ use super::{
     supervision::{catch_panic, guarded},
 };
 use crate::{
-    cluster::{Body, Bus, Delivered, Envelope, Interest, RoomOrder, Topic},
+    cluster::{
+        order::{Fill, Step, FILL_PAGE},
+        Body, Bus, Delivered, Envelope, Interest, RoomOrder, Topic,
+    },
     error::{ApiError, Code},
     ids::{now_ms, MessageId, RoomId, UserId},
     model::{MessageKind, RoomKind},
@@ -80,6 +83,10 @@ const RETIRED_MESSAGE: &str = "room actor retired; retry";
 /// How long a room remembers that a user was removed, to refuse a subscription
 /// whose access check started before the removal (checks take milliseconds).
 const REMOVAL_MEMORY: Duration = Duration::from_secs(120);
+
+/// How long a room waits before reading a hole from the store again after the
+/// read failed.
+const FILL_RETRY: Duration = Duration::from_millis(250);
 
 /// Whether `error` came from a retired room actor: ask the registry again.
 pub fn is_retired(error: &ApiError) -> bool {
@@ -408,6 +415,14 @@ struct Faults {
 
 type PendingAppend = (NewMessage, oneshot::Sender<Result<Appended, ApiError>>);
 
+/// A subscription waiting for events this room has not delivered yet, and the
+/// store catch-up it waits for (none while the room's own commit is finishing).
+type Deferred = (
+    Subscribe,
+    oneshot::Sender<Result<SubscribeReply, ApiError>>,
+    Option<u64>,
+);
+
 /// One room's live state.
 pub struct RoomActor {
     id: RoomId,
@@ -452,8 +467,10 @@ pub struct RoomActor {
     shards: HashMap<Addr<FanoutShard>, usize>,
     next_registration: u64,
     /// Subscriptions from a sequence the store already shows but this room has not
-    /// published yet (its commit is finishing): answered once it has.
-    deferred: Vec<(Subscribe, oneshot::Sender<Result<SubscribeReply, ApiError>>)>,
+    /// delivered yet (its commit is finishing, or another node committed it):
+    /// answered once it has, with the catch-up ticket they wait for (see
+    /// [`RoomOrder::want_catch_up`]).
+    deferred: Vec<Deferred>,
     /// The cluster broker: committed events go out through it and come back (from
     /// this node and the others) through [`RoomActor::on_envelope`].
     bus: Bus,
@@ -810,6 +827,10 @@ impl RoomActor {
     /// reservation lasts), answers it and delivers it. Reserves the next block of
     /// numbers in the store ahead of need, so a busy room rarely waits for it.
     fn flush_live(&mut self, ctx: &mut Context<Self>) {
+        if self.bus.broker_name() != "local" {
+            self.flush_live_shared(ctx);
+            return;
+        }
         if let Some(error) = self.unavailable() {
             for (_, reply) in self.pending.drain(..) {
                 let _ = reply.send(Err(error.clone()));
@@ -882,6 +903,129 @@ impl RoomActor {
         if (low || !self.pending.is_empty()) && !live.reserving {
             self.reserve_seqs(ctx);
         }
+    }
+
+    /// Live rooms when several nodes share them (the Redis broker): one total order
+    /// across nodes, so each flush takes exactly its count of numbers from the
+    /// store in one statement (`rooms.last_seq` is the shared counter; a block per
+    /// node would interleave the nodes' numbers out of order). Appends that arrive
+    /// while the numbers are being taken go into the next flush. The messages are
+    /// checked first, so that a refused one takes no number (which the other nodes
+    /// would see as a hole).
+    fn flush_live_shared(&mut self, ctx: &mut Context<Self>) {
+        if let Some(error) = self.unavailable() {
+            for (_, reply) in self.pending.drain(..) {
+                let _ = reply.send(Err(error.clone()));
+            }
+            return;
+        }
+        let Some(live) = self.live.as_ref() else {
+            return;
+        };
+        if live.reserving || self.pending.is_empty() {
+            return;
+        }
+        let take = self.pending.len().min(self.settings.rooms.max_batch.max(1));
+        let batch: Vec<PendingAppend> = self.pending.drain(..take).collect();
+        // Provisional numbers for the checks (a reply must point before itself);
+        // the store gives the real ones.
+        let base = self.order.newest_known().max(self.last_seq);
+        let mut fresh: Vec<MessageRecord> = Vec::new();
+        let mut replies = Vec::new();
+        let mut retries: Vec<(usize, oneshot::Sender<Result<Appended, ApiError>>)> = Vec::new();
+        for (message, reply) in batch {
+            if let Some(key) = &message.client_message_id {
+                let seen = live
+                    .sent_ids
+                    .get(&(message.sender_id.clone(), key.clone()))
+                    .and_then(|seq| self.ring_event(*seq));
+                if let Some(first) = seen {
+                    let _ = reply.send(Ok(Appended::Duplicate(first.record.clone())));
+                    continue;
+                }
+                if let Some(i) = fresh.iter().position(|r| {
+                    r.sender_id == message.sender_id && r.client_message_id.as_ref() == Some(key)
+                }) {
+                    retries.push((i, reply));
+                    continue;
+                }
+            }
+            match self.live_record(&message, base + 1 + fresh.len() as u64, &fresh) {
+                Ok(record) => {
+                    fresh.push(record);
+                    replies.push(reply);
+                }
+                Err(rejection) => {
+                    let _ = reply.send(Err(rejection_error(rejection)));
+                }
+            }
+        }
+        if fresh.is_empty() {
+            self.flush_live_shared(ctx);
+            return;
+        }
+        if let Some(live) = self.live.as_mut() {
+            live.reserving = true;
+        }
+        let count = fresh.len() as u64;
+        let store = self.store.clone();
+        let id = self.id.clone();
+        ctx.spawn(
+            async move { store.take_live_seqs(&id, count).await }
+                .into_actor(self)
+                .map(move |result, act, ctx| {
+                    if let Some(live) = act.live.as_mut() {
+                        live.reserving = false;
+                    }
+                    match result {
+                        Ok(last) => {
+                            let first = last + 1 - count;
+                            for (i, record) in fresh.iter_mut().enumerate() {
+                                record.seq = first + i as u64;
+                            }
+                            for (record, reply) in fresh.iter().zip(replies) {
+                                if let (Some(live), Some(key)) =
+                                    (act.live.as_mut(), &record.client_message_id)
+                                {
+                                    live.sent_ids
+                                        .insert((record.sender_id.clone(), key.clone()), record.seq);
+                                }
+                                let _ = reply.send(Ok(Appended::Stored(record.clone())));
+                            }
+                            for (i, reply) in retries {
+                                let _ = reply.send(Ok(Appended::Duplicate(fresh[i].clone())));
+                            }
+                            crate::metrics::metrics().committed(fresh.len());
+                            act.broadcast(&fresh, ctx);
+                            let unpin = fresh.iter().any(|r| {
+                                r.kind == MessageKind::Delete
+                                    && act
+                                        .live
+                                        .as_ref()
+                                        .and_then(|l| l.pinned.as_ref())
+                                        .is_some_and(|p| p.seq == r.target_seq)
+                            });
+                            if unpin {
+                                // A deleted message does not stay pinned.
+                                act.set_pinned(None, ctx);
+                            }
+                        }
+                        Err(e) => {
+                            tracing::error!(room = %act.id, error = %e, "cannot take sequence numbers");
+                            let error = ApiError::unavailable(
+                                "the live room cannot take sequence numbers; retry with the same client_message_id",
+                            );
+                            for reply in replies {
+                                let _ = reply.send(Err(error.clone()));
+                            }
+                            for (_, reply) in retries {
+                                let _ = reply.send(Err(error.clone()));
+                            }
+                        }
+                    }
+                    act.flush_live_shared(ctx);
+                }),
+        );
     }
 
     /// Writes the next block of sequence numbers to the store, then goes on with
@@ -1036,12 +1180,88 @@ impl RoomActor {
 
     /// Something published on the room's topic, by this node or another.
     fn on_envelope(&mut self, envelope: &Envelope, ctx: &mut Context<Self>) {
-        if let Body::RoomEvents { events, .. } = &envelope.body {
-            let step = self.order.accept(events.iter().cloned());
-            if !step.ready.is_empty() {
-                self.publish(step.ready, ctx);
+        match &envelope.body {
+            Body::RoomEvents { events, .. } => {
+                let step = self.order.accept(events.iter().cloned());
+                self.apply_step(step, ctx);
             }
+            Body::Relinked => {
+                // The node was cut off from the others (or just subscribed): what
+                // they committed meanwhile is in the store.
+                self.order.want_catch_up();
+                self.apply_step(Step::default(), ctx);
+            }
+            _ => {}
         }
+    }
+
+    /// Does what the room's order asks: report a live room's gap, deliver what is
+    /// ready, read a hole (or the store's end) from the store, wait out a hold-back;
+    /// then answers the subscriptions that waited for it.
+    fn apply_step(&mut self, step: Step, ctx: &mut Context<Self>) {
+        if let Some((from_seq, to_seq)) = step.gap {
+            tracing::debug!(room = %self.id, from_seq, to_seq, "live events no node delivered; reporting a gap");
+            crate::metrics::metrics().gaps_reported.inc();
+            let frame = crate::protocol::push(pb::server_frame::Kind::Gap(pb::Gap {
+                room_id: self.id.0.clone(),
+                from_seq,
+                to_seq,
+            }));
+            // The events before the gap may still wait in the coalescing outbox.
+            self.flush_outbox(ctx);
+            self.notice(frame, None);
+        }
+        if !step.ready.is_empty() {
+            self.publish(step.ready, ctx);
+        }
+        if let Some(fill) = step.fill.or_else(|| self.order.next_catch_up()) {
+            self.start_fill(fill, ctx);
+        }
+        if step.hold {
+            let holdback = Duration::from_millis(self.settings.cluster.live_holdback_ms);
+            ctx.run_later(holdback, |act, ctx| {
+                let step = act.order.hold_expired();
+                act.apply_step(step, ctx);
+            });
+        }
+        if !self.deferred.is_empty() {
+            self.retry_deferred(ctx);
+        }
+    }
+
+    /// Reads `fill` from the store and hands the events to the room's order.
+    fn start_fill(&mut self, fill: Fill, ctx: &mut Context<Self>) {
+        let store = self.store.clone();
+        let id = self.id.clone();
+        ctx.spawn(
+            async move {
+                store
+                    .messages_after(&id, fill.after, fill.upto.unwrap_or(u64::MAX), FILL_PAGE)
+                    .await
+            }
+            .into_actor(self)
+            .map(move |result, act, ctx| {
+                let records = match result {
+                    Ok(records) => Ok(records
+                        .iter()
+                        .map(|r| Arc::new(RoomEvent::new(r)))
+                        .collect()),
+                    Err(e) => {
+                        tracing::warn!(room = %act.id, after = fill.after, upto = ?fill.upto, error = %e, "cannot read missed events from the store; retrying");
+                        Err(())
+                    }
+                };
+                let failed = records.is_err();
+                let step = act.order.filled(fill, records);
+                act.apply_step(step, ctx);
+                if failed {
+                    ctx.run_later(FILL_RETRY, |act, ctx| {
+                        let step = act.order.retry_fill();
+                        act.apply_step(step, ctx);
+                    });
+                }
+            }),
+        );
     }
 
     /// Adds committed events (contiguous, in order) to the ring and delivers them
@@ -1375,7 +1595,7 @@ impl Handler<Subscribe> for RoomActor {
 
     fn handle(&mut self, msg: Subscribe, ctx: &mut Self::Context) -> Self::Result {
         let (reply, answer) = oneshot::channel();
-        self.try_subscribe(msg, reply, ctx);
+        self.try_subscribe(msg, reply, None, ctx);
         // Dropped unanswered: the actor stopped (the connection looks the room up
         // again and subscribes anew).
         Box::pin(async move {
@@ -1395,9 +1615,10 @@ impl RoomActor {
         &mut self,
         msg: Subscribe,
         reply: oneshot::Sender<Result<SubscribeReply, ApiError>>,
+        ticket: Option<u64>,
         ctx: &mut Context<Self>,
     ) {
-        let mut deferred: Option<Subscribe> = None;
+        let mut deferred: Option<(Subscribe, Option<u64>)> = None;
         let wait = &mut deferred;
         let result = guarded(
             self,
@@ -1465,11 +1686,27 @@ impl RoomActor {
                 }
                 let replay = match msg.since {
                     None => Vec::new(),
-                    Some(since) if since > last_seq && act.writing => {
-                        *wait = Some(msg);
+                    Some(since)
+                        if since > last_seq
+                            && (act.writing
+                                || act.order.filling()
+                                || since <= act.order.newest_known()) =>
+                    {
+                        // This room's commit is finishing, or the events are being
+                        // read from the store: answered once they are delivered.
+                        *wait = Some((msg, ticket));
                         return Err(ApiError::unavailable(
                             "deferred until the commit is published",
                         ));
+                    }
+                    Some(since)
+                        if since > last_seq && !ticket.is_some_and(|t| act.order.caught_up(t)) =>
+                    {
+                        // Another node may have committed it: read the store's end
+                        // first (out_of_range only if the store has no such event).
+                        let ticket = ticket.unwrap_or_else(|| act.order.want_catch_up());
+                        *wait = Some((msg, Some(ticket)));
+                        return Err(ApiError::unavailable("deferred until the store was read"));
                     }
                     Some(since) if since > last_seq => {
                         return Err(ApiError::new(
@@ -1501,17 +1738,22 @@ impl RoomActor {
             },
         );
         match deferred {
-            Some(msg) => self.deferred.push((msg, reply)),
+            Some((msg, ticket)) => {
+                self.deferred.push((msg, reply, ticket));
+                if let Some(fill) = self.order.next_catch_up() {
+                    self.start_fill(fill, ctx);
+                }
+            }
             None => {
                 let _ = reply.send(result);
             }
         }
     }
 
-    /// Tries the deferred subscriptions again (after a commit was published).
+    /// Tries the deferred subscriptions again (after events were delivered).
     fn retry_deferred(&mut self, ctx: &mut Context<Self>) {
-        for (msg, reply) in std::mem::take(&mut self.deferred) {
-            self.try_subscribe(msg, reply, ctx);
+        for (msg, reply, ticket) in std::mem::take(&mut self.deferred) {
+            self.try_subscribe(msg, reply, ticket, ctx);
         }
     }
 }

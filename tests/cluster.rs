@@ -1,0 +1,492 @@
+//! Several roomcast nodes sharing one PostgreSQL database and one Redis (the
+//! `redis` cluster broker): every subscriber on every node, in both codecs, ends
+//! with the same gapless sequence of a room that senders on every node write to at
+//! once, and nothing acknowledged is lost when Redis dies and comes back.
+//!
+//! Needs `ROOMCAST_TEST_POSTGRES_URL` and `ROOMCAST_TEST_REDIS_URL` (scripts/test.sh
+//! starts both); without them each test prints `SKIPPED …` and returns. The Redis
+//! fault test starts its own `redis-server` (from PATH) on a free loopback port and
+//! stops it by PID.
+
+mod common;
+
+use std::{
+    collections::BTreeMap,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use common::{
+    report_skipped,
+    rooms::{create_room, join, send_http},
+    ws::{room_event, Incoming, WsClient, WsCodec},
+    Account, Backend, TestDatabase, TestServer,
+};
+use roomcast::proto::v1 as pb;
+
+/// The Redis the test services run.
+const REDIS_URL_ENV: &str = "ROOMCAST_TEST_REDIS_URL";
+/// How long a subscriber may see nothing before the test fails.
+const IDLE: Duration = Duration::from_secs(20);
+
+/// The Redis URL, or `None` (with a printed reason) when these tests cannot run.
+fn services() -> Option<String> {
+    if !common::postgres_available() {
+        return None;
+    }
+    match std::env::var(REDIS_URL_ENV) {
+        Ok(url) if !url.trim().is_empty() => Some(url),
+        _ => {
+            report_skipped(&format!(
+                "{REDIS_URL_ENV} is not set; run `bash scripts/test.sh` to include the cluster tests"
+            ));
+            None
+        }
+    }
+}
+
+/// A channel prefix of this test's own, so parallel tests never hear each other.
+fn unique_prefix() -> String {
+    format!("rc-test-{}:", uuid_like())
+}
+
+fn uuid_like() -> String {
+    use rand::Rng as _;
+    format!("{:016x}", rand::thread_rng().gen::<u64>())
+}
+
+/// `n` nodes on one fresh PostgreSQL database, linked through `redis_url`.
+async fn start_nodes(n: usize, redis_url: &str) -> (Vec<TestServer>, TestDatabase) {
+    let database = TestDatabase::create(Backend::Postgres).await;
+    let prefix = unique_prefix();
+    let mut nodes = Vec::new();
+    // One after the other: the first applies the migrations.
+    for i in 0..n {
+        let url = database.url.clone();
+        let redis = redis_url.to_owned();
+        let prefix = prefix.clone();
+        nodes.push(
+            TestServer::spawn_with(Backend::Postgres, move |s| {
+                s.store.url = url;
+                s.cluster.broker = "redis".into();
+                s.cluster.redis_url = redis;
+                s.cluster.channel_prefix = prefix;
+                s.cluster.node_id = format!("node-{i}");
+                s.cluster.reconnect_min_ms = 50;
+                s.cluster.reconnect_max_ms = 500;
+                s.realtime.send_rate_per_sec = 10_000;
+                s.realtime.send_burst = 10_000;
+            })
+            .await,
+        );
+    }
+    for node in &nodes {
+        wait_ready(node, Duration::from_secs(20)).await;
+    }
+    (nodes, database)
+}
+
+/// `/readyz` of `node`: (HTTP status, body).
+async fn readyz(node: &TestServer) -> (u16, String) {
+    match node.http().get(node.url("/readyz")).send().await {
+        Ok(resp) => {
+            let status = resp.status().as_u16();
+            (status, resp.text().await.unwrap_or_default())
+        }
+        Err(e) => (0, e.to_string()),
+    }
+}
+
+/// Waits until `/readyz` answers `ready` (linked to the other nodes).
+async fn wait_ready(node: &TestServer, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let (status, body) = readyz(node).await;
+        if status == 200 && body.starts_with("ready") {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node {} not ready within {within:?}: {status} {body}",
+            node.addr
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until `/readyz` says `degraded`.
+async fn wait_degraded(node: &TestServer, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let (status, body) = readyz(node).await;
+        if body.starts_with("degraded") {
+            assert_eq!(status, 200, "a degraded node still serves its clients");
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node {} not degraded within {within:?}: {status} {body}",
+            node.addr
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// One subscriber: its connection and what it received, by sequence.
+struct Watcher {
+    client: WsClient,
+    name: String,
+    /// Sequence → text, in arrival order checks below.
+    seen: Vec<(u64, String)>,
+}
+
+impl Watcher {
+    async fn subscribe(
+        node: &TestServer,
+        account: &Account,
+        room: &str,
+        codec: WsCodec,
+        name: String,
+    ) -> Self {
+        let mut client =
+            WsClient::connect_authenticated(&node.ws_url("/ws"), codec, &account.access_token)
+                .await;
+        client.subscribe(room, Some(0)).await.expect("subscribe");
+        Self {
+            client,
+            name,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Reads until it has seen `last`; panics on a close or on silence.
+    async fn read_until(&mut self, room: &str, last: u64) {
+        let mut newest = self.seen.last().map_or(0, |(s, _)| *s);
+        while newest < last {
+            match self.client.next_push(IDLE).await {
+                Incoming::Frame(frame) => {
+                    if let Some(m) = room_event(&frame).filter(|m| m.room_id == room) {
+                        newest = newest.max(m.seq);
+                        self.seen.push((m.seq, m.text.clone()));
+                    }
+                }
+                other => panic!(
+                    "{}: waiting for seq {last} (at {newest}): {other:?}",
+                    self.name
+                ),
+            }
+        }
+    }
+
+    /// Asserts the gapless, duplicate-free sequence 1..=last, and answers it.
+    fn assert_gapless(&self, last: u64) -> Vec<(u64, String)> {
+        let seqs: Vec<u64> = self.seen.iter().map(|(s, _)| *s).collect();
+        let expected: Vec<u64> = (1..=last).collect();
+        assert_eq!(
+            seqs, expected,
+            "{}: not the gapless sequence 1..={last}",
+            self.name
+        );
+        self.seen.clone()
+    }
+}
+
+/// Signs up a user on `node` and joins it to `room`.
+async fn member(node: &TestServer, name: &str, room: &str) -> Account {
+    let account = node.sign_up(name).await;
+    join(node, &account, room).await;
+    account
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_chat_room_written_on_every_node_is_one_gapless_order_everywhere() {
+    let Some(redis) = services() else { return };
+    let (nodes, _db) = start_nodes(3, &redis).await;
+    let owner = nodes[0].sign_up("owner").await;
+    let room = create_room(&nodes[0], &owner, pb::RoomKind::Public).await;
+
+    // Subscribers on every node, in both codecs.
+    let mut watchers = Vec::new();
+    for (i, node) in nodes.iter().enumerate() {
+        for codec in [WsCodec::Json, WsCodec::Proto] {
+            let account = member(node, &format!("watcher{i}{codec:?}").to_lowercase(), &room).await;
+            watchers.push(
+                Watcher::subscribe(node, &account, &room, codec, format!("node {i} {codec:?}"))
+                    .await,
+            );
+        }
+    }
+
+    // Concurrent senders on every node.
+    const PER_SENDER: u64 = 40;
+    let mut senders = Vec::new();
+    for (i, node) in nodes.iter().enumerate() {
+        for j in 0..2 {
+            let account = member(node, &format!("sender{i}x{j}"), &room).await;
+            senders.push((i, j, account));
+        }
+    }
+    let mut tasks = Vec::new();
+    for (i, j, account) in senders {
+        let node = &nodes[i];
+        let room = room.clone();
+        tasks.push(async move {
+            let mut acked = Vec::new();
+            for k in 0..PER_SENDER {
+                let id = format!("s{i}-{j}-{k}");
+                let sent = send_http(node, &account, &room, &id, &id).await;
+                acked.push((sent.message.as_ref().expect("the stored message").seq, id));
+            }
+            acked
+        });
+    }
+    let acked: Vec<(u64, String)> = futures_util::future::join_all(tasks)
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
+    let total = acked.len() as u64;
+    assert_eq!(total, 6 * PER_SENDER);
+    let by_seq: BTreeMap<u64, String> = acked.into_iter().collect();
+    assert_eq!(
+        by_seq.keys().copied().collect::<Vec<_>>(),
+        (1..=total).collect::<Vec<_>>(),
+        "the store gave every send its own sequence"
+    );
+
+    for watcher in &mut watchers {
+        watcher.read_until(&room, total).await;
+    }
+    for watcher in &watchers {
+        let seen = watcher.assert_gapless(total);
+        for (seq, text) in seen {
+            assert_eq!(
+                by_seq.get(&seq),
+                Some(&text),
+                "{}: seq {seq} carries the acknowledged message",
+                watcher.name
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn resuming_on_another_node_from_a_sequence_it_has_not_seen_yet_is_not_out_of_range() {
+    let Some(redis) = services() else { return };
+    let (nodes, _db) = start_nodes(2, &redis).await;
+    let owner = nodes[0].sign_up("owner").await;
+    let room = create_room(&nodes[0], &owner, pb::RoomKind::Public).await;
+    let reader = member(&nodes[1], "reader", &room).await;
+    // The room is loaded on node 1 (a subscriber holds it there).
+    let mut holder =
+        Watcher::subscribe(&nodes[1], &reader, &room, WsCodec::Json, "holder".into()).await;
+    for k in 1..=20u64 {
+        let id = format!("m{k}");
+        let sent = send_http(&nodes[0], &owner, &room, &id, &id).await;
+        assert_eq!(sent.message.as_ref().expect("the stored message").seq, k);
+        // At once, on the other node, from the sequence just acknowledged: it may
+        // not have arrived there yet, but it exists.
+        let mut client = WsClient::connect_authenticated(
+            &nodes[1].ws_url("/ws"),
+            WsCodec::Proto,
+            &reader.access_token,
+        )
+        .await;
+        let last = client
+            .subscribe(&room, Some(k))
+            .await
+            .unwrap_or_else(|e| panic!("resuming from {k} on node 1: {e:?}"));
+        assert!(last >= k, "subscribed at {last}, before {k}");
+        client.close().await;
+    }
+    // A sequence no node committed is still out of range.
+    let mut client = WsClient::connect_authenticated(
+        &nodes[1].ws_url("/ws"),
+        WsCodec::Json,
+        &reader.access_token,
+    )
+    .await;
+    let err = client
+        .subscribe(&room, Some(1_000))
+        .await
+        .expect_err("beyond the end");
+    assert_eq!(err.code, "out_of_range", "{err:?}");
+    holder.read_until(&room, 20).await;
+    holder.assert_gapless(20);
+}
+
+/// A `redis-server` of the test's own, on a free loopback port, stopped by PID.
+struct OwnRedis {
+    port: u16,
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+}
+
+impl OwnRedis {
+    fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let dir = tempfile::Builder::new()
+            .prefix("roomcast-redis-")
+            .tempdir()
+            .expect("temp dir");
+        let mut redis = Self {
+            port,
+            child: None,
+            dir,
+        };
+        redis.spawn();
+        redis
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--protected-mode",
+                "yes",
+                "--dir",
+            ])
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start redis-server (is it on PATH? scripts/test-services.sh installs it)");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "redis-server did not listen");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL, by PID.
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_killed_and_restarted_mid_stream_loses_nothing() {
+    if services().is_none() {
+        return;
+    }
+    let mut redis = OwnRedis::start();
+    let (nodes, _db) = start_nodes(2, &redis.url()).await;
+    let owner = nodes[0].sign_up("owner").await;
+    let room = create_room(&nodes[0], &owner, pb::RoomKind::Public).await;
+    let mut watchers = Vec::new();
+    for (i, node) in nodes.iter().enumerate() {
+        for codec in [WsCodec::Json, WsCodec::Proto] {
+            let account = member(node, &format!("w{i}{codec:?}").to_lowercase(), &room).await;
+            watchers.push(
+                Watcher::subscribe(node, &account, &room, codec, format!("node {i} {codec:?}"))
+                    .await,
+            );
+        }
+    }
+    let senders = [
+        member(&nodes[0], "sender0", &room).await,
+        member(&nodes[1], "sender1", &room).await,
+    ];
+    let mut acked = BTreeMap::new();
+    let send_round = |round: &'static str| {
+        let nodes = &nodes;
+        let senders = &senders;
+        let room = room.clone();
+        async move {
+            let mut got = Vec::new();
+            for k in 0..10 {
+                for (i, sender) in senders.iter().enumerate() {
+                    let id = format!("{round}-{i}-{k}");
+                    let sent = send_http(&nodes[i], sender, &room, &id, &id).await;
+                    got.push((sent.message.as_ref().expect("the stored message").seq, id));
+                }
+            }
+            got
+        }
+    };
+    acked.extend(send_round("before").await);
+
+    redis.kill();
+    for node in &nodes {
+        wait_degraded(node, Duration::from_secs(10)).await;
+    }
+    // Both nodes still take sends (the store is up) while cut off from each other.
+    acked.extend(send_round("during").await);
+
+    redis.spawn();
+    for node in &nodes {
+        wait_ready(node, Duration::from_secs(20)).await;
+    }
+    acked.extend(send_round("after").await);
+
+    let total = acked.len() as u64;
+    assert_eq!(
+        acked.keys().copied().collect::<Vec<_>>(),
+        (1..=total).collect::<Vec<_>>()
+    );
+    for watcher in &mut watchers {
+        watcher.read_until(&room, total).await;
+    }
+    for watcher in &watchers {
+        for (seq, text) in watcher.assert_gapless(total) {
+            assert_eq!(acked.get(&seq), Some(&text), "{}: seq {seq}", watcher.name);
+        }
+    }
+    // The metrics say what happened (the process-wide registry is shared by the
+    // nodes of this test binary, so only lower bounds).
+    let metrics = nodes[0]
+        .http()
+        .get(nodes[0].url("/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    let reconnects = metric(&metrics, "roomcast_broker_reconnects_total");
+    assert!(reconnects >= 2.0, "each node relinked: {reconnects}");
+    assert!(metric(&metrics, "roomcast_broker_gap_filled_events_total") >= 1.0);
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn a_redis_broker_refuses_an_sqlite_store() {
+    let mut settings = common::test_settings();
+    settings.store.url = "sqlite://target/never.db".into();
+    settings.cluster.broker = "redis".into();
+    let err = settings.validate().expect_err("redis needs PostgreSQL");
+    let text = err.to_string();
+    assert!(
+        text.contains("cluster.broker") && text.contains("PostgreSQL"),
+        "{text}"
+    );
+}
