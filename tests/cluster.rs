@@ -490,3 +490,131 @@ async fn a_redis_broker_refuses_an_sqlite_store() {
         "{text}"
     );
 }
+
+/// Creates a live public room owned by `owner`.
+async fn create_live_room(node: &TestServer, owner: &Account) -> String {
+    let reply: pb::CreateRoomResponse = node
+        .rpc_as(&owner.access_token)
+        .call_proto(
+            "RoomService/CreateRoom",
+            &pb::CreateRoomRequest {
+                kind: pb::RoomKind::Public as i32,
+                title: "live".into(),
+                live: Some(pb::LiveControls::default()),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("create a live room");
+    reply.room.expect("a room").id
+}
+
+/// What a live viewer saw: events and gaps, in arrival order.
+#[derive(Debug, Clone, PartialEq)]
+enum Seen {
+    Event(u64, String),
+    Gap(u64, u64),
+}
+
+async fn watch_live(client: &mut WsClient, room: &str, last: u64, name: &str) -> Vec<Seen> {
+    let mut seen = Vec::new();
+    let mut newest = 0;
+    while newest < last {
+        match client.next_push(IDLE).await {
+            Incoming::Frame(frame) => match &frame.kind {
+                Some(pb::server_frame::Kind::Gap(gap)) if gap.room_id == room => {
+                    newest = newest.max(gap.to_seq);
+                    seen.push(Seen::Gap(gap.from_seq, gap.to_seq));
+                }
+                _ => {
+                    if let Some(m) = room_event(&frame).filter(|m| m.room_id == room) {
+                        newest = newest.max(m.seq);
+                        seen.push(Seen::Event(m.seq, m.text.clone()));
+                    }
+                }
+            },
+            other => panic!("{name}: waiting for seq {last} (at {newest}): {other:?}"),
+        }
+    }
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_live_room_written_on_every_node_has_one_order_with_exact_gaps() {
+    let Some(redis) = services() else { return };
+    let (nodes, _db) = start_nodes(3, &redis).await;
+    let owner = nodes[0].sign_up("owner").await;
+    let room = create_live_room(&nodes[0], &owner).await;
+
+    let mut viewers = Vec::new();
+    for (i, node) in nodes.iter().enumerate() {
+        for codec in [WsCodec::Json, WsCodec::Proto] {
+            let account = node
+                .sign_up(&format!("viewer{i}{codec:?}").to_lowercase())
+                .await;
+            let mut client =
+                WsClient::connect_authenticated(&node.ws_url("/ws"), codec, &account.access_token)
+                    .await;
+            client.subscribe(&room, None).await.expect("watch");
+            viewers.push((format!("node {i} {codec:?}"), client));
+        }
+    }
+    let mut senders = Vec::new();
+    for (i, node) in nodes.iter().enumerate() {
+        senders.push((i, member(node, &format!("sender{i}"), &room).await));
+    }
+    const PER_SENDER: u64 = 50;
+    let mut tasks = Vec::new();
+    for (i, account) in &senders {
+        let node = &nodes[*i];
+        let room = room.clone();
+        tasks.push(async move {
+            let mut acked = Vec::new();
+            for k in 0..PER_SENDER {
+                let id = format!("l{i}-{k}");
+                let sent = send_http(node, account, &room, &id, &id).await;
+                acked.push((sent.message.expect("the message").seq, id));
+            }
+            acked
+        });
+    }
+    let acked: BTreeMap<u64, String> = futures_util::future::join_all(tasks)
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
+    let total = acked.len() as u64;
+    assert_eq!(total, 3 * PER_SENDER, "every send got its own number");
+    let first = *acked.keys().next().expect("sent");
+    let last = *acked.keys().next_back().expect("sent");
+    assert_eq!(
+        last - first + 1,
+        total,
+        "the numbers of one room are contiguous across nodes"
+    );
+
+    for (name, client) in &mut viewers {
+        let seen = watch_live(client, &room, last, name).await;
+        // In order, each number once: as an event carrying the acknowledged
+        // message, or inside exactly one gap.
+        let mut next = first;
+        for item in &seen {
+            match item {
+                Seen::Event(seq, text) if *seq < first => {
+                    panic!("{name}: event {seq} {text} before the first sent")
+                }
+                Seen::Event(seq, text) => {
+                    assert_eq!(*seq, next, "{name}: out of order or twice: {seen:?}");
+                    assert_eq!(acked.get(seq), Some(text), "{name}: seq {seq}");
+                    next += 1;
+                }
+                Seen::Gap(from, to) => {
+                    assert_eq!(*from, next, "{name}: gap out of order: {seen:?}");
+                    assert!(to >= from, "{name}: empty gap");
+                    next = to + 1;
+                }
+            }
+        }
+        assert_eq!(next, last + 1, "{name}: ends at the last number");
+    }
+}
