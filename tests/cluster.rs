@@ -618,3 +618,124 @@ async fn a_live_room_written_on_every_node_has_one_order_with_exact_gaps() {
         assert_eq!(next, last + 1, "{name}: ends at the last number");
     }
 }
+
+/// A TCP forwarder between a node and PostgreSQL that the test can cut (every
+/// connection dropped, new ones refused) and restore: the database becomes
+/// unreachable for that node only.
+struct StoreLink {
+    port: u16,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    conns: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl StoreLink {
+    async fn start(target: std::net::SocketAddr) -> Self {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let conns = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (accept_cut, accept_conns) = (cut.clone(), conns.clone());
+        let accept = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if accept_cut.load(Ordering::Acquire) {
+                    drop(inbound);
+                    continue;
+                }
+                let task = tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                accept_conns.lock().expect("lock").push(task);
+            }
+        });
+        Self {
+            port,
+            cut,
+            conns,
+            accept,
+        }
+    }
+
+    fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::Release);
+        for task in self.conns.lock().expect("lock").drain(..) {
+            task.abort();
+        }
+    }
+
+    fn restore(&self) {
+        self.cut.store(false, std::sync::atomic::Ordering::Release);
+    }
+}
+
+impl Drop for StoreLink {
+    fn drop(&mut self) {
+        self.accept.abort();
+        self.cut();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_that_cannot_reach_postgresql_answers_unavailable_and_is_not_ready() {
+    let Some(redis) = services() else { return };
+    let database = TestDatabase::create(Backend::Postgres).await;
+    // postgres://user@127.0.0.1:PORT/db → the same through the forwarder.
+    let (head, tail) = database.url.rsplit_once('@').expect("a user in the URL");
+    let (host_port, db) = tail.split_once('/').expect("a database in the URL");
+    let target: std::net::SocketAddr = host_port.parse().expect("host:port");
+    let link = StoreLink::start(target).await;
+    let url = format!("{head}@127.0.0.1:{}/{db}", link.port);
+    let prefix = unique_prefix();
+    let node = TestServer::spawn_with(Backend::Postgres, move |s| {
+        s.store.url = url;
+        s.store.acquire_timeout_ms = 500;
+        s.cluster.broker = "redis".into();
+        s.cluster.redis_url = redis;
+        s.cluster.channel_prefix = prefix;
+    })
+    .await;
+    wait_ready(&node, Duration::from_secs(20)).await;
+    let owner = node.sign_up("owner").await;
+    let room = create_room(&node, &owner, pb::RoomKind::Public).await;
+    send_http(&node, &owner, &room, "before", "before").await;
+
+    link.cut();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, body) = readyz(&node).await;
+        if status == 503 {
+            assert!(body.contains("store"), "{body}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still ready without its store: {status} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let err = node
+        .rpc_as(&owner.access_token)
+        .call_proto::<_, pb::SendMessageResponse>(
+            "RoomService/SendMessage",
+            &pb::SendMessageRequest {
+                room_id: room.clone(),
+                text: "during".into(),
+                client_message_id: "during".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect_err("no store, no acknowledgement");
+    assert_eq!(err.code, "unavailable", "{err:?}");
+
+    link.restore();
+    wait_ready(&node, Duration::from_secs(20)).await;
+    // The retry of the refused send is stored once.
+    let sent = send_http(&node, &owner, &room, "during", "during").await;
+    assert_eq!(sent.message.expect("stored").seq, 2);
+}
