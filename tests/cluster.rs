@@ -739,3 +739,241 @@ async fn a_node_that_cannot_reach_postgresql_answers_unavailable_and_is_not_read
     let sent = send_http(&node, &owner, &room, "during", "during").await;
     assert_eq!(sent.message.expect("stored").seq, 2);
 }
+
+/// `roomcast serve` as a real process (so that it can be `kill -9`ed), a node of
+/// the cluster; killed by its PID when dropped.
+struct ProcessNode {
+    child: Child,
+    base: String,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl ProcessNode {
+    async fn start(store_url: &str, redis_url: &str, prefix: &str) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let dir = tempfile::Builder::new()
+            .prefix("roomcast-node-")
+            .tempdir()
+            .expect("temp dir");
+        let mut command = Command::new(env!("CARGO_BIN_EXE_roomcast"));
+        command.current_dir(dir.path()).arg("serve");
+        for (key, _) in std::env::vars() {
+            if key.starts_with("ROOMCAST_") {
+                command.env_remove(key);
+            }
+        }
+        let child = command
+            .env_remove("RUST_LOG")
+            .env("ROOMCAST_SERVER__LISTEN", format!("127.0.0.1:{port}"))
+            .env("ROOMCAST_SERVER__WORKERS", "2")
+            .env("ROOMCAST_STORE__URL", store_url)
+            .env("ROOMCAST_CLUSTER__BROKER", "redis")
+            .env("ROOMCAST_CLUSTER__REDIS_URL", redis_url)
+            .env("ROOMCAST_CLUSTER__CHANNEL_PREFIX", prefix)
+            .env("ROOMCAST_CLUSTER__NODE_ID", "process-node")
+            .env("ROOMCAST_AUTH__ARGON2_MEMORY_KIB", "1024")
+            .env("ROOMCAST_AUTH__ARGON2_ITERATIONS", "1")
+            .env("ROOMCAST_REALTIME__SEND_RATE_PER_SEC", "100000")
+            .env("ROOMCAST_REALTIME__SEND_BURST", "100000")
+            .env("ROOMCAST_AUTH__SIGN_UP_IP_PER_HOUR", "0")
+            .env("ROOMCAST_AUTH__SIGN_IN_IP_PER_MINUTE", "0")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn roomcast serve");
+        let node = Self {
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+            port,
+            _dir: dir,
+        };
+        let http = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(resp) = http.get(format!("{}/readyz", node.base)).send().await {
+                if resp.status().is_success()
+                    && resp.text().await.is_ok_and(|b| b.starts_with("ready"))
+                {
+                    return node;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "roomcast serve did not become ready"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGKILL, by PID.
+    fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ProcessNode {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// SendMessage over HTTP (JSON) to `base`; the sequence, or why not.
+async fn send_to(base: &str, token: &str, room: &str, id: &str) -> Result<u64, String> {
+    let resp = reqwest::Client::new()
+        .post(format!("{base}/roomcast.v1.RoomService/SendMessage"))
+        .bearer_auth(token)
+        .timeout(Duration::from_secs(5))
+        .json(&serde_json::json!({"roomId": room, "text": id, "clientMessageId": id}))
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    let status = resp.status();
+    let body: serde_json::Value = resp.json().await.map_err(|e| e.to_string())?;
+    if !status.is_success() {
+        return Err(format!("{status}: {body}"));
+    }
+    body["message"]["seq"]
+        .as_str()
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("no seq in {body}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill_9_of_a_node_mid_stream_loses_nothing_and_its_clients_resume_elsewhere() {
+    use std::sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    };
+    let Some(redis) = services() else { return };
+    let (nodes, db) = start_nodes(2, &redis).await;
+    let prefix = nodes[0].settings.cluster.channel_prefix.clone();
+    let mut victim = ProcessNode::start(&db.url, &redis, &prefix).await;
+    let owner = nodes[0].sign_up("owner").await;
+    let room = create_room(&nodes[0], &owner, pb::RoomKind::Public).await;
+
+    let mut watchers = Vec::new();
+    for (i, node) in nodes.iter().enumerate() {
+        let account = member(node, &format!("watcher{i}"), &room).await;
+        watchers.push(
+            Watcher::subscribe(node, &account, &room, WsCodec::Proto, format!("node {i}")).await,
+        );
+    }
+    // A subscriber and a sender on the node that dies.
+    let doomed = member(&nodes[0], "doomed", &room).await;
+    let mut on_victim = Watcher {
+        client: WsClient::connect_authenticated(
+            &format!("ws://127.0.0.1:{}/ws", victim.port),
+            WsCodec::Json,
+            &doomed.access_token,
+        )
+        .await,
+        name: "subscriber of the killed node".into(),
+        seen: Vec::new(),
+    };
+    on_victim
+        .client
+        .subscribe(&room, Some(0))
+        .await
+        .expect("subscribe on the victim");
+    let sender = member(&nodes[0], "sender", &room).await;
+    let other = member(&nodes[1], "other", &room).await;
+
+    const SENDS: usize = 60;
+    let acks = Arc::new(AtomicUsize::new(0));
+    let victim_base = victim.base.clone();
+    let fallback = nodes[1].base_url();
+    let token = sender.access_token.clone();
+    let counter = acks.clone();
+    let task_room = room.clone();
+    // Sends to the victim until it is gone, then retries the same message (same
+    // client_message_id) on another node, as a client behind nginx does.
+    let victim_sends = tokio::spawn(async move {
+        let mut acked = Vec::new();
+        let mut dead = false;
+        for k in 0..SENDS {
+            let id = format!("v{k}");
+            let mut seq = None;
+            if !dead {
+                match send_to(&victim_base, &token, &task_room, &id).await {
+                    Ok(s) => seq = Some(s),
+                    Err(_) => dead = true,
+                }
+            }
+            let seq = match seq {
+                Some(s) => s,
+                None => send_to(&fallback, &token, &task_room, &id)
+                    .await
+                    .unwrap_or_else(|e| panic!("{id} on the surviving node: {e}")),
+            };
+            acked.push((seq, id));
+            counter.fetch_add(1, Ordering::Release);
+        }
+        acked
+    });
+    let other_sends = async {
+        let mut acked = Vec::new();
+        for k in 0..SENDS {
+            let id = format!("o{k}");
+            let sent = send_http(&nodes[1], &other, &room, &id, &id).await;
+            acked.push((sent.message.expect("stored").seq, id));
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        acked
+    };
+    let killer = async {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while acks.load(Ordering::Acquire) < SENDS / 3 {
+            assert!(Instant::now() < deadline, "the victim took no sends");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        victim.kill9();
+    };
+    let (other_acked, ()) = tokio::join!(other_sends, killer);
+    let victim_acked = victim_sends.await.expect("the sender task");
+    let acked: BTreeMap<u64, String> = other_acked.into_iter().chain(victim_acked).collect();
+    let total = acked.len() as u64;
+    assert_eq!(total, 2 * SENDS as u64, "every message acknowledged once");
+    assert_eq!(
+        acked.keys().copied().collect::<Vec<_>>(),
+        (1..=total).collect::<Vec<_>>()
+    );
+
+    // The killed node's subscriber: what it got, then a resume on another node.
+    loop {
+        match on_victim.client.next_push(Duration::from_secs(5)).await {
+            Incoming::Frame(frame) => {
+                if let Some(m) = room_event(&frame).filter(|m| m.room_id == room) {
+                    on_victim.seen.push((m.seq, m.text.clone()));
+                }
+            }
+            Incoming::Closed(..) | Incoming::Timeout => break,
+        }
+    }
+    let resume_from = on_victim.seen.last().map_or(0, |(s, _)| *s);
+    on_victim.client = WsClient::connect_authenticated(
+        &nodes[0].ws_url("/ws"),
+        WsCodec::Json,
+        &doomed.access_token,
+    )
+    .await;
+    on_victim
+        .client
+        .subscribe(&room, Some(resume_from))
+        .await
+        .expect("resume on a surviving node");
+    watchers.push(on_victim);
+    for watcher in &mut watchers {
+        watcher.read_until(&room, total).await;
+    }
+    for watcher in &watchers {
+        for (seq, text) in watcher.assert_gapless(total) {
+            assert_eq!(acked.get(&seq), Some(&text), "{}: seq {seq}", watcher.name);
+        }
+    }
+}
