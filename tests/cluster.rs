@@ -945,14 +945,9 @@ async fn kill_9_of_a_node_mid_stream_loses_nothing_and_its_clients_resume_elsewh
     );
 
     // The killed node's subscriber: what it got, then a resume on another node.
-    loop {
-        match on_victim.client.next_push(Duration::from_secs(5)).await {
-            Incoming::Frame(frame) => {
-                if let Some(m) = room_event(&frame).filter(|m| m.room_id == room) {
-                    on_victim.seen.push((m.seq, m.text.clone()));
-                }
-            }
-            Incoming::Closed(..) | Incoming::Timeout => break,
+    while let Incoming::Frame(frame) = on_victim.client.next_push(Duration::from_secs(5)).await {
+        if let Some(m) = room_event(&frame).filter(|m| m.room_id == room) {
+            on_victim.seen.push((m.seq, m.text.clone()));
         }
     }
     let resume_from = on_victim.seen.last().map_or(0, |(s, _)| *s);
