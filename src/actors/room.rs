@@ -17,6 +17,12 @@
 //! A commit that fails for a batch is retried one message at a time, so one bad
 //! message fails alone; the queue of appends waiting for a commit is bounded.
 //!
+//! Across nodes (see [`crate::cluster`]): committed events go out through the
+//! cluster broker and come back, from this node and the others, through
+//! [`RoomOrder`], which delivers each sequence once and in order, reading holes
+//! from the store (or, in a live room, reporting them as a `gap` after a short
+//! hold-back).
+//!
 //! A live room (see [`super::live_state`]) keeps its comments in the ring only: it
 //! numbers them from a block of sequence numbers reserved in the store, answers
 //! the sender at once, applies the host controls, pushes a viewer count at an
