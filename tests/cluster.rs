@@ -972,3 +972,51 @@ async fn kill_9_of_a_node_mid_stream_loses_nothing_and_its_clients_resume_elsewh
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_room_notice_published_on_one_node_reaches_the_room_on_every_node() {
+    use roomcast::{
+        actors::room::RoomNotice,
+        cluster::{codec, Body, Topic},
+        ids::{RoomId, UserId},
+    };
+    let Some(redis) = services() else { return };
+    let (nodes, _db) = start_nodes(2, &redis).await;
+    let owner = nodes[0].sign_up("owner").await;
+    let room = create_room(&nodes[0], &owner, pb::RoomKind::Public).await;
+    let guest = member(&nodes[1], "guest", &room).await;
+    let mut far = Watcher::subscribe(&nodes[1], &guest, &room, WsCodec::Proto, "far".into()).await;
+    let mut near = Watcher::subscribe(&nodes[0], &guest, &room, WsCodec::Json, "near".into()).await;
+    // Node 1's room may still be subscribing in Redis: an event from node 0 that
+    // reaches it shows the link is up.
+    send_http(&nodes[0], &owner, &room, "hello", "hello").await;
+    far.read_until(&room, 1).await;
+    near.read_until(&room, 1).await;
+
+    let room_id = RoomId(room.clone());
+    let notice = RoomNotice::Removed {
+        user_id: UserId(guest.user_id.clone()),
+        reason: pb::RemovedReason::Kicked,
+        message: "kicked on another node".into(),
+    };
+    nodes[0].state().bus.publish(
+        Topic::Room(room_id.clone()),
+        Body::RoomNotice(codec::room_notice(&room_id, &notice)),
+        None,
+    );
+    for watcher in [&mut far, &mut near] {
+        let removed = watcher
+            .client
+            .push_matching(IDLE, |kind| match kind {
+                pb::server_frame::Kind::Removed(r) => Some(r.clone()),
+                _ => None,
+            })
+            .await;
+        assert_eq!(removed.room_id, room, "{}", watcher.name);
+        assert_eq!(
+            removed.message, "kicked on another node",
+            "{}",
+            watcher.name
+        );
+    }
+}

@@ -65,6 +65,7 @@ use crate::{
     error::{ApiError, Code},
     ids::{now_ms, MessageId, RoomId, UserId},
     model::{MessageKind, RoomKind},
+    proto::node::v1 as node,
     proto::v1 as pb,
     protocol::{FrameCodec, RoomEvent, SharedFrame, WireFrame},
     settings::Settings,
@@ -1191,6 +1192,9 @@ impl RoomActor {
                 let step = self.order.accept(events.iter().cloned());
                 self.apply_step(step, ctx);
             }
+            // A notice for the room on every node (this one included: publish it
+            // instead of sending `Notify`, not as well).
+            Body::RoomNotice(notice) => self.on_node_notice(notice, ctx),
             Body::Relinked => {
                 // The node was cut off from the others (or just subscribed): what
                 // they committed meanwhile is in the store.
@@ -1799,76 +1803,103 @@ impl Handler<Notify> for RoomActor {
     type Result = ();
 
     fn handle(&mut self, Notify(notice): Notify, ctx: &mut Self::Context) {
-        guarded(
-            self,
-            ctx,
-            || (),
-            move |act, _ctx| {
-                use crate::protocol::push;
-                use pb::server_frame::Kind;
-                let quiet_live = act.live.is_some() && !act.settings.rooms.live.member_events;
-                match notice {
-                    // Live rooms: no join/leave per viewer (a viewer count instead),
-                    // unless rooms.live.member_events.
-                    RoomNotice::Member(event)
-                        if quiet_live
-                            && matches!(
-                                pb::MemberEventKind::try_from(event.kind),
-                                Ok(pb::MemberEventKind::Joined | pb::MemberEventKind::Left)
-                            ) => {}
-                    RoomNotice::Presence { .. } if quiet_live => {}
-                    RoomNotice::Member(event) => act.notice(push(Kind::Member(event)), None),
-                    RoomNotice::Updated(room) => act.notice(push(Kind::RoomUpdated(*room)), None),
-                    RoomNotice::Presence {
-                        user_id,
+        guarded(self, ctx, || (), move |act, _ctx| act.apply_notice(notice))
+    }
+}
+
+impl RoomActor {
+    /// Delivers a notice (from this node's [`Notify`] or another node's
+    /// `RoomNotice` through the broker).
+    fn apply_notice(&mut self, notice: RoomNotice) {
+        use crate::protocol::push;
+        use pb::server_frame::Kind;
+        let quiet_live = self.live.is_some() && !self.settings.rooms.live.member_events;
+        match notice {
+            // Live rooms: no join/leave per viewer (a viewer count instead),
+            // unless rooms.live.member_events.
+            RoomNotice::Member(event)
+                if quiet_live
+                    && matches!(
+                        pb::MemberEventKind::try_from(event.kind),
+                        Ok(pb::MemberEventKind::Joined | pb::MemberEventKind::Left)
+                    ) => {}
+            RoomNotice::Presence { .. } if quiet_live => {}
+            RoomNotice::Member(event) => self.notice(push(Kind::Member(event)), None),
+            RoomNotice::Updated(room) => self.notice(push(Kind::RoomUpdated(*room)), None),
+            RoomNotice::Presence {
+                user_id,
+                online,
+                version,
+            } => {
+                let newest = self.presence.entry(user_id.clone()).or_insert(0);
+                if version <= *newest {
+                    // A later change of this user was delivered already.
+                    return;
+                }
+                *newest = version;
+                self.notice(
+                    push(Kind::Presence(pb::PresenceEvent {
+                        room_id: self.id.0.clone(),
+                        user_id: user_id.0,
                         online,
-                        version,
-                    } => {
-                        let newest = act.presence.entry(user_id.clone()).or_insert(0);
-                        if version <= *newest {
-                            // A later change of this user was delivered already.
-                            return;
-                        }
-                        *newest = version;
-                        act.notice(
-                            push(Kind::Presence(pb::PresenceEvent {
-                                room_id: act.id.0.clone(),
-                                user_id: user_id.0,
-                                online,
-                            })),
-                            None,
-                        )
-                    }
-                    RoomNotice::Removed {
-                        user_id,
-                        reason,
-                        message,
-                    } => {
-                        act.removals.insert(user_id.clone(), Instant::now());
-                        let frame =
-                            Arc::new(SharedFrame::new(push(Kind::Removed(pb::RemovedEvent {
-                                room_id: act.id.0.clone(),
-                                reason: reason as i32,
-                                message,
-                            }))));
-                        let gone: Vec<ConnectionId> = act
-                            .subscribers
-                            .iter()
-                            .filter(|(_, s)| s.user_id == user_id)
-                            .map(|(id, _)| *id)
-                            .collect();
-                        for conn_id in gone {
-                            if let Some(sub) = act.remove_subscriber(conn_id) {
-                                sub.addr.do_send(RoomPush::Removed {
-                                    room_id: act.id.clone(),
-                                    frame: frame.clone(),
-                                });
-                            }
-                        }
+                    })),
+                    None,
+                )
+            }
+            RoomNotice::Removed {
+                user_id,
+                reason,
+                message,
+            } => {
+                self.removals.insert(user_id.clone(), Instant::now());
+                let frame = Arc::new(SharedFrame::new(push(Kind::Removed(pb::RemovedEvent {
+                    room_id: self.id.0.clone(),
+                    reason: reason as i32,
+                    message,
+                }))));
+                let gone: Vec<ConnectionId> = self
+                    .subscribers
+                    .iter()
+                    .filter(|(_, s)| s.user_id == user_id)
+                    .map(|(id, _)| *id)
+                    .collect();
+                for conn_id in gone {
+                    if let Some(sub) = self.remove_subscriber(conn_id) {
+                        sub.addr.do_send(RoomPush::Removed {
+                            room_id: self.id.clone(),
+                            frame: frame.clone(),
+                        });
                     }
                 }
-            },
-        )
+            }
+        }
+    }
+
+    /// A notice published on the room's topic (by any node).
+    fn on_node_notice(&mut self, notice: &node::RoomNotice, ctx: &mut Context<Self>) {
+        use node::room_notice::Kind;
+        let Some(kind) = &notice.kind else {
+            return;
+        };
+        match kind {
+            Kind::Member(event) => self.apply_notice(RoomNotice::Member(event.clone())),
+            Kind::Removed(removed) => self.apply_notice(RoomNotice::Removed {
+                user_id: UserId(removed.user_id.clone()),
+                reason: pb::RemovedReason::try_from(removed.reason).unwrap_or_default(),
+                message: removed.message.clone(),
+            }),
+            Kind::Updated(room) => self.apply_notice(RoomNotice::Updated(Box::new(room.clone()))),
+            Kind::Presence(change) => self.apply_notice(RoomNotice::Presence {
+                user_id: UserId(change.user_id.clone()),
+                online: change.online,
+                version: change.version,
+            }),
+            Kind::Relay(frame) => self.notice(frame.clone(), None),
+            Kind::Deleted(frame) => {
+                let frame = Arc::new(SharedFrame::new(frame.clone()));
+                self.deleted(frame, ctx);
+            }
+        }
     }
 }
 
@@ -2072,10 +2103,17 @@ impl Handler<Deleted> for RoomActor {
     type Result = ();
 
     fn handle(&mut self, msg: Deleted, ctx: &mut Self::Context) {
+        self.deleted(msg.frame, ctx);
+    }
+}
+
+impl RoomActor {
+    /// The room was deleted: tells every subscriber with `frame` and retires.
+    fn deleted(&mut self, frame: Arc<SharedFrame>, ctx: &mut Context<Self>) {
         for sub in self.drain_subscribers() {
             sub.addr.do_send(RoomPush::Removed {
                 room_id: self.id.clone(),
-                frame: msg.frame.clone(),
+                frame: frame.clone(),
             });
         }
         let gone = ApiError::not_found("room not found");
