@@ -12,7 +12,8 @@
 # roomcast`, start target/debug/roomcast on a free loopback port with a
 # throw-away SQLite store, wait for /healthz, then `node --test
 # tests/connect-es/` with ROOMCAST_URL set. The server (only the one this
-# script started) is stopped on any exit; the exit status is node's.
+# script started, by PID; start_test_server/stop_test_server in
+# scripts/test-services.sh) is stopped on any exit; the exit status is node's.
 #
 # Needs Node.js >= 18 and npm (the buf CLI and protoc-gen-es come from npm): when
 # they are missing, they are installed with apt (Debian's own nodejs and npm
@@ -45,24 +46,11 @@ if ! ensure_node; then
 fi
 
 tmp_dir=$(mktemp -d /tmp/roomcast-connect-es.XXXXXX)
-server_pid=""
 
 # shellcheck disable=SC2317  # invoked from the EXIT trap
 cleanup() {
     local rc=$?
-    if [[ -n $server_pid ]] && kill -0 "$server_pid" 2>/dev/null; then
-        kill -TERM "$server_pid" 2>/dev/null || true
-        for _ in $(seq 1 50); do
-            kill -0 "$server_pid" 2>/dev/null || break
-            sleep 0.1
-        done
-        kill -KILL "$server_pid" 2>/dev/null || true
-        wait "$server_pid" 2>/dev/null || true
-    fi
-    if ((rc != 0)) && [[ -s $tmp_dir/server.log ]]; then
-        echo "---- last lines of the roomcast server log ($tmp_dir/server.log) ----" >&2
-        tail -n 40 "$tmp_dir/server.log" >&2 || true
-    fi
+    stop_test_server "$rc"
     cleanup_node
     if [[ ${ROOMCAST_CONNECT_ES_KEEP:-0} == 1 ]]; then
         echo "kept $tmp_dir" >&2
@@ -92,42 +80,9 @@ say "connect-es: building the server"
 cargo build --all-targets
 server_bin=${CARGO_TARGET_DIR:-target}/debug/roomcast
 
-# A free loopback port: ask the kernel for one, then let the server bind it.
-port=$(node -e '
-const s = require("net").createServer();
-s.listen(0, "127.0.0.1", () => { console.log(s.address().port); s.close(); });
-')
-base_url="http://127.0.0.1:$port"
-
-say "connect-es: starting $server_bin on $base_url (store in $tmp_dir)"
-env -u ROOMCAST_CONFIG \
-    ROOMCAST_SERVER__LISTEN="127.0.0.1:$port" \
-    ROOMCAST_STORE__URL="sqlite://$tmp_dir/roomcast.db" \
-    ROOMCAST_REALTIME__SEND_RATE_PER_SEC=1000 \
-    ROOMCAST_REALTIME__SEND_BURST=1000 \
-    ROOMCAST_AUTH__SIGN_UP_IP_PER_HOUR=0 \
-    ROOMCAST_AUTH__SIGN_IN_IP_PER_MINUTE=0 \
-    ROOMCAST_LOG__LEVEL="${ROOMCAST_LOG__LEVEL:-warn}" \
-    "$server_bin" >"$tmp_dir/server.log" 2>&1 &
-server_pid=$!
-
-ready=0
-for _ in $(seq 1 150); do # up to ~30 s
-    if ! kill -0 "$server_pid" 2>/dev/null; then
-        echo "ERROR: the server exited during start-up" >&2
-        exit 1
-    fi
-    if curl -fsS --max-time 1 "$base_url/healthz" >/dev/null 2>&1; then
-        ready=1
-        break
-    fi
-    sleep 0.2
-done
-if ((!ready)); then
-    echo "ERROR: $base_url/healthz did not answer within 30 s" >&2
-    exit 1
-fi
-echo "server is up (pid $server_pid)"
+say "connect-es: starting $server_bin"
+start_test_server "$server_bin" "$tmp_dir" || exit 1
+base_url=$ROOMCAST_TEST_SERVER_URL
 
 # ---------------------------------------------------------------- tests
 say "connect-es: node --test $pkg_dir/*.test.mjs"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Throwaway PostgreSQL and Redis instances for roomcast's tests, and the nginx binary
-# the reverse-proxy tests run (each such test starts and stops its own nginx).
+# Throwaway PostgreSQL and Redis instances for roomcast's tests, the nginx binary
+# the reverse-proxy tests run (each such test starts and stops its own nginx), and
+# a roomcast server for the Node.js suites (start_test_server / stop_test_server).
 #
 # As a library (what scripts/test.sh does):
 #     source scripts/test-services.sh
@@ -368,6 +369,72 @@ stop_postgres() {
         rm -rf -- "$dir"
     fi
     unset ROOMCAST_TEST_PG_DIR ROOMCAST_TEST_PG_PID ROOMCAST_TEST_POSTGRES_URL
+}
+
+# ---------------------------------------------------------------- roomcast
+# A roomcast server for the end-to-end suites (scripts/connect-es-test.sh,
+# scripts/web-test.sh):
+#
+#     start_test_server BIN DIR [NAME=VALUE ...]
+#         starts BIN on a free 127.0.0.1 port with a throw-away SQLite store in DIR,
+#         the send and sign-up/sign-in limits lifted (the suites sign up and send
+#         quickly from one address), log level warn (ROOMCAST_LOG__LEVEL), plus the
+#         given environment; output in DIR/server.log. Waits up to 30 s for
+#         /healthz. Sets ROOMCAST_TEST_SERVER_PID and ROOMCAST_TEST_SERVER_URL.
+#     stop_test_server RC
+#         stops that server by its PID (TERM, then KILL after 5 s); when RC is not
+#         0, prints the last lines of its log.
+
+start_test_server() {
+    local bin=$1 dir=$2 port
+    shift 2
+    port=$(_rc_free_port) || return 1
+    ROOMCAST_TEST_SERVER_URL="http://127.0.0.1:$port"
+    ROOMCAST_TEST_SERVER_LOG="$dir/server.log"
+    _rc_log "starting $bin on $ROOMCAST_TEST_SERVER_URL (store in $dir)"
+    env -u ROOMCAST_CONFIG \
+        ROOMCAST_SERVER__LISTEN="127.0.0.1:$port" \
+        ROOMCAST_STORE__URL="sqlite://$dir/roomcast.db" \
+        ROOMCAST_REALTIME__SEND_RATE_PER_SEC=1000 \
+        ROOMCAST_REALTIME__SEND_BURST=1000 \
+        ROOMCAST_AUTH__SIGN_UP_IP_PER_HOUR=0 \
+        ROOMCAST_AUTH__SIGN_IN_IP_PER_MINUTE=0 \
+        ROOMCAST_LOG__LEVEL="${ROOMCAST_LOG__LEVEL:-warn}" \
+        "$@" \
+        "$bin" serve >"$ROOMCAST_TEST_SERVER_LOG" 2>&1 &
+    ROOMCAST_TEST_SERVER_PID=$!
+    local _
+    for _ in $(seq 1 150); do # up to ~30 s
+        if ! kill -0 "$ROOMCAST_TEST_SERVER_PID" 2>/dev/null; then
+            _rc_die "the server exited during start-up (log: $ROOMCAST_TEST_SERVER_LOG)"
+            return 1
+        fi
+        if curl -fsS --max-time 1 "$ROOMCAST_TEST_SERVER_URL/healthz" >/dev/null 2>&1; then
+            _rc_log "server is up (pid $ROOMCAST_TEST_SERVER_PID)"
+            return 0
+        fi
+        sleep 0.2
+    done
+    _rc_die "$ROOMCAST_TEST_SERVER_URL/healthz did not answer within 30 s"
+}
+
+stop_test_server() {
+    local rc=${1:-0} pid=${ROOMCAST_TEST_SERVER_PID:-} _
+    if [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null; then
+        kill -TERM "$pid" 2>/dev/null || true
+        for _ in $(seq 1 50); do
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.1
+        done
+        kill -KILL "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+    fi
+    ROOMCAST_TEST_SERVER_PID=""
+    if ((rc != 0)) && [[ -s ${ROOMCAST_TEST_SERVER_LOG:-} ]]; then
+        printf -- '---- last lines of the roomcast server log (%s) ----\n' "$ROOMCAST_TEST_SERVER_LOG" >&2
+        tail -n 40 "$ROOMCAST_TEST_SERVER_LOG" >&2 || true
+    fi
+    return 0
 }
 
 # ---------------------------------------------------------------- Redis

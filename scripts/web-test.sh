@@ -10,8 +10,8 @@
 # `cargo build --all-targets`, start target/debug/roomcast on a free loopback port
 # with a throw-away SQLite store, wait for /healthz, then `node --test
 # tests/web/` with ROOMCAST_URL and ROOMCAST_CHROMIUM set. The server (only the
-# one this script started, by PID) is stopped on any exit; the exit status is
-# node's.
+# one this script started, by PID; start_test_server/stop_test_server in
+# scripts/test-services.sh) is stopped on any exit; the exit status is node's.
 #
 # Needs Node.js >= 18 and npm (installed with apt when missing, see ensure_node in
 # scripts/test-services.sh).
@@ -76,24 +76,11 @@ fi
 echo "browser: $chromium ($("$chromium" --version 2>/dev/null || echo 'version unknown'))"
 
 tmp_dir=$(mktemp -d /tmp/roomcast-web-test.XXXXXX)
-server_pid=""
 
 # shellcheck disable=SC2317  # invoked from the EXIT trap
 cleanup() {
     local rc=$?
-    if [[ -n $server_pid ]] && kill -0 "$server_pid" 2>/dev/null; then
-        kill -TERM "$server_pid" 2>/dev/null || true
-        for _ in $(seq 1 50); do
-            kill -0 "$server_pid" 2>/dev/null || break
-            sleep 0.1
-        done
-        kill -KILL "$server_pid" 2>/dev/null || true
-        wait "$server_pid" 2>/dev/null || true
-    fi
-    if ((rc != 0)) && [[ -s $tmp_dir/server.log ]]; then
-        echo "---- last lines of the roomcast server log ($tmp_dir/server.log) ----" >&2
-        tail -n 40 "$tmp_dir/server.log" >&2 || true
-    fi
+    stop_test_server "$rc"
     cleanup_node
     if [[ ${ROOMCAST_WEB_TEST_KEEP:-0} == 1 ]]; then
         echo "kept $tmp_dir" >&2
@@ -118,44 +105,11 @@ say "web: building the server"
 cargo build --all-targets
 server_bin=${CARGO_TARGET_DIR:-target}/debug/roomcast
 
-port=$(node -e '
-const s = require("net").createServer();
-s.listen(0, "127.0.0.1", () => { console.log(s.address().port); s.close(); });
-')
-base_url="http://127.0.0.1:$port"
-
 # A 20 s access token, so the page refreshes its token (and re-authenticates its
 # WebSocket) several times during the test.
-say "web: starting $server_bin on $base_url (store in $tmp_dir)"
-env -u ROOMCAST_CONFIG \
-    ROOMCAST_SERVER__LISTEN="127.0.0.1:$port" \
-    ROOMCAST_STORE__URL="sqlite://$tmp_dir/roomcast.db" \
-    ROOMCAST_AUTH__ACCESS_TOKEN_TTL_SECS=20 \
-    ROOMCAST_REALTIME__SEND_RATE_PER_SEC=1000 \
-    ROOMCAST_REALTIME__SEND_BURST=1000 \
-    ROOMCAST_AUTH__SIGN_UP_IP_PER_HOUR=0 \
-    ROOMCAST_AUTH__SIGN_IN_IP_PER_MINUTE=0 \
-    ROOMCAST_LOG__LEVEL="${ROOMCAST_LOG__LEVEL:-warn}" \
-    "$server_bin" serve >"$tmp_dir/server.log" 2>&1 &
-server_pid=$!
-
-ready=0
-for _ in $(seq 1 150); do # up to ~30 s
-    if ! kill -0 "$server_pid" 2>/dev/null; then
-        echo "ERROR: the server exited during start-up" >&2
-        exit 1
-    fi
-    if curl -fsS --max-time 1 "$base_url/healthz" >/dev/null 2>&1; then
-        ready=1
-        break
-    fi
-    sleep 0.2
-done
-if ((!ready)); then
-    echo "ERROR: $base_url/healthz did not answer within 30 s" >&2
-    exit 1
-fi
-echo "server is up (pid $server_pid)"
+say "web: starting $server_bin"
+start_test_server "$server_bin" "$tmp_dir" ROOMCAST_AUTH__ACCESS_TOKEN_TTL_SECS=20 || exit 1
+base_url=$ROOMCAST_TEST_SERVER_URL
 
 # ---------------------------------------------------------------- tests
 say "web: node --test $pkg_dir/*.test.mjs"

@@ -110,12 +110,15 @@ pub async fn start_state(settings: Arc<Settings>, store: Store) -> Result<AppSta
     let rooms = RoomRegistry::new(store.clone(), settings.clone(), room_threads)
         .with_bus(bus.clone())
         .start_supervised();
-    let sessions_store = store.clone();
-    let sessions_rooms = rooms.clone();
-    let sessions = Supervisor::start(move |_| SessionRegistry::new(sessions_store, sessions_rooms));
     let hub_rooms = rooms.clone();
     let max_waiting = settings.poll.max_waiting_per_user;
     let polls = Supervisor::start(move |_| PollHub::new(hub_rooms, max_waiting));
+    let sessions_store = store.clone();
+    let sessions_rooms = rooms.clone();
+    let sessions_polls = polls.clone().recipient();
+    let sessions = Supervisor::start(move |_| {
+        SessionRegistry::new(sessions_store, sessions_rooms, sessions_polls.clone())
+    });
     let sweeper_store = store.clone();
     let sweep_every = Duration::from_secs(settings.rooms.retention_sweep_secs);
     let notification_retention = Duration::from_secs(settings.notifications.retention_secs);
@@ -191,6 +194,7 @@ pub async fn start(settings: Settings, listener: TcpListener) -> Result<Running,
                 .app_data(web::Data::new(app_state.clone()))
                 .app_data(web::Data::new(admission.clone()))
                 .wrap(http::cors(&app_state.settings.cors))
+                .wrap(from_fn(http::close_keep_alive_while_draining))
                 .wrap(from_fn(http::request_context))
                 .configure(|cfg| {
                     if app_state.settings.metrics.listen.is_empty() {
@@ -336,8 +340,10 @@ pub async fn serve(settings: Settings) -> Result<(), StartError> {
             "shutdown requested: closing live connections, finishing in-flight requests"
         );
         // The same drain as AdminService.DrainNode: not ready, no new WebSockets,
-        // live ones get the "reconnect" close code instead of a dropped socket.
-        drain::drain(&state, "shutting down").await;
+        // live ones get the "reconnect" close code instead of a dropped socket,
+        // spread over server.drain_spread_ms; then the listener closes and the
+        // requests in flight finish.
+        drain::drain_for_shutdown(&state, "shutting down").await;
         handle.stop(true).await;
     });
     running.server.await?;

@@ -71,6 +71,13 @@ pub struct RuleLabels {
     pub rule: &'static str,
 }
 
+/// The live-room host control that refused a message (`slow_mode`, `host_only`,
+/// `rate_limit`, `max_length`, `word_filter`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ControlLabels {
+    pub control: &'static str,
+}
+
 /// How something ended: `ok` or `error`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
@@ -113,6 +120,9 @@ pub struct Metrics {
     pub messages_committed: Counter,
     /// Events pushed to subscribers (one per event per subscriber).
     pub messages_delivered: Counter,
+    /// Of those, events a fan-out shard wrote straight into a WebSocket's transport
+    /// (the others went through the connection actor).
+    pub messages_delivered_direct: Counter,
     /// Messages per group commit.
     pub commit_batch_size: Histogram,
     /// Time a group commit took, store round trip included.
@@ -145,6 +155,13 @@ pub struct Metrics {
     pub tls_handshake_failures: Counter,
     /// Certificate reloads, by result.
     pub tls_reloads: Family<ResultLabels, Counter>,
+    /// Viewers of live rooms on this node (see [`GaugeShare::live_viewers`]).
+    pub live_viewers: Gauge,
+    /// Messages refused by a live room's host controls, by control.
+    pub live_refusals: Family<ControlLabels, Counter>,
+    /// Events per delivery a room hands its subscribers: 1 when delivered at
+    /// once, more when the coalescing window gathered them into one batch.
+    pub fanout_batch_events: Histogram,
     /// The cluster broker (see [`ClusterMetrics`]).
     pub cluster: ClusterMetrics,
 }
@@ -160,6 +177,7 @@ impl Metrics {
             messages_received: Counter::default(),
             messages_committed: Counter::default(),
             messages_delivered: Counter::default(),
+            messages_delivered_direct: Counter::default(),
             commit_batch_size: Histogram::new(exponential_buckets(start, factor, n)),
             commit_duration: latency_histogram(),
             subscribers_lagged: Counter::default(),
@@ -176,6 +194,9 @@ impl Metrics {
             store_query_duration: Family::new_with_constructor(LatencyHistogram),
             tls_handshake_failures: Counter::default(),
             tls_reloads: Family::default(),
+            live_viewers: Gauge::default(),
+            live_refusals: Family::default(),
+            fanout_batch_events: Histogram::new(exponential_buckets(start, factor, n)),
             cluster: ClusterMetrics::default(),
         };
         m.register()
@@ -212,6 +233,11 @@ impl Metrics {
             "roomcast_messages_delivered",
             "Events pushed to subscribers, one per event per subscriber",
             self.messages_delivered.clone(),
+        );
+        r.register(
+            "roomcast_messages_delivered_direct",
+            "Of the events pushed to subscribers, those a fan-out shard wrote straight to a WebSocket (without a message to its connection actor)",
+            self.messages_delivered_direct.clone(),
         );
         r.register(
             "roomcast_commit_batch_size",
@@ -296,6 +322,21 @@ impl Metrics {
             "TLS certificate reloads (SIGHUP or changed files), by result",
             self.tls_reloads.clone(),
         );
+        r.register(
+            "roomcast_live_viewers",
+            "Viewers of live rooms on this node, refreshed at each room's viewer-count interval",
+            self.live_viewers.clone(),
+        );
+        r.register(
+            "roomcast_live_refusals",
+            "Messages refused by a live room's host controls, by control",
+            self.live_refusals.clone(),
+        );
+        r.register(
+            "roomcast_fanout_batch_events",
+            "Events per delivery a room hands its subscribers (more than 1: coalesced into a batch)",
+            self.fanout_batch_events.clone(),
+        );
         self.cluster.register(&mut self.registry);
         self.registry.register_collector(Box::new(UsersOnline));
         // Process metrics carry the conventional unprefixed `process_` names.
@@ -323,6 +364,13 @@ impl Metrics {
     pub fn refused(&self, rule: &'static str) {
         self.admission_refusals
             .get_or_create(&RuleLabels { rule })
+            .inc();
+    }
+
+    /// Counts one message refused by a live room's host control.
+    pub fn live_refused(&self, control: &'static str) {
+        self.live_refusals
+            .get_or_create(&ControlLabels { control })
             .inc();
     }
 
@@ -416,6 +464,14 @@ impl GaugeShare {
     pub fn subscriptions() -> Self {
         GaugeShare {
             gauge: &metrics().subscriptions,
+            counted: 0,
+        }
+    }
+
+    /// A live room's share of [`Metrics::live_viewers`].
+    pub fn live_viewers() -> Self {
+        GaugeShare {
+            gauge: &metrics().live_viewers,
             counted: 0,
         }
     }

@@ -51,6 +51,10 @@ pub struct ServerSettings {
     pub request_timeout_ms: u64,
     /// How long a graceful shutdown waits for in-flight requests, in seconds.
     pub shutdown_timeout_secs: u64,
+    /// When the node drains (SIGTERM, AdminService.DrainNode), its live connections
+    /// are told to reconnect spread evenly over this window, in milliseconds, so the
+    /// other nodes are not stampeded by every client at once. 0 closes them at once.
+    pub drain_spread_ms: u64,
     /// RPC replies at least this long are gzip-compressed for clients that accept it.
     pub compress_min_bytes: usize,
     /// How long a new connection may take to send its first request's headers (or
@@ -75,6 +79,9 @@ pub const DEFAULT_MAX_REQUEST_BYTES: usize = 1024 * 1024;
 pub const DEFAULT_REQUEST_TIMEOUT_MS: u64 = 30_000;
 /// Graceful shutdown waits 30 s for in-flight requests.
 pub const DEFAULT_SHUTDOWN_TIMEOUT_SECS: u64 = 30;
+/// A draining node's clients reconnect spread over 10 s: a node of 10,000
+/// connections sends the others 1,000 reconnects a second, not 10,000 at once.
+pub const DEFAULT_DRAIN_SPREAD_MS: u64 = 10_000;
 /// Replies from 1 KiB up are compressed (the threshold connect-es uses for requests):
 /// below it, gzip's header and CPU cost outweigh the bytes saved.
 pub const DEFAULT_COMPRESS_MIN_BYTES: usize = 1024;
@@ -93,6 +100,7 @@ impl Default for ServerSettings {
             max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
             request_timeout_ms: DEFAULT_REQUEST_TIMEOUT_MS,
             shutdown_timeout_secs: DEFAULT_SHUTDOWN_TIMEOUT_SECS,
+            drain_spread_ms: DEFAULT_DRAIN_SPREAD_MS,
             compress_min_bytes: DEFAULT_COMPRESS_MIN_BYTES,
             header_timeout_ms: DEFAULT_HEADER_TIMEOUT_MS,
             max_connections: DEFAULT_MAX_CONNECTIONS,
@@ -139,6 +147,10 @@ pub struct StoreSettings {
     /// batches waiting while the previous commit ran, see
     /// `crate::actors::commit_batcher`).
     pub group_commit_max_messages: usize,
+    /// Entries per kind of access fact (rooms, memberships, sessions, users' room
+    /// lists) kept in memory so that sends, subscriptions and token checks need no
+    /// query; every change drops its entries at once. 0 turns the cache off.
+    pub access_cache_max_entries: usize,
 }
 
 /// How nodes exchange what crosses them (room events, user pushes, control
@@ -195,6 +207,10 @@ impl Default for ClusterSettings {
 /// (`rooms.max_batch`, 256) in one transaction; more wait for the next one.
 pub const GROUP_COMMIT_MAX_MESSAGES: usize = 4096;
 
+/// Default of `store.access_cache_max_entries`: a busy node's sessions and
+/// memberships (a few hundred bytes each).
+pub const ACCESS_CACHE_MAX_ENTRIES: usize = 100_000;
+
 /// The embedded default database.
 pub const DEFAULT_STORE_URL: &str = "sqlite://data/roomcast.db";
 
@@ -207,6 +223,7 @@ impl Default for StoreSettings {
             sqlite_synchronous: "full".into(),
             acquire_timeout_ms: 10_000,
             group_commit_max_messages: GROUP_COMMIT_MAX_MESSAGES,
+            access_cache_max_entries: ACCESS_CACHE_MAX_ENTRIES,
         }
     }
 }

@@ -684,8 +684,45 @@ async fn viewer_counts(backend: Backend, codec: WsCodec) {
         }
     }
     assert!(settled, "the count drops to 2 within the next pushes");
+    // A long-poll waiting on the room subscribes the node's poll hub to it; that
+    // subscription is no viewer.
+    let poll = {
+        let req = common::poll::request(&[(&room, None)], 20_000);
+        let rpc = server.rpc_as(&owner.access_token);
+        tokio::spawn(async move {
+            rpc.call_proto::<_, pb::PollResponse>("PushService/Poll", &req)
+                .await
+                .expect("poll")
+        })
+    };
+    assert!(
+        common::eventually(Duration::from_secs(10), || async {
+            server
+                .state()
+                .polls
+                .send(roomcast::actors::poll_hub::CountWaiters)
+                .await
+                .expect("the poll hub answers")
+                == 1
+        })
+        .await,
+        "the poll waits"
+    );
+    for _ in 0..3 {
+        let count = first
+            .push_matching(
+                Duration::from_millis(VIEWER_INTERVAL_MS * 10),
+                |kind| match kind {
+                    Out::Viewers(v) => Some(v.count),
+                    _ => None,
+                },
+            )
+            .await;
+        assert_eq!(count, 2, "a waiting long-poll is not a viewer");
+    }
     let room_now = get_room(&server, &owner, &room).await;
     assert_eq!(room_now.viewer_count, 2, "GetRoom has the viewer count");
+    poll.abort();
 }
 
 ws_matrix!(viewers, viewer_counts);

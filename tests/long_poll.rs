@@ -767,3 +767,146 @@ both_backends!(a_live_room_is_polled_from_its_ring, |backend| async move {
     assert_eq!(seqs(&late, &room), (last - 3..=last).collect::<Vec<_>>());
     assert_eq!(cursor(&late, &room), Some(last));
 });
+
+/// Spawns a waiting poll of `token` on `room` after `after`.
+fn spawn_poll(
+    server: &TestServer,
+    token: &str,
+    room: &str,
+    after: u64,
+    poll_id: &str,
+) -> tokio::task::JoinHandle<pb::PollResponse> {
+    let mut req = request(&[(room, Some(after))], LONG_WAIT_MS);
+    req.poll_id = poll_id.to_owned();
+    let rpc = server.rpc_as(token);
+    tokio::spawn(async move {
+        rpc.call_proto::<_, pb::PollResponse>("PushService/Poll", &req)
+            .await
+            .expect("poll")
+    })
+}
+
+// Signing out ends the session's waiting poll at once (`ended` 4501), not at its
+// timeout; a poll of the user's other session keeps waiting and still gets what
+// comes next.
+both_backends!(
+    signing_out_ends_the_sessions_waiting_polls,
+    |backend| async move {
+        let _gauge = GAUGE.read().await;
+        let server = TestServer::spawn(backend).await;
+        let (owner, reader, room) = room_with_reader(&server, pb::RoomKind::Public).await;
+        let other_session = server.sign_in(&reader.username, common::PASSWORD).await;
+        let signed_out = spawn_poll(&server, &reader.access_token, &room, 0, "tab-1");
+        let other = spawn_poll(&server, &other_session.access_token, &room, 0, "tab-2");
+        until_waiting(&server, 2).await;
+
+        let _: pb::SignOutResponse = server
+            .rpc_as(&reader.access_token)
+            .call_proto("AuthService/SignOut", &pb::SignOutRequest::default())
+            .await
+            .expect("sign out");
+        let response = tokio::time::timeout(Duration::from_secs(10), signed_out)
+            .await
+            .expect("the sign-out ends the wait")
+            .unwrap();
+        let ended = response.ended.clone().expect("ended");
+        assert_eq!(ended.code, u32::from(roomcast::protocol::close::SIGNED_OUT));
+        assert!(response.events.is_empty());
+        assert_eq!(
+            cursor(&response, &room),
+            Some(0),
+            "the cursors stay as given"
+        );
+        until_waiting(&server, 1).await;
+
+        send_http(&server, &owner, &room, "after the sign-out", "").await;
+        let response = tokio::time::timeout(Duration::from_secs(10), other)
+            .await
+            .expect("the other session's poll is woken")
+            .unwrap();
+        assert!(response.ended.is_none());
+        assert_eq!(seqs(&response, &room), vec![1]);
+        // The signed-out token polls no more.
+        let refused = poll::poll(
+            &server,
+            &reader.access_token,
+            &request(&[(&room, Some(1))], 0),
+        )
+        .await
+        .expect_err("a signed-out token is refused");
+        assert_eq!(refused.code, "unauthenticated");
+    }
+);
+
+/// How many times the store was asked for a room's history (`messages_after`),
+/// from /metrics.
+async fn history_reads(server: &TestServer) -> u64 {
+    let body = server
+        .http()
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("metrics body");
+    body.lines()
+        .filter(|l| {
+            l.starts_with("roomcast_store_query_duration_seconds_count{")
+                && l.contains("query=\"messages_after\"")
+        })
+        .map(|l| {
+            l.rsplit(' ')
+                .next()
+                .and_then(|v| v.parse::<f64>().ok())
+                .expect("a count") as u64
+        })
+        .sum()
+}
+
+// A woken poll is served from the room's ring of recent events: many wake-ups of
+// many pollers read no history from the store, and each poller still gets every
+// message once, in order. A cursor older than the ring is read from the store.
+both_backends!(woken_polls_are_served_from_the_ring, |backend| async move {
+    let _gauge = GAUGE.write().await;
+    let server = TestServer::spawn_with(backend, |s| s.rooms.ring_size = 8).await;
+    let (owner, reader, room) = room_with_reader(&server, pb::RoomKind::Public).await;
+    send_http(&server, &owner, &room, "first", "").await;
+    let before = history_reads(&server).await;
+    const POLLERS: usize = 3;
+    const MESSAGES: u64 = 4;
+    for n in 1..=MESSAGES {
+        let polls: Vec<_> = (0..POLLERS)
+            .map(|i| spawn_poll(&server, &reader.access_token, &room, n, &format!("p{i}")))
+            .collect();
+        until_waiting(&server, POLLERS).await;
+        send_http(&server, &owner, &room, &format!("m{n}"), "").await;
+        for poll in polls {
+            let response = poll.await.unwrap();
+            assert_eq!(seqs(&response, &room), vec![n + 1]);
+            assert_eq!(cursor(&response, &room), Some(n + 1));
+        }
+        until_waiting(&server, 0).await;
+    }
+    assert_eq!(
+        history_reads(&server).await,
+        before,
+        "woken polls read the ring, not the store"
+    );
+    // Past the ring (8 events): the store answers, in order.
+    for i in 0..10 {
+        send_http(&server, &owner, &room, &format!("more{i}"), "").await;
+    }
+    let response = poll::poll(
+        &server,
+        &reader.access_token,
+        &request(&[(&room, Some(0))], 0),
+    )
+    .await
+    .expect("poll");
+    assert_eq!(seqs(&response, &room), (1..=15).collect::<Vec<_>>());
+    assert!(
+        history_reads(&server).await > before,
+        "an old cursor reads the store"
+    );
+});

@@ -85,6 +85,7 @@ async fn scripted_session_moves_the_counters_by_what_happened() {
     send_rate_limit().await;
     auth_limits_by_rule().await;
     pruned_history_gap().await;
+    live_room().await;
     if common::postgres_available() {
         session(Backend::Postgres).await;
     }
@@ -127,6 +128,106 @@ async fn send_rate_limit() {
         1.0
     );
     assert_eq!(m1.delta(&m0, "roomcast_messages_committed_total", &[]), 1.0);
+}
+
+/// A live room: its viewers are on the gauge within one viewer-count interval,
+/// each host-control refusal is counted under its control, and each delivery
+/// lands in the batch-size histogram.
+async fn live_room() {
+    const INTERVAL_MS: u64 = 100;
+    let server = TestServer::spawn_with(Backend::Sqlite, |s| {
+        s.rooms.live.viewer_count_interval_ms = INTERVAL_MS;
+        s.realtime.send_rate_per_sec = 1000;
+        s.realtime.send_burst = 1000;
+    })
+    .await;
+    let owner = server.sign_up(&common::unique_name("host")).await;
+    let viewer = server.sign_up(&common::unique_name("viewer")).await;
+    let created: pb::CreateRoomResponse = server
+        .rpc_as(&owner.access_token)
+        .call_proto(
+            "RoomService/CreateRoom",
+            &pb::CreateRoomRequest {
+                kind: pb::RoomKind::Public as i32,
+                title: "live".into(),
+                live: Some(pb::LiveControls {
+                    slow_mode_seconds: 60,
+                    max_length: 10,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("create a live room");
+    let room = created.room.expect("a room").id;
+    join(&server, &viewer, &room).await;
+    let m0 = Metrics::scrape(&server, "/metrics").await;
+    let mut clients = Vec::new();
+    for account in [&owner, &viewer] {
+        let mut client = WsClient::connect_authenticated(
+            &server.ws_url("/ws"),
+            WsCodec::Json,
+            &account.access_token,
+        )
+        .await;
+        client.subscribe(&room, None).await.expect("subscribe");
+        clients.push(client);
+    }
+    assert!(
+        common::eventually(WAIT, || async {
+            Metrics::scrape(&server, "/metrics")
+                .await
+                .get("roomcast_live_viewers", &[])
+                == 2.0
+        })
+        .await,
+        "two viewers on the gauge within an interval"
+    );
+    let send = |text: &'static str, id: &'static str| {
+        let rpc = server.rpc_as(&viewer.access_token);
+        let room = room.clone();
+        async move {
+            rpc.call_proto::<_, pb::SendMessageResponse>(
+                "RoomService/SendMessage",
+                &pb::SendMessageRequest {
+                    room_id: room,
+                    text: text.into(),
+                    client_message_id: id.into(),
+                    ..Default::default()
+                },
+            )
+            .await
+        }
+    };
+    send("hello", "l1").await.expect("the first comment passes");
+    send("far too long a comment", "l2")
+        .await
+        .expect_err("over max_length");
+    send("again", "l3").await.expect_err("slow mode");
+    send("and again", "l4").await.expect_err("slow mode");
+    let m1 = Metrics::scrape(&server, "/metrics").await;
+    let refusals = "roomcast_live_refusals_total";
+    assert_eq!(m1.delta(&m0, refusals, &[("control", "max_length")]), 1.0);
+    assert_eq!(m1.delta(&m0, refusals, &[("control", "slow_mode")]), 2.0);
+    assert_eq!(m1.delta(&m0, refusals, &[("control", "host_only")]), 0.0);
+    assert!(
+        m1.delta(&m0, "roomcast_fanout_batch_events", &[]) >= 1.0,
+        "the comment was handed to the subscribers"
+    );
+    for client in clients {
+        client.close().await;
+    }
+    assert!(
+        common::eventually(WAIT, || async {
+            Metrics::scrape(&server, "/metrics")
+                .await
+                .get("roomcast_live_viewers", &[])
+                == 0.0
+        })
+        .await,
+        "the viewers leave the gauge"
+    );
 }
 
 /// Sign-in and sign-up refusals are counted under the rule that refused them.

@@ -157,6 +157,9 @@ pub struct SignIn {
 pub struct AuthorizeRoom {
     pub principal: Principal,
     pub room_id: String,
+    /// Decide from the store's cached access facts where it holds them (see
+    /// [`crate::domain::access::check_room_access`]).
+    pub cached: bool,
 }
 
 /// Consumes a refresh token and issues the next token pair of its session.
@@ -689,36 +692,29 @@ async fn authenticate_api_key(store: &Store, secret: &str) -> Result<Principal, 
 async fn authenticate_session(store: &Store, claims: AccessClaims) -> Result<Principal, ApiError> {
     let session_id = SessionId(claims.sid);
     let user_id = UserId(claims.sub);
-    let (session, user, suspended) = futures_util::future::join3(
-        store.get_session(&session_id),
-        store.get_user(&user_id),
-        store.is_suspended(&user_id),
-    )
-    .await;
+    // From memory when cached: sign-out, revocation, suspension and role or
+    // profile changes drop the entry at once (see `Store::invalidate_access`).
+    let facts = store.session_facts(&session_id, &user_id).await?;
     let signed_out = || ApiError::unauthenticated("session has been signed out");
     // First: a suspended account's sessions were ended too, and "suspended" is
     // the answer that tells the user what happened.
-    if suspended? {
+    if facts.suspended {
         return Err(suspended_error());
     }
-    let session = match session {
-        Ok(session) => session,
-        Err(StoreError::NotFound) => return Err(signed_out()),
-        Err(e) => return Err(e.into()),
+    let Some(session) = &facts.session else {
+        return Err(signed_out());
     };
     if !session.is_active(now_ms()) || session.user_id != user_id.0 {
         return Err(signed_out());
     }
-    let user = match user {
-        Ok(user) => user,
-        Err(StoreError::NotFound) => return Err(signed_out()),
-        Err(e) => return Err(e.into()),
+    let Some(user) = &facts.user else {
+        return Err(signed_out());
     };
     Ok(Principal {
         user_id,
         role: user.role,
         credential: Credential::Session(session_id),
-        display_name: Some(user.display_name),
+        display_name: Some(user.display_name.clone()),
         expires_at: claims.exp.saturating_mul(1000),
     })
 }
@@ -1024,7 +1020,9 @@ impl Handler<AuthorizeRoom> for Authenticator {
 
     fn handle(&mut self, msg: AuthorizeRoom, _ctx: &mut Context<Self>) -> Self::Result {
         let store = self.shared.store.clone();
-        Box::pin(async move { load_room_access(&store, &msg.principal, &msg.room_id).await })
+        Box::pin(
+            async move { load_room_access(&store, &msg.principal, &msg.room_id, msg.cached).await },
+        )
     }
 }
 
@@ -1096,6 +1094,11 @@ impl Shared {
             .create_session(&user.id, &refresh_token, ttl_ms)
             .await?;
         let session_id = SessionId(session.id);
+        // A token is used right after it is issued (a client signs in, then
+        // connects): read what its checks need now, so they find it in memory.
+        if let Err(e) = self.store.session_facts(&session_id, &user.id).await {
+            debug!(error = %e, "cannot pre-read the new session's facts");
+        }
         let (access_token, access_expires_at) =
             self.keys
                 .sign_access(user, &session_id, self.settings.access_token_ttl_secs)?;

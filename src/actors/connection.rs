@@ -35,6 +35,7 @@
 
 use std::{
     collections::{HashMap, HashSet, VecDeque},
+    rc::Rc,
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc,
@@ -50,6 +51,7 @@ use prost::Message as _;
 use tokio::sync::{Semaphore, SemaphorePermit};
 
 use super::{
+    fanout_shard::DirectSub,
     room::{
         is_retired, ConnectionId, OutboundGauge, RoomActor, RoomPush, Subscribe, SubscribeReply,
         Subscriber, Unsubscribe,
@@ -61,7 +63,7 @@ use super::{
 use crate::{
     actors::{authenticator::Authenticate, room::Relay},
     domain::{
-        access::room_access,
+        access::check_room_access,
         access_rules::Operation,
         messages,
         notifications::{self, LiveStep, NotificationFeed},
@@ -112,8 +114,10 @@ enum Phase {
 
 struct RoomSub {
     room: Addr<RoomActor>,
-    /// Last sequence written to the client.
-    delivered: u64,
+    /// Last sequence written to the client, and whether the subscription is live:
+    /// shared with the arbiter's fan-out shard, which writes the room's next batch
+    /// itself while the subscription is live (see [`super::fanout_shard`]).
+    cursor: Rc<DirectSub>,
     phase: Phase,
     /// Bumped on every (re)subscription so stale async completions are ignored.
     generation: u64,
@@ -135,6 +139,29 @@ struct RoomSub {
     catch_up_upto: u64,
     /// When a typing notice was last relayed, to throttle them.
     last_typing: Option<Instant>,
+}
+
+impl RoomSub {
+    fn delivered(&self) -> u64 {
+        self.cursor.delivered()
+    }
+
+    fn set_delivered(&self, seq: u64) {
+        self.cursor.set_delivered(seq);
+    }
+
+    /// Moves to `phase`; only a live subscription lets the shard write directly.
+    fn set_phase(&mut self, phase: Phase) -> Phase {
+        self.cursor.set_live(matches!(phase, Phase::Live));
+        std::mem::replace(&mut self.phase, phase)
+    }
+}
+
+impl Drop for RoomSub {
+    fn drop(&mut self) {
+        // However the subscription ends, the shard stops writing through it.
+        self.cursor.end();
+    }
 }
 
 /// One WebSocket connection.
@@ -624,7 +651,7 @@ impl Connection {
         let user_id = principal.user_id.0.clone();
         ctx.spawn(
             async move {
-                room_access(&state, &principal, &room_id.0)
+                check_room_access(&state, &principal, &room_id.0)
                     .await?
                     .require_send()
                     .map_err(|_| ApiError::denied("only members who may send can send typing"))
@@ -694,7 +721,7 @@ impl Connection {
                 let room_id = RoomId::from(crate::domain::validate::id("room_id", &req.room_id)?);
                 return Ok((messages::room_actor(&state, &room_id).await?, checked_at));
             };
-            let access = room_access(&state, &principal, &req.room_id).await?;
+            let access = check_room_access(&state, &principal, &req.room_id).await?;
             drop(slot);
             access.require_read()?;
             Ok::<_, ApiError>((
@@ -711,9 +738,16 @@ impl Connection {
             }
             match result {
                 Ok((room, checked_at)) => {
+                    let cursor = DirectSub::new(
+                        act.id,
+                        room_id.clone(),
+                        act.transport.pusher(),
+                        act.codec,
+                        since.unwrap_or(0),
+                    );
                     let sub = RoomSub {
                         room,
-                        delivered: since.unwrap_or(0),
+                        cursor,
                         phase: Phase::CatchingUp,
                         generation: 0,
                         resume_from: since.map(|s| s.saturating_add(1)),
@@ -765,10 +799,10 @@ impl Connection {
         };
         let tail = std::mem::take(&mut sub.tail);
         sub.generation = generation;
-        sub.phase = Phase::Subscribing {
+        sub.set_phase(Phase::Subscribing {
             buffered: Vec::new(),
-        };
-        let since = (!sub.live_only_start).then_some(sub.delivered);
+        });
+        let since = (!sub.live_only_start).then_some(sub.delivered());
         let room = sub.room.clone();
         let state = self.state.clone();
         let principal = self.principal.clone();
@@ -884,8 +918,10 @@ impl Connection {
             if let SubscribeReply::Live { last_seq, .. } = &reply {
                 // A live-only subscription starts here: that is the client's
                 // position in the room until its first event.
-                self.transport
-                    .advance(Cursor::Room(room_id.clone(), sub.delivered.max(*last_seq)));
+                self.transport.advance(Cursor::Room(
+                    room_id.clone(),
+                    sub.delivered().max(*last_seq),
+                ));
             }
         }
         if let Some(request_id) = sub.pending_reply.take() {
@@ -903,7 +939,7 @@ impl Connection {
         };
         match reply {
             SubscribeReply::Behind { last_seq } => {
-                sub.phase = Phase::CatchingUp;
+                sub.set_phase(Phase::CatchingUp);
                 self.catch_up(ctx, room_id.clone(), last_seq);
             }
             SubscribeReply::Live {
@@ -911,21 +947,21 @@ impl Connection {
                 gap,
                 replay,
             } => {
-                let buffered = match std::mem::replace(&mut sub.phase, Phase::Live) {
+                let buffered = match sub.set_phase(Phase::Live) {
                     Phase::Subscribing { buffered } => buffered,
                     _ => Vec::new(),
                 };
                 if sub.resume_from.is_none() {
                     // Live only: start after the room's current sequence.
-                    sub.delivered = sub.delivered.max(last_seq);
+                    sub.set_delivered(sub.delivered().max(last_seq));
                 }
                 sub.live_only_start = false;
                 if let Some((from_seq, to_seq)) = gap {
                     // A live room no longer holds these (or the subscriber lagged):
                     // say so, and continue after them.
-                    if to_seq > sub.delivered {
-                        let from_seq = from_seq.max(sub.delivered + 1);
-                        sub.delivered = to_seq;
+                    if to_seq > sub.delivered() {
+                        let from_seq = from_seq.max(sub.delivered() + 1);
+                        sub.set_delivered(to_seq);
                         self.gap(ctx, room_id, from_seq, to_seq);
                     }
                 }
@@ -938,7 +974,7 @@ impl Connection {
                     return;
                 };
                 if let Some(from_seq) = sub.resume_from.take() {
-                    let to_seq = sub.delivered;
+                    let to_seq = sub.delivered();
                     let frame = protocol::push(Out::Resumed(pb::Resumed {
                         room_id: room_id.0.clone(),
                         from_seq,
@@ -956,15 +992,15 @@ impl Connection {
         let Some(sub) = self.subs.get_mut(room_id) else {
             return false;
         };
-        if event.seq <= sub.delivered {
+        if event.seq <= sub.delivered() {
             return true;
         }
-        if event.seq != sub.delivered.saturating_add(1) {
-            tracing::debug!(conn = self.id, room = %room_id, delivered = sub.delivered, got = event.seq, "gap; catching up");
+        if event.seq != sub.delivered().saturating_add(1) {
+            tracing::debug!(conn = self.id, room = %room_id, delivered = sub.delivered(), got = event.seq, "gap; catching up");
             self.restart_delivery(ctx, room_id, false);
             return false;
         }
-        sub.delivered = event.seq;
+        sub.set_delivered(event.seq);
         self.transport
             .advance(Cursor::Room(room_id.clone(), event.seq));
         let wire = event.frame.wire(self.codec);
@@ -979,9 +1015,9 @@ impl Connection {
         };
         sub.room.do_send(Unsubscribe { conn_id: self.id });
         if sub.resume_from.is_none() {
-            sub.resume_from = Some(sub.delivered.saturating_add(1));
+            sub.resume_from = Some(sub.delivered().saturating_add(1));
         }
-        let delivered = sub.delivered;
+        let delivered = sub.delivered();
         if lagged {
             let now = Instant::now();
             self.lags.push_back(now);
@@ -1025,7 +1061,7 @@ impl Connection {
             return;
         };
         sub.catch_up_upto = upto;
-        if sub.delivered >= upto {
+        if sub.delivered() >= upto {
             self.register(ctx, &room_id, None);
             return;
         }
@@ -1038,7 +1074,7 @@ impl Connection {
             return;
         };
         let generation = sub.generation;
-        let after = sub.delivered;
+        let after = sub.delivered();
         let upto = sub.catch_up_upto;
         let state = self.state.clone();
         let principal = self.principal.clone();
@@ -1106,7 +1142,7 @@ impl Connection {
         let Some(sub) = self.subs.get_mut(&room_id) else {
             return;
         };
-        sub.delivered = delivered;
+        sub.set_delivered(delivered);
         self.catch_up(ctx, room_id, upto);
     }
 
@@ -1141,7 +1177,7 @@ async fn check_read(
     room_id: &RoomId,
 ) -> Result<(), ApiError> {
     let principal = principal.ok_or_else(|| ApiError::unauthenticated("authenticate first"))?;
-    room_access(state, &principal, &room_id.0)
+    check_room_access(state, &principal, &room_id.0)
         .await?
         .require_read()
 }
@@ -1250,11 +1286,11 @@ impl Handler<RoomPush> for Connection {
                         let contiguous = last - first + 1 == batch.events.len() as u64;
                         if batch.sends_as_batch(sub.batch)
                             && contiguous
-                            && first == sub.delivered.saturating_add(1)
+                            && first == sub.delivered().saturating_add(1)
                         {
                             // The common case: the whole batch is next; one shared
                             // frame, one write.
-                            sub.delivered = last;
+                            sub.set_delivered(last);
                             self.transport.advance(Cursor::Room(room_id.clone(), last));
                             let wire = batch.batch_wire(self.codec);
                             self.write(ctx, wire);

@@ -11,8 +11,23 @@
 //! The room stays the one place that decides who is subscribed: it adds and removes
 //! subscribers here in the same order as it hands out batches (one mailbox, FIFO),
 //! and learns from [`ShardLagged`] which ones the shard dropped.
+//!
+//! A WebSocket subscription's position ([`DirectSub`]) is shared with the shard
+//! (the connection is on the same thread): while the connection has the
+//! subscription live and a batch is exactly the next one, the shard writes the
+//! shared bytes straight into the connection's transport, with no message to the
+//! connection actor. Anything else (the subscription is subscribing or catching
+//! up, the batch does not follow on, an SSE stream) goes to the connection as a
+//! [`RoomPush`] and is handled there as before, so the connection actor still owns
+//! the subscription's phases; the sequence check keeps the two paths in order (a
+//! batch handed to the actor holds back every later one until the actor wrote it).
 
-use std::{cell::RefCell, collections::HashMap, sync::Arc};
+use std::{
+    cell::{Cell, RefCell},
+    collections::HashMap,
+    rc::Rc,
+    sync::Arc,
+};
 
 use actix::{Actor, Addr, Context, Handler, Message, Recipient, Supervised, Supervisor};
 
@@ -20,7 +35,11 @@ use super::{
     room::{ConnectionId, EventBatch, RoomPush, Subscriber},
     supervision::guarded,
 };
-use crate::ids::RoomId;
+use crate::{
+    ids::RoomId,
+    protocol::{close, FrameCodec},
+    ws::transport::Pusher,
+};
 
 /// Adds a subscriber of `room_id` (its connection lives on this shard's arbiter).
 #[derive(Message)]
@@ -67,15 +86,144 @@ pub struct ShardLagged {
     pub registration: u64,
 }
 
+/// Where one room subscription of a connection stands: the last sequence written to
+/// the client, and whether the subscription is live. The connection actor owns it
+/// (it is the subscription's only record of that position); the shard of its
+/// arbiter writes through it (see the module docs).
+pub struct DirectSub {
+    conn_id: ConnectionId,
+    room_id: RoomId,
+    delivered: Cell<u64>,
+    live: Cell<bool>,
+    /// The connection's socket; `None`: an SSE stream, always reached by message.
+    pusher: Option<Pusher>,
+    codec: FrameCodec,
+}
+
+impl DirectSub {
+    /// A subscription position at `delivered`, not live; registered with the
+    /// arbiter's shard when `pusher` is given.
+    pub fn new(
+        conn_id: ConnectionId,
+        room_id: RoomId,
+        pusher: Option<Pusher>,
+        codec: FrameCodec,
+        delivered: u64,
+    ) -> Rc<Self> {
+        let sub = Rc::new(Self {
+            conn_id,
+            room_id,
+            delivered: Cell::new(delivered),
+            live: Cell::new(false),
+            pusher,
+            codec,
+        });
+        if sub.pusher.is_some() {
+            DIRECT.with(|direct| {
+                direct
+                    .borrow_mut()
+                    .insert((sub.conn_id, sub.room_id.clone()), sub.clone())
+            });
+        }
+        sub
+    }
+
+    /// The last sequence written to the client.
+    pub fn delivered(&self) -> u64 {
+        self.delivered.get()
+    }
+
+    pub fn set_delivered(&self, seq: u64) {
+        self.delivered.set(seq);
+    }
+
+    /// Whether the shard may write the next batch itself (the subscription is live).
+    pub fn set_live(&self, live: bool) {
+        self.live.set(live);
+    }
+
+    /// The subscription ended: the shard writes nothing more through it.
+    pub fn end(&self) {
+        self.live.set(false);
+        if self.pusher.is_some() {
+            let key = (self.conn_id, self.room_id.clone());
+            // `try_with`: a connection dropped while the thread ends finds the
+            // registry gone already.
+            let _ = DIRECT.try_with(|direct| {
+                let mut direct = direct.borrow_mut();
+                // Only this subscription's own entry (a newer one may have taken
+                // its place).
+                if direct
+                    .get(&key)
+                    .is_some_and(|sub| std::ptr::eq(&**sub, self))
+                {
+                    direct.remove(&key);
+                }
+            });
+        }
+    }
+
+    /// Writes `batch` to the client when the subscription is live and the batch is
+    /// exactly the next one (as the connection actor would: one `batch` frame, or
+    /// one frame per event); `false`: the connection actor must handle it.
+    fn write(&self, batch: &EventBatch, as_batch: bool) -> bool {
+        let Some(pusher) = &self.pusher else {
+            return false;
+        };
+        let (Some(first), Some(last)) = (batch.events.first(), batch.events.last()) else {
+            return false;
+        };
+        let (first, last) = (first.seq, last.seq);
+        if !self.live.get()
+            || first != self.delivered.get().saturating_add(1)
+            || last - first + 1 != batch.events.len() as u64
+            || pusher.is_closed()
+        {
+            return false;
+        }
+        let written = if batch.sends_as_batch(as_batch) {
+            pusher.write(batch.batch_wire(self.codec))
+        } else {
+            batch
+                .events
+                .iter()
+                .try_for_each(|event| pusher.write(event.frame.wire(self.codec)))
+        };
+        self.delivered.set(last);
+        if let Err(full) = written {
+            // As the connection does when a write overflows its queue: close; the
+            // connection actor stops once the writer is done.
+            tracing::debug!(conn = self.conn_id, %full, "write queue over budget; closing");
+            self.live.set(false);
+            pusher.close(
+                Some(close::TOO_SLOW),
+                "the connection cannot keep up; reconnect and resume",
+            );
+        }
+        true
+    }
+}
+
+/// A subscriber as the shard holds it.
+struct Entry {
+    subscriber: Subscriber,
+    /// Its position, when the connection shares it (a WebSocket).
+    direct: Option<Rc<DirectSub>>,
+}
+
 /// One arbiter's share of every room's subscribers.
 #[derive(Default)]
 pub struct FanoutShard {
-    rooms: HashMap<RoomId, HashMap<ConnectionId, Subscriber>>,
+    rooms: HashMap<RoomId, HashMap<ConnectionId, Entry>>,
 }
 
 thread_local! {
     /// The shard of the arbiter this thread runs.
     static LOCAL: RefCell<Option<Addr<FanoutShard>>> = const { RefCell::new(None) };
+    /// The subscription positions of this arbiter's WebSocket connections, by
+    /// connection and room, for the shard to pick up when the room adds them.
+    static DIRECT: RefCell<HashMap<(ConnectionId, RoomId), Rc<DirectSub>>> =
+        RefCell::new(HashMap::new());
 }
 
 /// The shard of the current arbiter, started on first use. Call it from an actor
@@ -99,12 +247,26 @@ impl FanoutShard {
         let mut sizes = [[None, None], [None, None]];
         let mut lagged = Vec::new();
         let mut delivered = 0u64;
-        for (conn_id, sub) in subscribers.iter() {
+        let mut direct_writes = 0u64;
+        for (conn_id, entry) in subscribers.iter() {
+            let sub = &entry.subscriber;
             let bytes = *sizes[sub.codec as usize][usize::from(sub.batch)]
                 .get_or_insert_with(|| batch.wire_len(sub.codec, sub.batch));
             if !sub.gauge.try_reserve(bytes) {
                 lagged.push(*conn_id);
                 continue;
+            }
+            if let Some(direct) = &entry.direct {
+                // The transport charges the gauge itself as it queues.
+                sub.gauge.release(bytes);
+                if direct.write(&batch, sub.batch) {
+                    direct_writes += batch.events.len() as u64;
+                    continue;
+                }
+                if !sub.gauge.try_reserve(bytes) {
+                    lagged.push(*conn_id);
+                    continue;
+                }
             }
             let push = RoomPush::Events {
                 batch: batch.clone(),
@@ -117,11 +279,14 @@ impl FanoutShard {
             }
             delivered += batch.events.len() as u64;
         }
-        crate::metrics::metrics()
-            .messages_delivered
-            .inc_by(delivered);
+        let metrics = crate::metrics::metrics();
+        metrics.messages_delivered.inc_by(delivered + direct_writes);
+        metrics.messages_delivered_direct.inc_by(direct_writes);
         for conn_id in lagged {
-            if let Some(sub) = subscribers.remove(&conn_id) {
+            if let Some(Entry {
+                subscriber: sub, ..
+            }) = subscribers.remove(&conn_id)
+            {
                 tracing::debug!(room = %batch.room_id, conn = conn_id, "subscriber lagged (shard)");
                 crate::metrics::metrics().subscribers_lagged.inc();
                 sub.addr.do_send(RoomPush::Lagged {
@@ -160,10 +325,21 @@ impl Handler<AddSubscriber> for FanoutShard {
             ctx,
             || (),
             move |act, _ctx| {
+                let conn_id = msg.subscriber.conn_id;
+                let direct = DIRECT.with(|direct| {
+                    direct
+                        .borrow()
+                        .get(&(conn_id, msg.room_id.clone()))
+                        .cloned()
+                });
+                let entry = Entry {
+                    subscriber: msg.subscriber,
+                    direct,
+                };
                 act.rooms
                     .entry(msg.room_id)
                     .or_default()
-                    .insert(msg.subscriber.conn_id, msg.subscriber);
+                    .insert(conn_id, entry);
             },
         )
     }

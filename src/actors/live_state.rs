@@ -70,24 +70,33 @@ impl LiveState {
     ) -> Result<(), ApiError> {
         let c = &self.controls;
         if c.host_only && !host {
-            return Err(ApiError::failed_precondition(
-                "host_only: only the room's hosts may send while host-only mode is on",
+            return Err(refused(
+                "host_only",
+                ApiError::failed_precondition(
+                    "host_only: only the room's hosts may send while host-only mode is on",
+                ),
             ));
         }
         if c.max_length > 0 {
             let chars = text.chars().count();
             if chars > c.max_length as usize {
-                return Err(ApiError::invalid(format!(
-                    "max_length: the message has {chars} characters; this room allows at most {}",
-                    c.max_length
-                )));
+                return Err(refused(
+                    "max_length",
+                    ApiError::invalid(format!(
+                        "max_length: the message has {chars} characters; this room allows at most {}",
+                        c.max_length
+                    )),
+                ));
             }
         }
         if c.word_filter {
             if let Some(word) = filtered_word(&settings.word_filter, text) {
-                return Err(ApiError::invalid(format!(
-                    "word_filter: the message contains a word this room does not allow (`{word}`)"
-                )));
+                return Err(refused(
+                    "word_filter",
+                    ApiError::invalid(format!(
+                        "word_filter: the message contains a word this room does not allow (`{word}`)"
+                    )),
+                ));
             }
         }
         if host || !counts_as_send {
@@ -99,14 +108,14 @@ impl LiveState {
                 let since = now.saturating_duration_since(*last);
                 if since < every {
                     let wait = every - since;
-                    return Err(retry_later(
+                    return Err(refused("slow_mode", retry_later(
                         format!(
                             "slow_mode: one message every {} s per user in this room; you may send again in {} ms",
                             c.slow_mode_seconds,
                             wait.as_millis()
                         ),
                         wait,
-                    ));
+                    )));
                 }
             }
         }
@@ -124,14 +133,14 @@ impl LiveState {
                         .copied()
                         .unwrap_or(now);
                     let wait = RATE_WINDOW.saturating_sub(now.saturating_duration_since(oldest));
-                    return Err(retry_later(
+                    return Err(refused("rate_limit", retry_later(
                         format!(
                             "rate_limit: at most {} messages per minute per user in this room; you may send again in {} ms",
                             c.rate_limit_per_minute,
                             wait.as_millis()
                         ),
                         wait,
-                    ));
+                    )));
                 }
             }
         }
@@ -163,6 +172,12 @@ impl LiveState {
             !sends.is_empty()
         });
     }
+}
+
+/// Counts a refusal by `control` in `roomcast_live_refusals` and passes it on.
+fn refused(control: &'static str, error: ApiError) -> ApiError {
+    crate::metrics::metrics().live_refused(control);
+    error
 }
 
 fn retry_later(message: String, wait: Duration) -> ApiError {

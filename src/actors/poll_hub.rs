@@ -12,7 +12,8 @@
 //!   their notifications.
 //! - Poll ids: a waiter registered with the same `(user, poll_id)` as an older one
 //!   ends the older at once ([`PollEnd::Superseded`]).
-//! - [`EndUserPolls`] ends every waiter of a user (DisconnectUser).
+//! - [`EndUserPolls`] ends every waiter of a user (DisconnectUser), or of one of
+//!   their sessions (sign-out and session revocation, from the session registry).
 //!
 //! A waiter is a [`WaiterSignal`] the poll awaits; the poll's [`WatchGuard`]
 //! unregisters it when the poll returns or is dropped (the client went away), so
@@ -44,7 +45,7 @@ use super::{
     supervision::guarded,
 };
 use crate::{
-    ids::{RoomId, UserId},
+    ids::{RoomId, SessionId, UserId},
     protocol::FrameCodec,
 };
 
@@ -76,6 +77,8 @@ pub enum PollEnd {
     Superseded,
     /// The application's backend disconnected the user (DisconnectUser).
     Disconnected { reason: String },
+    /// The poll's session was signed out or revoked.
+    SignedOut,
     /// The node is shutting down.
     Shutdown,
 }
@@ -121,6 +124,8 @@ pub type WaiterId = u64;
 #[rtype(result = "Result<Watching, TooManyWaiters>")]
 pub struct Watch {
     pub user_id: UserId,
+    /// The session the poll was authenticated with, if by an access token.
+    pub session_id: Option<SessionId>,
     /// The client's poll id; empty: none.
     pub poll_id: String,
     pub rooms: Vec<RoomId>,
@@ -152,11 +157,13 @@ pub struct NotificationStored {
     pub user_id: UserId,
 }
 
-/// Ends every waiter of a user.
+/// Ends every waiter of a user, or of one of their sessions.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct EndUserPolls {
     pub user_id: UserId,
+    /// Only the polls authenticated with this session; `None`: all of them.
+    pub session_id: Option<SessionId>,
     pub why: PollEnd,
 }
 
@@ -203,6 +210,7 @@ impl Drop for WatchGuard {
 
 struct Waiter {
     user_id: UserId,
+    session_id: Option<SessionId>,
     poll_id: String,
     rooms: Vec<RoomId>,
     notifications: bool,
@@ -488,6 +496,7 @@ impl Handler<Watch> for PollHub {
                     id,
                     Waiter {
                         user_id: msg.user_id,
+                        session_id: msg.session_id,
                         poll_id: msg.poll_id,
                         rooms: msg.rooms,
                         notifications: msg.notifications,
@@ -554,6 +563,12 @@ impl Handler<EndUserPolls> for PollHub {
                     .map(|ids| ids.iter().copied().collect())
                     .unwrap_or_default();
                 for id in ids {
+                    let of_session = act.waiters.get(&id).is_some_and(|w| {
+                        msg.session_id.is_none() || w.session_id == msg.session_id
+                    });
+                    if !of_session {
+                        continue;
+                    }
                     if let Some(waiter) = act.remove_waiter(id) {
                         waiter.signal.end(msg.why.clone());
                     }

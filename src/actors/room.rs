@@ -55,6 +55,7 @@ use super::{
         AddSubscriber, DeliverBatch, DropRoom, FanoutShard, RemoveSubscriber, ShardLagged,
     },
     live_state::LiveState,
+    poll_hub::HUB_SUBSCRIBER,
     supervision::{catch_panic, guarded},
 };
 use crate::{
@@ -444,6 +445,8 @@ pub struct RoomActor {
     subscribers: HashMap<ConnectionId, Subscriber>,
     /// This room's share of the `roomcast_subscriptions` gauge.
     subscriptions_gauge: crate::metrics::GaugeShare,
+    /// A live room's share of the `roomcast_live_viewers` gauge.
+    viewers_gauge: crate::metrics::GaugeShare,
     pending: VecDeque<PendingAppend>,
     writing: bool,
     /// Appends still to be committed one at a time, because the batch they were
@@ -508,6 +511,7 @@ impl RoomActor {
             ring: VecDeque::new(),
             subscribers: HashMap::new(),
             subscriptions_gauge: crate::metrics::GaugeShare::subscriptions(),
+            viewers_gauge: crate::metrics::GaugeShare::live_viewers(),
             pending: VecDeque::new(),
             writing: false,
             isolate: 0,
@@ -597,6 +601,18 @@ impl RoomActor {
             && self.pending.is_empty()
             && !self.writing
             && !self.live.as_ref().is_some_and(|l| l.reserving)
+    }
+
+    /// The viewer count: every subscription but the poll hub's (which stands for
+    /// the long-polls waiting on this node; pollers between polls are not
+    /// connected, so none of them is counted).
+    fn viewers(&self) -> u32 {
+        let viewers = self
+            .subscribers
+            .values()
+            .filter(|s| s.user_id.0 != HUB_SUBSCRIBER)
+            .count();
+        u32::try_from(viewers).unwrap_or(u32::MAX)
     }
 
     /// Events the ring keeps.
@@ -702,10 +718,11 @@ impl RoomActor {
         }
         let every = Duration::from_millis(self.settings.rooms.live.viewer_count_interval_ms);
         self.viewer_timer = Some(ctx.run_interval(every, |act, _ctx| {
+            let count = act.viewers();
+            act.viewers_gauge.set(count as usize);
             if act.subscribers.is_empty() || act.retired {
                 return;
             }
-            let count = u32::try_from(act.subscribers.len()).unwrap_or(u32::MAX);
             let frame = crate::protocol::push(pb::server_frame::Kind::Viewers(pb::Viewers {
                 room_id: act.id.0.clone(),
                 count,
@@ -1376,6 +1393,9 @@ impl RoomActor {
         if self.outbox.is_empty() {
             return;
         }
+        crate::metrics::metrics()
+            .fanout_batch_events
+            .observe(self.outbox.len() as f64);
         let batch = Arc::new(EventBatch::new(
             self.id.clone(),
             std::mem::take(&mut self.outbox),
@@ -2021,28 +2041,34 @@ impl Handler<GetLiveSnapshot> for RoomActor {
             live: self.live.is_some(),
             last_seq: self.last_seq,
             pinned: self.live.as_ref().and_then(|l| l.pinned.clone()),
-            viewers: u32::try_from(self.subscribers.len()).unwrap_or(u32::MAX),
+            viewers: self.viewers(),
             shards: self.shards.len(),
         })
     }
 }
 
-/// Reads a live room's ring for a long-poll: the events after `after` (the room's
-/// current end when `None`), at most `limit`. Answers `None` for a chat room, whose
-/// history is read from the store.
+/// Reads the room's ring for a long-poll: the events after `after` (the room's
+/// current end when `None`), at most `limit`. A live room always answers from its
+/// ring (it has no other history), with a `gap` for what the ring no longer holds.
+/// A chat room answers from its ring when the ring holds everything after
+/// `after`, and with `None` otherwise (the store has it, or this node has not
+/// published it yet): the poll then reads the store.
 #[derive(Message)]
-#[rtype(result = "Result<Option<LivePage>, ApiError>")]
-pub struct ReadLive {
+#[rtype(result = "Result<Option<RingPage>, ApiError>")]
+pub struct ReadRing {
     pub after: Option<u64>,
     pub limit: usize,
 }
 
-/// What [`ReadLive`] found.
+/// What [`ReadRing`] found.
 #[derive(Debug)]
-pub struct LivePage {
+pub struct RingPage {
+    /// Whether the room is a live room.
+    pub live: bool,
     /// The room's last sequence now.
     pub last_seq: u64,
-    /// The range (inclusive) after `after` that the ring no longer holds.
+    /// The range (inclusive) after `after` that the ring no longer holds (live
+    /// rooms only).
     pub gap: Option<(u64, u64)>,
     /// Events after the gap (or after `after`), in order, at most `limit`.
     pub events: Vec<Arc<RoomEvent>>,
@@ -2050,31 +2076,33 @@ pub struct LivePage {
     pub more: bool,
 }
 
-impl Handler<ReadLive> for RoomActor {
-    type Result = Result<Option<LivePage>, ApiError>;
+impl Handler<ReadRing> for RoomActor {
+    type Result = Result<Option<RingPage>, ApiError>;
 
-    fn handle(&mut self, msg: ReadLive, _ctx: &mut Self::Context) -> Self::Result {
+    fn handle(&mut self, msg: ReadRing, _ctx: &mut Self::Context) -> Self::Result {
         if let Some(error) = self.unavailable() {
             return Err(error);
         }
-        if self.live.is_none() {
-            return Ok(None);
-        }
+        let live = self.live.is_some();
         let last_seq = self.last_seq;
         let after = msg.after.unwrap_or(last_seq);
+        let first_in_ring = self.ring.front().map_or(last_seq + 1, |e| e.seq);
+        if !live && (after > last_seq || first_in_ring > after + 1) {
+            return Ok(None);
+        }
         if after > last_seq {
             return Err(ApiError::new(
                 Code::OutOfRange,
                 format!("after_seq {after} is beyond the room's last sequence {last_seq}"),
             ));
         }
-        let first_in_ring = self.ring.front().map_or(last_seq + 1, |e| e.seq);
         let gap = (after < last_seq && first_in_ring > after + 1)
             .then(|| (after + 1, (first_in_ring - 1).min(last_seq)));
         let mut events = self.ring.iter().filter(|e| e.seq > after);
         let page: Vec<Arc<RoomEvent>> = events.by_ref().take(msg.limit).cloned().collect();
         let more = events.next().is_some();
-        Ok(Some(LivePage {
+        Ok(Some(RingPage {
+            live,
             last_seq,
             gap,
             events: page,

@@ -15,11 +15,15 @@ use std::{
         atomic::{AtomicU64, Ordering},
         Arc,
     },
+    time::Duration,
 };
 
-use actix::{Actor, Addr, Context, Handler, Message, Supervised, WeakRecipient};
+use actix::{
+    Actor, Addr, AsyncContext as _, Context, Handler, Message, Recipient, Supervised, WeakRecipient,
+};
 
 use super::{
+    poll_hub::{EndUserPolls, PollEnd},
     room::ConnectionId,
     room_registry::RoomRegistry,
     supervision::guarded,
@@ -100,6 +104,16 @@ pub struct SignalOneConnection {
 #[derive(Message)]
 #[rtype(result = "usize")]
 pub struct CloseAll;
+
+/// Closes every authenticated connection with the "server shutting down" code,
+/// the users spread evenly over `window` (a draining node's clients then reconnect
+/// to the other nodes a few at a time, not all at once). Answers how many users
+/// will be told.
+#[derive(Message)]
+#[rtype(result = "usize")]
+pub struct CloseAllSpread {
+    pub window: Duration,
+}
 
 /// Sends a signal (an announcement) to every connection of every online user;
 /// answers how many users it reached.
@@ -217,14 +231,17 @@ pub struct SessionRegistry {
     store: Store,
     /// Shared by every session (an address per session would allocate per user).
     rooms: Arc<Addr<RoomRegistry>>,
+    /// The poll hub, whose waiting long-polls a sign-out ends.
+    polls: Recipient<EndUserPolls>,
     sessions: HashMap<UserId, Online>,
 }
 
 impl SessionRegistry {
-    pub fn new(store: Store, rooms: Addr<RoomRegistry>) -> Self {
+    pub fn new(store: Store, rooms: Addr<RoomRegistry>, polls: Recipient<EndUserPolls>) -> Self {
         Self {
             store,
             rooms: Arc::new(rooms),
+            polls,
             sessions: HashMap::new(),
         }
     }
@@ -329,6 +346,12 @@ impl Handler<SignOutUser> for SessionRegistry {
             ctx,
             || (),
             move |act, _ctx| {
+                // Long-polls of the session end too (`ended` 4501), on this node.
+                act.polls.do_send(EndUserPolls {
+                    user_id: msg.user_id.clone(),
+                    session_id: msg.session_id.clone(),
+                    why: PollEnd::SignedOut,
+                });
                 if let Some(online) = act.sessions.get(&msg.user_id) {
                     online.session.do_send(EndSessions {
                         session_id: msg.session_id,
@@ -396,6 +419,38 @@ impl Handler<CloseAll> for SessionRegistry {
                     online.session.do_send(ShutDown);
                 }
                 act.sessions.len()
+            },
+        )
+    }
+}
+
+impl Handler<CloseAllSpread> for SessionRegistry {
+    type Result = usize;
+
+    fn handle(&mut self, msg: CloseAllSpread, ctx: &mut Self::Context) -> usize {
+        guarded(
+            self,
+            ctx,
+            || 0,
+            move |act, ctx| {
+                let users = act.sessions.len();
+                tracing::info!(
+                    users,
+                    window_ms = msg.window.as_millis() as u64,
+                    "closing live connections for a drain, spread over the window"
+                );
+                let sessions: Vec<Addr<UserSession>> =
+                    act.sessions.values().map(|o| o.session.clone()).collect();
+                for (i, session) in sessions.into_iter().enumerate() {
+                    // User i of n at i/n of the window; the first at once.
+                    let delay = msg.window.mul_f64(i as f64 / users as f64);
+                    if delay.is_zero() {
+                        session.do_send(ShutDown);
+                    } else {
+                        ctx.run_later(delay, move |_, _| session.do_send(ShutDown));
+                    }
+                }
+                users
             },
         )
     }

@@ -8,7 +8,7 @@ use crate::{
     error::ApiError,
     ids::{now_ms, RoomId, UserId},
     model::{MemberRole, RoomKind},
-    store::{MemberRecord, RoomRecord, Store, StoreError},
+    store::{MemberFacts, MemberRecord, RoomRecord, Store, StoreError},
 };
 
 /// A room and the caller's membership in it.
@@ -85,37 +85,94 @@ impl RoomAccess {
 
 /// The caller's access to a room, decided by the auth actors (every ACL decision
 /// goes through them); `not_found` when the room does not exist, and also when it is
-/// private and the caller may not know it exists.
+/// private and the caller may not know it exists. Read fresh from the store: the
+/// room's `last_seq` and the membership's `last_read_seq` are current.
 pub async fn room_access(
     state: &AppState,
     principal: &Principal,
     room_id: &str,
+) -> Result<RoomAccess, ApiError> {
+    authorize(state, principal, room_id, false).await
+}
+
+/// The same decision as [`room_access`], from the facts the store keeps in memory
+/// (exact: every change to them drops them at once) where it can: for the hot
+/// paths (sends, subscriptions, typing), which need no query when the facts are
+/// cached. The access's `room.last_seq` and `member.last_read_seq` may be old; use
+/// [`room_access`] where they are shown.
+pub async fn check_room_access(
+    state: &AppState,
+    principal: &Principal,
+    room_id: &str,
+) -> Result<RoomAccess, ApiError> {
+    authorize(state, principal, room_id, true).await
+}
+
+async fn authorize(
+    state: &AppState,
+    principal: &Principal,
+    room_id: &str,
+    cached: bool,
 ) -> Result<RoomAccess, ApiError> {
     state
         .auth
         .send(AuthorizeRoom {
             principal: principal.clone(),
             room_id: room_id.to_owned(),
+            cached,
         })
         .await
 }
 
-/// Loads the room and the caller's membership, bans and invitations. Runs inside
-/// the auth actors (see [`AuthorizeRoom`]).
+/// Loads the room and the caller's membership, bans and invitations (`cached`:
+/// from the store's cache where it holds them) and decides. Runs inside the auth
+/// actors (see [`AuthorizeRoom`]).
 pub async fn load_room_access(
     store: &Store,
     principal: &Principal,
     room_id: &str,
+    cached: bool,
 ) -> Result<RoomAccess, ApiError> {
     let user_id = principal.require_user()?.clone();
     let room_id = RoomId::from(super::validate::id("room_id", room_id)?);
-    let room = store.get_room(&room_id).await.map_err(|e| match e {
+    let not_found = |e| match e {
         StoreError::NotFound => ApiError::not_found(format!("room `{room_id}` not found")),
         other => other.into(),
-    })?;
-    let member = store.get_member(&room_id, &user_id).await?;
-    if member.is_none() {
-        if let Some(ban) = store.active_ban(&room_id, &user_id, now_ms()).await? {
+    };
+    let (room, facts) = if cached {
+        let room = store.room_for_access(&room_id).await.map_err(not_found)?;
+        let facts = store.member_facts(&room, &user_id).await?;
+        (room.as_ref().clone(), facts.as_ref().clone())
+    } else {
+        let room = store.get_room(&room_id).await.map_err(not_found)?;
+        let member = store.get_member(&room_id, &user_id).await?;
+        let mut facts = MemberFacts {
+            member,
+            ban: None,
+            invited: false,
+        };
+        if facts.member.is_none() {
+            facts.ban = store.active_ban(&room_id, &user_id, now_ms()).await?;
+            let private = !matches!(room.kind, RoomKind::Public | RoomKind::Broadcast);
+            if facts.ban.is_none() && private && !principal.is_admin() {
+                facts.invited = store.has_invite(&room_id, &user_id).await?;
+            }
+        }
+        (room, facts)
+    };
+    decide(principal, user_id, room, facts)
+}
+
+/// The rules, over the facts.
+fn decide(
+    principal: &Principal,
+    user_id: UserId,
+    room: RoomRecord,
+    facts: MemberFacts,
+) -> Result<RoomAccess, ApiError> {
+    if facts.member.is_none() {
+        let now = now_ms();
+        if let Some(ban) = facts.ban.filter(|b| b.expires_at.is_none_or(|t| t > now)) {
             let until = ban.expires_at.map_or(String::from(" until lifted"), |t| {
                 format!(" until {t} (Unix ms)")
             });
@@ -126,16 +183,19 @@ pub async fn load_room_access(
     }
     let access = RoomAccess {
         room,
-        member,
+        member: facts.member,
         user_id,
         server_admin: principal.is_admin(),
     };
-    if !access.can_read() && !matches!(access.room.kind, RoomKind::Public | RoomKind::Broadcast) {
+    if !access.can_read()
+        && !matches!(access.room.kind, RoomKind::Public | RoomKind::Broadcast)
+        && !facts.invited
+    {
         // Private rooms stay invisible to outsiders, unless invited.
-        let invited = store.has_invite(&access.room.id, &access.user_id).await?;
-        if !invited {
-            return Err(ApiError::not_found(format!("room `{room_id}` not found")));
-        }
+        return Err(ApiError::not_found(format!(
+            "room `{}` not found",
+            access.room.id
+        )));
     }
     Ok(access)
 }

@@ -37,6 +37,10 @@ pub const FRAME_KINDS: &[&str] = &[
     "subscribe_notifications",
 ];
 
+/// Client frame kinds rules do not govern: they come before the connection has a
+/// role (authentication, anonymous viewing) or carry nothing to allow (ping).
+pub const UNGOVERNED_FRAME_KINDS: &[&str] = &["authenticate", "authenticate_anonymous", "ping"];
+
 /// The RPC a frame kind performs over the socket (`send` is
 /// RoomService.SendMessage, same rules): rules naming that RPC, or its service,
 /// govern the frame too.
@@ -353,6 +357,83 @@ mod tests {
             }
         }
         assert_eq!(checked, 3 * (rpcs.len() + admin.len() + FRAME_KINDS.len()));
+    }
+
+    /// The names of a `oneof kind` of `message` in a proto file's text.
+    fn oneof_kinds<'a>(proto: &'a str, message: &str) -> Vec<&'a str> {
+        let start = proto
+            .find(&format!("message {message} {{"))
+            .unwrap_or_else(|| panic!("message {message}"));
+        let body = &proto[start..];
+        let oneof = body.find("oneof kind {").expect("oneof kind");
+        let end = body[oneof..].find('}').expect("end of oneof") + oneof;
+        body[oneof..end]
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.starts_with("//") && l.ends_with(';'))
+            .filter_map(|l| l.split_whitespace().nth(1))
+            .collect()
+    }
+
+    /// Every client frame kind of the WebSocket protocol is in the table (rules
+    /// govern it) or named as ungoverned, so a new frame kind cannot slip past
+    /// the rules unnoticed.
+    #[test]
+    fn every_client_frame_kind_is_in_the_table_or_ungoverned() {
+        let proto = include_str!("../proto/roomcast/v1/realtime.proto");
+        let kinds = oneof_kinds(proto, "ClientFrame");
+        assert!(kinds.len() >= FRAME_KINDS.len() + UNGOVERNED_FRAME_KINDS.len());
+        for kind in &kinds {
+            assert!(
+                FRAME_KINDS.contains(kind) || UNGOVERNED_FRAME_KINDS.contains(kind),
+                "client frame kind `{kind}` is neither in FRAME_KINDS nor ungoverned"
+            );
+        }
+        for kind in FRAME_KINDS.iter().chain(UNGOVERNED_FRAME_KINDS) {
+            assert!(kinds.contains(kind), "`{kind}` is no client frame kind");
+        }
+    }
+
+    /// Every service with unary RPCs is in `rule_services()` or is the admin
+    /// API; the live-room RPCs and PushService.Poll are in the table.
+    #[test]
+    fn every_unary_service_is_in_the_table() {
+        let protos = [
+            include_str!("../proto/roomcast/v1/admin.proto"),
+            include_str!("../proto/roomcast/v1/auth.proto"),
+            include_str!("../proto/roomcast/v1/notifications.proto"),
+            include_str!("../proto/roomcast/v1/publish.proto"),
+            include_str!("../proto/roomcast/v1/push.proto"),
+            include_str!("../proto/roomcast/v1/rooms.proto"),
+            include_str!("../proto/roomcast/v1/users.proto"),
+        ];
+        let table: Vec<&str> = rule_services().iter().map(|(name, _)| *name).collect();
+        for proto in protos {
+            for line in proto.lines().filter(|l| l.starts_with("service ")) {
+                let service = line.split_whitespace().nth(1).expect("a service name");
+                let full = format!("roomcast.v1.{service}");
+                assert!(
+                    table.contains(&full.as_str()) || full == admin_service::NAME,
+                    "{full} is not in rule_services()"
+                );
+            }
+        }
+        for rpc in [
+            "roomcast.v1.RoomService/UpdateLiveControls",
+            "roomcast.v1.RoomService/PinMessage",
+            "roomcast.v1.PushService/Poll",
+        ] {
+            assert!(known_operation(rpc), "{rpc}");
+            let rules = RuleSet::from_records(&[record("guest", rpc, "deny", 1)]);
+            assert!(
+                rules.check(Role::Guest, Operation::Rpc(rpc)).is_err(),
+                "{rpc}"
+            );
+            assert!(
+                rules.check(Role::Member, Operation::Rpc(rpc)).is_ok(),
+                "{rpc}"
+            );
+        }
     }
 
     #[test]

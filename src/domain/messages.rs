@@ -6,7 +6,11 @@ use std::collections::BTreeMap;
 
 use actix::{Addr, MailboxError};
 
-use super::{access::room_access, convert::message_to_proto, validate, AppState, Principal};
+use super::{
+    access::{check_room_access, room_access},
+    convert::message_to_proto,
+    validate, AppState, Principal,
+};
 use crate::{
     actors::{
         room::{is_retired, Append, RoomActor},
@@ -135,7 +139,7 @@ pub async fn send_message(
     validate::no_control_chars("client_message_id", &req.client_message_id)?;
     // The rate limit comes before any database read: a flood costs no queries.
     state.send_limiter.check(principal.require_user()?)?;
-    let access = room_access(state, principal, &req.room_id).await?;
+    let access = check_room_access(state, principal, &req.room_id).await?;
     access.require_send()?;
     let message = NewMessage {
         kind: MessageKind::Text,
@@ -174,7 +178,7 @@ pub async fn edit_message(
         return Err(ApiError::invalid("seq is required"));
     }
     state.send_limiter.check(principal.require_user()?)?;
-    let access = room_access(state, principal, &req.room_id).await?;
+    let access = check_room_access(state, principal, &req.room_id).await?;
     access.require_send()?;
     let message = NewMessage {
         kind: MessageKind::Edit,
@@ -207,7 +211,7 @@ pub async fn delete_message(
     if req.seq == 0 {
         return Err(ApiError::invalid("seq is required"));
     }
-    let access = room_access(state, principal, &req.room_id).await?;
+    let access = check_room_access(state, principal, &req.room_id).await?;
     let moderator = access.is_moderator();
     if !moderator {
         access.require_member()?;

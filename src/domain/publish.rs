@@ -301,6 +301,7 @@ pub async fn disconnect_user(
     // Waiting long-polls of the user answer at once with `ended` 4504.
     state.polls.do_send(crate::actors::poll_hub::EndUserPolls {
         user_id: user.clone(),
+        session_id: None,
         why: crate::actors::poll_hub::PollEnd::Disconnected {
             reason: reason.clone(),
         },

@@ -1,14 +1,17 @@
 //! `PushService.Poll`: HTTP long-polling (docs/long-polling.md). The client brings
 //! its whole position (per room the last sequence it processed, plus its
 //! notification cursor); the poll checks read access to every room, reads what
-//! is newer from the store and answers, or, when nothing is, registers a waiter
-//! with this node's [`PollHub`](crate::actors::poll_hub::PollHub) and reads again
-//! when woken, until something is new or the wait is over. Nothing of the poll is
-//! kept on the node once it answers, so any node can answer the next poll.
+//! is newer and answers, or, when nothing is, registers a waiter with this node's
+//! [`PollHub`](crate::actors::poll_hub::PollHub) and reads again when woken, until
+//! something is new or the wait is over. A room is read from its actor's ring of
+//! recent events when the ring holds everything after the cursor (so a woken poll
+//! is served from memory; a live room has nothing else), from the store
+//! otherwise. Nothing of the poll is kept on the node once it answers, so any node
+//! can answer the next poll.
 //!
 //! The order that makes a wake-up impossible to miss: the waiter is registered
-//! (and the hub's room subscriptions set up) before the store is read, and a
-//! wake-up that arrives while the store is being read is kept for the next wait.
+//! (and the hub's room subscriptions set up) before the room is read, and a
+//! wake-up that arrives while the room is being read is kept for the next wait.
 
 use std::time::Duration;
 
@@ -18,12 +21,13 @@ use super::{
     access::room_access,
     messages::room_actor,
     notifications::{self, notification_to_proto},
+    principal::Credential,
     validate, AppState, Principal,
 };
 use crate::{
     actors::{
         poll_hub::{PollEnd, TooManyWaiters, Watch, WatchGuard},
-        room::{is_retired, ReadLive},
+        room::{is_retired, ReadRing},
     },
     error::{ApiError, Code},
     ids::{RoomId, UserId},
@@ -177,6 +181,10 @@ pub async fn poll(
 
     let watch = Watch {
         user_id: user.clone(),
+        session_id: match &principal.credential {
+            Credential::Session(session) => Some(session.clone()),
+            _ => None,
+        },
         poll_id: req.poll_id.clone(),
         rooms: rooms.iter().map(|r| r.room_id.clone()).collect(),
         notifications: req.notifications,
@@ -273,19 +281,19 @@ async fn read(
             }
             Err(e) => return Err(e),
         };
-        // A live room's comments are in its ring, not in the store (whose last_seq
-        // is the top of the block the room reserved): the room actor answers.
-        if state.store.get_live_room(&room.room_id).await?.is_some() {
-            match read_live(state, room, limit - page.count, &mut page).await {
-                Ok(()) => continue,
-                Err(e) if is_room_error(&e) => {
-                    room.refused = true;
-                    page.errors += 1;
-                    page.events.push(room_error(&room.room_id, &e));
-                    continue;
-                }
-                Err(e) => return Err(e),
+        // The room actor's ring answers a live room (whose comments are only
+        // there) and a chat room whose ring holds everything after the cursor:
+        // a woken poll is served from memory. Otherwise the store is read.
+        match read_ring(state, room, limit - page.count, &mut page).await {
+            Ok(true) => continue,
+            Ok(false) => {}
+            Err(e) if is_room_error(&e) => {
+                room.refused = true;
+                page.errors += 1;
+                page.events.push(room_error(&room.room_id, &e));
+                continue;
             }
+            Err(e) => return Err(e),
         }
         let last_seq = access.room.last_seq;
         let after = *room.after.get_or_insert(last_seq);
@@ -337,19 +345,17 @@ async fn read(
     Ok(page)
 }
 
-/// Reads a live room's ring after its cursor (resolving an unset cursor to the
-/// room's end), at most `remaining` events, into `page`.
-async fn read_live(
+/// Reads the room's ring after its cursor (resolving an unset cursor to the
+/// room's end), at most `remaining` events, into `page`. Answers `false` when the
+/// store must be read instead (a chat room whose ring does not hold everything
+/// after the cursor).
+async fn read_ring(
     state: &AppState,
     room: &mut RoomPosition,
     remaining: u32,
     page: &mut Page,
-) -> Result<(), ApiError> {
-    if room.after.is_some() && remaining == 0 {
-        page.more = true;
-        return Ok(());
-    }
-    let request = || ReadLive {
+) -> Result<bool, ApiError> {
+    let request = || ReadRing {
         after: room.after,
         limit: remaining as usize,
     };
@@ -364,25 +370,23 @@ async fn read_live(
             .send(request())
             .await?;
     }
-    let Some(live) = reply? else {
-        return Err(ApiError::unavailable(
-            "the room is changing from live to chat; poll again",
-        ));
+    let Some(ring) = reply? else {
+        return Ok(false);
     };
-    let mut delivered = *room.after.get_or_insert(live.last_seq);
-    if let Some((from_seq, to_seq)) = live.gap {
+    let mut delivered = *room.after.get_or_insert(ring.last_seq);
+    if let Some((from_seq, to_seq)) = ring.gap {
         page.events.push(gap(&room.room_id, from_seq, to_seq));
         delivered = to_seq;
     }
-    for event in &live.events {
+    for event in &ring.events {
         page.events
             .push(protocol::push(protocol::event_kind(&event.record)));
         page.count += 1;
         delivered = event.seq;
     }
-    page.more |= live.more;
+    page.more |= ring.more;
     room.after = Some(delivered);
-    Ok(())
+    Ok(true)
 }
 
 fn gap(room_id: &RoomId, from_seq: u64, to_seq: u64) -> pb::ServerFrame {
@@ -431,6 +435,10 @@ fn ended(
             "a newer poll with the same poll_id took over".to_owned(),
         ),
         PollEnd::Disconnected { reason } => (u32::from(protocol::close::DISCONNECTED), reason),
+        PollEnd::SignedOut => (
+            u32::from(protocol::close::SIGNED_OUT),
+            "the session was signed out".to_owned(),
+        ),
         PollEnd::Shutdown => (
             u32::from(protocol::close::SHUTDOWN),
             "the server is shutting down; poll again".to_owned(),

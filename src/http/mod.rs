@@ -8,6 +8,7 @@
 pub mod accept;
 pub mod client_addr;
 pub mod connect;
+mod draining;
 mod health;
 mod request_context;
 mod routes;
@@ -21,6 +22,7 @@ use actix_web::{http::header, web};
 
 use crate::settings::CorsSettings;
 
+pub use draining::close_keep_alive_while_draining;
 pub use request_context::request_context;
 pub use routes::configure as rpc_routes;
 

@@ -132,6 +132,16 @@ async fn open_stream(
     admission: Option<web::Data<Arc<Admission>>>,
 ) -> Result<HttpResponse, (ApiError, Option<u16>)> {
     let plain = |e: ApiError| (e, None);
+    if let Some(reason) = state.drain.reason() {
+        // As for WebSockets: a draining node takes no new streams (503, so nginx
+        // passes the request to another node; see deploy/nginx/roomcast.conf).
+        return Err((
+            ApiError::unavailable(format!(
+                "this node is draining ({reason}): connect to another node"
+            )),
+            Some(503),
+        ));
+    }
     let last_event_id = req
         .headers()
         .get("last-event-id")

@@ -14,7 +14,7 @@ use crate::{
     ids::RoomId,
     protocol::{FrameCodec, WireFrame},
     settings::RealtimeSettings,
-    ws::transport::{QueueFull, Transport},
+    ws::transport::{Pusher, QueueFull, Transport},
 };
 
 /// A position the next written frame moves the client to: a transport that
@@ -52,6 +52,11 @@ pub trait Outlet {
     fn drained(&self, below: usize) -> Pin<Box<dyn Future<Output = ()>>>;
     /// How often [`Outlet::heartbeat`] is due.
     fn heartbeat_interval(&self, settings: &RealtimeSettings) -> Duration;
+    /// A handle the arbiter's fan-out shard writes a room's batches through
+    /// directly; `None`: they reach the transport through the connection actor.
+    fn pusher(&self) -> Option<Pusher> {
+        None
+    }
     /// Whether the client talks back (answers pings); only then is a silent client
     /// closed after `realtime.idle_timeout_ms`.
     fn client_talks(&self) -> bool;
@@ -110,5 +115,9 @@ impl Outlet for Transport {
 
     fn client_talks(&self) -> bool {
         true
+    }
+
+    fn pusher(&self) -> Option<Pusher> {
+        Some(Transport::pusher(self))
     }
 }

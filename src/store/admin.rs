@@ -4,7 +4,7 @@
 
 use sqlx::FromRow;
 
-use super::{found, timed, Store, StoreResult};
+use super::{found, timed, AccessChange, Store, StoreResult};
 use crate::ids::{now_ms, random_id, RoomId, UserId};
 
 /// A stored access rule.
@@ -199,7 +199,7 @@ impl Store {
 
     /// Suspends an account (again: keeps the first suspension).
     pub async fn suspend_user(&self, user: &UserId, by: &UserId, reason: &str) -> StoreResult<()> {
-        timed("suspend_user", async move {
+        let result = timed("suspend_user", async move {
         sqlx::query(
             "INSERT INTO user_suspensions (user_id, suspended_by, reason, created_at) VALUES ($1, $2, $3, $4) \
              ON CONFLICT (user_id) DO NOTHING",
@@ -212,19 +212,23 @@ impl Store {
         .await?;
         Ok(())
         })
-        .await
+        .await;
+        self.invalidate_access(&AccessChange::User { user: user.clone() });
+        result
     }
 
     /// Lifts a suspension; `NotFound` when the account is not suspended.
     pub async fn reinstate_user(&self, user: &UserId) -> StoreResult<()> {
-        timed("reinstate_user", async move {
+        let result = timed("reinstate_user", async move {
             let done = sqlx::query("DELETE FROM user_suspensions WHERE user_id = $1")
                 .bind(user.as_str())
                 .execute(&self.pool)
                 .await?;
             found(done)
         })
-        .await
+        .await;
+        self.invalidate_access(&AccessChange::User { user: user.clone() });
+        result
     }
 
     /// Whether the account is suspended.
@@ -244,7 +248,7 @@ impl Store {
     /// returns the ids of its members before the delete. `NotFound` when there is
     /// no such room.
     pub async fn delete_room(&self, room: &RoomId) -> StoreResult<Vec<UserId>> {
-        timed("delete_room", async move {
+        let result = timed("delete_room", async move {
             let members: Vec<(String,)> =
                 sqlx::query_as("SELECT user_id FROM memberships WHERE room_id = $1")
                     .bind(room.as_str())
@@ -267,7 +271,9 @@ impl Store {
             tx.commit().await?;
             Ok(members.into_iter().map(|(id,)| UserId(id)).collect())
         })
-        .await
+        .await;
+        self.invalidate_access(&AccessChange::RoomDeleted { room: room.clone() });
+        result
     }
 
     /// Member ids of a room, at most `limit`.

@@ -6,6 +6,7 @@
 
 mod admin;
 mod api_keys;
+mod cache;
 mod messages;
 mod notifications;
 mod rooms;
@@ -30,6 +31,7 @@ use crate::settings::StoreSettings;
 
 pub use admin::{AccessRuleFields, AccessRuleRecord, AuditRecord, NewAudit};
 pub use api_keys::ApiKeyRecord;
+pub use cache::{AccessChange, MemberFacts, SessionFacts};
 pub use messages::{AppendRejection, Appended, MessageRecord, NewMessage};
 pub use notifications::{
     InvitationRecord, NewNotification, NotificationInserted, NotificationKind, NotificationRecord,
@@ -133,6 +135,8 @@ pub struct Store {
     pool: AnyPool,
     backend: Backend,
     grouped: Arc<OnceLock<GroupedRoute>>,
+    /// Access facts kept in memory (see [`cache`]).
+    cache: Arc<cache::AccessCache>,
 }
 
 /// Takes one room's group-commit batch and answers its results.
@@ -208,6 +212,7 @@ impl Store {
             pool,
             backend,
             grouped: Arc::default(),
+            cache: Arc::new(cache::AccessCache::new(settings.access_cache_max_entries)),
         })
     }
 
@@ -215,6 +220,15 @@ impl Store {
     pub async fn migrate(&self) -> StoreResult<()> {
         match self.backend {
             Backend::Sqlite => SQLITE_MIGRATIONS.run(&self.pool).await?,
+            Backend::Postgres if self.is_cockroachdb().await? => {
+                // CockroachDB has no pg_advisory_lock (cockroachdb/cockroach#13546),
+                // which sqlx's migrator takes to keep two processes from migrating
+                // at once: run without it. Migrate from one place (one node first,
+                // or `roomcast migrate`), as docs/scaling.md says.
+                let mut unlocked = sqlx::migrate!("src/store/migrations/postgres");
+                unlocked.set_locking(false);
+                unlocked.run(&self.pool).await?;
+            }
             Backend::Postgres => POSTGRES_MIGRATIONS.run(&self.pool).await?,
         }
         // Values that only Rust can compute (Unicode skeletons).
@@ -223,6 +237,14 @@ impl Store {
             tracing::info!(filled, "username skeletons filled in");
         }
         Ok(())
+    }
+
+    /// Whether the PostgreSQL-protocol server is CockroachDB (its `version()` says so).
+    async fn is_cockroachdb(&self) -> StoreResult<bool> {
+        let version: String = sqlx::query_scalar("SELECT version()")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(version.contains("CockroachDB"))
     }
 
     /// Whether the database answers.
@@ -282,6 +304,15 @@ impl Store {
     /// through `route` from now on; only the first route set counts.
     pub fn route_grouped_appends(&self, route: GroupedAppend) {
         let _ = self.grouped.set(GroupedRoute(route));
+    }
+
+    /// Drops the cached access facts that `change` may have made wrong. Every
+    /// store write that changes a room, a membership, a ban, an invitation, a
+    /// user, a suspension or a session calls this after its commit; a node that
+    /// learns of a change another node made to the shared database must call it
+    /// too (the cluster forwards each [`AccessChange`]).
+    pub fn invalidate_access(&self, change: &AccessChange) {
+        self.cache.invalidate(change);
     }
 
     /// Which database this is.

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use sqlx::FromRow;
 
-use super::{found, timed, Store, StoreError, StoreResult};
+use super::{found, timed, AccessChange, Store, StoreError, StoreResult};
 use crate::{
     ids::{now_ms, random_id, RoomId, UserId},
     model::RoomKind,
@@ -390,7 +390,7 @@ impl Store {
 
     /// Removes a pending invitation; `NotFound` when there was none.
     pub async fn delete_invitation(&self, room: &RoomId, user: &UserId) -> StoreResult<()> {
-        timed("delete_invitation", async move {
+        let result = timed("delete_invitation", async move {
             self.retry_busy("delete invitation", || async {
                 let done = sqlx::query("DELETE FROM invites WHERE room_id = $1 AND user_id = $2")
                     .bind(room.as_str())
@@ -401,6 +401,11 @@ impl Store {
             })
             .await
         })
-        .await
+        .await;
+        self.invalidate_access(&AccessChange::Member {
+            room: room.clone(),
+            user: user.clone(),
+        });
+        result
     }
 }

@@ -1,10 +1,10 @@
 //! Rooms, memberships, invitations and bans.
 
-use std::collections::HashMap;
+use std::{collections::HashMap, sync::Arc};
 
 use sqlx::{AnyConnection, FromRow};
 
-use super::{found, parse_enum, timed, Store, StoreError, StoreResult};
+use super::{found, parse_enum, timed, AccessChange, MemberFacts, Store, StoreError, StoreResult};
 use crate::{
     ids::{now_ms, RoomId, UserId},
     model::{MemberRole, RoomKind},
@@ -295,6 +295,16 @@ impl Store {
             write_live_controls(&mut tx, &id, controls).await?;
         }
         tx.commit().await?;
+        // A new id has no cached facts, but its members' room lists change.
+        for user in std::iter::once(&new.created_by)
+            .chain(new.members.iter().map(|(user, _)| user))
+            .chain(new.invites.iter())
+        {
+            self.invalidate_access(&AccessChange::Member {
+                room: id.clone(),
+                user: user.clone(),
+            });
+        }
         self.get_room(&id).await
         })
         .await
@@ -395,7 +405,7 @@ impl Store {
 
     /// Changes the fields of `update` that are set.
     pub async fn update_room(&self, id: &RoomId, update: RoomUpdate) -> StoreResult<RoomRecord> {
-        timed("update_room", async move {
+        let result = timed("update_room", async move {
             let current = self.get_room(id).await?;
             sqlx::query(
                 "UPDATE rooms SET title = $1, topic = $2, retention_seconds = $3 WHERE id = $4",
@@ -413,7 +423,9 @@ impl Store {
             .await?;
             self.get_room(id).await
         })
-        .await
+        .await;
+        self.invalidate_access(&AccessChange::Room { room: id.clone() });
+        result
     }
 
     /// The rooms `user` is a member of, with the membership, ordered by room id
@@ -545,7 +557,7 @@ impl Store {
         room: &RoomId,
         user: &UserId,
     ) -> StoreResult<MembershipChange> {
-        timed("remove_member_keeping_owner", async move {
+        let result = timed("remove_member_keeping_owner", async move {
             let mut tx = self.pool.begin().await?;
             if let Some(refused) = owner_guard(&mut tx, room, user, None).await? {
                 return Ok(refused);
@@ -558,7 +570,12 @@ impl Store {
             tx.commit().await?;
             Ok(MembershipChange::Done)
         })
-        .await
+        .await;
+        self.invalidate_access(&AccessChange::Member {
+            room: room.clone(),
+            user: user.clone(),
+        });
+        result
     }
 
     /// Changes a member's role unless that demotes the room's only owner.
@@ -568,7 +585,7 @@ impl Store {
         user: &UserId,
         role: MemberRole,
     ) -> StoreResult<MembershipChange> {
-        timed("set_member_role_keeping_owner", async move {
+        let result = timed("set_member_role_keeping_owner", async move {
             let mut tx = self.pool.begin().await?;
             if let Some(refused) = owner_guard(&mut tx, room, user, Some(role)).await? {
                 return Ok(refused);
@@ -582,7 +599,12 @@ impl Store {
             tx.commit().await?;
             Ok(MembershipChange::Done)
         })
-        .await
+        .await;
+        self.invalidate_access(&AccessChange::Member {
+            room: room.clone(),
+            user: user.clone(),
+        });
+        result
     }
 
     /// Like [`Store::ban`], but refuses to remove the room's only owner while
@@ -595,7 +617,7 @@ impl Store {
         reason: &str,
         expires_at: Option<i64>,
     ) -> StoreResult<MembershipChange> {
-        timed("ban_keeping_owner", async move {
+        let result = timed("ban_keeping_owner", async move {
         let mut tx = self.pool.begin().await?;
         match owner_guard(&mut tx, room, user, None).await? {
             None | Some(MembershipChange::NotMember) => {}
@@ -626,7 +648,12 @@ impl Store {
         tx.commit().await?;
         Ok(MembershipChange::Done)
         })
-        .await
+        .await;
+        self.invalidate_access(&AccessChange::Member {
+            room: room.clone(),
+            user: user.clone(),
+        });
+        result
     }
 
     /// The membership of `user` in `room`, if any.
@@ -678,7 +705,7 @@ impl Store {
         user: &UserId,
         role: MemberRole,
     ) -> StoreResult<MemberRecord> {
-        timed("add_member", async move {
+        let result = timed("add_member", async move {
         let mut tx = self.pool.begin().await?;
         sqlx::query(
             "INSERT INTO memberships (room_id, user_id, role, joined_at, last_read_seq) VALUES ($1, $2, $3, $4, 0)",
@@ -699,12 +726,17 @@ impl Store {
             .await?
             .ok_or(StoreError::NotFound)
         })
-        .await
+        .await;
+        self.invalidate_access(&AccessChange::Member {
+            room: room.clone(),
+            user: user.clone(),
+        });
+        result
     }
 
     /// Removes a membership; `NotFound` when there was none.
     pub async fn remove_member(&self, room: &RoomId, user: &UserId) -> StoreResult<()> {
-        timed("remove_member", async move {
+        let result = timed("remove_member", async move {
             let done = sqlx::query("DELETE FROM memberships WHERE room_id = $1 AND user_id = $2")
                 .bind(room.as_str())
                 .bind(user.as_str())
@@ -712,7 +744,12 @@ impl Store {
                 .await?;
             found(done)
         })
-        .await
+        .await;
+        self.invalidate_access(&AccessChange::Member {
+            room: room.clone(),
+            user: user.clone(),
+        });
+        result
     }
 
     /// Mutes until a time (`i64::MAX`: until lifted) or, with `None`, unmutes.
@@ -722,7 +759,7 @@ impl Store {
         user: &UserId,
         until: Option<i64>,
     ) -> StoreResult<()> {
-        timed("set_member_mute", async move {
+        let result = timed("set_member_mute", async move {
             let done = sqlx::query(
                 "UPDATE memberships SET muted_until = $1 WHERE room_id = $2 AND user_id = $3",
             )
@@ -733,7 +770,12 @@ impl Store {
             .await?;
             found(done)
         })
-        .await
+        .await;
+        self.invalidate_access(&AccessChange::Member {
+            room: room.clone(),
+            user: user.clone(),
+        });
+        result
     }
 
     /// Moves the read cursor forward (never back, never past the room's last
@@ -759,7 +801,7 @@ impl Store {
 
     /// Records an invitation (idempotent).
     pub async fn invite(&self, room: &RoomId, user: &UserId, by: &UserId) -> StoreResult<()> {
-        timed("invite", async move {
+        let result = timed("invite", async move {
         sqlx::query(
             "INSERT INTO invites (room_id, user_id, invited_by, created_at) VALUES ($1, $2, $3, $4) \
              ON CONFLICT (room_id, user_id) DO NOTHING",
@@ -772,7 +814,12 @@ impl Store {
         .await?;
         Ok(())
         })
-        .await
+        .await;
+        self.invalidate_access(&AccessChange::Member {
+            room: room.clone(),
+            user: user.clone(),
+        });
+        result
     }
 
     /// Whether `user` has a pending invitation to `room`.
@@ -791,7 +838,7 @@ impl Store {
 
     /// Lifts a ban; `NotFound` when there was none.
     pub async fn unban(&self, room: &RoomId, user: &UserId) -> StoreResult<()> {
-        timed("unban", async move {
+        let result = timed("unban", async move {
             let done = sqlx::query("DELETE FROM bans WHERE room_id = $1 AND user_id = $2")
                 .bind(room.as_str())
                 .bind(user.as_str())
@@ -799,7 +846,12 @@ impl Store {
                 .await?;
             found(done)
         })
-        .await
+        .await;
+        self.invalidate_access(&AccessChange::Member {
+            room: room.clone(),
+            user: user.clone(),
+        });
+        result
     }
 
     /// The ban of `user` in `room` that is in force at `now`, if any.
@@ -881,6 +933,17 @@ async fn owner_guard(
 impl Store {
     /// Ids of the rooms `user` is a member of.
     pub async fn user_room_ids(&self, user: &UserId) -> StoreResult<Vec<RoomId>> {
+        if let Some(rooms) = self.cache.user_rooms(user) {
+            return Ok(rooms.as_ref().clone());
+        }
+        let ticket = self.cache.ticket();
+        let rooms = self.user_room_ids_uncached(user).await?;
+        self.cache
+            .fill_user_rooms(ticket, user.clone(), rooms.clone());
+        Ok(rooms)
+    }
+
+    async fn user_room_ids_uncached(&self, user: &UserId) -> StoreResult<Vec<RoomId>> {
         timed("user_room_ids", async move {
             let rows: Vec<(String,)> =
                 sqlx::query_as("SELECT room_id FROM memberships WHERE user_id = $1")
@@ -888,6 +951,68 @@ impl Store {
                     .fetch_all(&self.pool)
                     .await?;
             Ok(rows.into_iter().map(|(id,)| RoomId(id)).collect())
+        })
+        .await
+    }
+}
+
+/// Access facts, answered from the store's cache when it holds them (see
+/// [`super::cache`]): only for access decisions.
+impl Store {
+    /// The room, for an access decision: its `last_seq` may be old.
+    pub async fn room_for_access(&self, id: &RoomId) -> StoreResult<Arc<RoomRecord>> {
+        if let Some(room) = self.cache.room(id) {
+            return Ok(room);
+        }
+        let ticket = self.cache.ticket();
+        let room = self.get_room(id).await?;
+        self.cache.fill_room(ticket, room.clone());
+        Ok(Arc::new(room))
+    }
+
+    /// `user`'s membership in `room`, and for non-members their ban and (in
+    /// private and direct rooms) invitation, for an access decision: the
+    /// membership's `last_read_seq` may be old.
+    pub async fn member_facts(
+        &self,
+        room: &RoomRecord,
+        user: &UserId,
+    ) -> StoreResult<Arc<MemberFacts>> {
+        if let Some(facts) = self.cache.member(&room.id, user) {
+            return Ok(facts);
+        }
+        let ticket = self.cache.ticket();
+        let member = self.get_member(&room.id, user).await?;
+        let (ban, invited) = if member.is_some() {
+            (None, false)
+        } else {
+            let ban = self.ban_record(&room.id, user).await?;
+            let invited = match room.kind {
+                RoomKind::Public | RoomKind::Broadcast => false,
+                _ => self.has_invite(&room.id, user).await?,
+            };
+            (ban, invited)
+        };
+        let facts = MemberFacts {
+            member,
+            ban,
+            invited,
+        };
+        self.cache
+            .fill_member(ticket, room.id.clone(), user.clone(), facts.clone());
+        Ok(Arc::new(facts))
+    }
+
+    /// The ban of `user` in `room`, in force or not.
+    async fn ban_record(&self, room: &RoomId, user: &UserId) -> StoreResult<Option<BanRecord>> {
+        timed("ban_record", async move {
+            Ok(sqlx::query_as(
+                "SELECT banned_by, reason, created_at, expires_at FROM bans WHERE room_id = $1 AND user_id = $2",
+            )
+            .bind(room.as_str())
+            .bind(user.as_str())
+            .fetch_optional(&self.pool)
+            .await?)
         })
         .await
     }

@@ -4,7 +4,9 @@
 
 use sqlx::FromRow;
 
-use super::{timed, Store, StoreResult};
+use std::sync::Arc;
+
+use super::{timed, AccessChange, SessionFacts, Store, StoreError, StoreResult};
 use crate::ids::{hash_secret, now_ms, SessionId, UserId};
 
 /// A stored session.
@@ -228,6 +230,10 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
+        // The session lives longer now.
+        self.invalidate_access(&AccessChange::Session {
+            session: SessionId(session_id.clone()),
+        });
         Ok(RefreshOutcome::Rotated {
             session: SessionRecord {
                 expires_at: now + ttl_ms,
@@ -250,6 +256,9 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
+        self.invalidate_access(&AccessChange::Session {
+            session: SessionId(session.id.clone()),
+        });
         Ok(RefreshOutcome::Reused {
             session_id: SessionId(session.id),
             user_id: UserId(session.user_id),
@@ -258,7 +267,7 @@ impl Store {
 
     /// Revokes one session; returns how many were active.
     pub async fn revoke_session(&self, id: &SessionId) -> StoreResult<u64> {
-        timed("revoke_session", async move {
+        let result = timed("revoke_session", async move {
         self.retry_busy("revoke session", || async {
             let done = sqlx::query(
                 "UPDATE sessions SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL AND expires_at > $1",
@@ -271,12 +280,16 @@ impl Store {
         })
         .await
         })
-        .await
+        .await;
+        self.invalidate_access(&AccessChange::Session {
+            session: id.clone(),
+        });
+        result
     }
 
     /// Revokes every session of a user; returns how many were active.
     pub async fn revoke_user_sessions(&self, user: &UserId) -> StoreResult<u64> {
-        timed("revoke_user_sessions", async move {
+        let result = timed("revoke_user_sessions", async move {
         self.retry_busy("revoke user sessions", || async {
             let done = sqlx::query(
                 "UPDATE sessions SET revoked_at = $1 WHERE user_id = $2 AND revoked_at IS NULL AND expires_at > $1",
@@ -289,12 +302,59 @@ impl Store {
         })
         .await
         })
-        .await
+        .await;
+        self.invalidate_access(&AccessChange::User { user: user.clone() });
+        result
     }
 }
 
 impl From<SessionRecord> for SessionId {
     fn from(s: SessionRecord) -> Self {
         SessionId(s.id)
+    }
+}
+
+impl Store {
+    /// What an access token's check needs: its session, its user and whether the
+    /// user is suspended, from the store's cache when it holds them (see
+    /// [`super::cache`]); read together otherwise. Only complete answers (both
+    /// found) are kept.
+    pub async fn session_facts(
+        &self,
+        session: &SessionId,
+        user: &UserId,
+    ) -> StoreResult<Arc<SessionFacts>> {
+        if let Some(facts) = self.cache.session(session) {
+            let same_user = facts.user.as_ref().is_some_and(|u| u.id == *user);
+            if same_user {
+                return Ok(facts);
+            }
+        }
+        let ticket = self.cache.ticket();
+        let (found, account, suspended) = futures_util::future::join3(
+            self.get_session(session),
+            self.get_user(user),
+            self.is_suspended(user),
+        )
+        .await;
+        let facts = SessionFacts {
+            session: optional(found)?,
+            user: optional(account)?,
+            suspended: suspended?,
+        };
+        if facts.session.is_some() && facts.user.is_some() {
+            self.cache
+                .fill_session(ticket, session.clone(), facts.clone());
+        }
+        Ok(Arc::new(facts))
+    }
+}
+
+/// `NotFound` as `None`.
+fn optional<T>(result: StoreResult<T>) -> StoreResult<Option<T>> {
+    match result {
+        Ok(value) => Ok(Some(value)),
+        Err(StoreError::NotFound) => Ok(None),
+        Err(e) => Err(e),
     }
 }

@@ -4,7 +4,7 @@
 
 use sqlx::FromRow;
 
-use super::{found, parse_enum, timed, Store, StoreError, StoreResult};
+use super::{found, parse_enum, timed, AccessChange, Store, StoreError, StoreResult};
 use crate::{
     ids::{now_ms, UserId},
     model::Role,
@@ -246,7 +246,10 @@ impl Store {
             .bind(subject)
             .fetch_one(&self.pool)
             .await?;
-        row.try_into()
+        let user: UserRecord = row.try_into()?;
+        // The display name and role follow the token.
+        self.invalidate_access(&AccessChange::User { user: user.id.clone() });
+        Ok(user)
         })
         .await
     }
@@ -257,12 +260,14 @@ impl Store {
         id: &UserId,
         update: ProfileUpdate,
     ) -> StoreResult<UserRecord> {
-        timed("update_profile", async move {
+        let result = timed("update_profile", async move {
             self.retry_busy("update profile", || self.update_profile_once(id, &update))
                 .await?;
             self.get_user(id).await
         })
-        .await
+        .await;
+        self.invalidate_access(&AccessChange::User { user: id.clone() });
+        result
     }
 
     async fn update_profile_once(&self, id: &UserId, update: &ProfileUpdate) -> StoreResult<()> {
@@ -287,7 +292,7 @@ impl Store {
 
     /// Changes a user's server-wide role.
     pub async fn set_user_role(&self, id: &UserId, role: Role) -> StoreResult<()> {
-        timed("set_user_role", async move {
+        let result = timed("set_user_role", async move {
             self.retry_busy("set user role", || async {
                 let done = sqlx::query("UPDATE users SET role = $1, updated_at = $2 WHERE id = $3")
                     .bind(role.as_str())
@@ -299,7 +304,9 @@ impl Store {
             })
             .await
         })
-        .await
+        .await;
+        self.invalidate_access(&AccessChange::User { user: id.clone() });
+        result
     }
 
     /// Users whose username or display name starts with `prefix` (lower-case),

@@ -13,6 +13,7 @@ use std::{
     cell::RefCell,
     future::poll_fn,
     io::{self, IoSlice},
+    mem::MaybeUninit,
     pin::Pin,
     task::{ready, Context, Poll},
     time::Duration,
@@ -24,6 +25,9 @@ use tokio::{
     net::TcpStream,
 };
 use tokio_rustls::server::TlsStream;
+
+/// Bytes a TLS read takes at a time (on the stack: an idle reader holds no buffer).
+const TLS_READ_SCRATCH: usize = 4096;
 
 /// A connection's socket as the HTTP layer sees it.
 pub enum Socket {
@@ -119,53 +123,73 @@ impl From<Socket> for SharedSocket {
 }
 
 impl SharedSocket {
-    /// Reads what is available into `buf`'s spare capacity; `Ok(0)` when the peer
-    /// closed (TLS: its `close_notify` or the end of the TCP stream).
+    /// Reads what is available into `buf` (reserving at least `want` bytes of room
+    /// first); `Ok(0)` when the peer closed (TLS: its `close_notify` or the end of
+    /// the TCP stream). Plain TCP waits for readiness before it touches `buf`, so a
+    /// reader may keep no buffer at all while its socket is idle; TLS reads into a
+    /// scratch area on the stack and copies what arrived.
     pub fn poll_read_buf(
         &self,
         cx: &mut Context<'_>,
         buf: &mut BytesMut,
+        want: usize,
     ) -> Poll<io::Result<usize>> {
         match self {
             SharedSocket::Plain(io) => loop {
                 ready!(io.poll_read_ready(cx))?;
+                if buf.capacity() - buf.len() < want {
+                    buf.reserve(want);
+                }
                 match io.try_read_buf(buf) {
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                     result => return Poll::Ready(result),
                 }
             },
             SharedSocket::Tls(tls) => {
-                let mut tls = tls.borrow_mut();
-                tokio_util::io::poll_read_buf(Pin::new(&mut **tls), cx, buf)
+                let mut scratch = [MaybeUninit::<u8>::uninit(); TLS_READ_SCRATCH];
+                let mut read = ReadBuf::uninit(&mut scratch);
+                ready!(Pin::new(&mut **tls.borrow_mut()).poll_read(cx, &mut read))?;
+                buf.extend_from_slice(read.filled());
+                Poll::Ready(Ok(read.filled().len()))
             }
         }
     }
 
     /// Writes some of `slices` (at least one byte unless they are empty); for TLS
-    /// the bytes may wait in the record layer until [`Self::flush`].
-    pub async fn write_vectored(&self, slices: &[IoSlice<'_>]) -> io::Result<usize> {
+    /// the bytes may wait in the record layer until [`Self::poll_flush`].
+    pub fn poll_write_vectored(
+        &self,
+        cx: &mut Context<'_>,
+        slices: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
         match self {
             SharedSocket::Plain(io) => loop {
-                io.writable().await?;
+                ready!(io.poll_write_ready(cx))?;
                 match io.try_write_vectored(slices) {
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    result => return result,
+                    result => return Poll::Ready(result),
                 }
             },
             SharedSocket::Tls(tls) => {
-                poll_fn(|cx| Pin::new(&mut **tls.borrow_mut()).poll_write_vectored(cx, slices))
-                    .await
+                Pin::new(&mut **tls.borrow_mut()).poll_write_vectored(cx, slices)
             }
         }
     }
 
-    /// Sends what the TLS record layer still holds (nothing to do for plain TCP).
-    pub async fn flush(&self) -> io::Result<()> {
+    /// Writes some of `slices` now, without waiting: plain TCP only (a TLS socket
+    /// answers `WouldBlock`, its writes go through [`Self::poll_write_vectored`]).
+    pub fn try_write_vectored(&self, slices: &[IoSlice<'_>]) -> io::Result<usize> {
         match self {
-            SharedSocket::Plain(_) => Ok(()),
-            SharedSocket::Tls(tls) => {
-                poll_fn(|cx| Pin::new(&mut **tls.borrow_mut()).poll_flush(cx)).await
-            }
+            SharedSocket::Plain(io) => io.try_write_vectored(slices),
+            SharedSocket::Tls(_) => Err(io::ErrorKind::WouldBlock.into()),
+        }
+    }
+
+    /// Sends what the TLS record layer still holds (nothing to do for plain TCP).
+    pub fn poll_flush(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self {
+            SharedSocket::Plain(_) => Poll::Ready(Ok(())),
+            SharedSocket::Tls(tls) => Pin::new(&mut **tls.borrow_mut()).poll_flush(cx),
         }
     }
 
@@ -198,7 +222,7 @@ impl SharedSocket {
         let mut scratch = BytesMut::with_capacity(chunk);
         loop {
             scratch.clear();
-            match poll_fn(|cx| self.poll_read_buf(cx, &mut scratch)).await {
+            match poll_fn(|cx| self.poll_read_buf(cx, &mut scratch, chunk)).await {
                 Ok(0) | Err(_) => return,
                 Ok(_) => {}
             }

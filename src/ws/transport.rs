@@ -3,62 +3,67 @@
 //!
 //! - a [`Reader`]: a stream of decoded client [`Message`]s that its owner (the
 //!   connection actor, or the echo loop) polls when it is ready for more, so a
-//!   client can never get ahead of the server; its buffer starts small, grows only
-//!   to hold the frame in flight (never past the message limit) and shrinks back;
+//!   client can never get ahead of the server. An idle reader holds no buffer: one
+//!   is taken when the socket has bytes, grows only to hold the frame in flight
+//!   (never past the message limit) and is given back once every byte in it was
+//!   decoded;
 //! - a [`Transport`]: the handle the owner writes with. It never blocks: frames go
 //!   to a queue whose bytes are counted (and charged to the connection's
 //!   [`OutboundGauge`], so room pushes see a peer that does not read as lagging);
-//!   a queue over its budget tells the caller to give up on the peer;
+//!   a queue over its budget tells the caller to give up on the peer. A
+//!   [`Transport::pusher`] is a second handle on the same queue for the arbiter's
+//!   fan-out shard, which writes a room's shared bytes straight to the socket;
 //! - a [`Writer`]: the future that drains the queue, several frames per system call
 //!   (`writev`), and gives up on a peer whose socket accepted nothing for the stall
 //!   timeout. It ends when the owner has closed (after the close frame is written and
 //!   the peer had a moment to answer) or dropped the [`Transport`]; the reader then
 //!   reports the end too, so the owner stops.
+//!
+//! The three parts run on the thread (the arbiter) that took the connection, so
+//! they share one `Rc` of plain `Cell` state: no channel, no atomics, and while the
+//! connection is idle no queue or buffer allocation at all.
 
 use std::{
-    future::Future,
-    io::IoSlice,
+    cell::{Cell, OnceCell, RefCell},
+    collections::VecDeque,
+    future::{poll_fn, Future},
+    io::{self, IoSlice},
     pin::Pin,
-    rc::Rc,
-    sync::{
-        atomic::{AtomicBool, AtomicUsize, Ordering},
-        Arc, OnceLock,
-    },
-    task::{Context, Poll},
+    rc::{Rc, Weak},
+    sync::Arc,
+    task::{Context, Poll, Waker},
     time::Duration,
 };
 
 use bytes::{Buf as _, Bytes, BytesMut};
 use bytestring::ByteString;
 use futures_util::Stream;
-use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::sync::Notify;
 
 use super::{
     decoder::{Decoder, Message, ProtocolError},
-    frame::{close_payload, server_header, OpCode, MAX_CONTROL_PAYLOAD},
+    frame::{close_payload, OpCode, MAX_CONTROL_PAYLOAD},
     stream::{SharedSocket, Socket},
 };
 use crate::{
     actors::room::OutboundGauge,
     admission::{Refusal, WsTicket},
+    protocol::WireFrame,
 };
 
-/// The read buffer of an idle connection.
-const READ_BUF_INITIAL: usize = 1024;
-/// A read buffer that grew past this for a big frame is replaced by a small one
-/// once that frame was decoded.
-const READ_BUF_KEEP: usize = 4 * 1024;
 /// Bytes each read asks for at least (more when a bigger frame is in flight).
 const READ_CHUNK: usize = 1024;
+/// Most frames gathered into one `writev` (each is two slices).
+const COALESCE_FRAMES: usize = 64;
 /// Most bytes gathered into one `writev`.
 const COALESCE_BYTES: usize = 256 * 1024;
-/// Most frames gathered into one `writev` (each is two slices).
-const COALESCE_FRAMES: usize = 256;
 /// After the close frame is written, how long the peer may take to answer it and
 /// close its side before the socket is dropped anyway.
 pub const CLOSE_LINGER: Duration = Duration::from_secs(2);
 /// Bytes read (and discarded) at a time while lingering.
 const LINGER_CHUNK: usize = 1024;
+/// Longest server frame header: 2 bytes and a 64-bit length.
+const MAX_SERVER_HEADER: usize = 10;
 
 /// The limits of one transport.
 #[derive(Debug, Clone, Copy)]
@@ -90,36 +95,260 @@ pub struct QueueFull {
     pub budget: usize,
 }
 
-/// A frame waiting to be written.
+/// A frame waiting to be written: its header inline (no allocation per frame), the
+/// payload shared with whoever encoded it (a room's event is encoded once).
 struct Outbound {
-    header: Bytes,
-    payload: Bytes,
+    header: [u8; MAX_SERVER_HEADER],
+    header_len: u8,
+    /// Header bytes already written (a `writev` may stop anywhere).
+    header_sent: u8,
     close: bool,
+    payload: Bytes,
+    /// Bytes charged when queued (header and payload), released once written.
+    charged: usize,
 }
 
 impl Outbound {
+    fn new(opcode: OpCode, payload: Bytes, close: bool) -> Self {
+        let mut header = [0u8; MAX_SERVER_HEADER];
+        header[0] = 0x80 | opcode.bits();
+        let len = payload.len();
+        let header_len = if len < 126 {
+            header[1] = len as u8;
+            2
+        } else if let Ok(len) = u16::try_from(len) {
+            header[1] = 126;
+            header[2..4].copy_from_slice(&len.to_be_bytes());
+            4
+        } else {
+            header[1] = 127;
+            header[2..10].copy_from_slice(&(len as u64).to_be_bytes());
+            10
+        };
+        Self {
+            header,
+            header_len,
+            header_sent: 0,
+            close,
+            charged: usize::from(header_len) + payload.len(),
+            payload,
+        }
+    }
+
+    /// Bytes still to write.
     fn len(&self) -> usize {
-        self.header.len() + self.payload.len()
+        usize::from(self.header_len - self.header_sent) + self.payload.len()
+    }
+
+    fn unsent_header(&self) -> &[u8] {
+        &self.header[usize::from(self.header_sent)..usize::from(self.header_len)]
+    }
+
+    /// Marks up to `n` bytes as written; answers how many of them this frame took.
+    fn advance(&mut self, n: usize) -> usize {
+        let from_header = n.min(usize::from(self.header_len - self.header_sent));
+        self.header_sent += from_header as u8;
+        let from_payload = (n - from_header).min(self.payload.len());
+        self.payload.advance(from_payload);
+        from_header + from_payload
     }
 }
 
-/// State the transport handle and the writer share.
+/// What one step of writing the queue came to.
+enum Flushed {
+    /// Everything queued was written (and, for TLS, flushed).
+    Empty,
+    /// Some bytes went out; more are queued.
+    Progress,
+    /// The close frame went out.
+    Closed,
+}
+
+/// One upgraded socket and everything its parts share (see the module docs).
 struct Shared {
-    queued: AtomicUsize,
-    closing: AtomicBool,
-    gauge: OnceLock<Arc<OutboundGauge>>,
-    /// The connection's admission slots, returned when both halves are gone.
-    ticket: OnceLock<WsTicket>,
+    io: SharedSocket,
+    /// Frames waiting for the writer; empty (no allocation) while idle.
+    queue: RefCell<VecDeque<Outbound>>,
+    /// Bytes in `queue` (as charged).
+    queued: Cell<usize>,
+    /// Most bytes queued before the peer is given up on.
+    max_queued: usize,
+    /// A close frame was queued: nothing is queued after it.
+    closing: Cell<bool>,
+    /// The [`Transport`] was dropped: the writer finishes what is queued and ends.
+    transport_gone: Cell<bool>,
+    /// The writer ended (the reader then ends too).
+    writer_done: Cell<bool>,
+    /// The writer, waiting for frames.
+    writer_waker: Cell<Option<Waker>>,
+    /// The reader, waiting for bytes (woken when the writer ends).
+    reader_waker: Cell<Option<Waker>>,
+    gauge: OnceCell<Arc<OutboundGauge>>,
+    /// The connection's admission slots, returned when every part is gone.
+    ticket: OnceCell<WsTicket>,
     /// Woken whenever the writer took bytes off the queue, and when it ends.
     drained: Notify,
-    writer_done: AtomicBool,
 }
 
 impl Shared {
     fn release(&self, n: usize) {
-        self.queued.fetch_sub(n, Ordering::AcqRel);
+        self.queued.set(self.queued.get().saturating_sub(n));
         if let Some(gauge) = self.gauge.get() {
             gauge.release(n);
+        }
+    }
+
+    fn wake_writer(&self) {
+        if let Some(waker) = self.writer_waker.take() {
+            waker.wake();
+        }
+    }
+
+    fn push(
+        &self,
+        opcode: OpCode,
+        payload: Bytes,
+        close: bool,
+        write_now: bool,
+    ) -> Result<(), QueueFull> {
+        if self.closing.get() {
+            return Ok(());
+        }
+        if close {
+            self.closing.set(true);
+        }
+        if self.writer_done.get() {
+            // The writer is gone; so is the peer. Nothing will be written.
+            return Ok(());
+        }
+        let frame = Outbound::new(opcode, payload, close);
+        let n = frame.charged;
+        let queued = self.queued.get() + n;
+        self.queued.set(queued);
+        if let Some(gauge) = self.gauge.get() {
+            gauge.charge(n);
+        }
+        let was_idle = {
+            let mut queue = self.queue.borrow_mut();
+            queue.push_back(frame);
+            queue.len() == 1
+        };
+        if write_now && was_idle {
+            // Nothing else is on its way: write from here, sparing the writer a
+            // wake-up. What the socket does not take now stays for the writer.
+            match self.write_some(|slices| self.io.try_write_vectored(slices)) {
+                Ok(Flushed::Empty) => return Ok(()),
+                Ok(Flushed::Progress) | Err(_) => {}
+                // A close frame is never written now (`write_now` is false for it).
+                Ok(Flushed::Closed) => {}
+            }
+        }
+        self.wake_writer();
+        if queued > self.max_queued && !close {
+            crate::metrics::metrics().outbound_overflows.inc();
+            return Err(QueueFull {
+                queued,
+                budget: self.max_queued,
+            });
+        }
+        Ok(())
+    }
+
+    /// Hands the front of the queue (up to [`COALESCE_FRAMES`] frames and
+    /// [`COALESCE_BYTES`]) to `write` as one vector and takes what it wrote off the
+    /// queue. An empty queue is [`Flushed::Empty`] without calling `write`.
+    fn write_some(
+        &self,
+        write: impl FnOnce(&[IoSlice<'_>]) -> io::Result<usize>,
+    ) -> io::Result<Flushed> {
+        let mut queue = self.queue.borrow_mut();
+        if queue.is_empty() {
+            // Idle connections keep no queue allocation.
+            *queue = VecDeque::new();
+            return Ok(Flushed::Empty);
+        }
+        let mut slices = [IoSlice::new(&[]); 2 * COALESCE_FRAMES];
+        let mut count = 0;
+        let mut bytes = 0;
+        for frame in queue.iter().take(COALESCE_FRAMES) {
+            if bytes >= COALESCE_BYTES {
+                break;
+            }
+            for part in [frame.unsent_header(), &frame.payload[..]] {
+                if !part.is_empty() {
+                    slices[count] = IoSlice::new(part);
+                    count += 1;
+                }
+            }
+            bytes += frame.len();
+            if frame.close {
+                break;
+            }
+        }
+        let mut n = match write(&slices[..count]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => n,
+            Err(e) => return Err(e),
+        };
+        let mut released = 0;
+        let mut closed = false;
+        while n > 0 {
+            let Some(front) = queue.front_mut() else {
+                break;
+            };
+            n -= front.advance(n);
+            if front.len() == 0 {
+                if let Some(frame) = queue.pop_front() {
+                    released += frame.charged;
+                    closed |= frame.close;
+                }
+            }
+        }
+        let empty = queue.is_empty();
+        if empty {
+            *queue = VecDeque::new();
+        }
+        drop(queue);
+        self.release(released);
+        self.drained.notify_waiters();
+        Ok(if closed {
+            Flushed::Closed
+        } else if empty {
+            Flushed::Empty
+        } else {
+            Flushed::Progress
+        })
+    }
+
+    /// Writes what the socket takes now; `Ready` once some bytes went out (or
+    /// everything, or the close frame), `Pending` until the socket is writable.
+    fn poll_flush(&self, cx: &mut Context<'_>) -> Poll<io::Result<Flushed>> {
+        let mut wrote = false;
+        loop {
+            let step = self.write_some(|slices| match self.io.poll_write_vectored(cx, slices) {
+                Poll::Ready(result) => result,
+                Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
+            });
+            match step {
+                Ok(Flushed::Progress) => wrote = true,
+                Ok(done @ (Flushed::Empty | Flushed::Closed)) => {
+                    // TLS: the record layer may still hold the last bytes.
+                    return match self.io.poll_flush(cx) {
+                        Poll::Ready(Ok(())) => Poll::Ready(Ok(done)),
+                        Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                        Poll::Pending if wrote => Poll::Ready(Ok(Flushed::Progress)),
+                        Poll::Pending => Poll::Pending,
+                    };
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    return if wrote {
+                        Poll::Ready(Ok(Flushed::Progress))
+                    } else {
+                        Poll::Pending
+                    };
+                }
+                Err(e) => return Poll::Ready(Err(e)),
+            }
         }
     }
 }
@@ -127,39 +356,39 @@ impl Shared {
 /// Splits an upgraded socket (with the bytes the HTTP parser already read past the
 /// request) into its reader, write handle and writer.
 pub fn split(io: Socket, read_buf: BytesMut, limits: Limits) -> (Reader, Transport, Writer) {
-    let io = Rc::new(SharedSocket::from(io));
-    let (tx, rx) = mpsc::unbounded_channel();
-    let (gone_tx, gone_rx) = oneshot::channel();
-    let shared = Arc::new(Shared {
-        queued: AtomicUsize::new(0),
-        closing: AtomicBool::new(false),
-        gauge: OnceLock::new(),
-        ticket: OnceLock::new(),
+    let shared = Rc::new(Shared {
+        io: SharedSocket::from(io),
+        queue: RefCell::new(VecDeque::new()),
+        queued: Cell::new(0),
+        max_queued: limits.max_queued,
+        closing: Cell::new(false),
+        transport_gone: Cell::new(false),
+        writer_done: Cell::new(false),
+        writer_waker: Cell::new(None),
+        reader_waker: Cell::new(None),
+        gauge: OnceCell::new(),
+        ticket: OnceCell::new(),
         drained: Notify::new(),
-        writer_done: AtomicBool::new(false),
     });
     // The HTTP/1 dispatcher's read buffer is large; keep only what it read ahead.
-    let mut buf = BytesMut::with_capacity(READ_BUF_INITIAL.max(read_buf.len()));
-    buf.extend_from_slice(&read_buf);
+    let buf = if read_buf.is_empty() {
+        BytesMut::new()
+    } else {
+        BytesMut::from(&read_buf[..])
+    };
     drop(read_buf);
     let reader = Reader {
-        io: io.clone(),
+        shared: shared.clone(),
         buf,
         decoder: Decoder::new(limits.max_message),
-        writer_gone: gone_rx,
         done: false,
     };
     let transport = Transport {
-        tx,
         shared: shared.clone(),
-        max_queued: limits.max_queued,
     };
     let writer = Writer {
-        io,
-        rx,
         shared,
         stall: limits.write_stall,
-        _gone: gone_tx,
     };
     (reader, transport, writer)
 }
@@ -169,16 +398,16 @@ pub fn split(io: Socket, read_buf: BytesMut, limits: Limits) -> (Reader, Transpo
 /// The client's messages, in order; ends after a close frame, a protocol error
 /// (reported once) or the loss of the socket.
 pub struct Reader {
-    io: Rc<SharedSocket>,
+    shared: Rc<Shared>,
     buf: BytesMut,
     decoder: Decoder,
-    writer_gone: oneshot::Receiver<()>,
     done: bool,
 }
 
 impl Reader {
     fn lost(&mut self, why: impl Into<String>) -> Poll<Option<Result<Message, ReadError>>> {
         self.done = true;
+        self.buf = BytesMut::new();
         Poll::Ready(Some(Err(ReadError::Lost(why.into()))))
     }
 }
@@ -197,27 +426,33 @@ impl Stream for Reader {
                     if matches!(message, Message::Close(_)) {
                         this.done = true;
                     }
-                    if this.buf.is_empty() && this.buf.capacity() > READ_BUF_KEEP {
-                        this.buf = BytesMut::with_capacity(READ_BUF_INITIAL);
+                    if this.buf.is_empty() {
+                        // Nothing in flight: give the buffer back (an idle
+                        // connection holds none).
+                        this.buf = BytesMut::new();
                     }
                     return Poll::Ready(Some(Ok(message)));
                 }
                 Err(e) => {
                     this.done = true;
+                    this.buf = BytesMut::new();
                     return Poll::Ready(Some(Err(ReadError::Protocol(e))));
                 }
                 Ok(None) => {}
             }
-            if Pin::new(&mut this.writer_gone).poll(cx).is_ready() {
+            if this.shared.writer_done.get() {
                 return this.lost("the connection could not be written to");
             }
             let needed = this.decoder.needed(&this.buf);
             let want = needed.saturating_sub(this.buf.len()).max(READ_CHUNK);
-            if this.buf.capacity() - this.buf.len() < READ_CHUNK {
-                this.buf.reserve(want);
-            }
-            match this.io.poll_read_buf(cx, &mut this.buf) {
-                Poll::Pending => return Poll::Pending,
+            match this.shared.io.poll_read_buf(cx, &mut this.buf, want) {
+                Poll::Pending => {
+                    this.shared.reader_waker.set(Some(cx.waker().clone()));
+                    if this.buf.is_empty() && this.buf.capacity() > 0 {
+                        this.buf = BytesMut::new();
+                    }
+                    return Poll::Pending;
+                }
                 Poll::Ready(Ok(0)) => return this.lost("the peer closed the connection"),
                 Poll::Ready(Ok(_)) => {}
                 Poll::Ready(Err(e)) => return this.lost(e.to_string()),
@@ -230,9 +465,15 @@ impl Stream for Reader {
 
 /// The write side as its owner sees it: every call returns at once.
 pub struct Transport {
-    tx: mpsc::UnboundedSender<Outbound>,
-    shared: Arc<Shared>,
-    max_queued: usize,
+    shared: Rc<Shared>,
+}
+
+impl Drop for Transport {
+    fn drop(&mut self) {
+        // The writer writes what is queued, then ends.
+        self.shared.transport_gone.set(true);
+        self.shared.wake_writer();
+    }
 }
 
 impl Transport {
@@ -263,9 +504,16 @@ impl Transport {
         }
     }
 
+    /// A handle for the arbiter's fan-out shard (see [`Pusher`]).
+    pub fn pusher(&self) -> Pusher {
+        Pusher {
+            shared: Rc::downgrade(&self.shared),
+        }
+    }
+
     /// Bytes queued and not yet written.
     pub fn queued(&self) -> usize {
-        self.shared.queued.load(Ordering::Acquire)
+        self.shared.queued.get()
     }
 
     /// Completes once at most `below` bytes are queued, or the writer is gone: a
@@ -278,9 +526,7 @@ impl Transport {
                 let notified = shared.drained.notified();
                 tokio::pin!(notified);
                 notified.as_mut().enable();
-                if shared.queued.load(Ordering::Acquire) <= below
-                    || shared.writer_done.load(Ordering::Acquire)
-                {
+                if shared.queued.get() <= below || shared.writer_done.get() {
                     return;
                 }
                 notified.await;
@@ -290,72 +536,84 @@ impl Transport {
 
     /// Whether a close frame was queued (nothing is sent after it).
     pub fn is_closing(&self) -> bool {
-        self.shared.closing.load(Ordering::Acquire)
+        self.shared.closing.get()
     }
 
     /// Queues a text message.
     pub fn text(&self, text: ByteString) -> Result<(), QueueFull> {
-        self.push(OpCode::Text, text.into_bytes(), false)
+        self.shared
+            .push(OpCode::Text, text.into_bytes(), false, false)
     }
 
     /// Queues a binary message.
     pub fn binary(&self, bytes: Bytes) -> Result<(), QueueFull> {
-        self.push(OpCode::Binary, bytes, false)
+        self.shared.push(OpCode::Binary, bytes, false, false)
     }
 
     /// Queues a ping (its payload cut to what a control frame holds).
     pub fn ping(&self, payload: &[u8]) {
         let payload = Bytes::copy_from_slice(&payload[..payload.len().min(MAX_CONTROL_PAYLOAD)]);
-        let _ = self.push(OpCode::Ping, payload, false);
+        let _ = self.shared.push(OpCode::Ping, payload, false, false);
     }
 
     /// Queues the pong answering a ping.
     pub fn pong(&self, payload: Bytes) {
-        let _ = self.push(OpCode::Pong, payload, false);
+        let _ = self.shared.push(OpCode::Pong, payload, false, false);
     }
 
     /// Queues the close frame (`None`: without a status code) and stops accepting
     /// anything else. Only the first call sends a frame.
     pub fn close(&self, code: Option<u16>, reason: &str) {
-        if !self.is_closing() {
-            // 1005: "no status code", the code a close without one is reported as.
-            crate::metrics::metrics().closed(code.unwrap_or(1005));
+        close(&self.shared, code, reason);
+    }
+}
+
+fn close(shared: &Shared, code: Option<u16>, reason: &str) {
+    if !shared.closing.get() {
+        // 1005: "no status code", the code a close without one is reported as.
+        crate::metrics::metrics().closed(code.unwrap_or(1005));
+    }
+    let payload = code.map_or_else(Bytes::new, |code| close_payload(code, reason));
+    let _ = shared.push(OpCode::Close, payload, true, false);
+}
+
+/// A second write handle on a connection's queue, held by the fan-out shard of
+/// its arbiter (same thread: it is not `Send`). It writes a frame to the socket at
+/// once when nothing else is queued, so a shard's delivery costs one system call
+/// per connection and no task wake-up; otherwise the frame queues behind the
+/// others. It holds the connection weakly: the socket closes when the connection
+/// is over, whoever still holds a pusher.
+#[derive(Clone)]
+pub struct Pusher {
+    shared: Weak<Shared>,
+}
+
+impl Pusher {
+    /// Writes (or queues) a text or binary message; `Err` when the queue is over
+    /// its budget (the frame is queued all the same, like [`Transport::text`]). A
+    /// connection that is gone takes nothing and answers `Ok`.
+    pub fn write(&self, frame: WireFrame) -> Result<(), QueueFull> {
+        let Some(shared) = self.shared.upgrade() else {
+            return Ok(());
+        };
+        match frame {
+            WireFrame::Text(text) => shared.push(OpCode::Text, text.into_bytes(), false, true),
+            WireFrame::Binary(bytes) => shared.push(OpCode::Binary, bytes, false, true),
         }
-        let payload = code.map_or_else(Bytes::new, |code| close_payload(code, reason));
-        let _ = self.push(OpCode::Close, payload, true);
     }
 
-    fn push(&self, opcode: OpCode, payload: Bytes, close: bool) -> Result<(), QueueFull> {
-        if close {
-            if self.shared.closing.swap(true, Ordering::AcqRel) {
-                return Ok(());
-            }
-        } else if self.is_closing() {
-            return Ok(());
+    /// Queues the close frame, as [`Transport::close`].
+    pub fn close(&self, code: Option<u16>, reason: &str) {
+        if let Some(shared) = self.shared.upgrade() {
+            close(&shared, code, reason);
         }
-        let frame = Outbound {
-            header: server_header(opcode, payload.len()),
-            payload,
-            close,
-        };
-        let n = frame.len();
-        let queued = self.shared.queued.fetch_add(n, Ordering::AcqRel) + n;
-        if let Some(gauge) = self.shared.gauge.get() {
-            gauge.charge(n);
-        }
-        if self.tx.send(frame).is_err() {
-            // The writer is gone; so is the peer. Nothing will be written.
-            self.shared.release(n);
-            return Ok(());
-        }
-        if queued > self.max_queued && !close {
-            crate::metrics::metrics().outbound_overflows.inc();
-            return Err(QueueFull {
-                queued,
-                budget: self.max_queued,
-            });
-        }
-        Ok(())
+    }
+
+    /// Whether the connection is closing or gone (nothing more is written).
+    pub fn is_closed(&self) -> bool {
+        self.shared
+            .upgrade()
+            .is_none_or(|shared| shared.closing.get() || shared.writer_done.get())
     }
 }
 
@@ -374,106 +632,82 @@ pub enum WriterEnd {
 
 /// Drains the write queue into the socket; see the module docs.
 pub struct Writer {
-    io: Rc<SharedSocket>,
-    rx: mpsc::UnboundedReceiver<Outbound>,
-    shared: Arc<Shared>,
+    shared: Rc<Shared>,
     stall: Duration,
-    /// Dropped when the writer ends, which ends the reader too.
-    _gone: oneshot::Sender<()>,
 }
 
 impl Writer {
     /// Runs until the connection is over; then closes the socket.
-    pub async fn run(mut self) -> WriterEnd {
+    pub async fn run(self) -> WriterEnd {
         let end = self.write_all().await;
+        let shared = &*self.shared;
         match end {
             WriterEnd::Closed | WriterEnd::Dropped => self.linger().await,
             WriterEnd::Stalled | WriterEnd::Failed => {
                 // Nobody reads what is still in the kernel's buffer: reset
                 // instead of keeping it around until TCP gives up.
-                self.io.reset_on_close();
+                shared.io.reset_on_close();
             }
         }
         // Whatever was never written goes back to the gauge.
-        self.rx.close();
-        while let Ok(frame) = self.rx.try_recv() {
-            self.shared.release(frame.len());
+        let left: VecDeque<Outbound> = shared.queue.take();
+        for frame in left {
+            shared.release(frame.charged);
         }
-        self.shared.writer_done.store(true, Ordering::Release);
-        self.shared.drained.notify_waiters();
+        shared.writer_done.set(true);
+        shared.drained.notify_waiters();
+        if let Some(waker) = shared.reader_waker.take() {
+            waker.wake();
+        }
         end
     }
 
-    async fn write_all(&mut self) -> WriterEnd {
-        let mut batch: Vec<Outbound> = Vec::new();
+    async fn write_all(&self) -> WriterEnd {
+        let shared = &*self.shared;
         loop {
-            let Some(first) = self.rx.recv().await else {
-                return WriterEnd::Dropped;
-            };
-            let mut bytes = first.len();
-            let mut closing = first.close;
-            batch.push(first);
-            while !closing && bytes < COALESCE_BYTES && batch.len() < COALESCE_FRAMES {
-                let Ok(next) = self.rx.try_recv() else {
-                    break;
-                };
-                bytes += next.len();
-                closing = next.close;
-                batch.push(next);
-            }
-            let result = self.write_batch(&batch).await;
-            for frame in batch.drain(..) {
-                self.shared.release(frame.len());
-            }
-            self.shared.drained.notify_waiters();
-            if let Err(end) = result {
-                return end;
-            }
-            if closing {
-                return WriterEnd::Closed;
-            }
-        }
-    }
-
-    /// Writes every frame of `batch`, several per system call.
-    async fn write_batch(&self, batch: &[Outbound]) -> Result<(), WriterEnd> {
-        let mut parts: Vec<Bytes> = batch
-            .iter()
-            .flat_map(|f| [f.header.clone(), f.payload.clone()])
-            .filter(|b| !b.is_empty())
-            .collect();
-        let mut start = 0;
-        while start < parts.len() {
-            let slices: Vec<IoSlice<'_>> = parts[start..].iter().map(|b| IoSlice::new(b)).collect();
-            match tokio::time::timeout(self.stall, self.io.write_vectored(&slices)).await {
-                Err(_) => return Err(WriterEnd::Stalled),
-                Ok(Ok(0)) => return Err(WriterEnd::Failed),
-                Ok(Ok(mut n)) => {
-                    while n > 0 {
-                        let part = &mut parts[start];
-                        let take = n.min(part.len());
-                        part.advance(take);
-                        n -= take;
-                        if part.is_empty() {
-                            start += 1;
-                        }
-                    }
+            // Wait for frames, or for the owner to go.
+            let more = poll_fn(|cx| {
+                if !shared.queue.borrow().is_empty() {
+                    Poll::Ready(true)
+                } else if shared.transport_gone.get() {
+                    Poll::Ready(false)
+                } else {
+                    shared.writer_waker.set(Some(cx.waker().clone()));
+                    Poll::Pending
                 }
-                Ok(Err(_)) => return Err(WriterEnd::Failed),
+            })
+            .await;
+            if !more {
+                return WriterEnd::Dropped;
             }
-        }
-        match tokio::time::timeout(self.stall, self.io.flush()).await {
-            Err(_) => Err(WriterEnd::Stalled),
-            Ok(Err(_)) => Err(WriterEnd::Failed),
-            Ok(Ok(())) => Ok(()),
+            loop {
+                // Each step must make progress within the stall timeout; the timer
+                // is only set when the socket does not take bytes at once.
+                let mut step = poll_fn(|cx| shared.poll_flush(cx));
+                let result = match Pin::new(&mut step).poll(&mut Context::from_waker(
+                    futures_util::task::noop_waker_ref(),
+                )) {
+                    Poll::Ready(result) => result,
+                    Poll::Pending => match tokio::time::timeout(self.stall, step).await {
+                        Err(_) => return WriterEnd::Stalled,
+                        Ok(result) => result,
+                    },
+                };
+                match result {
+                    Ok(Flushed::Closed) => return WriterEnd::Closed,
+                    Ok(Flushed::Empty) => break,
+                    Ok(Flushed::Progress) => {}
+                    Err(_) => return WriterEnd::Failed,
+                }
+            }
         }
     }
 
     /// Half-closes the socket and gives the peer [`CLOSE_LINGER`] to close its side,
     /// discarding what it still sends, so it reads our close frame instead of a reset.
     async fn linger(&self) {
-        self.io.shutdown_write(CLOSE_LINGER).await;
-        let drain = self.io.discard_until_closed(LINGER_CHUNK);
-        let _ = tokio::time::timeout(CLOSE_LINGER, drain).await;
+        let io = &self.shared.io;
+        io.shutdown_write(CLOSE_LINGER).await;
+        let _ = tokio::time::timeout(CLOSE_LINGER, io.discard_until_closed(LINGER_CHUNK)).await;
     }
 }

@@ -16,6 +16,7 @@
 
 #![allow(dead_code)] // each test binary uses its own subset of the helpers
 
+pub mod cluster;
 pub mod nginx;
 pub mod poll;
 pub mod raw_ws;

@@ -95,7 +95,7 @@ impl Nginx {
         std::fs::create_dir_all(path("tmp")).map_err(|e| e.to_string())?;
         let servers: String = upstreams
             .iter()
-            .map(|a| format!("server {a} max_fails=1 fail_timeout=2s;\n"))
+            .map(|a| format!("server {a} max_fails=3 fail_timeout=5s;\n"))
             .collect();
         std::fs::write(path("roomcast-upstreams.conf"), servers).map_err(|e| e.to_string())?;
         std::fs::write(path("roomcast-listen.conf"), format!("listen {addr};\n"))
