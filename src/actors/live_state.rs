@@ -7,7 +7,10 @@
 //! Live comments are not stored one by one: the room gives out sequence numbers
 //! from a block it reserved in the store (`rooms.last_seq`), so a restarted room
 //! never reuses one; a client resuming from a number the ring no longer holds gets
-//! a `gap` frame.
+//! a `gap` frame. Several nodes sharing a room (the Redis broker) number it from
+//! one counter instead: each flush takes exactly its count of numbers from the
+//! store (`RoomActor::flush_live_shared`), so the nodes' numbers never interleave
+//! out of order; `reserved`/`reserving` then track that one round trip.
 
 use std::{
     collections::{HashMap, VecDeque},

@@ -17,6 +17,12 @@
 //! A commit that fails for a batch is retried one message at a time, so one bad
 //! message fails alone; the queue of appends waiting for a commit is bounded.
 //!
+//! Across nodes (see [`crate::cluster`]): committed events go out through the
+//! cluster broker and come back, from this node and the others, through
+//! [`RoomOrder`], which delivers each sequence once and in order, reading holes
+//! from the store (or, in a live room, reporting them as a `gap` after a short
+//! hold-back).
+//!
 //! A live room (see [`super::live_state`]) keeps its comments in the ring only: it
 //! numbers them from a block of sequence numbers reserved in the store, answers
 //! the sender at once, applies the host controls, pushes a viewer count at an
@@ -55,10 +61,14 @@ use super::{
     supervision::{catch_panic, guarded},
 };
 use crate::{
-    cluster::{Body, Bus, Delivered, Envelope, Interest, RoomOrder, Topic},
+    cluster::{
+        order::{Fill, Step, FILL_PAGE},
+        Body, Bus, Delivered, Envelope, Interest, RoomOrder, Topic,
+    },
     error::{ApiError, Code},
     ids::{now_ms, MessageId, RoomId, UserId},
     model::{MessageKind, RoomKind},
+    proto::node::v1 as node,
     proto::v1 as pb,
     protocol::{FrameCodec, RoomEvent, SharedFrame, WireFrame},
     settings::Settings,
@@ -83,6 +93,10 @@ const RETIRED_MESSAGE: &str = "room actor retired; retry";
 /// How long a room remembers that a user was removed, to refuse a subscription
 /// whose access check started before the removal (checks take milliseconds).
 const REMOVAL_MEMORY: Duration = Duration::from_secs(120);
+
+/// How long a room waits before reading a hole from the store again after the
+/// read failed.
+const FILL_RETRY: Duration = Duration::from_millis(250);
 
 /// Whether `error` came from a retired room actor: ask the registry again.
 pub fn is_retired(error: &ApiError) -> bool {
@@ -411,6 +425,14 @@ struct Faults {
 
 type PendingAppend = (NewMessage, oneshot::Sender<Result<Appended, ApiError>>);
 
+/// A subscription waiting for events this room has not delivered yet, and the
+/// store catch-up it waits for (none while the room's own commit is finishing).
+type Deferred = (
+    Subscribe,
+    oneshot::Sender<Result<SubscribeReply, ApiError>>,
+    Option<u64>,
+);
+
 /// One room's live state.
 pub struct RoomActor {
     id: RoomId,
@@ -457,8 +479,10 @@ pub struct RoomActor {
     shards: HashMap<Addr<FanoutShard>, usize>,
     next_registration: u64,
     /// Subscriptions from a sequence the store already shows but this room has not
-    /// published yet (its commit is finishing): answered once it has.
-    deferred: Vec<(Subscribe, oneshot::Sender<Result<SubscribeReply, ApiError>>)>,
+    /// delivered yet (its commit is finishing, or another node committed it):
+    /// answered once it has, with the catch-up ticket they wait for (see
+    /// [`RoomOrder::want_catch_up`]).
+    deferred: Vec<Deferred>,
     /// The cluster broker: committed events go out through it and come back (from
     /// this node and the others) through [`RoomActor::on_envelope`].
     bus: Bus,
@@ -833,6 +857,10 @@ impl RoomActor {
     /// reservation lasts), answers it and delivers it. Reserves the next block of
     /// numbers in the store ahead of need, so a busy room rarely waits for it.
     fn flush_live(&mut self, ctx: &mut Context<Self>) {
+        if self.bus.broker_name() != "local" {
+            self.flush_live_shared(ctx);
+            return;
+        }
         if let Some(error) = self.unavailable() {
             for (_, reply) in self.pending.drain(..) {
                 let _ = reply.send(Err(error.clone()));
@@ -905,6 +933,129 @@ impl RoomActor {
         if (low || !self.pending.is_empty()) && !live.reserving {
             self.reserve_seqs(ctx);
         }
+    }
+
+    /// Live rooms when several nodes share them (the Redis broker): one total order
+    /// across nodes, so each flush takes exactly its count of numbers from the
+    /// store in one statement (`rooms.last_seq` is the shared counter; a block per
+    /// node would interleave the nodes' numbers out of order). Appends that arrive
+    /// while the numbers are being taken go into the next flush. The messages are
+    /// checked first, so that a refused one takes no number (which the other nodes
+    /// would see as a hole).
+    fn flush_live_shared(&mut self, ctx: &mut Context<Self>) {
+        if let Some(error) = self.unavailable() {
+            for (_, reply) in self.pending.drain(..) {
+                let _ = reply.send(Err(error.clone()));
+            }
+            return;
+        }
+        let Some(live) = self.live.as_ref() else {
+            return;
+        };
+        if live.reserving || self.pending.is_empty() {
+            return;
+        }
+        let take = self.pending.len().min(self.settings.rooms.max_batch.max(1));
+        let batch: Vec<PendingAppend> = self.pending.drain(..take).collect();
+        // Provisional numbers for the checks (a reply must point before itself);
+        // the store gives the real ones.
+        let base = self.order.newest_known().max(self.last_seq);
+        let mut fresh: Vec<MessageRecord> = Vec::new();
+        let mut replies = Vec::new();
+        let mut retries: Vec<(usize, oneshot::Sender<Result<Appended, ApiError>>)> = Vec::new();
+        for (message, reply) in batch {
+            if let Some(key) = &message.client_message_id {
+                let seen = live
+                    .sent_ids
+                    .get(&(message.sender_id.clone(), key.clone()))
+                    .and_then(|seq| self.ring_event(*seq));
+                if let Some(first) = seen {
+                    let _ = reply.send(Ok(Appended::Duplicate(first.record.clone())));
+                    continue;
+                }
+                if let Some(i) = fresh.iter().position(|r| {
+                    r.sender_id == message.sender_id && r.client_message_id.as_ref() == Some(key)
+                }) {
+                    retries.push((i, reply));
+                    continue;
+                }
+            }
+            match self.live_record(&message, base + 1 + fresh.len() as u64, &fresh) {
+                Ok(record) => {
+                    fresh.push(record);
+                    replies.push(reply);
+                }
+                Err(rejection) => {
+                    let _ = reply.send(Err(rejection_error(rejection)));
+                }
+            }
+        }
+        if fresh.is_empty() {
+            self.flush_live_shared(ctx);
+            return;
+        }
+        if let Some(live) = self.live.as_mut() {
+            live.reserving = true;
+        }
+        let count = fresh.len() as u64;
+        let store = self.store.clone();
+        let id = self.id.clone();
+        ctx.spawn(
+            async move { store.take_live_seqs(&id, count).await }
+                .into_actor(self)
+                .map(move |result, act, ctx| {
+                    if let Some(live) = act.live.as_mut() {
+                        live.reserving = false;
+                    }
+                    match result {
+                        Ok(last) => {
+                            let first = last + 1 - count;
+                            for (i, record) in fresh.iter_mut().enumerate() {
+                                record.seq = first + i as u64;
+                            }
+                            for (record, reply) in fresh.iter().zip(replies) {
+                                if let (Some(live), Some(key)) =
+                                    (act.live.as_mut(), &record.client_message_id)
+                                {
+                                    live.sent_ids
+                                        .insert((record.sender_id.clone(), key.clone()), record.seq);
+                                }
+                                let _ = reply.send(Ok(Appended::Stored(record.clone())));
+                            }
+                            for (i, reply) in retries {
+                                let _ = reply.send(Ok(Appended::Duplicate(fresh[i].clone())));
+                            }
+                            crate::metrics::metrics().committed(fresh.len());
+                            act.broadcast(&fresh, ctx);
+                            let unpin = fresh.iter().any(|r| {
+                                r.kind == MessageKind::Delete
+                                    && act
+                                        .live
+                                        .as_ref()
+                                        .and_then(|l| l.pinned.as_ref())
+                                        .is_some_and(|p| p.seq == r.target_seq)
+                            });
+                            if unpin {
+                                // A deleted message does not stay pinned.
+                                act.set_pinned(None, ctx);
+                            }
+                        }
+                        Err(e) => {
+                            tracing::error!(room = %act.id, error = %e, "cannot take sequence numbers");
+                            let error = ApiError::unavailable(
+                                "the live room cannot take sequence numbers; retry with the same client_message_id",
+                            );
+                            for reply in replies {
+                                let _ = reply.send(Err(error.clone()));
+                            }
+                            for (_, reply) in retries {
+                                let _ = reply.send(Err(error.clone()));
+                            }
+                        }
+                    }
+                    act.flush_live_shared(ctx);
+                }),
+        );
     }
 
     /// Writes the next block of sequence numbers to the store, then goes on with
@@ -1059,12 +1210,91 @@ impl RoomActor {
 
     /// Something published on the room's topic, by this node or another.
     fn on_envelope(&mut self, envelope: &Envelope, ctx: &mut Context<Self>) {
-        if let Body::RoomEvents { events, .. } = &envelope.body {
-            let step = self.order.accept(events.iter().cloned());
-            if !step.ready.is_empty() {
-                self.publish(step.ready, ctx);
+        match &envelope.body {
+            Body::RoomEvents { events, .. } => {
+                let step = self.order.accept(events.iter().cloned());
+                self.apply_step(step, ctx);
             }
+            // A notice for the room on every node (this one included: publish it
+            // instead of sending `Notify`, not as well).
+            Body::RoomNotice(notice) => self.on_node_notice(notice, ctx),
+            Body::Relinked => {
+                // The node was cut off from the others (or just subscribed): what
+                // they committed meanwhile is in the store.
+                self.order.want_catch_up();
+                self.apply_step(Step::default(), ctx);
+            }
+            _ => {}
         }
+    }
+
+    /// Does what the room's order asks: report a live room's gap, deliver what is
+    /// ready, read a hole (or the store's end) from the store, wait out a hold-back;
+    /// then answers the subscriptions that waited for it.
+    fn apply_step(&mut self, step: Step, ctx: &mut Context<Self>) {
+        if let Some((from_seq, to_seq)) = step.gap {
+            tracing::debug!(room = %self.id, from_seq, to_seq, "live events no node delivered; reporting a gap");
+            crate::metrics::metrics().gaps_reported.inc();
+            let frame = crate::protocol::push(pb::server_frame::Kind::Gap(pb::Gap {
+                room_id: self.id.0.clone(),
+                from_seq,
+                to_seq,
+            }));
+            // The events before the gap may still wait in the coalescing outbox.
+            self.flush_outbox(ctx);
+            self.notice(frame, None);
+        }
+        if !step.ready.is_empty() {
+            self.publish(step.ready, ctx);
+        }
+        if let Some(fill) = step.fill.or_else(|| self.order.next_catch_up()) {
+            self.start_fill(fill, ctx);
+        }
+        if step.hold {
+            let holdback = Duration::from_millis(self.settings.cluster.live_holdback_ms);
+            ctx.run_later(holdback, |act, ctx| {
+                let step = act.order.hold_expired();
+                act.apply_step(step, ctx);
+            });
+        }
+        if !self.deferred.is_empty() {
+            self.retry_deferred(ctx);
+        }
+    }
+
+    /// Reads `fill` from the store and hands the events to the room's order.
+    fn start_fill(&mut self, fill: Fill, ctx: &mut Context<Self>) {
+        let store = self.store.clone();
+        let id = self.id.clone();
+        ctx.spawn(
+            async move {
+                store
+                    .messages_after(&id, fill.after, fill.upto.unwrap_or(u64::MAX), FILL_PAGE)
+                    .await
+            }
+            .into_actor(self)
+            .map(move |result, act, ctx| {
+                let records = match result {
+                    Ok(records) => Ok(records
+                        .iter()
+                        .map(|r| Arc::new(RoomEvent::new(r)))
+                        .collect()),
+                    Err(e) => {
+                        tracing::warn!(room = %act.id, after = fill.after, upto = ?fill.upto, error = %e, "cannot read missed events from the store; retrying");
+                        Err(())
+                    }
+                };
+                let failed = records.is_err();
+                let step = act.order.filled(fill, records);
+                act.apply_step(step, ctx);
+                if failed {
+                    ctx.run_later(FILL_RETRY, |act, ctx| {
+                        let step = act.order.retry_fill();
+                        act.apply_step(step, ctx);
+                    });
+                }
+            }),
+        );
     }
 
     /// Adds committed events (contiguous, in order) to the ring and delivers them
@@ -1404,7 +1634,7 @@ impl Handler<Subscribe> for RoomActor {
 
     fn handle(&mut self, msg: Subscribe, ctx: &mut Self::Context) -> Self::Result {
         let (reply, answer) = oneshot::channel();
-        self.try_subscribe(msg, reply, ctx);
+        self.try_subscribe(msg, reply, None, ctx);
         // Dropped unanswered: the actor stopped (the connection looks the room up
         // again and subscribes anew).
         Box::pin(async move {
@@ -1424,9 +1654,10 @@ impl RoomActor {
         &mut self,
         msg: Subscribe,
         reply: oneshot::Sender<Result<SubscribeReply, ApiError>>,
+        ticket: Option<u64>,
         ctx: &mut Context<Self>,
     ) {
-        let mut deferred: Option<Subscribe> = None;
+        let mut deferred: Option<(Subscribe, Option<u64>)> = None;
         let wait = &mut deferred;
         let result = guarded(
             self,
@@ -1494,11 +1725,27 @@ impl RoomActor {
                 }
                 let replay = match msg.since {
                     None => Vec::new(),
-                    Some(since) if since > last_seq && act.writing => {
-                        *wait = Some(msg);
+                    Some(since)
+                        if since > last_seq
+                            && (act.writing
+                                || act.order.filling()
+                                || since <= act.order.newest_known()) =>
+                    {
+                        // This room's commit is finishing, or the events are being
+                        // read from the store: answered once they are delivered.
+                        *wait = Some((msg, ticket));
                         return Err(ApiError::unavailable(
                             "deferred until the commit is published",
                         ));
+                    }
+                    Some(since)
+                        if since > last_seq && !ticket.is_some_and(|t| act.order.caught_up(t)) =>
+                    {
+                        // Another node may have committed it: read the store's end
+                        // first (out_of_range only if the store has no such event).
+                        let ticket = ticket.unwrap_or_else(|| act.order.want_catch_up());
+                        *wait = Some((msg, Some(ticket)));
+                        return Err(ApiError::unavailable("deferred until the store was read"));
                     }
                     Some(since) if since > last_seq => {
                         return Err(ApiError::new(
@@ -1530,17 +1777,22 @@ impl RoomActor {
             },
         );
         match deferred {
-            Some(msg) => self.deferred.push((msg, reply)),
+            Some((msg, ticket)) => {
+                self.deferred.push((msg, reply, ticket));
+                if let Some(fill) = self.order.next_catch_up() {
+                    self.start_fill(fill, ctx);
+                }
+            }
             None => {
                 let _ = reply.send(result);
             }
         }
     }
 
-    /// Tries the deferred subscriptions again (after a commit was published).
+    /// Tries the deferred subscriptions again (after events were delivered).
     fn retry_deferred(&mut self, ctx: &mut Context<Self>) {
-        for (msg, reply) in std::mem::take(&mut self.deferred) {
-            self.try_subscribe(msg, reply, ctx);
+        for (msg, reply, ticket) in std::mem::take(&mut self.deferred) {
+            self.try_subscribe(msg, reply, ticket, ctx);
         }
     }
 }
@@ -1580,76 +1832,103 @@ impl Handler<Notify> for RoomActor {
     type Result = ();
 
     fn handle(&mut self, Notify(notice): Notify, ctx: &mut Self::Context) {
-        guarded(
-            self,
-            ctx,
-            || (),
-            move |act, _ctx| {
-                use crate::protocol::push;
-                use pb::server_frame::Kind;
-                let quiet_live = act.live.is_some() && !act.settings.rooms.live.member_events;
-                match notice {
-                    // Live rooms: no join/leave per viewer (a viewer count instead),
-                    // unless rooms.live.member_events.
-                    RoomNotice::Member(event)
-                        if quiet_live
-                            && matches!(
-                                pb::MemberEventKind::try_from(event.kind),
-                                Ok(pb::MemberEventKind::Joined | pb::MemberEventKind::Left)
-                            ) => {}
-                    RoomNotice::Presence { .. } if quiet_live => {}
-                    RoomNotice::Member(event) => act.notice(push(Kind::Member(event)), None),
-                    RoomNotice::Updated(room) => act.notice(push(Kind::RoomUpdated(*room)), None),
-                    RoomNotice::Presence {
-                        user_id,
+        guarded(self, ctx, || (), move |act, _ctx| act.apply_notice(notice))
+    }
+}
+
+impl RoomActor {
+    /// Delivers a notice (from this node's [`Notify`] or another node's
+    /// `RoomNotice` through the broker).
+    fn apply_notice(&mut self, notice: RoomNotice) {
+        use crate::protocol::push;
+        use pb::server_frame::Kind;
+        let quiet_live = self.live.is_some() && !self.settings.rooms.live.member_events;
+        match notice {
+            // Live rooms: no join/leave per viewer (a viewer count instead),
+            // unless rooms.live.member_events.
+            RoomNotice::Member(event)
+                if quiet_live
+                    && matches!(
+                        pb::MemberEventKind::try_from(event.kind),
+                        Ok(pb::MemberEventKind::Joined | pb::MemberEventKind::Left)
+                    ) => {}
+            RoomNotice::Presence { .. } if quiet_live => {}
+            RoomNotice::Member(event) => self.notice(push(Kind::Member(event)), None),
+            RoomNotice::Updated(room) => self.notice(push(Kind::RoomUpdated(*room)), None),
+            RoomNotice::Presence {
+                user_id,
+                online,
+                version,
+            } => {
+                let newest = self.presence.entry(user_id.clone()).or_insert(0);
+                if version <= *newest {
+                    // A later change of this user was delivered already.
+                    return;
+                }
+                *newest = version;
+                self.notice(
+                    push(Kind::Presence(pb::PresenceEvent {
+                        room_id: self.id.0.clone(),
+                        user_id: user_id.0,
                         online,
-                        version,
-                    } => {
-                        let newest = act.presence.entry(user_id.clone()).or_insert(0);
-                        if version <= *newest {
-                            // A later change of this user was delivered already.
-                            return;
-                        }
-                        *newest = version;
-                        act.notice(
-                            push(Kind::Presence(pb::PresenceEvent {
-                                room_id: act.id.0.clone(),
-                                user_id: user_id.0,
-                                online,
-                            })),
-                            None,
-                        )
-                    }
-                    RoomNotice::Removed {
-                        user_id,
-                        reason,
-                        message,
-                    } => {
-                        act.removals.insert(user_id.clone(), Instant::now());
-                        let frame =
-                            Arc::new(SharedFrame::new(push(Kind::Removed(pb::RemovedEvent {
-                                room_id: act.id.0.clone(),
-                                reason: reason as i32,
-                                message,
-                            }))));
-                        let gone: Vec<ConnectionId> = act
-                            .subscribers
-                            .iter()
-                            .filter(|(_, s)| s.user_id == user_id)
-                            .map(|(id, _)| *id)
-                            .collect();
-                        for conn_id in gone {
-                            if let Some(sub) = act.remove_subscriber(conn_id) {
-                                sub.addr.do_send(RoomPush::Removed {
-                                    room_id: act.id.clone(),
-                                    frame: frame.clone(),
-                                });
-                            }
-                        }
+                    })),
+                    None,
+                )
+            }
+            RoomNotice::Removed {
+                user_id,
+                reason,
+                message,
+            } => {
+                self.removals.insert(user_id.clone(), Instant::now());
+                let frame = Arc::new(SharedFrame::new(push(Kind::Removed(pb::RemovedEvent {
+                    room_id: self.id.0.clone(),
+                    reason: reason as i32,
+                    message,
+                }))));
+                let gone: Vec<ConnectionId> = self
+                    .subscribers
+                    .iter()
+                    .filter(|(_, s)| s.user_id == user_id)
+                    .map(|(id, _)| *id)
+                    .collect();
+                for conn_id in gone {
+                    if let Some(sub) = self.remove_subscriber(conn_id) {
+                        sub.addr.do_send(RoomPush::Removed {
+                            room_id: self.id.clone(),
+                            frame: frame.clone(),
+                        });
                     }
                 }
-            },
-        )
+            }
+        }
+    }
+
+    /// A notice published on the room's topic (by any node).
+    fn on_node_notice(&mut self, notice: &node::RoomNotice, ctx: &mut Context<Self>) {
+        use node::room_notice::Kind;
+        let Some(kind) = &notice.kind else {
+            return;
+        };
+        match kind {
+            Kind::Member(event) => self.apply_notice(RoomNotice::Member(event.clone())),
+            Kind::Removed(removed) => self.apply_notice(RoomNotice::Removed {
+                user_id: UserId(removed.user_id.clone()),
+                reason: pb::RemovedReason::try_from(removed.reason).unwrap_or_default(),
+                message: removed.message.clone(),
+            }),
+            Kind::Updated(room) => self.apply_notice(RoomNotice::Updated(Box::new(room.clone()))),
+            Kind::Presence(change) => self.apply_notice(RoomNotice::Presence {
+                user_id: UserId(change.user_id.clone()),
+                online: change.online,
+                version: change.version,
+            }),
+            Kind::Relay(frame) => self.notice(frame.clone(), None),
+            Kind::Deleted(frame) => {
+                let frame = Arc::new(SharedFrame::new(frame.clone()));
+                self.deleted(frame, ctx);
+            }
+        }
     }
 }
 
@@ -1861,10 +2140,17 @@ impl Handler<Deleted> for RoomActor {
     type Result = ();
 
     fn handle(&mut self, msg: Deleted, ctx: &mut Self::Context) {
+        self.deleted(msg.frame, ctx);
+    }
+}
+
+impl RoomActor {
+    /// The room was deleted: tells every subscriber with `frame` and retires.
+    fn deleted(&mut self, frame: Arc<SharedFrame>, ctx: &mut Context<Self>) {
         for sub in self.drain_subscribers() {
             sub.addr.do_send(RoomPush::Removed {
                 room_id: self.id.clone(),
-                frame: msg.frame.clone(),
+                frame: frame.clone(),
             });
         }
         let gone = ApiError::not_found("room not found");

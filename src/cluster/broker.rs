@@ -184,6 +184,19 @@ impl Bus {
         envelope
     }
 
+    /// Hands [`Body::Relinked`] to every local consumer of every topic, as after a
+    /// Redis fault: each re-reads what it may have missed from the store. For what
+    /// notices that another node died (it may have committed events it never
+    /// published: chat rooms read them from the store).
+    pub fn relink_local(&self) {
+        let envelope = Arc::new(Envelope {
+            topic: Topic::Control,
+            origin: self.node_id.clone(),
+            body: Body::Relinked,
+        });
+        self.hub.dispatch_all(&envelope);
+    }
+
     /// Registers `recipient` for `topic`: it gets a [`Delivered`] for every message
     /// published on it, by this node or another, until the returned [`Interest`] is
     /// dropped. The first interest in a topic subscribes the node to it.

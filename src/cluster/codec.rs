@@ -80,6 +80,39 @@ pub fn decode(topic: Topic, bytes: &[u8]) -> Result<Envelope, DecodeError> {
     })
 }
 
+/// A room notice in the node protocol, for [`Body::RoomNotice`]: publish it on
+/// [`Topic::Room`] and every node's room actor (this node's included) applies it.
+pub fn room_notice(room_id: &RoomId, notice: &crate::actors::room::RoomNotice) -> node::RoomNotice {
+    use crate::actors::room::RoomNotice;
+    use node::room_notice::Kind;
+    let kind = match notice {
+        RoomNotice::Member(event) => Kind::Member(event.clone()),
+        RoomNotice::Removed {
+            user_id,
+            reason,
+            message,
+        } => Kind::Removed(node::Removed {
+            user_id: user_id.0.clone(),
+            reason: *reason as i32,
+            message: message.clone(),
+        }),
+        RoomNotice::Updated(room) => Kind::Updated((**room).clone()),
+        RoomNotice::Presence {
+            user_id,
+            online,
+            version,
+        } => Kind::Presence(node::PresenceChange {
+            user_id: user_id.0.clone(),
+            online: *online,
+            version: *version,
+        }),
+    };
+    node::RoomNotice {
+        room_id: room_id.0.clone(),
+        kind: Some(kind),
+    }
+}
+
 fn stored_event(record: &MessageRecord) -> node::StoredEvent {
     node::StoredEvent {
         seq: record.seq,

@@ -128,6 +128,32 @@ impl RoomOrder {
 
     /// Events published by some node (this one included).
     pub fn accept(&mut self, events: impl IntoIterator<Item = Arc<RoomEvent>>) -> Step {
+        let mut events = events.into_iter().peekable();
+        if self.held.is_empty() {
+            // The usual case (one node, or the next events from another): nothing
+            // is waiting, so events in order pass straight through.
+            let mut ready = Vec::new();
+            while let Some(event) = events.next_if(|e| e.seq <= self.delivered + 1) {
+                if event.seq == self.delivered + 1 {
+                    self.delivered = event.seq;
+                    ready.push(event);
+                }
+            }
+            if events.peek().is_none() {
+                return Step {
+                    ready,
+                    ..Step::default()
+                };
+            }
+            let mut step = self.accept_held(events);
+            ready.append(&mut step.ready);
+            step.ready = ready;
+            return step;
+        }
+        self.accept_held(events)
+    }
+
+    fn accept_held(&mut self, events: impl IntoIterator<Item = Arc<RoomEvent>>) -> Step {
         for event in events {
             if event.seq > self.delivered {
                 self.held.entry(event.seq).or_insert(event);
@@ -359,6 +385,28 @@ mod tests {
         assert_eq!(seqs(&step.ready), [2, 3, 4]);
         assert!(step.fill.is_none());
         assert_eq!(order.delivered(), 4);
+    }
+
+    #[test]
+    fn a_hole_inside_one_batch_delivers_what_comes_before_it() {
+        let mut order = RoomOrder::new(0, false, Duration::ZERO);
+        let step = order.accept([event(1), event(1), event(2), event(4)]);
+        assert_eq!(seqs(&step.ready), [1, 2]);
+        assert_eq!(
+            step.fill,
+            Some(Fill {
+                after: 2,
+                upto: Some(3)
+            })
+        );
+        let step = order.filled(
+            Fill {
+                after: 2,
+                upto: Some(3),
+            },
+            Ok(vec![event(3)]),
+        );
+        assert_eq!(seqs(&step.ready), [3, 4]);
     }
 
     #[test]

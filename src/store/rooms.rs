@@ -375,6 +375,21 @@ impl Store {
         Ok(())
     }
 
+    /// Takes the next `count` sequence numbers of a live room that several nodes
+    /// number (the cluster broker): `rooms.last_seq` goes up by `count` in one
+    /// statement, so concurrent nodes never get the same number; answers the last
+    /// number taken.
+    pub async fn take_live_seqs(&self, id: &RoomId, count: u64) -> StoreResult<u64> {
+        let (last,): (i64,) = sqlx::query_as(
+            "UPDATE rooms SET last_seq = last_seq + $1 WHERE id = $2 RETURNING last_seq",
+        )
+        .bind(count.min(i64::MAX as u64) as i64)
+        .bind(id.as_str())
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(last.max(0) as u64)
+    }
+
     /// The room with this id.
     pub async fn get_room(&self, id: &RoomId) -> StoreResult<RoomRecord> {
         timed("get_room", async move {
