@@ -1303,6 +1303,7 @@ impl RoomActor {
         if events.is_empty() {
             return;
         }
+        let count = events.len();
         for event in events {
             let record = &event.record;
             if event.seq != self.last_seq + 1 {
@@ -1316,7 +1317,7 @@ impl RoomActor {
             self.outbox.push(event);
         }
         if let Some(live) = self.live.as_mut() {
-            live.window.record(records.len());
+            live.window.record(count);
         }
         let ring_size = self.ring_size();
         while self.ring.len() > ring_size {
