@@ -1,5 +1,6 @@
 //! Several roomcast nodes sharing one PostgreSQL database and one Redis (the
-//! `redis` cluster broker): every subscriber on every node, in both codecs, ends
+//! `redis` cluster broker): every subscriber on every node, in both WebSocket
+//! codecs and over SSE, ends
 //! with the same gapless sequence of a room that senders on every node write to at
 //! once, and nothing acknowledged is lost when Redis dies and comes back.
 //!
@@ -217,6 +218,20 @@ async fn a_chat_room_written_on_every_node_is_one_gapless_order_everywhere() {
         }
     }
 
+    // An SSE stream on every node too, from the room's start.
+    let mut streams = Vec::new();
+    for (i, node) in nodes.iter().enumerate() {
+        let account = member(node, &format!("sse{i}"), &room).await;
+        let stream = common::sse::Sse::open(
+            node,
+            &format!("rooms={room}:0"),
+            &account.access_token,
+            None,
+        )
+        .await;
+        streams.push((format!("node {i} SSE"), stream));
+    }
+
     // Concurrent senders on every node.
     const PER_SENDER: u64 = 40;
     let mut senders = Vec::new();
@@ -254,6 +269,28 @@ async fn a_chat_room_written_on_every_node_is_one_gapless_order_everywhere() {
         "the store gave every send its own sequence"
     );
 
+    for (name, stream) in &mut streams {
+        let mut seen = Vec::new();
+        while seen.len() < total as usize {
+            let event = tokio::time::timeout(IDLE, stream.next_named("message"))
+                .await
+                .unwrap_or_else(|_| panic!("{name}: nothing after {} messages", seen.len()));
+            let text = event.json()["message"]["text"]
+                .as_str()
+                .expect("text")
+                .to_owned();
+            seen.push((event.seq(), text));
+        }
+        let seqs: Vec<u64> = seen.iter().map(|(s, _)| *s).collect();
+        assert_eq!(
+            seqs,
+            (1..=total).collect::<Vec<_>>(),
+            "{name}: not the gapless sequence"
+        );
+        for (seq, text) in seen {
+            assert_eq!(by_seq.get(&seq), Some(&text), "{name}: seq {seq}");
+        }
+    }
     for watcher in &mut watchers {
         watcher.read_until(&room, total).await;
     }

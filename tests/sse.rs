@@ -10,134 +10,10 @@ use std::time::{Duration, Instant};
 
 use common::{
     rooms::{create_room, join, send_http},
+    sse::{Sse, WAIT},
     unique_name, Account, TestServer,
 };
 use roomcast::{proto::v1 as pb, protocol::close};
-use serde_json::Value;
-
-const WAIT: Duration = Duration::from_secs(15);
-
-/// One SSE event as a parser sees it.
-#[derive(Debug, Default, Clone)]
-struct Event {
-    id: Option<String>,
-    event: String,
-    data: String,
-}
-
-impl Event {
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.data).expect("data is JSON")
-    }
-
-    /// The room sequence of a `message` event.
-    fn seq(&self) -> u64 {
-        self.json()["message"]["seq"]
-            .as_str()
-            .expect("seq")
-            .parse()
-            .expect("numeric seq")
-    }
-}
-
-/// A raw SSE stream: bytes in, events (and comments, and `retry:`) out.
-struct Sse {
-    response: reqwest::Response,
-    buf: String,
-    comments: Vec<String>,
-    retry: Option<u64>,
-    last_id: Option<String>,
-}
-
-impl Sse {
-    async fn open(server: &TestServer, query: &str, token: &str, last_id: Option<&str>) -> Self {
-        let mut request = server
-            .http()
-            .get(server.url(&format!("/sse?{query}")))
-            .bearer_auth(token);
-        if let Some(id) = last_id {
-            request = request.header("Last-Event-ID", id);
-        }
-        let response = request.send().await.expect("GET /sse");
-        assert_eq!(response.status(), 200, "GET /sse?{query}");
-        assert_eq!(
-            response.headers()["content-type"].to_str().unwrap(),
-            "text/event-stream"
-        );
-        Self {
-            response,
-            buf: String::new(),
-            comments: Vec::new(),
-            retry: None,
-            last_id: last_id.map(str::to_owned),
-        }
-    }
-
-    /// The next event; `None` when the stream ended or nothing came in time.
-    async fn next(&mut self, timeout: Duration) -> Option<Event> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(end) = self.buf.find("\n\n") {
-                let block: String = self.buf.drain(..end + 2).collect();
-                let mut event = Event::default();
-                let mut is_event = false;
-                for line in block.lines() {
-                    if let Some(comment) = line.strip_prefix(':') {
-                        self.comments.push(comment.trim().to_owned());
-                    } else if let Some((field, value)) = line.split_once(':') {
-                        let value = value.strip_prefix(' ').unwrap_or(value);
-                        match field {
-                            "id" => event.id = Some(value.to_owned()),
-                            "event" => event.event = value.to_owned(),
-                            "data" => {
-                                is_event = true;
-                                event.data.push_str(value)
-                            }
-                            "retry" => self.retry = value.parse().ok(),
-                            other => panic!("unknown SSE field {other}"),
-                        }
-                    }
-                }
-                if let Some(id) = &event.id {
-                    self.last_id = Some(id.clone());
-                }
-                if is_event {
-                    return Some(event);
-                }
-                continue;
-            }
-            let left = deadline.checked_duration_since(Instant::now())?;
-            match tokio::time::timeout(left, self.response.chunk()).await {
-                Ok(Ok(Some(bytes))) => self.buf.push_str(std::str::from_utf8(&bytes).unwrap()),
-                Ok(Ok(None)) | Ok(Err(_)) | Err(_) => return None,
-            }
-        }
-    }
-
-    /// The next event named `name`, skipping others.
-    async fn next_named(&mut self, name: &str) -> Event {
-        loop {
-            let event = self
-                .next(WAIT)
-                .await
-                .unwrap_or_else(|| panic!("no `{name}` event"));
-            if event.event == name {
-                return event;
-            }
-        }
-    }
-
-    /// Message sequences until `count` arrived.
-    async fn messages(&mut self, count: usize) -> Vec<u64> {
-        let mut seqs = Vec::new();
-        while seqs.len() < count {
-            let event = self.next_named("message").await;
-            assert!(event.id.is_some(), "a message event carries an id");
-            seqs.push(event.seq());
-        }
-        seqs
-    }
-}
 
 async fn room_with_member(server: &TestServer) -> (Account, Account, String) {
     let owner = server.sign_up(&unique_name("owner")).await;
@@ -310,13 +186,7 @@ both_backends!(errors_notifications_and_sign_out, |backend| async move {
         .await
         .unwrap();
     assert_eq!(response.status(), 200);
-    let mut sse = Sse {
-        response,
-        buf: String::new(),
-        comments: Vec::new(),
-        retry: None,
-        last_id: None,
-    };
+    let mut sse = Sse::from_response(response);
     // The subscriptions run side by side: their replies come in any order, and
     // best-effort pushes (the reader's own presence in the room it subscribed to)
     // may come between them.

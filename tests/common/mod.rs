@@ -21,6 +21,7 @@ pub mod nginx;
 pub mod poll;
 pub mod raw_ws;
 pub mod rooms;
+pub mod sse;
 pub mod ws;
 
 use std::{
