@@ -495,24 +495,16 @@ async fn redis_killed_and_restarted_mid_stream_loses_nothing() {
     }
     // The metrics say what happened (the process-wide registry is shared by the
     // nodes of this test binary, so only lower bounds).
-    let metrics = nodes[0]
-        .http()
-        .get(nodes[0].url("/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
-    let reconnects = metric(&metrics, "roomcast_broker_reconnects_total");
+    let reconnects = nodes[0]
+        .metric("roomcast_broker_reconnects_total", &[])
+        .await;
     assert!(reconnects >= 2.0, "each node relinked: {reconnects}");
-    assert!(metric(&metrics, "roomcast_broker_gap_filled_events_total") >= 1.0);
-}
-
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find_map(|line| line.strip_prefix(name)?.trim().parse().ok())
-        .unwrap_or(0.0)
+    assert!(
+        nodes[0]
+            .metric("roomcast_broker_gap_filled_events_total", &[])
+            .await
+            >= 1.0
+    );
 }
 
 #[tokio::test]

@@ -21,19 +21,9 @@ use pb::{client_frame::Kind as In, server_frame::Kind as Out};
 const IDLE: Duration = Duration::from_secs(20);
 
 async fn direct_total(server: &TestServer) -> f64 {
-    let body = server
-        .http()
-        .get(server.url("/metrics"))
-        .send()
+    server
+        .metric("roomcast_messages_delivered_direct_total", &[])
         .await
-        .expect("GET /metrics")
-        .text()
-        .await
-        .expect("body");
-    body.lines()
-        .find_map(|line| line.strip_prefix("roomcast_messages_delivered_direct_total "))
-        .and_then(|value| value.trim().parse().ok())
-        .expect("roomcast_messages_delivered_direct_total is exported")
 }
 
 async fn direct_delivery(backend: Backend, codec: WsCodec) {

@@ -50,21 +50,7 @@ async fn room_with_reader(server: &TestServer, kind: pb::RoomKind) -> (Account, 
 
 /// The `roomcast_poll_waiters` gauge as /metrics shows it.
 async fn waiters_gauge(server: &TestServer) -> i64 {
-    let body = server
-        .http()
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .expect("GET /metrics")
-        .text()
-        .await
-        .expect("metrics body");
-    body.lines()
-        .find_map(|l| l.strip_prefix("roomcast_poll_waiters "))
-        .unwrap_or_else(|| panic!("no roomcast_poll_waiters in /metrics"))
-        .trim()
-        .parse()
-        .expect("a number")
+    server.metric("roomcast_poll_waiters", &[]).await as i64
 }
 
 async fn hub_waiters(server: &TestServer) -> usize {
@@ -841,27 +827,12 @@ both_backends!(
 /// How many times the store was asked for a room's history (`messages_after`),
 /// from /metrics.
 async fn history_reads(server: &TestServer) -> u64 {
-    let body = server
-        .http()
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .expect("GET /metrics")
-        .text()
-        .await
-        .expect("metrics body");
-    body.lines()
-        .filter(|l| {
-            l.starts_with("roomcast_store_query_duration_seconds_count{")
-                && l.contains("query=\"messages_after\"")
-        })
-        .map(|l| {
-            l.rsplit(' ')
-                .next()
-                .and_then(|v| v.parse::<f64>().ok())
-                .expect("a count") as u64
-        })
-        .sum()
+    server
+        .metric(
+            "roomcast_store_query_duration_seconds_count",
+            &[("query", "messages_after")],
+        )
+        .await as u64
 }
 
 // A woken poll is served from the room's ring of recent events: many wake-ups of

@@ -331,7 +331,7 @@ impl Cluster {
 
     /// An RPC client through nginx.
     pub fn nginx_rpc(&self) -> Rpc {
-        Rpc::over(self.http.clone(), &self.nginx_url(""))
+        Rpc::over(self.http.clone(), &self.nginx_url("")).through_proxy()
     }
 
     /// An RPC client through nginx with `token`.

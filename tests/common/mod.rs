@@ -349,6 +349,41 @@ impl TestServer {
         format!("http://{}", self.addr)
     }
 
+    /// The sum of every sample of the metric `name` on `/metrics` whose labels
+    /// include each of `labels` (0 when none does). Panics when the server
+    /// exports no sample of `name` at all, so a renamed metric fails loudly.
+    pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let body = self
+            .http()
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .expect("GET /metrics")
+            .text()
+            .await
+            .expect("metrics body");
+        let mut exported = false;
+        let mut sum = 0.0;
+        for line in body.lines().filter(|l| !l.starts_with('#')) {
+            let Some((series, value)) = line.rsplit_once(' ') else {
+                continue;
+            };
+            let (series_name, series_labels) = series.split_once('{').unwrap_or((series, ""));
+            if series_name != name {
+                continue;
+            }
+            exported = true;
+            if labels
+                .iter()
+                .all(|(k, v)| series_labels.contains(&format!("{k}=\"{v}\"")))
+            {
+                sum += value.parse::<f64>().expect("a sample value");
+            }
+        }
+        assert!(exported, "no {name} in /metrics");
+        sum
+    }
+
     /// `http://127.0.0.1:PORT{path}`.
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
@@ -371,11 +406,7 @@ impl TestServer {
 
     /// An RPC client without credentials.
     pub fn rpc(&self) -> Rpc {
-        Rpc {
-            http: self.http.clone(),
-            base: self.base_url(),
-            token: None,
-        }
+        Rpc::over(self.http.clone(), &self.base_url())
     }
 
     /// An RPC client sending `Authorization: Bearer <token>`.
@@ -620,6 +651,9 @@ pub struct Rpc {
     http: reqwest::Client,
     base: String,
     token: Option<String>,
+    /// Calls go through a reverse proxy (nginx), whose own gateway errors are not
+    /// Connect errors.
+    behind_proxy: bool,
 }
 
 impl Rpc {
@@ -630,7 +664,35 @@ impl Rpc {
             http,
             base: base.trim_end_matches('/').to_owned(),
             token: None,
+            behind_proxy: false,
         }
+    }
+
+    /// The same client for calls through a reverse proxy: the proxy's own 502, 503
+    /// and 504 pages (no node answered: one is restarting or draining) come back as
+    /// an `RpcError` with code `proxy_unavailable`, which a client retries like a
+    /// refused connection; every answer of roomcast itself is still checked as a
+    /// Connect error.
+    pub fn through_proxy(self) -> Self {
+        Self {
+            behind_proxy: true,
+            ..self
+        }
+    }
+
+    /// The error of a non-200 reply.
+    fn error(&self, status: u16, content_type: &str, body: &[u8]) -> RpcError {
+        if self.behind_proxy
+            && matches!(status, 502..=504)
+            && !content_type.starts_with("application/json")
+        {
+            return RpcError {
+                status,
+                code: "proxy_unavailable".to_owned(),
+                message: String::from_utf8_lossy(body).into_owned(),
+            };
+        }
+        connect_error(status, content_type, body)
     }
 
     /// The same client with `Authorization: Bearer <token>`.
@@ -710,7 +772,7 @@ impl Rpc {
             .call_raw(method, "application/proto", req.encode_to_vec())
             .await;
         if status != 200 {
-            return Err(connect_error(status, &content_type, &body));
+            return Err(self.error(status, &content_type, &body));
         }
         assert_eq!(
             content_type, "application/proto",
@@ -733,7 +795,7 @@ impl Rpc {
         let body = serde_json::to_vec(req).expect("serialize the request");
         let (status, content_type, body) = self.call_raw(method, "application/json", body).await;
         if status != 200 {
-            return Err(connect_error(status, &content_type, &body));
+            return Err(self.error(status, &content_type, &body));
         }
         assert_eq!(
             content_type, "application/json",
