@@ -18,6 +18,7 @@ use std::{
 };
 
 use common::{
+    cluster::{Cluster, NodeKind},
     report_skipped,
     rooms::{create_room, join, send_http},
     ws::{room_event, Incoming, WsClient, WsCodec},
@@ -769,89 +770,6 @@ async fn a_node_that_cannot_reach_postgresql_answers_unavailable_and_is_not_read
     assert_eq!(sent.message.expect("stored").seq, 2);
 }
 
-/// `roomcast serve` as a real process (so that it can be `kill -9`ed), a node of
-/// the cluster; killed by its PID when dropped.
-struct ProcessNode {
-    child: Child,
-    base: String,
-    port: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl ProcessNode {
-    async fn start(store_url: &str, redis_url: &str, prefix: &str) -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
-        let dir = tempfile::Builder::new()
-            .prefix("roomcast-node-")
-            .tempdir()
-            .expect("temp dir");
-        let mut command = Command::new(env!("CARGO_BIN_EXE_roomcast"));
-        command.current_dir(dir.path()).arg("serve");
-        for (key, _) in std::env::vars() {
-            if key.starts_with("ROOMCAST_") {
-                command.env_remove(key);
-            }
-        }
-        let child = command
-            .env_remove("RUST_LOG")
-            .env("ROOMCAST_SERVER__LISTEN", format!("127.0.0.1:{port}"))
-            .env("ROOMCAST_SERVER__WORKERS", "2")
-            .env("ROOMCAST_STORE__URL", store_url)
-            .env("ROOMCAST_CLUSTER__BROKER", "redis")
-            .env("ROOMCAST_CLUSTER__REDIS_URL", redis_url)
-            .env("ROOMCAST_CLUSTER__CHANNEL_PREFIX", prefix)
-            .env("ROOMCAST_CLUSTER__NODE_ID", "process-node")
-            .env("ROOMCAST_AUTH__ARGON2_MEMORY_KIB", "1024")
-            .env("ROOMCAST_AUTH__ARGON2_ITERATIONS", "1")
-            .env("ROOMCAST_REALTIME__SEND_RATE_PER_SEC", "100000")
-            .env("ROOMCAST_REALTIME__SEND_BURST", "100000")
-            .env("ROOMCAST_AUTH__SIGN_UP_IP_PER_HOUR", "0")
-            .env("ROOMCAST_AUTH__SIGN_IN_IP_PER_MINUTE", "0")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn roomcast serve");
-        let node = Self {
-            child,
-            base: format!("http://127.0.0.1:{port}"),
-            port,
-            _dir: dir,
-        };
-        let http = reqwest::Client::new();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(resp) = http.get(format!("{}/readyz", node.base)).send().await {
-                if resp.status().is_success()
-                    && resp.text().await.is_ok_and(|b| b.starts_with("ready"))
-                {
-                    return node;
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "roomcast serve did not become ready"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// SIGKILL, by PID.
-    fn kill9(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for ProcessNode {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
-
 /// SendMessage over HTTP (JSON) to `base`; the sequence, or why not.
 async fn send_to(base: &str, token: &str, room: &str, id: &str) -> Result<u64, String> {
     let resp = reqwest::Client::new()
@@ -879,12 +797,24 @@ async fn kill_9_of_a_node_mid_stream_loses_nothing_and_its_clients_resume_elsewh
         atomic::{AtomicUsize, Ordering},
         Arc,
     };
-    let Some(redis) = services() else { return };
-    let (nodes, db) = start_nodes(2, &redis).await;
-    let prefix = nodes[0].settings.cluster.channel_prefix.clone();
-    let mut victim = ProcessNode::start(&db.url, &redis, &prefix).await;
+    // Nodes 0 and 1 in this process, node 2 (the victim) a `roomcast serve`
+    // process, so that it can be `kill -9`ed.
+    const VICTIM: usize = 2;
+    let Some(cluster) = Cluster::builder(3)
+        .redis()
+        .node_kind(VICTIM, NodeKind::Process)
+        .configure(|s, _| {
+            s.realtime.send_rate_per_sec = 10_000;
+            s.realtime.send_burst = 10_000;
+        })
+        .start()
+        .await
+    else {
+        return;
+    };
+    let nodes = [0, 1].map(|i| cluster.server(i).expect("an in-process node"));
     let owner = nodes[0].sign_up("owner").await;
-    let room = create_room(&nodes[0], &owner, pb::RoomKind::Public).await;
+    let room = create_room(nodes[0], &owner, pb::RoomKind::Public).await;
 
     let mut watchers = Vec::new();
     for (i, node) in nodes.iter().enumerate() {
@@ -894,10 +824,10 @@ async fn kill_9_of_a_node_mid_stream_loses_nothing_and_its_clients_resume_elsewh
         );
     }
     // A subscriber and a sender on the node that dies.
-    let doomed = member(&nodes[0], "doomed", &room).await;
+    let doomed = member(nodes[0], "doomed", &room).await;
     let mut on_victim = Watcher {
         client: WsClient::connect_authenticated(
-            &format!("ws://127.0.0.1:{}/ws", victim.port),
+            &cluster.ws_url(VICTIM),
             WsCodec::Json,
             &doomed.access_token,
         )
@@ -910,12 +840,12 @@ async fn kill_9_of_a_node_mid_stream_loses_nothing_and_its_clients_resume_elsewh
         .subscribe(&room, Some(0))
         .await
         .expect("subscribe on the victim");
-    let sender = member(&nodes[0], "sender", &room).await;
-    let other = member(&nodes[1], "other", &room).await;
+    let sender = member(nodes[0], "sender", &room).await;
+    let other = member(nodes[1], "other", &room).await;
 
     const SENDS: usize = 60;
     let acks = Arc::new(AtomicUsize::new(0));
-    let victim_base = victim.base.clone();
+    let victim_base = cluster.url(VICTIM, "");
     let fallback = nodes[1].base_url();
     let token = sender.access_token.clone();
     let counter = acks.clone();
@@ -949,7 +879,7 @@ async fn kill_9_of_a_node_mid_stream_loses_nothing_and_its_clients_resume_elsewh
         let mut acked = Vec::new();
         for k in 0..SENDS {
             let id = format!("o{k}");
-            let sent = send_http(&nodes[1], &other, &room, &id, &id).await;
+            let sent = send_http(nodes[1], &other, &room, &id, &id).await;
             acked.push((sent.message.expect("stored").seq, id));
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
@@ -961,7 +891,7 @@ async fn kill_9_of_a_node_mid_stream_loses_nothing_and_its_clients_resume_elsewh
             assert!(Instant::now() < deadline, "the victim took no sends");
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        victim.kill9();
+        cluster.kill9(VICTIM);
     };
     let (other_acked, ()) = tokio::join!(other_sends, killer);
     let victim_acked = victim_sends.await.expect("the sender task");

@@ -435,13 +435,24 @@ impl Cluster {
     /// Sends SIGTERM to process node `index` (the graceful drain); see
     /// [`Cluster::wait_exit`].
     pub fn terminate(&self, index: usize) {
+        self.signal(index, libc::SIGTERM);
+    }
+
+    /// Sends SIGKILL to process node `index` without waiting (so it can be called
+    /// while the in-process nodes are borrowed); the harness reaps the child when
+    /// the node is started again or the cluster is dropped.
+    pub fn kill9(&self, index: usize) {
+        self.signal(index, libc::SIGKILL);
+    }
+
+    fn signal(&self, index: usize, signal: libc::c_int) {
         let Some(Running::Process { child, .. }) = &self.nodes[index].running else {
             panic!("node {index} is not a running process");
         };
         let pid = libc::pid_t::try_from(child.id()).expect("a pid");
         // SAFETY: kill(2) on the PID of a child this harness started and has not reaped.
-        let rc = unsafe { libc::kill(pid, libc::SIGTERM) };
-        assert_eq!(rc, 0, "kill -TERM {pid}");
+        let rc = unsafe { libc::kill(pid, signal) };
+        assert_eq!(rc, 0, "kill -{signal} {pid}");
     }
 
     /// Waits (bounded) for process node `index` to exit; answers its status.
