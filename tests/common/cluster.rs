@@ -97,6 +97,8 @@ pub struct ClusterBuilder {
     kinds: Vec<NodeKind>,
     nginx: bool,
     redis: bool,
+    /// A Redis of the test's own instead of the suite's.
+    redis_at: Option<String>,
     admin: bool,
     configure: Vec<Configure>,
 }
@@ -129,6 +131,14 @@ impl ClusterBuilder {
         self
     }
 
+    /// Like [`ClusterBuilder::redis`], through the Redis at `url` (one the test
+    /// started itself, to kill and restart it) instead of the suite's.
+    pub fn redis_at(mut self, url: &str) -> Self {
+        self.redis = true;
+        self.redis_at = Some(url.to_owned());
+        self
+    }
+
     /// Configures the admin account `admin` / [`PASSWORD`] on every node
     /// ([`Cluster::admin`] signs it in).
     pub fn admin(mut self) -> Self {
@@ -150,7 +160,11 @@ impl ClusterBuilder {
         if !postgres_available() {
             return None;
         }
-        let redis = if self.redis { Some(redis_url()?) } else { None };
+        let redis = match (self.redis, self.redis_at) {
+            (false, _) => None,
+            (true, Some(url)) => Some(url),
+            (true, None) => Some(redis_url()?),
+        };
         let prefix = format!("rc{:012x}:", rand::thread_rng().gen::<u64>() >> 16);
         let nginx_bin = if self.nginx {
             Some(nginx_binary()?)
@@ -257,6 +271,7 @@ impl Cluster {
             kinds: vec![NodeKind::InProcess; nodes],
             nginx: false,
             redis: false,
+            redis_at: None,
             admin: false,
             configure: Vec::new(),
         }
@@ -513,6 +528,13 @@ impl Cluster {
             _ => std::fs::read_to_string(log_path(self.dir.path(), node.index, node.starts))
                 .unwrap_or_default(),
         }
+    }
+
+    /// The sum of node `index`'s samples of metric `name` with `labels` (see
+    /// [`super::metric_at`]). Only a process node has a registry of its own: the
+    /// in-process nodes of one test binary share theirs.
+    pub async fn metric(&self, index: usize, name: &str, labels: &[(&str, &str)]) -> f64 {
+        super::metric_at(&self.http, &self.url(index, ""), name, labels).await
     }
 
     /// `GET /readyz` of node `index`: the status (0 when it does not answer) and body.

@@ -353,35 +353,7 @@ impl TestServer {
     /// include each of `labels` (0 when none does). Panics when the server
     /// exports no sample of `name` at all, so a renamed metric fails loudly.
     pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        let body = self
-            .http()
-            .get(self.url("/metrics"))
-            .send()
-            .await
-            .expect("GET /metrics")
-            .text()
-            .await
-            .expect("metrics body");
-        let mut exported = false;
-        let mut sum = 0.0;
-        for line in body.lines().filter(|l| !l.starts_with('#')) {
-            let Some((series, value)) = line.rsplit_once(' ') else {
-                continue;
-            };
-            let (series_name, series_labels) = series.split_once('{').unwrap_or((series, ""));
-            if series_name != name {
-                continue;
-            }
-            exported = true;
-            if labels
-                .iter()
-                .all(|(k, v)| series_labels.contains(&format!("{k}=\"{v}\"")))
-            {
-                sum += value.parse::<f64>().expect("a sample value");
-            }
-        }
-        assert!(exported, "no {name} in /metrics");
-        sum
+        metric_at(self.http(), &self.base_url(), name, labels).await
     }
 
     /// `http://127.0.0.1:PORT{path}`.
@@ -643,6 +615,46 @@ pub fn expect_error<T: std::fmt::Debug>(
         Ok(ok) => panic!("expected {code} ({status}), got a success: {ok:?}"),
         Err(e) => e.expect(code, status).to_owned(),
     }
+}
+
+/// The sum of every sample of the metric `name` on `{base}/metrics` whose labels
+/// include each of `labels` (0 when none does): [`TestServer::metric`] for any
+/// server (a process node of a cluster). Panics when the server exports no sample
+/// of `name` at all, so a renamed metric fails loudly.
+pub async fn metric_at(
+    http: &reqwest::Client,
+    base: &str,
+    name: &str,
+    labels: &[(&str, &str)],
+) -> f64 {
+    let body = http
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("metrics body");
+    let mut exported = false;
+    let mut sum = 0.0;
+    for line in body.lines().filter(|l| !l.starts_with('#')) {
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let (series_name, series_labels) = series.split_once('{').unwrap_or((series, ""));
+        if series_name != name {
+            continue;
+        }
+        exported = true;
+        if labels
+            .iter()
+            .all(|(k, v)| series_labels.contains(&format!("{k}=\"{v}\"")))
+        {
+            sum += value.parse::<f64>().expect("a sample value");
+        }
+    }
+    assert!(exported, "no {name} in {base}/metrics");
+    sum
 }
 
 /// Calls RPCs on one server, optionally with a bearer token.

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use roomcast::proto::v1 as pb;
 
-use super::{RpcError, TestServer};
+use super::{Rpc, RpcError, TestServer};
 
 use pb::server_frame::Kind as Out;
 
@@ -124,6 +124,20 @@ impl Poller {
         wait_ms: u32,
     ) -> Result<pb::PollResponse, RpcError> {
         let response = poll(server, &self.token, &self.request(wait_ms)).await?;
+        self.advance(&response);
+        Ok(response)
+    }
+
+    /// Polls once through `rpc` (a node of a cluster, or nginx; it carries the
+    /// token) in binary protobuf and moves the cursors.
+    pub async fn poll_rpc(
+        &mut self,
+        rpc: &Rpc,
+        wait_ms: u32,
+    ) -> Result<pb::PollResponse, RpcError> {
+        let response = rpc
+            .call_proto("PushService/Poll", &self.request(wait_ms))
+            .await?;
         self.advance(&response);
         Ok(response)
     }

@@ -12,6 +12,8 @@ use super::TestServer;
 
 /// How long `next_named` waits for its event.
 pub const WAIT: Duration = Duration::from_secs(15);
+/// The longest an SSE stream opened by [`Sse::open_url`] may stay open.
+pub const STREAM_LIMIT: Duration = Duration::from_secs(300);
 
 /// One SSE event as a parser sees it.
 #[derive(Debug, Default, Clone)]
@@ -55,15 +57,30 @@ impl Sse {
         token: &str,
         last_id: Option<&str>,
     ) -> Self {
-        let mut request = server
-            .http()
-            .get(server.url(&format!("/sse?{query}")))
-            .bearer_auth(token);
+        Self::open_url(
+            server.http(),
+            &server.url(&format!("/sse?{query}")),
+            token,
+            last_id,
+        )
+        .await
+    }
+
+    /// Opens `url` (`http://HOST/sse?...`: a node of a cluster, or nginx) as
+    /// `token` with `http`, resuming from `last_id` when given; the stream may stay
+    /// open for up to [`STREAM_LIMIT`] whatever the client's own timeout.
+    pub async fn open_url(
+        http: &reqwest::Client,
+        url: &str,
+        token: &str,
+        last_id: Option<&str>,
+    ) -> Self {
+        let mut request = http.get(url).bearer_auth(token).timeout(STREAM_LIMIT);
         if let Some(id) = last_id {
             request = request.header("Last-Event-ID", id);
         }
         let response = request.send().await.expect("GET /sse");
-        assert_eq!(response.status(), 200, "GET /sse?{query}");
+        assert_eq!(response.status(), 200, "GET {url}");
         assert_eq!(
             response.headers()["content-type"].to_str().unwrap(),
             "text/event-stream"
@@ -129,7 +146,7 @@ impl Sse {
         }
     }
 
-    /// The next event named `name`, skipping others.
+    /// The next event named `name`, skipping others (within [`WAIT`] each).
     pub async fn next_named(&mut self, name: &str) -> Event {
         loop {
             let event = self
@@ -140,6 +157,31 @@ impl Sse {
                 return event;
             }
         }
+    }
+
+    /// The next event named `name`, skipping others; panics when it has not come
+    /// within `timeout` (in all) or the stream ended first.
+    pub async fn next_named_within(&mut self, name: &str, timeout: Duration) -> Event {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let event = self
+                .next(left)
+                .await
+                .unwrap_or_else(|| panic!("no `{name}` event within {timeout:?}"));
+            if event.event == name {
+                return event;
+            }
+        }
+    }
+
+    /// Message sequences until the last one is at least `upto`.
+    pub async fn messages_until(&mut self, upto: u64) -> Vec<u64> {
+        let mut seqs = Vec::new();
+        while seqs.last().is_none_or(|s| *s < upto) {
+            seqs.push(self.next_named("message").await.seq());
+        }
+        seqs
     }
 
     /// Message sequences until `count` arrived.
