@@ -7,12 +7,13 @@ mod common;
 
 use std::{
     net::{IpAddr, SocketAddr},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use common::{
     nginx::{nginx_binary, Nginx},
     rooms,
+    sse::Sse,
     ws::{WsClient, WsCodec},
     Account, TestServer,
 };
@@ -48,30 +49,6 @@ fn client_from(from: IpAddr) -> reqwest::Client {
         .expect("HTTP client")
 }
 
-/// Reads SSE bytes until an event named `name` arrives; its `data:` as JSON.
-async fn sse_event(response: &mut reqwest::Response, buf: &mut String, name: &str) -> Value {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        while let Some(end) = buf.find("\n\n") {
-            let block: String = buf.drain(..end + 2).collect();
-            let event = block.lines().find_map(|l| l.strip_prefix("event: "));
-            let data = block.lines().find_map(|l| l.strip_prefix("data: "));
-            if let (Some(event), Some(data)) = (event, data) {
-                if event == name {
-                    return serde_json::from_str(data).expect("data is JSON");
-                }
-            }
-        }
-        let left = deadline
-            .checked_duration_since(Instant::now())
-            .unwrap_or_else(|| panic!("no `{name}` event through nginx within {WAIT:?}"));
-        match tokio::time::timeout(left, response.chunk()).await {
-            Ok(Ok(Some(bytes))) => buf.push_str(std::str::from_utf8(&bytes).expect("UTF-8")),
-            other => panic!("the SSE stream through nginx ended waiting for `{name}`: {other:?}"),
-        }
-    }
-}
-
 both_backends!(rpcs_websockets_and_sse_pass_through, |backend| async move {
     let Some(binary) = nginx_binary() else {
         return;
@@ -101,15 +78,15 @@ both_backends!(rpcs_websockets_and_sse_pass_through, |backend| async move {
 
     // SSE through nginx.
     let http = client_from(loopback(1));
-    let mut sse = http
+    let response = http
         .get(nginx.url(&format!("/sse?rooms={room}")))
         .bearer_auth(&reader.access_token)
         .send()
         .await
         .expect("GET /sse through nginx");
-    assert_eq!(sse.status(), 200, "{}", nginx.error_log());
-    let mut buf = String::new();
-    sse_event(&mut sse, &mut buf, "subscribed").await;
+    assert_eq!(response.status(), 200, "{}", nginx.error_log());
+    let mut sse = Sse::from_response(response);
+    sse.next_named_within("subscribed", WAIT).await;
 
     // A Connect RPC through nginx.
     let reply = http
@@ -133,7 +110,7 @@ both_backends!(rpcs_websockets_and_sse_pass_through, |backend| async move {
         .await;
     assert_eq!(message.seq.to_string(), seq);
     assert_eq!(message.text, "through nginx");
-    let event = sse_event(&mut sse, &mut buf, "message").await;
+    let event = sse.next_named_within("message", WAIT).await.json();
     assert_eq!(event["message"]["seq"].as_str(), Some(seq.as_str()));
 
     // Health checks pass through too.

@@ -13,12 +13,12 @@ use std::time::{Duration, Instant};
 use common::{
     poll::{notifications, Poller},
     rooms::{create_room, join},
+    sse::Sse,
     unique_name,
     ws::{room_event, Incoming, WsClient, WsCodec},
     Account, TestServer,
 };
 use roomcast::{actors::poll_hub::CountWaiters, proto::v1 as pb, protocol::close};
-use serde_json::Value;
 
 use pb::{client_frame::Kind as In, server_frame::Kind as Out};
 
@@ -26,94 +26,6 @@ const WAIT: Duration = Duration::from_secs(15);
 const SENDERS: usize = 4;
 const EACH: usize = 25;
 const TOTAL: u64 = (SENDERS * EACH) as u64;
-
-/// A minimal SSE reader: the events with their `id:`.
-struct Sse {
-    response: reqwest::Response,
-    buf: String,
-    last_id: Option<String>,
-}
-
-struct SseEvent {
-    event: String,
-    data: Value,
-}
-
-impl Sse {
-    async fn open(server: &TestServer, query: &str, token: &str, last_id: Option<&str>) -> Self {
-        let mut request = server
-            .http()
-            .get(server.url(&format!("/sse?{query}")))
-            .bearer_auth(token);
-        if let Some(id) = last_id {
-            request = request.header("Last-Event-ID", id);
-        }
-        let response = request.send().await.expect("GET /sse");
-        assert_eq!(response.status(), 200);
-        Self {
-            response,
-            buf: String::new(),
-            last_id: last_id.map(str::to_owned),
-        }
-    }
-
-    async fn next(&mut self, timeout: Duration) -> Option<SseEvent> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(end) = self.buf.find("\n\n") {
-                let block: String = self.buf.drain(..end + 2).collect();
-                let (mut event, mut data) = (String::new(), String::new());
-                for line in block.lines() {
-                    if let Some((field, value)) = line.split_once(':') {
-                        let value = value.strip_prefix(' ').unwrap_or(value);
-                        match field {
-                            "id" => self.last_id = Some(value.to_owned()),
-                            "event" => event = value.to_owned(),
-                            "data" => data.push_str(value),
-                            _ => {}
-                        }
-                    }
-                }
-                if !data.is_empty() {
-                    let data = serde_json::from_str(&data).expect("data is JSON");
-                    return Some(SseEvent { event, data });
-                }
-                continue;
-            }
-            let left = deadline.checked_duration_since(Instant::now())?;
-            match tokio::time::timeout(left, self.response.chunk()).await {
-                Ok(Ok(Some(bytes))) => self.buf.push_str(std::str::from_utf8(&bytes).unwrap()),
-                _ => return None,
-            }
-        }
-    }
-
-    async fn next_named(&mut self, name: &str) -> SseEvent {
-        loop {
-            let event = self
-                .next(WAIT)
-                .await
-                .unwrap_or_else(|| panic!("no `{name}` event"));
-            if event.event == name {
-                return event;
-            }
-        }
-    }
-
-    /// Message sequences of `room` until the last one is at least `upto`.
-    async fn messages_until(&mut self, upto: u64) -> Vec<u64> {
-        let mut seqs = Vec::new();
-        while seqs.last().is_none_or(|s| *s < upto) {
-            let event = self.next_named("message").await;
-            let seq = event.data["message"]["seq"]
-                .as_str()
-                .and_then(|s| s.parse().ok())
-                .expect("a seq");
-            seqs.push(seq);
-        }
-        seqs
-    }
-}
 
 async fn hub_waiters(server: &TestServer) -> usize {
     server.state().polls.send(CountWaiters).await.expect("hub")
@@ -375,7 +287,7 @@ both_backends!(
         let on_ws = ws.push_matching(WAIT, ws_notification).await;
         assert_eq!((on_ws.seq, on_ws.text.as_str()), (1, "first"));
         let on_sse = sse.next_named("notification").await;
-        assert_eq!(on_sse.data["notification"]["seq"], "1");
+        assert_eq!(on_sse.json()["notification"]["seq"], "1");
         let sse_id = sse.last_id.clone().expect("an id");
         let polled = tokio::time::timeout(WAIT, waiting)
             .await
@@ -415,7 +327,7 @@ both_backends!(
         )
         .await;
         let on_sse = sse.next_named("notification").await;
-        assert_eq!(on_sse.data["notification"]["seq"], "2");
+        assert_eq!(on_sse.json()["notification"]["seq"], "2");
         let polled = poller.poll(&server, 20_000).await.expect("poll");
         let found = notifications(&polled);
         assert_eq!(found.iter().map(|n| n.seq).collect::<Vec<_>>(), vec![2]);
@@ -455,7 +367,7 @@ both_backends!(
             }
         }
         let closed = sse.next_named("close").await;
-        assert_eq!(closed.data["code"], close::DISCONNECTED);
+        assert_eq!(closed.json()["code"], close::DISCONNECTED);
         let polled = tokio::time::timeout(WAIT, waiting)
             .await
             .expect("the poll ends")
