@@ -18,33 +18,23 @@ use std::{
 };
 
 use common::{
-    cluster::{Cluster, NodeKind},
-    report_skipped,
+    cluster::{redis_url, Cluster, NodeKind},
     rooms::{create_room, join, send_http},
     ws::{room_event, Incoming, WsClient, WsCodec},
     Account, Backend, TestDatabase, TestServer,
 };
 use roomcast::proto::v1 as pb;
 
-/// The Redis the test services run.
-const REDIS_URL_ENV: &str = "ROOMCAST_TEST_REDIS_URL";
 /// How long a subscriber may see nothing before the test fails.
 const IDLE: Duration = Duration::from_secs(20);
 
-/// The Redis URL, or `None` (with a printed reason) when these tests cannot run.
+/// The suite's Redis URL, or `None` (reported as skipped) when these tests cannot
+/// run: no PostgreSQL or no Redis.
 fn services() -> Option<String> {
     if !common::postgres_available() {
         return None;
     }
-    match std::env::var(REDIS_URL_ENV) {
-        Ok(url) if !url.trim().is_empty() => Some(url),
-        _ => {
-            report_skipped(&format!(
-                "{REDIS_URL_ENV} is not set; run `bash scripts/test.sh` to include the cluster tests"
-            ));
-            None
-        }
-    }
+    redis_url()
 }
 
 /// A channel prefix of this test's own, so parallel tests never hear each other.
@@ -57,35 +47,35 @@ fn uuid_like() -> String {
     format!("{:016x}", rand::thread_rng().gen::<u64>())
 }
 
-/// `n` nodes on one fresh PostgreSQL database, linked through `redis_url`.
-async fn start_nodes(n: usize, redis_url: &str) -> (Vec<TestServer>, TestDatabase) {
-    let database = TestDatabase::create(Backend::Postgres).await;
-    let prefix = unique_prefix();
-    let mut nodes = Vec::new();
-    // One after the other: the first applies the migrations.
-    for i in 0..n {
-        let url = database.url.clone();
-        let redis = redis_url.to_owned();
-        let prefix = prefix.clone();
-        nodes.push(
-            TestServer::spawn_with(Backend::Postgres, move |s| {
-                s.store.url = url;
-                s.cluster.broker = "redis".into();
-                s.cluster.redis_url = redis;
-                s.cluster.channel_prefix = prefix;
-                s.cluster.node_id = format!("node-{i}");
-                s.cluster.reconnect_min_ms = 50;
-                s.cluster.reconnect_max_ms = 500;
-                s.realtime.send_rate_per_sec = 10_000;
-                s.realtime.send_burst = 10_000;
-            })
-            .await,
-        );
-    }
-    for node in &nodes {
+/// `n` in-process nodes on one fresh PostgreSQL database (the multi-node harness),
+/// linked through the suite's Redis or, when given, `redis`; each `/readyz` says
+/// ready (linked) before this answers. `None` (reported as skipped) without the
+/// services.
+async fn start_nodes(n: usize, redis: Option<&str>) -> Option<Cluster> {
+    let builder = match redis {
+        Some(url) => Cluster::builder(n).redis_at(url),
+        None => Cluster::builder(n).redis(),
+    };
+    let cluster = builder
+        .configure(|s, _| {
+            s.cluster.reconnect_min_ms = 50;
+            s.cluster.reconnect_max_ms = 500;
+            s.realtime.send_rate_per_sec = 10_000;
+            s.realtime.send_burst = 10_000;
+        })
+        .start()
+        .await?;
+    for node in servers(&cluster) {
         wait_ready(node, Duration::from_secs(20)).await;
     }
-    (nodes, database)
+    Some(cluster)
+}
+
+/// The in-process servers of every node.
+fn servers(cluster: &Cluster) -> Vec<&TestServer> {
+    (0..cluster.len())
+        .map(|i| cluster.server(i).expect("an in-process node"))
+        .collect()
 }
 
 /// `/readyz` of `node`: (HTTP status, body).
@@ -202,8 +192,10 @@ async fn member(node: &TestServer, name: &str, room: &str) -> Account {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_chat_room_written_on_every_node_is_one_gapless_order_everywhere() {
-    let Some(redis) = services() else { return };
-    let (nodes, _db) = start_nodes(3, &redis).await;
+    let Some(cluster) = start_nodes(3, None).await else {
+        return;
+    };
+    let nodes = servers(&cluster);
     let owner = nodes[0].sign_up("owner").await;
     let room = create_room(&nodes[0], &owner, pb::RoomKind::Public).await;
 
@@ -310,8 +302,10 @@ async fn a_chat_room_written_on_every_node_is_one_gapless_order_everywhere() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn resuming_on_another_node_from_a_sequence_it_has_not_seen_yet_is_not_out_of_range() {
-    let Some(redis) = services() else { return };
-    let (nodes, _db) = start_nodes(2, &redis).await;
+    let Some(cluster) = start_nodes(2, None).await else {
+        return;
+    };
+    let nodes = servers(&cluster);
     let owner = nodes[0].sign_up("owner").await;
     let room = create_room(&nodes[0], &owner, pb::RoomKind::Public).await;
     let reader = member(&nodes[1], "reader", &room).await;
@@ -432,7 +426,10 @@ async fn redis_killed_and_restarted_mid_stream_loses_nothing() {
         return;
     }
     let mut redis = OwnRedis::start();
-    let (nodes, _db) = start_nodes(2, &redis.url()).await;
+    let Some(cluster) = start_nodes(2, Some(&redis.url())).await else {
+        return;
+    };
+    let nodes = servers(&cluster);
     let owner = nodes[0].sign_up("owner").await;
     let room = create_room(&nodes[0], &owner, pb::RoomKind::Public).await;
     let mut watchers = Vec::new();
@@ -571,8 +568,10 @@ async fn watch_live(client: &mut WsClient, room: &str, last: u64, name: &str) ->
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_live_room_written_on_every_node_has_one_order_with_exact_gaps() {
-    let Some(redis) = services() else { return };
-    let (nodes, _db) = start_nodes(3, &redis).await;
+    let Some(cluster) = start_nodes(3, None).await else {
+        return;
+    };
+    let nodes = servers(&cluster);
     let owner = nodes[0].sign_up("owner").await;
     let room = create_live_room(&nodes[0], &owner).await;
 
@@ -939,8 +938,10 @@ async fn a_room_notice_published_on_one_node_reaches_the_room_on_every_node() {
         cluster::{codec, Body, Topic},
         ids::{RoomId, UserId},
     };
-    let Some(redis) = services() else { return };
-    let (nodes, _db) = start_nodes(2, &redis).await;
+    let Some(cluster) = start_nodes(2, None).await else {
+        return;
+    };
+    let nodes = servers(&cluster);
     let owner = nodes[0].sign_up("owner").await;
     let room = create_room(&nodes[0], &owner, pb::RoomKind::Public).await;
     let guest = member(&nodes[1], "guest", &room).await;
