@@ -83,7 +83,9 @@ pub async fn open_store(settings: &Settings) -> Result<Store, StoreError> {
 
 /// Starts the actors that serve the API. Must run inside an actix `System`.
 pub async fn start_state(settings: Arc<Settings>, store: Store) -> Result<AppState, StartError> {
-    if settings.cluster.broker == "redis" && store.backend() == crate::store::Backend::Sqlite {
+    let shared = crate::cluster::BrokerKind::parse(&settings.cluster.broker)
+        .is_some_and(crate::cluster::BrokerKind::is_shared);
+    if shared && store.backend() == crate::store::Backend::Sqlite {
         return Err(StartError::ClusterNeedsPostgres);
     }
     // The broker first: rooms register their interest in it as they load.
@@ -112,7 +114,9 @@ pub async fn start_state(settings: Arc<Settings>, store: Store) -> Result<AppSta
         .start_supervised();
     let hub_rooms = rooms.clone();
     let max_waiting = settings.poll.max_waiting_per_user;
-    let polls = Supervisor::start(move |_| PollHub::new(hub_rooms, max_waiting));
+    let hub_bus = bus.clone();
+    let polls =
+        Supervisor::start(move |_| PollHub::new(hub_rooms, max_waiting).with_bus(hub_bus.clone()));
     let sessions_store = store.clone();
     let sessions_rooms = rooms.clone();
     let sessions_polls = polls.clone().recipient();

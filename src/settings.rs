@@ -184,6 +184,10 @@ pub struct ClusterSettings {
     /// A node whose presence was not refreshed for this long counts as gone: its
     /// users are offline for the others, in milliseconds (a few refreshes).
     pub presence_expiry_ms: u64,
+    /// Live rooms across nodes: how long a retry (same `client_message_id`) of a
+    /// live comment gets the first result on any node, in milliseconds
+    /// (`crate::cluster::live_guard`; within one node, as long as the ring holds it).
+    pub live_retry_window_ms: u64,
 }
 
 /// Default of `cluster.reconnect_min_ms`.
@@ -192,6 +196,9 @@ pub const CLUSTER_RECONNECT_MIN_MS: u64 = 100;
 pub const CLUSTER_RECONNECT_MAX_MS: u64 = 5_000;
 /// Default of `cluster.live_holdback_ms`: a few Redis round trips on one network.
 pub const CLUSTER_LIVE_HOLDBACK_MS: u64 = 200;
+/// Default of `cluster.live_retry_window_ms`: longer than any client retries one
+/// send.
+pub const CLUSTER_LIVE_RETRY_WINDOW_MS: u64 = 600_000;
 /// Default of `cluster.presence_refresh_ms`: the others see a user come online
 /// within 2 s.
 pub const CLUSTER_PRESENCE_REFRESH_MS: u64 = 2_000;
@@ -213,6 +220,7 @@ impl Default for ClusterSettings {
             live_holdback_ms: CLUSTER_LIVE_HOLDBACK_MS,
             presence_refresh_ms: CLUSTER_PRESENCE_REFRESH_MS,
             presence_expiry_ms: CLUSTER_PRESENCE_EXPIRY_MS,
+            live_retry_window_ms: CLUSTER_LIVE_RETRY_WINDOW_MS,
         }
     }
 }

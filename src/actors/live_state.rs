@@ -115,15 +115,7 @@ impl LiveState {
             if let Some(last) = self.last_sent.get(sender) {
                 let since = now.saturating_duration_since(*last);
                 if since < every {
-                    let wait = every - since;
-                    return Err(refused("slow_mode", retry_later(
-                        format!(
-                            "slow_mode: one message every {} s per user in this room; you may send again in {} ms",
-                            c.slow_mode_seconds,
-                            wait.as_millis()
-                        ),
-                        wait,
-                    )));
+                    return Err(slow_mode_refused(c.slow_mode_seconds, every - since));
                 }
             }
         }
@@ -141,14 +133,7 @@ impl LiveState {
                         .copied()
                         .unwrap_or(now);
                     let wait = RATE_WINDOW.saturating_sub(now.saturating_duration_since(oldest));
-                    return Err(refused("rate_limit", retry_later(
-                        format!(
-                            "rate_limit: at most {} messages per minute per user in this room; you may send again in {} ms",
-                            c.rate_limit_per_minute,
-                            wait.as_millis()
-                        ),
-                        wait,
-                    )));
+                    return Err(rate_limit_refused(c.rate_limit_per_minute, wait));
                 }
             }
         }
@@ -180,6 +165,36 @@ impl LiveState {
             !sends.is_empty()
         });
     }
+}
+
+/// The refusal of a send under slow mode (`seconds`), `wait` before the next;
+/// counted in `roomcast_live_refusals`.
+pub fn slow_mode_refused(seconds: u32, wait: Duration) -> ApiError {
+    refused(
+        "slow_mode",
+        retry_later(
+            format!(
+                "slow_mode: one message every {seconds} s per user in this room; you may send again in {} ms",
+                wait.as_millis()
+            ),
+            wait,
+        ),
+    )
+}
+
+/// The refusal of a send over the rate limit (`per_minute`), `wait` before the
+/// next; counted in `roomcast_live_refusals`.
+pub fn rate_limit_refused(per_minute: u32, wait: Duration) -> ApiError {
+    refused(
+        "rate_limit",
+        retry_later(
+            format!(
+                "rate_limit: at most {per_minute} messages per minute per user in this room; you may send again in {} ms",
+                wait.as_millis()
+            ),
+            wait,
+        ),
+    )
 }
 
 /// Counts a refusal by `control` in `roomcast_live_refusals` and passes it on.

@@ -11,7 +11,11 @@
 //! - User notifications: [`NotificationStored`] wakes the user's waiters that poll
 //!   their notifications.
 //! - Poll ids: a waiter registered with the same `(user, poll_id)` as an older one
-//!   ends the older at once ([`PollEnd::Superseded`]).
+//!   ends the older at once ([`PollEnd::Superseded`]). Across nodes (the Redis
+//!   broker), the hub publishes a `PollTaken` control message for each waiter
+//!   with a poll id; the other nodes' hubs end their waiter of that key
+//!   ([`PollTakenElsewhere`]) if it registered no later than the new one (so a
+//!   message that arrives late never ends a poll newer than the one it announces).
 //! - [`EndUserPolls`] ends every waiter of a user (DisconnectUser), or of one of
 //!   their sessions (sign-out and session revocation, from the session registry).
 //!
@@ -45,7 +49,9 @@ use super::{
     supervision::guarded,
 };
 use crate::{
+    cluster::{Body, Bus, Topic},
     ids::{RoomId, SessionId, UserId},
+    proto::node::v1 as node,
     protocol::FrameCodec,
 };
 
@@ -172,6 +178,19 @@ pub struct EndUserPolls {
 #[rtype(result = "()")]
 pub struct EndAllPolls;
 
+/// A poll with this `(user, poll_id)` started waiting on another node
+/// (`origin`) at `registered_at_ms`: this node's waiter of that key ends
+/// ([`PollEnd::Superseded`]) if it registered no later. From the control topic
+/// ([`crate::cluster::control`]).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct PollTakenElsewhere {
+    pub user_id: UserId,
+    pub poll_id: String,
+    pub origin: String,
+    pub registered_at_ms: i64,
+}
+
 /// How many polls wait on this node (for tests and operations).
 #[derive(Message)]
 #[rtype(result = "usize")]
@@ -215,6 +234,9 @@ struct Waiter {
     rooms: Vec<RoomId>,
     notifications: bool,
     signal: Arc<WaiterSignal>,
+    /// When it registered, milliseconds since the Unix epoch (compared with the
+    /// other nodes' `PollTaken`).
+    registered_at_ms: i64,
 }
 
 /// The hub's subscription to one room.
@@ -231,6 +253,8 @@ struct RoomWatch {
 /// Wakes this node's waiting long-polls; see the module docs.
 pub struct PollHub {
     registry: Addr<RoomRegistry>,
+    /// Tells the other nodes about waiters with a poll id (`None`: alone).
+    bus: Option<Bus>,
     /// `poll.max_waiting_per_user`.
     max_per_user: usize,
     waiters: HashMap<WaiterId, Waiter>,
@@ -248,6 +272,7 @@ impl PollHub {
     pub fn new(registry: Addr<RoomRegistry>, max_per_user: usize) -> Self {
         Self {
             registry,
+            bus: None,
             max_per_user,
             waiters: HashMap::new(),
             rooms: HashMap::new(),
@@ -258,6 +283,32 @@ impl PollHub {
             gauge: Arc::new(OutboundGauge::new(usize::MAX)),
             waiters_gauge: crate::metrics::GaugeShare::poll_waiters(),
         }
+    }
+
+    /// Announces the waiters with a poll id on `bus` when it links several nodes,
+    /// so that a newer poll with the same poll id on another node ends them.
+    pub fn with_bus(mut self, bus: Bus) -> Self {
+        self.bus = bus.is_shared().then_some(bus);
+        self
+    }
+
+    /// Tells the other nodes that waiter `id` took `(user_id, poll_id)`.
+    fn announce_taken(&self, user_id: &UserId, poll_id: &str, id: WaiterId, at_ms: i64) {
+        let Some(bus) = &self.bus else {
+            return;
+        };
+        bus.publish(
+            Topic::Control,
+            Body::Control(node::Control {
+                kind: Some(node::control::Kind::PollTaken(node::PollTaken {
+                    user_id: user_id.0.clone(),
+                    poll_id: poll_id.to_owned(),
+                    registration: id,
+                    registered_at_ms: at_ms,
+                })),
+            }),
+            None,
+        );
     }
 
     fn count(&mut self) {
@@ -463,9 +514,11 @@ impl Handler<Watch> for PollHub {
                 if waiting >= act.max_per_user {
                     return Err(TooManyWaiters(act.max_per_user));
                 }
+                let registered_at_ms = unix_ms();
                 if !msg.poll_id.is_empty() {
                     act.by_poll_id
                         .insert((msg.user_id.clone(), msg.poll_id.clone()), id);
+                    act.announce_taken(&msg.user_id, &msg.poll_id, id, registered_at_ms);
                 }
                 act.by_user
                     .entry(msg.user_id.clone())
@@ -501,6 +554,7 @@ impl Handler<Watch> for PollHub {
                         rooms: msg.rooms,
                         notifications: msg.notifications,
                         signal,
+                        registered_at_ms,
                     },
                 );
                 act.count();
@@ -596,6 +650,46 @@ impl Handler<EndAllPolls> for PollHub {
             },
         )
     }
+}
+
+impl Handler<PollTakenElsewhere> for PollHub {
+    type Result = ();
+
+    fn handle(&mut self, msg: PollTakenElsewhere, ctx: &mut Self::Context) {
+        guarded(
+            self,
+            ctx,
+            || (),
+            move |act, _ctx| {
+                // This node's own waiters were superseded when the new one registered.
+                if act.bus.as_ref().is_some_and(|b| b.node_id() == msg.origin) {
+                    return;
+                }
+                let key = (msg.user_id, msg.poll_id);
+                let Some(&id) = act.by_poll_id.get(&key) else {
+                    return;
+                };
+                let older = act
+                    .waiters
+                    .get(&id)
+                    .is_some_and(|w| w.registered_at_ms <= msg.registered_at_ms);
+                if !older {
+                    // Registered here after the other node's: it is the newest.
+                    return;
+                }
+                if let Some(waiter) = act.remove_waiter(id) {
+                    waiter.signal.end(PollEnd::Superseded);
+                }
+            },
+        )
+    }
+}
+
+/// Now, in milliseconds since the Unix epoch.
+fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 impl Handler<CountWaiters> for PollHub {

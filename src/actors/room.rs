@@ -491,6 +491,10 @@ pub struct RoomActor {
     /// What arrives from the broker, put in one gapless order (see
     /// [`crate::cluster::order`]).
     order: RoomOrder,
+    /// Live rooms across nodes: reads of the store's sequence counter started and
+    /// finished, for resumes from a sequence this node has not received yet (a
+    /// deferred subscription waits for the read numbered by its ticket).
+    counter_reads: (u64, u64),
     #[cfg(feature = "fault-injection")]
     faults: Faults,
 }
@@ -535,6 +539,7 @@ impl RoomActor {
             bus: Bus::local(),
             interest: None,
             order: RoomOrder::new(0, false, Duration::ZERO),
+            counter_reads: (0, 0),
             #[cfg(feature = "fault-injection")]
             faults: Faults::default(),
         }
@@ -857,7 +862,7 @@ impl RoomActor {
     /// reservation lasts), answers it and delivers it. Reserves the next block of
     /// numbers in the store ahead of need, so a busy room rarely waits for it.
     fn flush_live(&mut self, ctx: &mut Context<Self>) {
-        if self.bus.broker_name() != "local" {
+        if self.bus.is_shared() {
             self.flush_live_shared(ctx);
             return;
         }
@@ -1154,6 +1159,14 @@ impl RoomActor {
         })
     }
 
+    /// Empties the ring (and the retry ids of what it held).
+    fn clear_ring(&mut self) {
+        self.ring.clear();
+        if let Some(live) = self.live.as_mut() {
+            live.sent_ids.clear();
+        }
+    }
+
     /// The ring's event `seq`, if it still holds it.
     fn ring_event(&self, seq: u64) -> Option<&Arc<RoomEvent>> {
         let first = self.ring.front()?.seq;
@@ -1243,6 +1256,12 @@ impl RoomActor {
             // The events before the gap may still wait in the coalescing outbox.
             self.flush_outbox(ctx);
             self.notice(frame, None);
+            if to_seq > self.last_seq {
+                // Nothing after the gap yet (expected events that never came): the
+                // room is past it, and its ring starts afresh.
+                self.clear_ring();
+                self.last_seq = to_seq;
+            }
         }
         if !step.ready.is_empty() {
             self.publish(step.ready, ctx);
@@ -1309,9 +1328,15 @@ impl RoomActor {
             if event.seq != self.last_seq + 1 {
                 // Someone else appended in between (another node); the ring would
                 // have a hole, so start it afresh from here.
-                self.ring.clear();
+                self.clear_ring();
             }
             self.last_seq = event.seq;
+            // Another node's live comments too: a retry of one on this node gets
+            // the first result while the ring holds it.
+            if let (Some(live), Some(key)) = (self.live.as_mut(), &record.client_message_id) {
+                live.sent_ids
+                    .insert((record.sender_id.clone(), key.clone()), event.seq);
+            }
             self.ring.push_back(event.clone());
             self.amend_ring(record);
             self.outbox.push(event);
@@ -1613,20 +1638,128 @@ impl Handler<Append> for RoomActor {
                             live.record_send(&msg.message.sender_id, now);
                         }
                     }
+                    if let Some(checked) = act.live_across_nodes(&msg, ctx) {
+                        return checked;
+                    }
                 }
-                let (reply, outcome) = oneshot::channel();
-                act.pending.push_back((msg.message, reply));
-                crate::metrics::metrics().messages_received.inc();
-                act.flush(ctx);
-                Box::pin(async move {
-                    outcome.await.unwrap_or_else(|_| {
-                        Err(ApiError::unavailable(
-                            "room restarted; retry with the same client_message_id",
-                        ))
-                    })
-                })
+                act.enqueue(msg.message, ctx)
             },
         )
+    }
+}
+
+/// A live room's append that passed the cluster-wide rules
+/// ([`RoomActor::live_across_nodes`]): numbered like any other.
+#[derive(Message)]
+#[rtype(result = "Result<Appended, ApiError>")]
+struct AdmittedAppend(NewMessage);
+
+impl Handler<AdmittedAppend> for RoomActor {
+    type Result = ResponseFuture<Result<Appended, ApiError>>;
+
+    fn handle(&mut self, msg: AdmittedAppend, ctx: &mut Self::Context) -> Self::Result {
+        guarded(
+            self,
+            ctx,
+            || Box::pin(async { Err(ApiError::unavailable(RESTARTING_MESSAGE)) }) as Self::Result,
+            move |act, ctx| act.enqueue(msg.0, ctx),
+        )
+    }
+}
+
+impl RoomActor {
+    /// Queues `message` for the next flush; answers its outcome.
+    fn enqueue(
+        &mut self,
+        message: NewMessage,
+        ctx: &mut Context<Self>,
+    ) -> ResponseFuture<Result<Appended, ApiError>> {
+        let (reply, outcome) = oneshot::channel();
+        self.pending.push_back((message, reply));
+        crate::metrics::metrics().messages_received.inc();
+        self.flush(ctx);
+        Box::pin(async move {
+            outcome.await.unwrap_or_else(|_| {
+                Err(ApiError::unavailable(
+                    "room restarted; retry with the same client_message_id",
+                ))
+            })
+        })
+    }
+
+    /// Live rooms shared by several nodes (the Redis broker): the append passed
+    /// this node's rules; checks the cluster-wide ones in Redis
+    /// ([`crate::cluster::live_guard`]) before numbering it: a retry sent first on
+    /// another node gets that result, slow mode and the rate limit count the
+    /// user's sends on every node. `None`: nothing to check there (the append is
+    /// queued at once).
+    fn live_across_nodes(
+        &mut self,
+        msg: &Append,
+        ctx: &mut Context<Self>,
+    ) -> Option<ResponseFuture<Result<Appended, ApiError>>> {
+        let guard = self.bus.live_guard()?.clone();
+        let controls = &self.live.as_ref()?.controls;
+        let message = msg.message.clone();
+        let limited = message.kind == MessageKind::Text && !msg.host;
+        let slow_mode = controls.slow_mode_seconds;
+        let per_minute = controls.rate_limit_per_minute;
+        let slow = limited && slow_mode > 0;
+        let rate = limited && per_minute > 0;
+        if message.client_message_id.is_none() && !slow && !rate {
+            return None;
+        }
+        let room = self.id.clone();
+        let addr = ctx.address();
+        let checked: ResponseFuture<Result<Appended, ApiError>> = Box::pin(async move {
+            use crate::cluster::{limits::Verdict, live_guard::Claim};
+            let sender = message.sender_id.clone();
+            let key = message.client_message_id.clone();
+            let mut claimed = false;
+            if let Some(key) = &key {
+                match guard.claim(&room, &sender, key).await {
+                    Claim::First => claimed = true,
+                    Claim::Sent(record) => return Ok(Appended::Duplicate(record)),
+                    Claim::InFlight => {
+                        return Err(ApiError::unavailable(
+                            "this client_message_id is being sent on another node; retry shortly with the same client_message_id",
+                        ))
+                    }
+                    Claim::Unknown => {}
+                }
+            }
+            let mut refusal = None;
+            if slow {
+                let every = Duration::from_secs(u64::from(slow_mode));
+                if let Verdict::Wait(wait) = guard.slow_mode(&room, &sender, every).await {
+                    refusal = Some(super::live_state::slow_mode_refused(slow_mode, wait));
+                }
+            }
+            if rate && refusal.is_none() {
+                if let Verdict::Wait(wait) = guard.rate_limit(&room, &sender, per_minute).await {
+                    refusal = Some(super::live_state::rate_limit_refused(per_minute, wait));
+                }
+            }
+            let outcome = match refusal {
+                Some(refused) => {
+                    crate::metrics::metrics().limited("live_controls");
+                    Err(refused)
+                }
+                None => addr
+                    .send(AdmittedAppend(message))
+                    .await
+                    .unwrap_or_else(|_| Err(ApiError::unavailable(RESTARTING_MESSAGE))),
+            };
+            if let (true, Some(key)) = (claimed, &key) {
+                let record = match &outcome {
+                    Ok(Appended::Stored(record) | Appended::Duplicate(record)) => Some(record),
+                    _ => None,
+                };
+                guard.settle(&room, &sender, key, record).await;
+            }
+            outcome
+        });
+        Some(checked)
     }
 }
 
@@ -1660,6 +1793,8 @@ impl RoomActor {
     ) {
         let mut deferred: Option<(Subscribe, Option<u64>)> = None;
         let wait = &mut deferred;
+        let mut read_counter = false;
+        let read = &mut read_counter;
         let result = guarded(
             self,
             ctx,
@@ -1691,6 +1826,38 @@ impl RoomActor {
                     }
                     let (gap, replay) = match msg.since {
                         None => (None, Vec::new()),
+                        Some(since) if since > last_seq && act.bus.is_shared() => {
+                            // Another node numbered it (the counter is shared) and
+                            // it has not arrived here yet: answered once it has, or
+                            // once the hold-back reported it as a gap.
+                            if since <= act.order.newest_known() {
+                                *wait = Some((msg, ticket));
+                                return Err(ApiError::unavailable(
+                                    "deferred until the sequence is delivered",
+                                ));
+                            }
+                            // Not known here: ask the store's counter once.
+                            match ticket {
+                                Some(t) if act.counter_reads.1 >= t => {
+                                    return Err(ApiError::new(
+                                        Code::OutOfRange,
+                                        format!(
+                                        "since_seq {since} is beyond the room's last sequence {}",
+                                        act.order.newest_known().max(last_seq)
+                                    ),
+                                    ))
+                                }
+                                Some(_) => *wait = Some((msg, ticket)),
+                                None => {
+                                    act.counter_reads.0 += 1;
+                                    *wait = Some((msg, Some(act.counter_reads.0)));
+                                    *read = true;
+                                }
+                            }
+                            return Err(ApiError::unavailable(
+                                "deferred until the store's counter was read",
+                            ));
+                        }
                         Some(since) if since > last_seq => {
                             return Err(ApiError::new(
                                 Code::OutOfRange,
@@ -1780,6 +1947,9 @@ impl RoomActor {
         match deferred {
             Some((msg, ticket)) => {
                 self.deferred.push((msg, reply, ticket));
+                if read_counter {
+                    self.read_live_counter(ctx);
+                }
                 if let Some(fill) = self.order.next_catch_up() {
                     self.start_fill(fill, ctx);
                 }
@@ -1788,6 +1958,32 @@ impl RoomActor {
                 let _ = reply.send(result);
             }
         }
+    }
+
+    /// Live rooms across nodes: reads the store's sequence counter; what it
+    /// shows past what arrived here is held back like any hole, then reported as
+    /// a `gap`. The deferred subscriptions are tried again.
+    fn read_live_counter(&mut self, ctx: &mut Context<Self>) {
+        let ticket = self.counter_reads.0;
+        let store = self.store.clone();
+        let id = self.id.clone();
+        ctx.spawn(
+            async move { store.get_room(&id).await }
+                .into_actor(self)
+                .map(move |result, act, ctx| {
+                    act.counter_reads.1 = act.counter_reads.1.max(ticket);
+                    match result {
+                        Ok(room) => {
+                            let step = act.order.expect_through(room.last_seq);
+                            act.apply_step(step, ctx);
+                        }
+                        Err(e) => {
+                            tracing::warn!(room = %act.id, error = %e, "cannot read the live room's counter");
+                        }
+                    }
+                    act.retry_deferred(ctx);
+                }),
+        );
     }
 
     /// Tries the deferred subscriptions again (after events were delivered).

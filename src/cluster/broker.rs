@@ -105,12 +105,46 @@ pub enum BrokerError {
     UnknownBroker(String),
 }
 
+/// Which broker links this node to the others. Decide by this (or
+/// [`Bus::is_shared`]), never by the name, which is for logs and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BrokerKind {
+    /// The in-process broker: the node is alone (`cluster.broker = "local"`).
+    Local,
+    /// Redis pub/sub: nodes share the store and Redis (`cluster.broker = "redis"`).
+    Redis,
+}
+
+impl BrokerKind {
+    /// The kind a `cluster.broker` setting names, if it names one.
+    pub fn parse(setting: &str) -> Option<Self> {
+        match setting {
+            "local" => Some(BrokerKind::Local),
+            "redis" => Some(BrokerKind::Redis),
+            _ => None,
+        }
+    }
+
+    /// `local` or `redis`: the `cluster.broker` value (logs, metrics).
+    pub fn name(self) -> &'static str {
+        match self {
+            BrokerKind::Local => "local",
+            BrokerKind::Redis => "redis",
+        }
+    }
+
+    /// Whether other nodes may share this node's rooms and users.
+    pub fn is_shared(self) -> bool {
+        self != BrokerKind::Local
+    }
+}
+
 /// What a broker implementation does beyond this node. The local half (interest
 /// and delivery to this node's consumers) is the same for every implementation and
 /// lives in [`Bus`].
 pub trait Broker: Send + Sync + 'static {
-    /// `local` or `redis` (logs, metrics).
-    fn name(&self) -> &'static str;
+    /// Which broker this is.
+    fn kind(&self) -> BrokerKind;
     /// Carries `envelope` to the other nodes (not back to this one).
     fn send_to_others(&self, envelope: &Arc<Envelope>);
     /// This node gained its first (`true`) or lost its last (`false`) consumer of
@@ -127,13 +161,15 @@ pub struct Bus {
     node_id: Arc<str>,
     hub: Arc<Hub>,
     broker: Arc<dyn Broker>,
+    /// Live rooms' per-user rules across nodes (the Redis broker only).
+    live_guard: Option<Arc<super::live_guard::LiveGuard>>,
 }
 
 impl std::fmt::Debug for Bus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Bus")
             .field("node_id", &self.node_id)
-            .field("broker", &self.broker.name())
+            .field("broker", &self.broker.kind().name())
             .finish()
     }
 }
@@ -144,7 +180,21 @@ impl Bus {
             node_id,
             hub,
             broker,
+            live_guard: None,
         }
+    }
+
+    /// This bus with `guard` for live rooms' retries, slow mode and rate limit
+    /// across nodes.
+    pub(crate) fn with_live_guard(mut self, guard: Arc<super::live_guard::LiveGuard>) -> Self {
+        self.live_guard = Some(guard);
+        self
+    }
+
+    /// Live rooms' retries, slow mode and rate limit across nodes, when nodes
+    /// share rooms (`None`: each room's own rules are the whole truth).
+    pub fn live_guard(&self) -> Option<&Arc<super::live_guard::LiveGuard>> {
+        self.live_guard.as_ref()
     }
 
     /// A bus of its own with the in-process broker (one node; tests of one actor).
@@ -157,9 +207,21 @@ impl Bus {
         &self.node_id
     }
 
-    /// `local` or `redis`.
+    /// `local` or `redis`, for logs and metrics (decide by [`Bus::kind`]).
     pub fn broker_name(&self) -> &'static str {
-        self.broker.name()
+        self.broker.kind().name()
+    }
+
+    /// Which broker links this node to the others.
+    pub fn kind(&self) -> BrokerKind {
+        self.broker.kind()
+    }
+
+    /// Whether other nodes may share this node's rooms and users (the Redis
+    /// broker): what a room or user holds on this node alone is then not the
+    /// whole truth.
+    pub fn is_shared(&self) -> bool {
+        self.broker.kind().is_shared()
     }
 
     /// Whether the node is linked to the other nodes now (always with the local broker).
@@ -195,6 +257,26 @@ impl Bus {
             body: Body::Relinked,
         });
         self.hub.dispatch_all(&envelope);
+    }
+
+    /// Hands [`Body::Relinked`] to every local consumer of a room topic: every
+    /// loaded room reads the store past the last sequence it delivered (one query
+    /// per loaded chat room; live rooms keep nothing in the store and ignore it).
+    /// For when another node died or was cut off: it may have committed events it
+    /// never published. Answers how many rooms were asked.
+    pub fn recheck_rooms(&self) -> usize {
+        let envelope = Arc::new(Envelope {
+            topic: Topic::Control,
+            origin: self.node_id.clone(),
+            body: Body::Relinked,
+        });
+        let mut rooms = 0;
+        for topic in self.hub.topics() {
+            if matches!(topic, Topic::Room(_)) {
+                rooms += self.hub.dispatch(&envelope, None, Some(&topic));
+            }
+        }
+        rooms
     }
 
     /// Registers `recipient` for `topic`: it gets a [`Delivered`] for every message

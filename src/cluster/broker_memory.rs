@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use super::{
-    broker::{Broker, Bus, Envelope, Topic},
+    broker::{Broker, BrokerKind, Bus, Envelope, Topic},
     hub::Hub,
 };
 
@@ -21,8 +21,8 @@ impl MemoryBroker {
 }
 
 impl Broker for MemoryBroker {
-    fn name(&self) -> &'static str {
-        "local"
+    fn kind(&self) -> BrokerKind {
+        BrokerKind::Local
     }
 
     fn send_to_others(&self, _envelope: &Arc<Envelope>) {}

@@ -33,7 +33,7 @@ use futures_util::StreamExt as _;
 use redis::aio::{MultiplexedConnection, PubSubSink};
 
 use super::{
-    broker::{Body, Broker, Bus, Envelope, Topic},
+    broker::{Body, Broker, BrokerKind, Bus, Envelope, Topic},
     codec,
     hub::Hub,
 };
@@ -98,13 +98,19 @@ impl RedisBroker {
             prefix,
             linked,
         };
-        Ok(Bus::new(node_id, hub, Arc::new(broker)))
+        let guard = super::live_guard::LiveGuard::new(
+            &settings.redis_url,
+            &settings.channel_prefix,
+            Duration::from_millis(settings.live_retry_window_ms.max(1)),
+        )
+        .map_err(super::broker::BrokerError::RedisUrl)?;
+        Ok(Bus::new(node_id, hub, Arc::new(broker)).with_live_guard(Arc::new(guard)))
     }
 }
 
 impl Broker for RedisBroker {
-    fn name(&self) -> &'static str {
-        "redis"
+    fn kind(&self) -> BrokerKind {
+        BrokerKind::Redis
     }
 
     fn send_to_others(&self, envelope: &Arc<Envelope>) {

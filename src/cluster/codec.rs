@@ -113,7 +113,7 @@ pub fn room_notice(room_id: &RoomId, notice: &crate::actors::room::RoomNotice) -
     }
 }
 
-fn stored_event(record: &MessageRecord) -> node::StoredEvent {
+pub(crate) fn stored_event(record: &MessageRecord) -> node::StoredEvent {
     node::StoredEvent {
         seq: record.seq,
         id: record.id.clone(),
@@ -134,7 +134,10 @@ fn stored_event(record: &MessageRecord) -> node::StoredEvent {
     }
 }
 
-fn message_record(room_id: &str, e: node::StoredEvent) -> Result<MessageRecord, DecodeError> {
+pub(crate) fn message_record(
+    room_id: &str,
+    e: node::StoredEvent,
+) -> Result<MessageRecord, DecodeError> {
     Ok(MessageRecord {
         room_id: RoomId(room_id.to_owned()),
         seq: e.seq,

@@ -25,7 +25,7 @@ use actix::{Actor, Addr, AsyncContext as _, Context, Handler, Supervised};
 use super::{Body, Bus, Delivered, Interest, Topic};
 use crate::{
     actors::{
-        poll_hub::{EndUserPolls, NotificationStored, PollEnd, PollHub},
+        poll_hub::{EndUserPolls, NotificationStored, PollEnd, PollHub, PollTakenElsewhere},
         session_registry::{SessionRegistry, SignOutUser, SignalEveryone, SignalUser},
         supervision::guarded,
         user_session::SessionSignal,
@@ -75,7 +75,9 @@ pub fn api_key_revoked(bus: &Bus, key_id: &str) {
     );
 }
 
-/// An operator's announcement to every connection of every node.
+/// An operator's announcement to the connections of every other node (the
+/// publishing node's listener skips it: AdminService.Announce signals that
+/// node's own connections directly, and counts them).
 pub fn announce(bus: &Bus, frame: pb::ServerFrame) {
     publish(
         bus,
@@ -183,6 +185,8 @@ impl ControlListener {
                     },
                 });
             }
+            // The node that took the request signalled its own connections.
+            ControlKind::Announce(_) if origin == self.bus.node_id() => {}
             ControlKind::Announce(m) => {
                 if let Some(frame) = m.frame.clone() {
                     self.sessions.do_send(SignalEveryone {
@@ -192,6 +196,17 @@ impl ControlListener {
                     });
                 }
             }
+            // A newer poll with a poll id waits on another node: the older one
+            // here ends (this node's own were ended when it registered).
+            ControlKind::PollTaken(m) if origin != self.bus.node_id() => {
+                self.polls.do_send(PollTakenElsewhere {
+                    user_id: UserId(m.user_id.clone()),
+                    poll_id: m.poll_id.clone(),
+                    origin: origin.to_owned(),
+                    registered_at_ms: m.registered_at_ms,
+                })
+            }
+            ControlKind::PollTaken(_) => {}
             // Rooms hear their own updates on their room topic.
             ControlKind::RoomUpdated(_) => {}
         }

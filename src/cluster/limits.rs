@@ -26,7 +26,7 @@ pub const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(1);
 /// GCRA on Redis time in microseconds. KEYS[1]: the user's bucket; ARGV[1]: the
 /// emission interval (µs per token); ARGV[2]: the burst tolerance (µs). Answers 0
 /// (allowed) or how many µs to wait.
-const GCRA: &str = r"
+pub(crate) const GCRA: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local interval = tonumber(ARGV[1])

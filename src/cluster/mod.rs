@@ -11,6 +11,7 @@
 //! - [`hub`]: this node's interest (topic → local consumers).
 //! - [`broker_memory`], [`broker_redis`]: the two brokers.
 //! - [`codec`]: envelopes to and from the node protocol.
+//! - [`live_guard`]: live rooms' retries, slow mode and rate limit across nodes.
 //! - [`order`]: [`RoomOrder`], how a room actor turns what arrives from every node
 //!   into one gapless order (holes filled from the store, or reported as `gap` in
 //!   live rooms).
@@ -51,12 +52,15 @@ pub mod codec;
 pub mod control;
 pub mod hub;
 pub mod limits;
+pub mod live_guard;
 pub mod order;
 pub mod presence;
 
 use std::sync::Arc;
 
-pub use broker::{Body, Broker, BrokerError, Bus, Delivered, Envelope, Interest, Topic};
+pub use broker::{
+    Body, Broker, BrokerError, BrokerKind, Bus, Delivered, Envelope, Interest, Topic,
+};
 pub use order::RoomOrder;
 
 use crate::settings::ClusterSettings;
@@ -74,13 +78,13 @@ pub fn start(settings: &ClusterSettings) -> Result<Bus, BrokerError> {
     } else {
         settings.node_id.as_str().into()
     };
-    match settings.broker.as_str() {
-        "local" => Ok(broker_memory::MemoryBroker::bus(node_id)),
-        "redis" => {
+    match BrokerKind::parse(&settings.broker) {
+        Some(BrokerKind::Local) => Ok(broker_memory::MemoryBroker::bus(node_id)),
+        Some(BrokerKind::Redis) => {
             tracing::info!(node = %node_id, redis = %redact(&settings.redis_url), "cluster broker: Redis pub/sub");
             broker_redis::RedisBroker::start(settings, node_id)
         }
-        other => Err(BrokerError::UnknownBroker(other.to_owned())),
+        None => Err(BrokerError::UnknownBroker(settings.broker.clone())),
     }
 }
 
@@ -120,7 +124,7 @@ pub fn start_users(
     let board = Supervisor::start(move |_| {
         presence::PresenceBoard::new(board_bus.clone(), board_sessions.clone(), refresh, expiry)
     });
-    if settings.cluster.broker != "redis" {
+    if !bus.is_shared() {
         return Ok((board, None));
     }
     let forward_bus = bus.clone();

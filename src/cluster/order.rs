@@ -62,6 +62,9 @@ pub struct RoomOrder {
     filling: Option<Fill>,
     /// Live rooms: when the oldest hole was first seen.
     holding_since: Option<Instant>,
+    /// Live rooms: the newest sequence the store's counter says exists
+    /// ([`RoomOrder::expect_through`]), delivered or not.
+    expected: u64,
     live: bool,
     holdback: Duration,
     /// A catch-up (a read to the store's end) is wanted.
@@ -80,6 +83,7 @@ impl RoomOrder {
             held: BTreeMap::new(),
             filling: None,
             holding_since: None,
+            expected: 0,
             live,
             holdback,
             catch_up_wanted: false,
@@ -116,7 +120,7 @@ impl RoomOrder {
         self.filling.is_some()
     }
 
-    /// The newest sequence known to exist (delivered or held).
+    /// The newest sequence known to exist (delivered, held, or expected).
     pub fn newest_known(&self) -> u64 {
         self.held
             .keys()
@@ -124,6 +128,19 @@ impl RoomOrder {
             .copied()
             .unwrap_or(0)
             .max(self.delivered)
+            .max(self.expected)
+    }
+
+    /// Live rooms: the store's counter says sequences up to `upto` exist (some
+    /// node numbered them). What has not arrived is held back like any hole
+    /// (it may still be on its way), then reported as a `gap`. Chat rooms read the
+    /// store instead ([`RoomOrder::want_catch_up`]); nothing happens for them.
+    pub fn expect_through(&mut self, upto: u64) -> Step {
+        if !self.live || upto <= self.newest_known() {
+            return Step::default();
+        }
+        self.expected = upto;
+        self.advance(Instant::now())
     }
 
     /// Events published by some node (this one included).
@@ -140,6 +157,10 @@ impl RoomOrder {
                 }
             }
             if events.peek().is_none() {
+                if self.delivered >= self.expected {
+                    // An expected hole closed in time.
+                    self.holding_since = None;
+                }
                 return Step {
                     ready,
                     ..Step::default()
@@ -261,12 +282,16 @@ impl RoomOrder {
                 ..Step::default()
             };
         }
-        let Some(&first_held) = self.held.keys().next() else {
-            self.holding_since = None;
-            return Step::default();
+        let gap_end = match self.held.keys().next() {
+            Some(&first_held) => first_held - 1,
+            None if self.expected > self.delivered => self.expected,
+            None => {
+                self.holding_since = None;
+                return Step::default();
+            }
         };
-        let gap = (self.delivered + 1, first_held - 1);
-        self.delivered = first_held - 1;
+        let gap = (self.delivered + 1, gap_end);
+        self.delivered = gap_end;
         self.holding_since = None;
         crate::metrics::metrics().cluster.live_gaps.inc();
         let mut step = self.advance(now);
@@ -299,7 +324,15 @@ impl RoomOrder {
             ..Step::default()
         };
         let Some(&first_held) = self.held.keys().next() else {
-            self.holding_since = None;
+            if self.live && self.expected > self.delivered {
+                // Expected events that no node delivered yet: a hole like any.
+                if self.holding_since.is_none() {
+                    self.holding_since = Some(now);
+                    step.hold = true;
+                }
+            } else {
+                self.holding_since = None;
+            }
             return step;
         };
         if self.live {
@@ -462,5 +495,31 @@ mod tests {
         assert_eq!(seqs(&step.ready), [2, 3]);
         let step = order.hold_expired();
         assert!(step.gap.is_none() && step.ready.is_empty() && !step.hold);
+    }
+
+    #[test]
+    fn expected_live_events_that_never_come_become_a_gap() {
+        let mut order = RoomOrder::new(2, true, Duration::ZERO);
+        // The store's counter is at 5; nothing past 2 arrived.
+        let step = order.expect_through(5);
+        assert!(step.hold && step.ready.is_empty());
+        assert_eq!(order.newest_known(), 5);
+        let step = order.hold_expired();
+        assert_eq!(step.gap, Some((3, 5)));
+        assert_eq!(order.delivered(), 5);
+        assert_eq!(seqs(&order.accept([event(6)]).ready), [6]);
+    }
+
+    #[test]
+    fn expected_live_events_that_arrive_in_time_are_no_gap() {
+        let mut order = RoomOrder::new(2, true, Duration::from_secs(60));
+        assert!(order.expect_through(4).hold);
+        assert_eq!(seqs(&order.accept([event(3), event(4)]).ready), [3, 4]);
+        let step = order.hold_expired();
+        assert!(step.gap.is_none() && step.ready.is_empty() && !step.hold);
+        // A chat room reads the store instead.
+        let mut chat = RoomOrder::new(2, false, Duration::ZERO);
+        assert!(!chat.expect_through(9).hold);
+        assert_eq!(chat.newest_known(), 2);
     }
 }

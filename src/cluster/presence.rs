@@ -10,6 +10,19 @@
 //! [`online_anywhere`] answers "which of these users are online" for
 //! UserService/PushService presence queries and online counts.
 //!
+//! ## A node that dies or is cut off
+//!
+//! A node killed between committing a chat message and publishing it leaves the
+//! other nodes' subscribers without that message until the room's next event (and
+//! so does a node cut off from Redis for what it commits meanwhile). So the board
+//! also watches the nodes: when a node's share expires (it died, or was cut off),
+//! when a node not known is heard from (it started, or came back), and when a node
+//! says its share follows a relink (it was cut off for less than the expiry),
+//! every loaded room of this node reads the store past the last sequence it
+//! delivered ([`Bus::recheck_rooms`]; one query per loaded chat room). A message
+//! committed by a node that died is thus delivered everywhere within
+//! `cluster.presence_expiry_ms` plus one refresh, with no further send in the room.
+//!
 //! A share is the whole list each time (not changes): a lost message (pub/sub is
 //! at most once) is repaired by the next one, and a node that starts learns every
 //! other node's users within one refresh. The cost is one message of
@@ -50,6 +63,11 @@ pub struct OnlineElsewhere {
 #[rtype(result = "usize")]
 pub struct CountElsewhere;
 
+/// Every user the other nodes report online (AdminService.Announce's count).
+#[derive(Message)]
+#[rtype(result = "HashSet<UserId>")]
+pub struct UsersElsewhere;
+
 /// The latest share of one other node.
 struct Share {
     users: HashSet<UserId>,
@@ -85,19 +103,32 @@ impl PresenceBoard {
 
     fn forget_expired(&mut self) {
         let expiry = self.expiry;
+        let mut lost = 0;
         self.others.retain(|node, share| {
             let alive = share.seen.elapsed() < expiry;
             if !alive {
                 tracing::info!(node = %node, users = share.users.len(), "presence of a silent node expired");
+                lost += 1;
             }
             alive
         });
+        if lost > 0 {
+            self.recheck_rooms("a node went silent");
+        }
     }
 
-    /// Publishes this node's share (asked of the session registry).
-    fn publish_share(&mut self, ctx: &mut Context<Self>) {
+    /// Every loaded room reads what another node may have committed without
+    /// publishing it (see the module docs).
+    fn recheck_rooms(&self, why: &'static str) {
+        let rooms = self.bus.recheck_rooms();
+        tracing::info!(rooms, why, "loaded rooms re-read the store");
+    }
+
+    /// Publishes this node's share (asked of the session registry); `relinked`:
+    /// the first after a Redis fault.
+    fn publish_share(&mut self, ctx: &mut Context<Self>, relinked: bool) {
         let asked = self.sessions.send(OnlineUserIds);
-        ctx.spawn(asked.into_actor(self).map(|users, act, _ctx| {
+        ctx.spawn(asked.into_actor(self).map(move |users, act, _ctx| {
             // A registry that is restarting has nobody online yet.
             let users = users.unwrap_or_default();
             act.bus.publish(
@@ -106,6 +137,7 @@ impl PresenceBoard {
                     node_id: act.bus.node_id().to_owned(),
                     online_user_ids: users.into_iter().map(|u| u.0).collect(),
                     offline_user_ids: Vec::new(),
+                    relinked,
                 }),
                 act.interest.as_ref(),
             );
@@ -118,10 +150,10 @@ impl Actor for PresenceBoard {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         self.interest = Some(self.bus.register(Topic::Control, ctx.address().recipient()));
-        self.publish_share(ctx);
+        self.publish_share(ctx, false);
         ctx.run_interval(self.refresh, |act, ctx| {
             act.forget_expired();
-            act.publish_share(ctx);
+            act.publish_share(ctx, false);
         });
     }
 }
@@ -145,6 +177,11 @@ impl Handler<Delivered> for PresenceBoard {
                 let envelope = &msg.0;
                 match &envelope.body {
                     Body::Presence(share) if share.node_id != act.bus.node_id() => {
+                        if share.relinked {
+                            act.recheck_rooms("a node is linked again");
+                        } else if !act.others.contains_key(&share.node_id) {
+                            act.recheck_rooms("a node joined or came back");
+                        }
                         act.others.insert(
                             share.node_id.clone(),
                             Share {
@@ -158,7 +195,7 @@ impl Handler<Delivered> for PresenceBoard {
                         );
                     }
                     // Back after a Redis fault: tell the others at once.
-                    Body::Relinked => act.publish_share(ctx),
+                    Body::Relinked => act.publish_share(ctx, true),
                     _ => {}
                 }
             },
@@ -187,6 +224,20 @@ impl Handler<CountElsewhere> for PresenceBoard {
         self.forget_expired();
         let users: HashSet<&UserId> = self.others.values().flat_map(|s| &s.users).collect();
         users.len()
+    }
+}
+
+impl Handler<UsersElsewhere> for PresenceBoard {
+    type Result = actix::MessageResult<UsersElsewhere>;
+
+    fn handle(&mut self, _msg: UsersElsewhere, _ctx: &mut Self::Context) -> Self::Result {
+        self.forget_expired();
+        actix::MessageResult(
+            self.others
+                .values()
+                .flat_map(|s| s.users.iter().cloned())
+                .collect(),
+        )
     }
 }
 

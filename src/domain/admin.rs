@@ -13,10 +13,12 @@ use crate::{
         room::Deleted,
         room_registry::FindRoom,
         session_registry::{
-            describe_connections, ListSessions, SignalEveryone, SignalOneConnection, SignalUser,
+            describe_connections, ListSessions, OnlineUserIds, SignalEveryone, SignalOneConnection,
+            SignalUser,
         },
         user_session::SessionSignal,
     },
+    cluster::presence::UsersElsewhere,
     error::ApiError,
     ids::{now_ms, RoomId, UserId},
     model::timestamp,
@@ -301,19 +303,41 @@ pub async fn announce(
     let text = req.text.trim();
     validate::char_len("text", text, 1, ANNOUNCEMENT_MAX_CHARS)?;
     validate::no_format_characters("text", text)?;
-    let frame = Arc::new(SharedFrame::new(protocol::push(
-        pb::server_frame::Kind::Announcement(pb::Announcement {
-            text: text.to_owned(),
-            sender_id: principal.user_id.0.clone(),
-        }),
-    )));
-    let reached = state
+    let push = protocol::push(pb::server_frame::Kind::Announcement(pb::Announcement {
+        text: text.to_owned(),
+        sender_id: principal.user_id.0.clone(),
+    }));
+    let frame = Arc::new(SharedFrame::new(push.clone()));
+    // This node's connections directly (the count is exact); the other nodes'
+    // through the control topic, whose listener here skips what this node
+    // published, so no connection gets it twice.
+    let reached_here = state
         .sessions
         .send(SignalEveryone {
             signal: SessionSignal::Announcement { frame },
         })
         .await?;
-    tracing::info!(by = %principal.user_id, users = reached, "announcement sent");
+    let mut reached_elsewhere = 0;
+    if state.bus.is_shared() {
+        crate::cluster::control::announce(&state.bus, push);
+        // The others' users as their last presence share said, less those this
+        // node reached already (a user connected to several nodes counts once).
+        let here: std::collections::HashSet<UserId> = state
+            .sessions
+            .send(OnlineUserIds)
+            .await?
+            .into_iter()
+            .collect();
+        // A board that is restarting knows nobody elsewhere for a moment.
+        let elsewhere = state
+            .presence
+            .send(UsersElsewhere)
+            .await
+            .unwrap_or_default();
+        reached_elsewhere = elsewhere.difference(&here).count();
+    }
+    let reached = reached_here + reached_elsewhere;
+    tracing::info!(by = %principal.user_id, users = reached, here = reached_here, "announcement sent");
     audit::record(state, principal, "announce", "", None, text).await;
     Ok(pb::AnnounceResponse {
         users_reached: reached as u64,
