@@ -232,7 +232,7 @@ async fn an_announcement_reaches_every_node_once() {
         .await
         .expect("Announce");
     for (who, ws) in &mut clients {
-        announced_once(ws, text, *who).await;
+        announced_once(ws, text, who).await;
     }
     assert_eq!(reply.users_reached, 3, "here, there and both, once each");
 }
