@@ -890,8 +890,8 @@ async fn a_separate_listener_serves_the_metrics_and_the_api_port_does_not() {
 /// (promql-parser, a port of Prometheus's own grammar; `promtool` is not part of
 /// the toolchain), every `for` is a Prometheus duration, and every metric an
 /// expression reads is one this server exports (so a renamed metric breaks this
-/// test, not an operator's alert). Reads no values, so it may run beside the
-/// session above.
+/// test, not an operator's alert). Moves no counter the session above reads, so
+/// it may run beside it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_prometheus_rules_file_loads_and_reads_exported_metrics() {
     use promql_parser::{
@@ -919,8 +919,12 @@ async fn the_prometheus_rules_file_loads_and_reads_exported_metrics() {
 
     let server = TestServer::spawn(Backend::Sqlite).await;
     // One RPC, so the RPC families have series (a labelled family without any is
-    // not in the exposition at all).
-    server.sign_up(&common::unique_name("rules")).await;
+    // not in the exposition at all): one the session above does not count.
+    let (status, _) = server
+        .rpc()
+        .call_json("UserService/GetMe", serde_json::json!({}))
+        .await;
+    assert_eq!(status, 401);
     let body = server
         .http()
         .get(server.url("/metrics"))
