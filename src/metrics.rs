@@ -46,12 +46,6 @@ pub struct RpcLabels {
     pub code: &'static str,
 }
 
-/// An RPC's method.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct MethodLabels {
-    pub method: String,
-}
-
 /// A connection's transport (`websocket`) and codec (`json`, `proto`).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ConnectionLabels {
@@ -133,8 +127,8 @@ pub struct Metrics {
     pub outbound_overflows: Counter,
     /// RPCs served, by method and code.
     pub rpc_requests: Family<RpcLabels, Counter>,
-    /// RPC latency by method.
-    pub rpc_duration: Family<MethodLabels, Histogram, LatencyHistogram>,
+    /// RPC latency by method and code (a refusal and a served call differ).
+    pub rpc_duration: Family<RpcLabels, Histogram, LatencyHistogram>,
     /// Connections or requests refused by admission control, by rule.
     pub admission_refusals: Family<RuleLabels, Counter>,
     /// Requests refused by a rate limit, by rule.
@@ -149,8 +143,16 @@ pub struct Metrics {
     pub gaps_reported: Counter,
     /// `lagging` frames sent to clients whose connection fell behind a room.
     pub lagging_frames: Counter,
-    /// Store operation latency, by operation.
+    /// Store operation latency on its connection (the pool wait apart), by operation.
     pub store_query_duration: Family<QueryLabels, Histogram, LatencyHistogram>,
+    /// Time store operations waited for a pooled connection (one observation per
+    /// operation, failed waits included).
+    pub store_pool_wait: Histogram,
+    /// Store operations waiting for a pooled connection right now.
+    pub store_pool_waiters: Gauge,
+    /// Waits for a pooled connection that failed (`store.acquire_timeout_ms` passed
+    /// or the database refused a new connection): the operation failed.
+    pub store_pool_acquire_failures: Counter,
     /// TLS handshakes that failed or timed out.
     pub tls_handshake_failures: Counter,
     /// Certificate reloads, by result.
@@ -162,6 +164,14 @@ pub struct Metrics {
     /// Events per delivery a room hands its subscribers: 1 when delivered at
     /// once, more when the coalescing window gathered them into one batch.
     pub fanout_batch_events: Histogram,
+    /// Batches rooms sent to fan-out shards that the shards have not written yet
+    /// (see `crate::actors::fanout_shard::QueuedBatch`).
+    pub fanout_shard_queued_batches: Gauge,
+    /// The events of those batches.
+    pub fanout_shard_queued_events: Gauge,
+    /// Batches rooms sent to fan-out shards (one per shard with subscribers of
+    /// the room).
+    pub fanout_shard_batches: Counter,
     /// The cluster broker (see [`ClusterMetrics`]).
     pub cluster: ClusterMetrics,
 }
@@ -192,11 +202,17 @@ impl Metrics {
             gaps_reported: Counter::default(),
             lagging_frames: Counter::default(),
             store_query_duration: Family::new_with_constructor(LatencyHistogram),
+            store_pool_wait: latency_histogram(),
+            store_pool_waiters: Gauge::default(),
+            store_pool_acquire_failures: Counter::default(),
             tls_handshake_failures: Counter::default(),
             tls_reloads: Family::default(),
             live_viewers: Gauge::default(),
             live_refusals: Family::default(),
             fanout_batch_events: Histogram::new(exponential_buckets(start, factor, n)),
+            fanout_shard_queued_batches: Gauge::default(),
+            fanout_shard_queued_events: Gauge::default(),
+            fanout_shard_batches: Counter::default(),
             cluster: ClusterMetrics::default(),
         };
         m.register()
@@ -267,7 +283,7 @@ impl Metrics {
         );
         r.register_with_unit(
             "roomcast_rpc_duration",
-            "RPC latency by method",
+            "RPC latency by method and Connect code",
             Unit::Seconds,
             self.rpc_duration.clone(),
         );
@@ -308,9 +324,25 @@ impl Metrics {
         );
         r.register_with_unit(
             "roomcast_store_query_duration",
-            "Store operation latency (pool wait and transaction included), by operation",
+            "Store operation latency on its connection (queries and commit; the pool wait is roomcast_store_pool_wait_seconds), by operation",
             Unit::Seconds,
             self.store_query_duration.clone(),
+        );
+        r.register_with_unit(
+            "roomcast_store_pool_wait",
+            "Time store operations waited for a pooled connection, one observation per operation",
+            Unit::Seconds,
+            self.store_pool_wait.clone(),
+        );
+        r.register(
+            "roomcast_store_pool_waiters",
+            "Store operations waiting for a pooled connection now",
+            self.store_pool_waiters.clone(),
+        );
+        r.register(
+            "roomcast_store_pool_acquire_failures",
+            "Store operations that failed waiting for a pooled connection (store.acquire_timeout_ms or connect error)",
+            self.store_pool_acquire_failures.clone(),
         );
         r.register(
             "roomcast_tls_handshake_failures",
@@ -337,6 +369,21 @@ impl Metrics {
             "Events per delivery a room hands its subscribers (more than 1: coalesced into a batch)",
             self.fanout_batch_events.clone(),
         );
+        r.register(
+            "roomcast_fanout_shard_queued_batches",
+            "Batches rooms sent to fan-out shards (one per worker thread) not yet written to their connections",
+            self.fanout_shard_queued_batches.clone(),
+        );
+        r.register(
+            "roomcast_fanout_shard_queued_events",
+            "Events in the batches queued to fan-out shards",
+            self.fanout_shard_queued_events.clone(),
+        );
+        r.register(
+            "roomcast_fanout_shard_batches",
+            "Batches rooms sent to fan-out shards",
+            self.fanout_shard_batches.clone(),
+        );
         self.cluster.register(&mut self.registry);
         self.registry.register_collector(Box::new(UsersOnline));
         // Process metrics carry the conventional unprefixed `process_` names.
@@ -347,17 +394,14 @@ impl Metrics {
 
     /// Counts one RPC.
     pub fn rpc(&self, method: &str, code: &'static str, elapsed: Duration) {
-        self.rpc_requests
-            .get_or_create(&RpcLabels {
-                method: method.to_owned(),
-                code,
-            })
-            .inc();
+        let labels = RpcLabels {
+            method: method.to_owned(),
+            code,
+        };
         self.rpc_duration
-            .get_or_create(&MethodLabels {
-                method: method.to_owned(),
-            })
+            .get_or_create(&labels)
             .observe(elapsed.as_secs_f64());
+        self.rpc_requests.get_or_create(&labels).inc();
     }
 
     /// Counts one refusal by admission control.
@@ -422,9 +466,10 @@ impl Collector for StoreCollector {
             .unwrap_or_else(|e| e.into_inner())
             .as_ref()
             .map(crate::store::Store::pool_stats);
-        let Some((size, idle)) = stats else {
+        let Some((size, idle, max)) = stats else {
             return Ok(());
         };
+        let idle = i64::try_from(idle).unwrap_or(i64::MAX);
         for (name, help, value) in [
             (
                 "roomcast_store_pool_connections",
@@ -434,7 +479,17 @@ impl Collector for StoreCollector {
             (
                 "roomcast_store_pool_idle_connections",
                 "Open store connections not checked out (0 with waiting queries means pool waits)",
-                i64::try_from(idle).unwrap_or(i64::MAX),
+                idle,
+            ),
+            (
+                "roomcast_store_pool_in_use_connections",
+                "Store connections checked out by running operations",
+                (i64::from(size) - idle).max(0),
+            ),
+            (
+                "roomcast_store_pool_max_connections",
+                "Most connections the store's pool opens (store.max_connections)",
+                i64::from(max),
             ),
         ] {
             let m = ConstGauge::new(value);
@@ -710,7 +765,19 @@ pub fn bind_listener(
     if !settings.enabled || settings.listen.is_empty() {
         return Ok(None);
     }
-    std::net::TcpListener::bind(settings.listen.as_str()).map(Some)
+    std::net::TcpListener::bind(listen_addr(&settings.listen)).map(Some)
+}
+
+/// The address `metrics.listen` names: a port alone (`"9464"` or `":9464"`) is on
+/// the loopback interface, so a separate metrics listener is private unless an
+/// address says otherwise.
+fn listen_addr(listen: &str) -> String {
+    let port = listen.strip_prefix(':').unwrap_or(listen);
+    if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) {
+        format!("127.0.0.1:{port}")
+    } else {
+        listen.to_owned()
+    }
 }
 
 /// The HTTP service of the separate metrics listener: the metrics route only.
@@ -807,5 +874,18 @@ impl ClusterMetrics {
             "1 while this node is cut off from the other nodes (Redis unreachable)",
             self.degraded.clone(),
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::listen_addr;
+
+    #[test]
+    fn a_port_alone_listens_on_loopback() {
+        assert_eq!(listen_addr("9464"), "127.0.0.1:9464");
+        assert_eq!(listen_addr(":9464"), "127.0.0.1:9464");
+        assert_eq!(listen_addr("0.0.0.0:9464"), "0.0.0.0:9464");
+        assert_eq!(listen_addr("[::1]:9464"), "[::1]:9464");
     }
 }

@@ -661,8 +661,9 @@ pub struct MetricsSettings {
     pub enabled: bool,
     /// The HTTP path of the text exposition.
     pub path: String,
-    /// A separate listener for the metrics only, e.g. `127.0.0.1:9464` (loopback,
-    /// so they are not public); empty serves them on `server.listen`.
+    /// A separate listener for the metrics only, e.g. `127.0.0.1:9464`; a port
+    /// alone (`9464`) means loopback, so they are not public; empty serves them
+    /// on `server.listen`.
     pub listen: String,
 }
 

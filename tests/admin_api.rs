@@ -312,6 +312,7 @@ both_backends!(
         assert_eq!(conn.transport, "websocket+json");
         assert_eq!(conn.subscriptions, vec![room.clone()]);
         assert!(!conn.session_id.is_empty() && conn.connected_at.is_some());
+        assert_eq!(conn.remote_address, "127.0.0.1", "the peer's address");
 
         let _: pb::DeleteRoomResponse = admin_call(
             &server,

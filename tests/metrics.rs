@@ -86,9 +86,254 @@ async fn scripted_session_moves_the_counters_by_what_happened() {
     auth_limits_by_rule().await;
     pruned_history_gap().await;
     live_room().await;
+    fanout_shard_queue().await;
+    store_pool_of_one(Backend::Sqlite).await;
     if common::postgres_available() {
         session(Backend::Postgres).await;
+        store_pool_of_one(Backend::Postgres).await;
     }
+}
+
+/// Sums a labelled family's samples (e.g. a histogram's `_count` over every
+/// `query`).
+fn sum_of(m: &Metrics, name: &str) -> f64 {
+    let prefix = format!("{name}{{");
+    m.0.iter()
+        .filter(|(key, _)| key.starts_with(&prefix))
+        .map(|(_, v)| v)
+        .sum()
+}
+
+/// A scrape taken when no store operation holds a pooled connection: then every
+/// operation that got a connection has recorded its query time too, so the pool
+/// waits (less the failed ones) equal the store operations, exactly. Each store
+/// operation records one wait when it asks for its connection and one duration
+/// when done with it; waits for the other test of this binary's server count on
+/// both sides alike. Panics when the two never agree.
+async fn settled_store_scrape(server: &TestServer, path: &str) -> Metrics {
+    let mut last = (0.0, 0.0);
+    for _ in 0..250 {
+        let m = Metrics::scrape(server, path).await;
+        let waits = m.get("roomcast_store_pool_wait_seconds_count", &[])
+            - m.get("roomcast_store_pool_acquire_failures_total", &[]);
+        let queries = sum_of(&m, "roomcast_store_query_duration_seconds_count");
+        if waits == queries {
+            return m;
+        }
+        last = (waits, queries);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!(
+        "successful pool waits ({}) never matched the store operations ({})",
+        last.0, last.1
+    );
+}
+
+/// Every store operation waits for its own pooled connection and never holds one
+/// while waiting for a second: a pool of one connection serves a session that
+/// runs each composite operation (create a room then read it back, update a room
+/// or a profile, join, mark read, refresh a token, concurrent sends) with no
+/// failed wait, and each of its store operations is one pool wait and one query
+/// observation, exactly.
+async fn store_pool_of_one(backend: Backend) {
+    let server = Arc::new(
+        TestServer::spawn_with(backend, |s| {
+            s.store.max_connections = 1;
+            // A deadlock on the one connection would show as failed RPCs here,
+            // long before a test timeout.
+            s.store.acquire_timeout_ms = 5_000;
+            s.realtime.send_rate_per_sec = 100_000;
+            s.realtime.send_burst = 100_000;
+        })
+        .await,
+    );
+    let m0 = settled_store_scrape(&server, "/metrics").await;
+    let owner = server.sign_up(&common::unique_name("owner")).await;
+    let member = server.sign_up(&common::unique_name("member")).await;
+    let room = create_room(&server, &owner, pb::RoomKind::Public).await;
+    join(&server, &member, &room).await;
+    let calls = [
+        (
+            &owner,
+            "RoomService/UpdateRoom",
+            serde_json::json!({"roomId": room, "title": "renamed"}),
+        ),
+        (
+            &member,
+            "UserService/UpdateProfile",
+            serde_json::json!({"displayName": "Member"}),
+        ),
+    ];
+    for (account, method, body) in calls {
+        let (status, reply) = server
+            .rpc_as(&account.access_token)
+            .call_json(method, body)
+            .await;
+        assert_eq!(status, 200, "{method}: {reply}");
+    }
+    // Concurrent sends: the group commits and the access checks queue for the
+    // one connection.
+    let mut tasks = Vec::new();
+    for t in 0..8 {
+        let (server, owner, room) = (server.clone(), owner.clone(), room.clone());
+        tasks.push(tokio::spawn(async move {
+            let id = format!("p{t}");
+            send_http(&server, &owner, &room, &id, &id).await
+        }));
+    }
+    let mut last_seq = 0;
+    for task in tasks {
+        let sent = task.await.expect("sender");
+        last_seq = last_seq.max(sent.message.expect("message").seq);
+    }
+    assert_eq!(last_seq, 8);
+    for (account, method, body) in [
+        (
+            &member,
+            "RoomService/MarkRead",
+            serde_json::json!({"roomId": room, "seq": last_seq}),
+        ),
+        (
+            &member,
+            "AuthService/Refresh",
+            serde_json::json!({"refreshToken": member.refresh_token}),
+        ),
+    ] {
+        let (status, reply) = server
+            .rpc_as(&account.access_token)
+            .call_json(method, body)
+            .await;
+        assert_eq!(status, 200, "{method}: {reply}");
+    }
+    let m1 = settled_store_scrape(&server, "/metrics").await;
+    let waits = m1.delta(&m0, "roomcast_store_pool_wait_seconds_count", &[]);
+    let queries = sum_of(&m1, "roomcast_store_query_duration_seconds_count")
+        - sum_of(&m0, "roomcast_store_query_duration_seconds_count");
+    assert!(
+        waits > 0.0,
+        "the session's store operations waited for the pool"
+    );
+    assert_eq!(waits, queries, "one pool wait per store operation");
+    assert_eq!(
+        m1.delta(&m0, "roomcast_store_pool_acquire_failures_total", &[]),
+        0.0,
+        "no operation failed waiting for the one connection"
+    );
+    // The composite operations ran their parts as separate operations.
+    for (query, at_least) in [
+        ("create_room", 1.0),
+        ("update_room", 1.0),
+        ("add_member", 1.0),
+        ("update_profile", 1.0),
+        ("mark_read", 1.0),
+        ("rotate_refresh_token", 1.0),
+        ("create_user", 2.0),
+    ] {
+        let ran = m1.delta(
+            &m0,
+            "roomcast_store_query_duration_seconds_count",
+            &[("query", query)],
+        );
+        assert!(ran >= at_least, "{query} ran {ran} times");
+    }
+    assert_eq!(m1.get("roomcast_store_pool_waiters", &[]), 0.0);
+    assert!(m1
+        .0
+        .contains_key("roomcast_store_pool_in_use_connections{}"));
+    assert!(m1.0.contains_key("roomcast_store_pool_max_connections{}"));
+}
+
+/// Batches a room hands its fan-out shards are on the queue gauges until the
+/// shard wrote them: every batch sent is counted, and once the subscribers have
+/// read everything the gauges are back at zero.
+async fn fanout_shard_queue() {
+    const SUBSCRIBERS: usize = 6;
+    const SENDS: u64 = 40;
+    let server = Arc::new(
+        TestServer::spawn_with(Backend::Sqlite, |s| {
+            s.server.workers = 2;
+            s.realtime.send_rate_per_sec = 100_000;
+            s.realtime.send_burst = 100_000;
+        })
+        .await,
+    );
+    let owner = server.sign_up(&common::unique_name("owner")).await;
+    let reader = server.sign_up(&common::unique_name("reader")).await;
+    let room = create_room(&server, &owner, pb::RoomKind::Public).await;
+    let mut clients = Vec::new();
+    for _ in 0..SUBSCRIBERS {
+        let mut client = WsClient::connect_authenticated(
+            &server.ws_url("/ws"),
+            WsCodec::Json,
+            &reader.access_token,
+        )
+        .await;
+        client.subscribe(&room, None).await.expect("subscribe");
+        clients.push(client);
+    }
+    let m0 = Metrics::scrape(&server, "/metrics").await;
+    assert_eq!(m0.get("roomcast_fanout_shard_queued_batches", &[]), 0.0);
+    assert_eq!(m0.get("roomcast_fanout_shard_queued_events", &[]), 0.0);
+    // Sends from several tasks while a scraper samples the gauges (a sample above
+    // zero is likely but not guaranteed, so it is reported, not asserted).
+    let sampling = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let sampler = {
+        let (server, sampling) = (server.clone(), sampling.clone());
+        tokio::spawn(async move {
+            let mut highest = 0.0f64;
+            for _ in 0..500 {
+                if !sampling.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                let m = Metrics::scrape(&server, "/metrics").await;
+                highest = highest.max(m.get("roomcast_fanout_shard_queued_events", &[]));
+            }
+            highest
+        })
+    };
+    let mut tasks = Vec::new();
+    for t in 0..4 {
+        let (server, owner, room) = (server.clone(), owner.clone(), room.clone());
+        tasks.push(tokio::spawn(async move {
+            for i in 0..SENDS / 4 {
+                let id = format!("q{t}-{i}");
+                send_http(&server, &owner, &room, &id, &id).await;
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.expect("sender");
+    }
+    for client in &mut clients {
+        let events = client.collect_until(&room, SENDS, WAIT).await;
+        assert_eq!(
+            events.len() as u64,
+            SENDS,
+            "every subscriber reads every event"
+        );
+    }
+    sampling.store(false, std::sync::atomic::Ordering::Relaxed);
+    let highest = sampler.await.expect("sampler");
+    eprintln!("fan-out shard queue: highest sampled depth {highest} events");
+    let m1 = Metrics::scrape(&server, "/metrics").await;
+    let batches = m1.delta(&m0, "roomcast_fanout_shard_batches_total", &[]);
+    // At least one batch reached a shard; at most one per send per worker.
+    assert!(
+        (1.0..=(SENDS * 2) as f64).contains(&batches),
+        "batches sent to shards: {batches}"
+    );
+    // A shard counts a batch off once its write call returns, which a client may
+    // beat by a moment.
+    let drained = common::eventually(WAIT, || {
+        let server = server.clone();
+        async move {
+            let m = Metrics::scrape(&server, "/metrics").await;
+            m.get("roomcast_fanout_shard_queued_batches", &[]) == 0.0
+                && m.get("roomcast_fanout_shard_queued_events", &[]) == 0.0
+        }
+    })
+    .await;
+    assert!(drained, "the shard queue gauges return to zero when idle");
 }
 
 /// A second send within the per-user rate is refused and counted by its rule.
@@ -393,11 +638,7 @@ async fn session(backend: Backend) {
         1.0
     );
     assert_eq!(
-        m1.delta(
-            &m0,
-            "roomcast_rpc_duration_seconds_count",
-            &[("method", "roomcast.v1.AuthService/SignUp")]
-        ),
+        m1.delta(&m0, "roomcast_rpc_duration_seconds_count", &sign_up),
         2.0
     );
 
@@ -619,9 +860,10 @@ async fn a_separate_listener_serves_the_metrics_and_the_api_port_does_not() {
         .and_then(|l| l.local_addr())
         .expect("a free port")
         .port();
+    // A port alone: a listener on the loopback interface.
     let listen = format!("127.0.0.1:{port}");
     let server = TestServer::spawn_with(Backend::Sqlite, |s| {
-        s.metrics.listen = listen.clone();
+        s.metrics.listen = port.to_string();
     })
     .await;
     let response = server
@@ -641,4 +883,123 @@ async fn a_separate_listener_serves_the_metrics_and_the_api_port_does_not() {
         .await
         .expect("GET the API port");
     assert_ne!(on_api.status().as_u16(), 200);
+}
+
+/// The example alerting rules in deploy/prometheus/ (docs/operations.md) load: the
+/// file is YAML of the shape Prometheus reads, every expression parses as PromQL
+/// (promql-parser, a port of Prometheus's own grammar; `promtool` is not part of
+/// the toolchain), every `for` is a Prometheus duration, and every metric an
+/// expression reads is one this server exports (so a renamed metric breaks this
+/// test, not an operator's alert). Moves no counter the session above reads, so
+/// it may run beside it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_prometheus_rules_file_loads_and_reads_exported_metrics() {
+    use promql_parser::{
+        parser::Expr,
+        util::{parse_duration, walk_expr, ExprVisitor},
+    };
+    use yaml_rust2::YamlLoader;
+
+    /// Collects the metric names an expression selects.
+    struct Names(Vec<String>);
+    impl ExprVisitor for Names {
+        type Error = ();
+        fn pre_visit(&mut self, expr: &Expr) -> Result<bool, ()> {
+            let selector = match expr {
+                Expr::VectorSelector(vs) => Some(vs),
+                Expr::MatrixSelector(ms) => Some(&ms.vs),
+                _ => None,
+            };
+            if let Some(name) = selector.and_then(|vs| vs.name.clone()) {
+                self.0.push(name);
+            }
+            Ok(true)
+        }
+    }
+
+    let server = TestServer::spawn(Backend::Sqlite).await;
+    // One RPC, so the RPC families have series (a labelled family without any is
+    // not in the exposition at all): one the session above does not count.
+    let (status, _) = server
+        .rpc()
+        .call_json("UserService/GetMe", serde_json::json!({}))
+        .await;
+    assert_eq!(status, 401);
+    let body = server
+        .http()
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("body");
+    // Metric families as declared (`# TYPE roomcast_rpc_requests counter`): a
+    // family is declared even before its first labelled series exists.
+    let families: Vec<&str> = body
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split(' ').next())
+        .collect();
+    // A labelled family that has had no event yet (admission refusals by rule)
+    // is not in the exposition: for those the documented name must match.
+    let documented =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/operations.md"))
+            .expect("docs/operations.md");
+    let exported = |name: &str| {
+        let base = ["_total", "_bucket", "_count", "_sum"]
+            .iter()
+            .find_map(|suffix| name.strip_suffix(suffix))
+            .unwrap_or(name);
+        families.contains(&name)
+            || families.contains(&base)
+            || documented.contains(&format!("| `{name}` |"))
+            || documented.contains(&format!("| `{base}` |"))
+    };
+
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/prometheus/roomcast-rules.yml"
+    );
+    let text = std::fs::read_to_string(path).expect("the rules file");
+    let docs = YamlLoader::load_from_str(&text).expect("the rules file is YAML");
+    assert_eq!(docs.len(), 1, "one YAML document");
+    let groups = docs[0]["groups"].as_vec().expect("a `groups` list");
+    assert!(!groups.is_empty());
+    let mut alerts = Vec::new();
+    for group in groups {
+        assert!(group["name"].as_str().is_some(), "every group has a name");
+        let rules = group["rules"].as_vec().expect("a group's `rules` list");
+        for rule in rules {
+            let alert = rule["alert"].as_str().expect("an alerting rule's name");
+            assert!(!alerts.contains(&alert), "alert {alert} twice");
+            alerts.push(alert);
+            let expr = rule["expr"].as_str().expect("an expression");
+            let parsed = promql_parser::parser::parse(expr)
+                .unwrap_or_else(|e| panic!("{alert}: the expression does not parse: {e}\n{expr}"));
+            if !rule["for"].is_badvalue() {
+                let wait = rule["for"].as_str().expect("`for` is a duration string");
+                parse_duration(wait).unwrap_or_else(|e| panic!("{alert}: for: {e}"));
+            }
+            assert!(
+                rule["labels"]["severity"].as_str().is_some(),
+                "{alert}: a severity label"
+            );
+            assert!(
+                rule["annotations"]["summary"].as_str().is_some(),
+                "{alert}: a summary"
+            );
+            let mut names = Names(Vec::new());
+            walk_expr(&mut names, &parsed).expect("walk");
+            assert!(!names.0.is_empty(), "{alert} reads some metric");
+            for name in names.0 {
+                // `up` is Prometheus's own, per scrape target.
+                assert!(
+                    name == "up" || exported(&name),
+                    "{alert} reads {name}, which the server neither exports nor documents: {families:?}"
+                );
+            }
+        }
+    }
+    assert!(alerts.len() >= 12, "{alerts:?}");
 }

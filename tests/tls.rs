@@ -146,6 +146,50 @@ async fn served_cert(addr: std::net::SocketAddr, ca_pem: &str) -> std::io::Resul
         .unwrap_or_default())
 }
 
+/// Sends `GET path` on an open HTTP/1.1 connection (kept alive) and answers the
+/// response's status, reading the whole response (its `Content-Length` body).
+async fn get_kept_alive<S>(stream: &mut S, path: &str) -> u16
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let request =
+        format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: keep-alive\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let mut response = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let read = async {
+        loop {
+            let n = stream.read(&mut chunk).await.expect("read");
+            assert!(
+                n > 0,
+                "the connection was closed: {}",
+                String::from_utf8_lossy(&response)
+            );
+            response.extend_from_slice(&chunk[..n]);
+            let text = String::from_utf8_lossy(&response).to_string();
+            let Some((head, body)) = text.split_once("\r\n\r\n") else {
+                continue;
+            };
+            let length = head
+                .lines()
+                .find_map(|l| {
+                    let (name, value) = l.split_once(':')?;
+                    name.eq_ignore_ascii_case("content-length")
+                        .then(|| value.trim().parse::<usize>().ok())?
+                })
+                .expect("a Content-Length");
+            if body.len() >= length {
+                let status = head.split(' ').nth(1).expect("a status");
+                return status.parse::<u16>().expect("a numeric status");
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), read)
+        .await
+        .expect("a response in time")
+}
+
 /// Waits until new connections get `expected` (verified with `ca_pem`).
 async fn wait_for_cert(addr: std::net::SocketAddr, ca_pem: &str, expected: &[u8]) {
     let deadline = Instant::now() + RELOAD_TIMEOUT;
@@ -586,10 +630,25 @@ async fn sighup_reloads_the_certificate() {
         files.replace(&cert2, &key2);
         tokio::time::sleep(Duration::from_millis(500)).await;
         assert_eq!(served_cert(addr, &ca.pem()).await.expect("TLS"), der1);
+        // A client connected before the reload (HTTP/1.1, kept alive; idle for
+        // less than the server's 5 s keep-alive until it asks again below).
+        let mut kept = tls_connect(addr, &ca.pem()).await.expect("TLS");
+        assert_eq!(get_kept_alive(&mut kept, "/healthz").await, 200);
         let pid = i32::try_from(child.id()).expect("a pid");
         // SAFETY: kill only sends a signal to the child this test started.
         assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
         wait_for_cert(addr, &ca.pem(), &der2).await;
+        // The reload dropped no connection: the one opened before it still
+        // answers, on its first certificate.
+        assert_eq!(get_kept_alive(&mut kept, "/healthz").await, 200);
+        let (_, session) = kept.get_ref();
+        assert_eq!(
+            session
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .map(|c| c.to_vec()),
+            Some(der1.clone())
+        );
     };
     let outcome = tokio::time::timeout(Duration::from_secs(60), result).await;
     let pid = i32::try_from(child.id()).expect("a pid");

@@ -74,6 +74,38 @@ pub struct DeliverBatch {
     pub live: bool,
     /// Where to report the subscribers the shard dropped.
     pub room: Recipient<ShardLagged>,
+    /// Counts the batch as queued to a shard until it is dropped: `QueuedBatch::new(&batch)`.
+    pub queued: QueuedBatch,
+}
+
+/// A [`DeliverBatch`] on its way to a shard, counted in
+/// `roomcast_fanout_shard_queued_batches` and `…_queued_events` from the room's
+/// send until the message is dropped: when the shard has written the batch to its
+/// connections, or the message was lost with a stopped shard's mailbox. Both are
+/// single atomic additions, so the gauges cost the hot path nothing worth
+/// measuring; a number that stays high means shards fall behind their rooms.
+pub struct QueuedBatch {
+    events: i64,
+}
+
+impl QueuedBatch {
+    /// Counts one batch of `batch`'s events as queued.
+    pub fn new(batch: &EventBatch) -> Self {
+        let events = i64::try_from(batch.events.len()).unwrap_or(i64::MAX);
+        let metrics = crate::metrics::metrics();
+        metrics.fanout_shard_queued_batches.inc();
+        metrics.fanout_shard_queued_events.inc_by(events);
+        metrics.fanout_shard_batches.inc();
+        Self { events }
+    }
+}
+
+impl Drop for QueuedBatch {
+    fn drop(&mut self) {
+        let metrics = crate::metrics::metrics();
+        metrics.fanout_shard_queued_batches.dec();
+        metrics.fanout_shard_queued_events.dec_by(self.events);
+    }
 }
 
 /// The shard dropped a subscriber whose queue was full (and told it it lagged).

@@ -54,7 +54,8 @@ use tokio::sync::oneshot;
 
 use super::{
     fanout_shard::{
-        AddSubscriber, DeliverBatch, DropRoom, FanoutShard, RemoveSubscriber, ShardLagged,
+        AddSubscriber, DeliverBatch, DropRoom, FanoutShard, QueuedBatch, RemoveSubscriber,
+        ShardLagged,
     },
     live_state::LiveState,
     poll_hub::HUB_SUBSCRIBER,
@@ -1448,6 +1449,7 @@ impl RoomActor {
                     batch: batch.clone(),
                     live,
                     room: room.clone(),
+                    queued: QueuedBatch::new(&batch),
                 });
             }
         }

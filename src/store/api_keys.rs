@@ -3,7 +3,7 @@
 
 use sqlx::FromRow;
 
-use super::{found, timed, Store, StoreError, StoreResult};
+use super::{found, Store, StoreError, StoreResult};
 use crate::ids::{hash_secret, now_ms, ApiKeyId, UserId};
 
 /// A stored API key (without its secret).
@@ -34,10 +34,10 @@ impl Store {
         secret: &str,
         created_by: &UserId,
     ) -> StoreResult<ApiKeyRecord> {
-        timed("create_api_key", async move {
+        self.timed("create_api_key", async move |conn| {
         let id = ApiKeyId::generate();
         let prefix: String = secret.chars().take(VISIBLE_PREFIX_LEN).collect();
-        self.retry_busy("create API key", || async {
+        self.retry_busy("create API key", async || {
             sqlx::query(
                 "INSERT INTO api_keys (id, name, prefix, secret_hash, created_by, created_at) VALUES ($1, $2, $3, $4, $5, $6)",
             )
@@ -47,7 +47,7 @@ impl Store {
             .bind(hash_secret(secret))
             .bind(created_by.as_str())
             .bind(now_ms())
-            .execute(&self.pool)
+            .execute(&mut *conn)
             .await?;
             Ok(())
         })
@@ -55,7 +55,7 @@ impl Store {
         let sql = format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE id = $1");
         Ok(sqlx::query_as(&sql)
             .bind(id.as_str())
-            .fetch_one(&self.pool)
+            .fetch_one(&mut *conn)
             .await?)
         })
         .await
@@ -65,13 +65,13 @@ impl Store {
     /// [`LAST_USED_RESOLUTION_MS`], so busy server-to-server callers do not turn
     /// every request into a write).
     pub async fn use_api_key(&self, secret: &str) -> StoreResult<ApiKeyRecord> {
-        timed("use_api_key", async move {
+        self.timed("use_api_key", async move |conn| {
         let sql = format!(
             "SELECT {KEY_COLUMNS} FROM api_keys WHERE secret_hash = $1 AND revoked_at IS NULL"
         );
         let key: ApiKeyRecord = sqlx::query_as(&sql)
             .bind(hash_secret(secret))
-            .fetch_one(&self.pool)
+            .fetch_one(&mut *conn)
             .await?;
         let now = now_ms();
         if key
@@ -81,7 +81,7 @@ impl Store {
             let marked = sqlx::query("UPDATE api_keys SET last_used_at = $1 WHERE id = $2")
                 .bind(now)
                 .bind(&key.id)
-                .execute(&self.pool)
+                .execute(&mut *conn)
                 .await;
             // Bookkeeping: a write that lost to concurrent ones must not refuse a
             // valid key; the next use within a minute marks it.
@@ -100,7 +100,7 @@ impl Store {
 
     /// All keys, newest first.
     pub async fn list_api_keys(&self, include_revoked: bool) -> StoreResult<Vec<ApiKeyRecord>> {
-        timed("list_api_keys", async move {
+        self.timed("list_api_keys", async move |conn| {
             let filter = if include_revoked {
                 ""
             } else {
@@ -108,21 +108,21 @@ impl Store {
             };
             let sql =
                 format!("SELECT {KEY_COLUMNS} FROM api_keys {filter} ORDER BY created_at DESC, id");
-            Ok(sqlx::query_as(&sql).fetch_all(&self.pool).await?)
+            Ok(sqlx::query_as(&sql).fetch_all(&mut *conn).await?)
         })
         .await
     }
 
     /// Revokes a key; `NotFound` when no active key has this id.
     pub async fn revoke_api_key(&self, id: &ApiKeyId) -> StoreResult<()> {
-        timed("revoke_api_key", async move {
-            self.retry_busy("revoke API key", || async {
+        self.timed("revoke_api_key", async move |conn| {
+            self.retry_busy("revoke API key", async || {
                 let done = sqlx::query(
                     "UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL",
                 )
                 .bind(now_ms())
                 .bind(id.as_str())
-                .execute(&self.pool)
+                .execute(&mut *conn)
                 .await?;
                 found(done)
             })

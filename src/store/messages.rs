@@ -4,9 +4,9 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use sqlx::FromRow;
+use sqlx::{Connection as _, FromRow};
 
-use super::{parse_enum, timed, Store, StoreError, StoreResult};
+use super::{parse_enum, Store, StoreError, StoreResult};
 use crate::{
     ids::{now_ms, MessageId, RoomId, UserId},
     model::MessageKind,
@@ -120,8 +120,8 @@ impl Store {
         room: &RoomId,
         batch: &[NewMessage],
     ) -> StoreResult<Vec<Appended>> {
-        timed("append_messages", async move {
-            let mut tx = self.pool.begin().await?;
+        self.timed("append_messages", async move |conn| {
+            let mut tx = conn.begin().await?;
             let results = append_in(&mut tx, room, batch).await?;
             tx.commit().await?;
             Ok(results)
@@ -137,8 +137,8 @@ impl Store {
         &self,
         batches: &[(RoomId, Vec<NewMessage>)],
     ) -> StoreResult<Vec<Vec<Appended>>> {
-        timed("append_many", async move {
-            let mut tx = self.pool.begin().await?;
+        self.timed("append_many", async move |conn| {
+            let mut tx = conn.begin().await?;
             let mut results = Vec::with_capacity(batches.len());
             for (room, batch) in batches {
                 results.push(append_in(&mut tx, room, batch).await?);
@@ -171,7 +171,7 @@ impl Store {
         upto: u64,
         limit: u32,
     ) -> StoreResult<Vec<MessageRecord>> {
-        timed("messages_after", async move {
+        self.timed("messages_after", async move |conn| {
         let sql = format!(
             "SELECT {MESSAGE_COLUMNS} FROM messages WHERE room_id = $1 AND seq > $2 AND seq <= $3 ORDER BY seq LIMIT $4"
         );
@@ -182,7 +182,7 @@ impl Store {
             .bind(after.min(i64::MAX as u64) as i64)
             .bind(upto.min(i64::MAX as u64) as i64)
             .bind(i64::from(limit))
-            .fetch_all(&self.pool)
+            .fetch_all(&mut *conn)
             .await?;
         rows.into_iter().map(TryInto::try_into).collect()
         })
@@ -196,7 +196,7 @@ impl Store {
         before: u64,
         limit: u32,
     ) -> StoreResult<Vec<MessageRecord>> {
-        timed("messages_before", async move {
+        self.timed("messages_before", async move |conn| {
         let sql = format!(
             "SELECT {MESSAGE_COLUMNS} FROM messages WHERE room_id = $1 AND seq < $2 ORDER BY seq DESC LIMIT $3"
         );
@@ -204,7 +204,7 @@ impl Store {
             .bind(room.as_str())
             .bind(before.min(i64::MAX as u64) as i64)
             .bind(i64::from(limit))
-            .fetch_all(&self.pool)
+            .fetch_all(&mut *conn)
             .await?;
         let mut out: Vec<MessageRecord> = rows
             .into_iter()
@@ -218,14 +218,14 @@ impl Store {
 
     /// Removes events older than each room's retention; returns how many.
     pub async fn prune_expired_messages(&self) -> StoreResult<u64> {
-        timed("prune_expired_messages", async move {
+        self.timed("prune_expired_messages", async move |conn| {
         let now = now_ms();
         let done = sqlx::query(
             "DELETE FROM messages WHERE room_id IN (SELECT id FROM rooms WHERE retention_seconds > 0) \
              AND created_at < $1 - 1000 * (SELECT retention_seconds FROM rooms WHERE rooms.id = messages.room_id)",
         )
         .bind(now)
-        .execute(&self.pool)
+        .execute(&mut *conn)
         .await?;
         Ok(done.rows_affected())
         })

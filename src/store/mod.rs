@@ -24,7 +24,7 @@ use std::{
 
 use sqlx::{
     any::{AnyConnectOptions, AnyPoolOptions},
-    AnyPool, Executor as _,
+    AnyConnection, AnyPool, Connection as _, Executor as _,
 };
 
 use crate::settings::StoreSettings;
@@ -255,27 +255,74 @@ impl Store {
 
     /// Whether the PostgreSQL-protocol server is CockroachDB (its `version()` says so).
     async fn is_cockroachdb(&self) -> StoreResult<bool> {
-        let version: String = sqlx::query_scalar("SELECT version()")
-            .fetch_one(&self.pool)
-            .await?;
-        Ok(version.contains("CockroachDB"))
+        self.timed("is_cockroachdb", async move |conn| {
+            let version: String = sqlx::query_scalar("SELECT version()")
+                .fetch_one(&mut *conn)
+                .await?;
+            Ok(version.contains("CockroachDB"))
+        })
+        .await
     }
 
-    /// Whether the database answers.
+    /// Whether the database answers (and a pooled connection is to be had).
     pub async fn ping(&self) -> StoreResult<()> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
-        Ok(())
+        self.timed("ping", async move |conn| {
+            sqlx::query("SELECT 1").execute(&mut *conn).await?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Runs one store operation on one pooled connection. The wait for the
+    /// connection is recorded in `roomcast_store_pool_wait_seconds` (a wait that
+    /// failed, e.g. at `store.acquire_timeout_ms`, also in
+    /// `roomcast_store_pool_acquire_failures_total`), and the work on it (queries
+    /// and commit, without the wait) in
+    /// `roomcast_store_query_duration_seconds{query}`, so a saturated pool and a
+    /// slow database are told apart. `query` is the operation's method name: a
+    /// fixed set, so the label stays bounded.
+    ///
+    /// `op` runs everything on `conn`, transactions included
+    /// ([`Store::begin_write`], `conn.begin()`), and never calls another store
+    /// method while it holds the connection: an operation holding one connection
+    /// while waiting for a second can deadlock a saturated pool.
+    pub(crate) async fn timed<T>(
+        &self,
+        query: &'static str,
+        op: impl AsyncFnOnce(&mut AnyConnection) -> StoreResult<T>,
+    ) -> StoreResult<T> {
+        let metrics = crate::metrics::metrics();
+        let waiting = std::time::Instant::now();
+        metrics.store_pool_waiters.inc();
+        let acquired = self.pool.acquire().await;
+        metrics.store_pool_waiters.dec();
+        metrics
+            .store_pool_wait
+            .observe(waiting.elapsed().as_secs_f64());
+        let mut conn = acquired.inspect_err(|_| {
+            metrics.store_pool_acquire_failures.inc();
+        })?;
+        let started = std::time::Instant::now();
+        let result = op(&mut conn).await;
+        metrics
+            .store_query_duration
+            .get_or_create(&crate::metrics::QueryLabels { query })
+            .observe(started.elapsed().as_secs_f64());
+        result
     }
 
     /// Runs `op` (one whole transaction, or one statement) again when it fails with
     /// [`StoreError::Busy`], at most [`BUSY_MAX_ATTEMPTS`] times in all, with a
     /// short randomized pause between attempts. Only for operations that are safe
     /// to repeat: a busy failure means nothing of the attempt was committed.
-    pub async fn retry_busy<T, F, Fut>(&self, what: &'static str, mut op: F) -> StoreResult<T>
-    where
-        F: FnMut() -> Fut,
-        Fut: std::future::Future<Output = StoreResult<T>>,
-    {
+    ///
+    /// Inside [`Store::timed`] the attempts share its connection (`op` borrows it:
+    /// an async closure).
+    pub async fn retry_busy<T>(
+        &self,
+        what: &'static str,
+        mut op: impl AsyncFnMut() -> StoreResult<T>,
+    ) -> StoreResult<T> {
         let mut attempt = 1;
         loop {
             match op().await {
@@ -298,10 +345,13 @@ impl Store {
     /// connection wrote in between; an immediate one waits (`busy_timeout`) for
     /// the lock instead. PostgreSQL transactions lock rows with `FOR UPDATE`
     /// (see [`Store::for_update`]).
-    pub(crate) async fn begin_write(&self) -> StoreResult<sqlx::Transaction<'static, sqlx::Any>> {
+    pub(crate) async fn begin_write<'c>(
+        &self,
+        conn: &'c mut AnyConnection,
+    ) -> StoreResult<sqlx::Transaction<'c, sqlx::Any>> {
         Ok(match self.backend {
-            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
-            Backend::Postgres => self.pool.begin().await?,
+            Backend::Sqlite => conn.begin_with("BEGIN IMMEDIATE").await?,
+            Backend::Postgres => conn.begin().await?,
         })
     }
 
@@ -356,9 +406,14 @@ impl Store {
         self.backend
     }
 
-    /// The pool's open connections and how many of them are idle (for the metrics).
-    pub fn pool_stats(&self) -> (u32, usize) {
-        (self.pool.size(), self.pool.num_idle())
+    /// The pool's open connections, how many of them are idle, and the most it
+    /// opens (for the metrics).
+    pub fn pool_stats(&self) -> (u32, usize, u32) {
+        (
+            self.pool.size(),
+            self.pool.num_idle(),
+            self.pool.options().get_max_connections(),
+        )
     }
 
     /// Closes the pool, waiting for checked-out connections to return.
@@ -368,11 +423,11 @@ impl Store {
 
     /// A server-wide value, e.g. the generated token secret.
     pub async fn kv_get(&self, key: &str) -> StoreResult<Option<String>> {
-        timed("kv_get", async move {
+        self.timed("kv_get", async move |conn| {
             let value: Option<(String,)> =
                 sqlx::query_as("SELECT value FROM server_kv WHERE key = $1")
                     .bind(key)
-                    .fetch_optional(&self.pool)
+                    .fetch_optional(&mut *conn)
                     .await?;
             Ok(value.map(|(v,)| v))
         })
@@ -382,17 +437,18 @@ impl Store {
     /// Stores `value` under `key` unless a value is there already; returns the value
     /// that is stored afterwards (so concurrent nodes agree on the first one).
     pub async fn kv_get_or_insert(&self, key: &str, value: &str) -> StoreResult<String> {
-        timed("kv_get_or_insert", async move {
+        self.timed("kv_get_or_insert", async move |conn| {
             sqlx::query(
                 "INSERT INTO server_kv (key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING",
             )
             .bind(key)
             .bind(value)
-            .execute(&self.pool)
+            .execute(&mut *conn)
             .await?;
-            self.kv_get(key).await?.ok_or(StoreError::NotFound)
+            Ok(())
         })
-        .await
+        .await?;
+        self.kv_get(key).await?.ok_or(StoreError::NotFound)
     }
 }
 
@@ -487,22 +543,6 @@ pub fn exposed_files(database: &Path) -> Vec<String> {
         let _ = database;
         Vec::new()
     }
-}
-
-/// Runs one store operation, recording how long it took (pool wait, queries and
-/// commit) in `roomcast_store_query_duration_seconds{query}`. `query` is the
-/// operation's method name: a fixed set, so the label stays bounded.
-async fn timed<T>(
-    query: &'static str,
-    op: impl std::future::Future<Output = StoreResult<T>>,
-) -> StoreResult<T> {
-    let started = std::time::Instant::now();
-    let result = op.await;
-    crate::metrics::metrics()
-        .store_query_duration
-        .get_or_create(&crate::metrics::QueryLabels { query })
-        .observe(started.elapsed().as_secs_f64());
-    result
 }
 
 /// `NotFound` when a write touched no row (the row to change does not exist).

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use sqlx::FromRow;
 
-use super::{found, timed, AccessChange, Store, StoreError, StoreResult};
+use super::{found, AccessChange, Store, StoreError, StoreResult};
 use crate::{
     ids::{now_ms, random_id, RoomId, UserId},
     model::RoomKind,
@@ -165,9 +165,9 @@ impl Store {
         new: &NewNotification,
         expire_before: i64,
     ) -> StoreResult<NotificationInserted> {
-        timed("insert_notification", async move {
-            self.retry_busy("insert notification", || async {
-                let mut tx = self.begin_write().await?;
+        self.timed("insert_notification", async move |conn| {
+            self.retry_busy("insert notification", async || {
+                let mut tx = self.begin_write(conn).await?;
                 // The lock first: a concurrent insert with the same idempotency key waits
                 // here, then finds the first one below.
                 let seq: Option<(i64,)> = sqlx::query_as(
@@ -248,12 +248,15 @@ impl Store {
     /// Removes every user's notifications created before `before` (Unix ms);
     /// returns how many. Sequences are not reused: users' cursors stay valid.
     pub async fn prune_notifications_before(&self, before: i64) -> StoreResult<u64> {
-        self.retry_busy("prune notifications", || async {
-            let done = sqlx::query("DELETE FROM notifications WHERE created_at < $1")
-                .bind(before)
-                .execute(&self.pool)
-                .await?;
-            Ok(done.rows_affected())
+        self.timed("prune_notifications_before", async move |conn| {
+            self.retry_busy("prune notifications", async || {
+                let done = sqlx::query("DELETE FROM notifications WHERE created_at < $1")
+                    .bind(before)
+                    .execute(&mut *conn)
+                    .await?;
+                Ok(done.rows_affected())
+            })
+            .await
         })
         .await
     }
@@ -267,7 +270,7 @@ impl Store {
         created_since: i64,
         limit: u32,
     ) -> StoreResult<Vec<NotificationRecord>> {
-        timed("notifications_after", async move {
+        self.timed("notifications_after", async move |conn| {
             let sql = format!(
                 "SELECT {NOTIFICATION_COLUMNS} FROM notifications \
              WHERE user_id = $1 AND seq > $2 AND created_at >= $3 ORDER BY seq LIMIT $4"
@@ -277,7 +280,7 @@ impl Store {
                 .bind(cursor(after))
                 .bind(created_since)
                 .bind(i64::from(limit))
-                .fetch_all(&self.pool)
+                .fetch_all(&mut *conn)
                 .await?;
             rows.into_iter().map(TryInto::try_into).collect()
         })
@@ -287,12 +290,12 @@ impl Store {
     /// The user's newest notification sequence and read cursor; `NotFound` when
     /// the user does not exist.
     pub async fn notification_state(&self, user: &UserId) -> StoreResult<NotificationState> {
-        timed("notification_state", async move {
+        self.timed("notification_state", async move |conn| {
             let row: Option<(i64, i64)> = sqlx::query_as(
                 "SELECT last_notification_seq, notification_read_seq FROM users WHERE id = $1",
             )
             .bind(user.as_str())
-            .fetch_optional(&self.pool)
+            .fetch_optional(&mut *conn)
             .await?;
             let (last, read) = row.ok_or(StoreError::NotFound)?;
             Ok(NotificationState {
@@ -310,8 +313,8 @@ impl Store {
         user: &UserId,
         up_to: u64,
     ) -> StoreResult<NotificationState> {
-        timed("mark_notifications_read", async move {
-            self.retry_busy("mark notifications read", || async {
+        self.timed("mark_notifications_read", async move |conn| {
+            self.retry_busy("mark notifications read", async || {
                 sqlx::query(
                     "UPDATE users SET notification_read_seq = \
                  CASE WHEN $1 < last_notification_seq THEN $1 ELSE last_notification_seq END \
@@ -319,14 +322,14 @@ impl Store {
                 )
                 .bind(cursor(up_to))
                 .bind(user.as_str())
-                .execute(&self.pool)
+                .execute(&mut *conn)
                 .await?;
                 Ok(())
             })
-            .await?;
-            self.notification_state(user).await
+            .await
         })
-        .await
+        .await?;
+        self.notification_state(user).await
     }
 
     /// Retained notifications of `user` after `read_seq`.
@@ -336,14 +339,14 @@ impl Store {
         read_seq: u64,
         created_since: i64,
     ) -> StoreResult<u64> {
-        timed("count_notifications_after", async move {
+        self.timed("count_notifications_after", async move |conn| {
         let (n,): (i64,) = sqlx::query_as(
             "SELECT COUNT(*) FROM notifications WHERE user_id = $1 AND seq > $2 AND created_at >= $3",
         )
         .bind(user.as_str())
         .bind(cursor(read_seq))
         .bind(created_since)
-        .fetch_one(&self.pool)
+        .fetch_one(&mut *conn)
         .await?;
         Ok(n as u64)
         })
@@ -358,7 +361,7 @@ impl Store {
         after: Option<(i64, String)>,
         limit: u32,
     ) -> StoreResult<Vec<InvitationRecord>> {
-        timed("list_invitations", async move {
+        self.timed("list_invitations", async move |conn| {
         let (at, room) = after.unwrap_or((i64::MAX, String::new()));
         let rows: Vec<(String, String, String, String, i64)> = sqlx::query_as(
             "SELECT i.room_id, r.kind, r.title, i.invited_by, i.created_at \
@@ -370,7 +373,7 @@ impl Store {
         .bind(at)
         .bind(&room)
         .bind(i64::from(limit))
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *conn)
         .await?;
         rows.into_iter()
             .map(|(room_id, kind, title, by, created_at)| {
@@ -390,18 +393,20 @@ impl Store {
 
     /// Removes a pending invitation; `NotFound` when there was none.
     pub async fn delete_invitation(&self, room: &RoomId, user: &UserId) -> StoreResult<()> {
-        let result = timed("delete_invitation", async move {
-            self.retry_busy("delete invitation", || async {
-                let done = sqlx::query("DELETE FROM invites WHERE room_id = $1 AND user_id = $2")
-                    .bind(room.as_str())
-                    .bind(user.as_str())
-                    .execute(&self.pool)
-                    .await?;
-                found(done)
+        let result = self
+            .timed("delete_invitation", async move |conn| {
+                self.retry_busy("delete invitation", async || {
+                    let done =
+                        sqlx::query("DELETE FROM invites WHERE room_id = $1 AND user_id = $2")
+                            .bind(room.as_str())
+                            .bind(user.as_str())
+                            .execute(&mut *conn)
+                            .await?;
+                    found(done)
+                })
+                .await
             })
-            .await
-        })
-        .await;
+            .await;
         self.invalidate_access(&AccessChange::Member {
             room: room.clone(),
             user: user.clone(),

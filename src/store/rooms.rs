@@ -2,9 +2,9 @@
 
 use std::{collections::HashMap, sync::Arc};
 
-use sqlx::{AnyConnection, FromRow};
+use sqlx::{AnyConnection, Connection as _, FromRow};
 
-use super::{found, parse_enum, timed, AccessChange, MemberFacts, Store, StoreError, StoreResult};
+use super::{found, parse_enum, AccessChange, MemberFacts, Store, StoreError, StoreResult};
 use crate::{
     ids::{now_ms, RoomId, UserId},
     model::{MemberRole, RoomKind},
@@ -245,11 +245,11 @@ impl Store {
     /// `Conflict` when a direct room for the same pair exists.
     /// How many rooms `user` created (for the per-user room quota).
     pub async fn count_rooms_created_by(&self, user: &UserId) -> StoreResult<u64> {
-        timed("count_rooms_created_by", async move {
+        self.timed("count_rooms_created_by", async move |conn| {
             let (count,): (i64,) =
                 sqlx::query_as("SELECT COUNT(*) FROM rooms WHERE created_by = $1")
                     .bind(user.as_str())
-                    .fetch_one(&self.pool)
+                    .fetch_one(&mut *conn)
                     .await?;
             Ok(count.max(0) as u64)
         })
@@ -257,10 +257,10 @@ impl Store {
     }
 
     pub async fn create_room(&self, new: NewRoom) -> StoreResult<RoomRecord> {
-        timed("create_room", async move {
         let id = RoomId::generate();
+        self.timed("create_room", async |conn| {
         let now = now_ms();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = conn.begin().await?;
         sqlx::query(
             "INSERT INTO rooms (id, kind, title, topic, created_by, created_at, last_seq, retention_seconds, direct_key) \
              VALUES ($1, $2, $3, $4, $5, $6, 0, $7, $8)",
@@ -318,21 +318,25 @@ impl Store {
                 user: user.clone(),
             });
         }
-        self.get_room(&id).await
+        Ok(())
         })
-        .await
+        .await?;
+        self.get_room(&id).await
     }
 
     /// A live room's controls and pinned message; `None` for a chat room.
     pub async fn get_live_room(&self, id: &RoomId) -> StoreResult<Option<LiveRoomRecord>> {
-        let row: Option<LiveRoomRow> = sqlx::query_as(
-            "SELECT anonymous_viewers, slow_mode_seconds, host_only, rate_limit_per_minute, \
+        self.timed("get_live_room", async move |conn| {
+            let row: Option<LiveRoomRow> = sqlx::query_as(
+                "SELECT anonymous_viewers, slow_mode_seconds, host_only, rate_limit_per_minute, \
              max_length, word_filter, pinned FROM live_rooms WHERE room_id = $1",
-        )
-        .bind(id.as_str())
-        .fetch_optional(&self.pool)
-        .await?;
-        Ok(row.map(Into::into))
+            )
+            .bind(id.as_str())
+            .fetch_optional(&mut *conn)
+            .await?;
+            Ok(row.map(Into::into))
+        })
+        .await
     }
 
     /// Replaces a live room's controls; `NotFound` for a chat room.
@@ -341,38 +345,47 @@ impl Store {
         id: &RoomId,
         controls: &LiveControlsRecord,
     ) -> StoreResult<()> {
-        let mut tx = self.begin_write().await?;
-        let changed = write_live_controls(&mut tx, id, controls).await?;
-        if changed == 0 {
-            return Err(StoreError::NotFound);
-        }
-        tx.commit().await?;
-        Ok(())
+        self.timed("set_live_controls", async move |conn| {
+            let mut tx = self.begin_write(conn).await?;
+            let changed = write_live_controls(&mut tx, id, controls).await?;
+            if changed == 0 {
+                return Err(StoreError::NotFound);
+            }
+            tx.commit().await?;
+            Ok(())
+        })
+        .await
     }
 
     /// Sets (or, with `None`, clears) a live room's pinned message.
     pub async fn set_live_pinned(&self, id: &RoomId, pinned: Option<&str>) -> StoreResult<()> {
-        let done = sqlx::query("UPDATE live_rooms SET pinned = $1 WHERE room_id = $2")
-            .bind(pinned)
-            .bind(id.as_str())
-            .execute(&self.pool)
-            .await?;
-        if done.rows_affected() == 0 {
-            return Err(StoreError::NotFound);
-        }
-        Ok(())
+        self.timed("set_live_pinned", async move |conn| {
+            let done = sqlx::query("UPDATE live_rooms SET pinned = $1 WHERE room_id = $2")
+                .bind(pinned)
+                .bind(id.as_str())
+                .execute(&mut *conn)
+                .await?;
+            if done.rows_affected() == 0 {
+                return Err(StoreError::NotFound);
+            }
+            Ok(())
+        })
+        .await
     }
 
     /// Records that a live room may use sequence numbers up to `upto` (stored in
     /// `rooms.last_seq`, which never goes down), so that a restarted room starts
     /// after every number it may have given out.
     pub async fn reserve_live_seqs(&self, id: &RoomId, upto: u64) -> StoreResult<()> {
-        sqlx::query("UPDATE rooms SET last_seq = $1 WHERE id = $2 AND last_seq < $1")
-            .bind(upto.min(i64::MAX as u64) as i64)
-            .bind(id.as_str())
-            .execute(&self.pool)
-            .await?;
-        Ok(())
+        self.timed("reserve_live_seqs", async move |conn| {
+            sqlx::query("UPDATE rooms SET last_seq = $1 WHERE id = $2 AND last_seq < $1")
+                .bind(upto.min(i64::MAX as u64) as i64)
+                .bind(id.as_str())
+                .execute(&mut *conn)
+                .await?;
+            Ok(())
+        })
+        .await
     }
 
     /// Takes the next `count` sequence numbers of a live room that several nodes
@@ -380,23 +393,26 @@ impl Store {
     /// statement, so concurrent nodes never get the same number; answers the last
     /// number taken.
     pub async fn take_live_seqs(&self, id: &RoomId, count: u64) -> StoreResult<u64> {
-        let (last,): (i64,) = sqlx::query_as(
-            "UPDATE rooms SET last_seq = last_seq + $1 WHERE id = $2 RETURNING last_seq",
-        )
-        .bind(count.min(i64::MAX as u64) as i64)
-        .bind(id.as_str())
-        .fetch_one(&self.pool)
-        .await?;
-        Ok(last.max(0) as u64)
+        self.timed("take_live_seqs", async move |conn| {
+            let (last,): (i64,) = sqlx::query_as(
+                "UPDATE rooms SET last_seq = last_seq + $1 WHERE id = $2 RETURNING last_seq",
+            )
+            .bind(count.min(i64::MAX as u64) as i64)
+            .bind(id.as_str())
+            .fetch_one(&mut *conn)
+            .await?;
+            Ok(last.max(0) as u64)
+        })
+        .await
     }
 
     /// The room with this id.
     pub async fn get_room(&self, id: &RoomId) -> StoreResult<RoomRecord> {
-        timed("get_room", async move {
+        self.timed("get_room", async move |conn| {
             let sql = format!("SELECT {ROOM_COLUMNS} FROM rooms WHERE id = $1");
             let row: RoomRow = sqlx::query_as(&sql)
                 .bind(id.as_str())
-                .fetch_one(&self.pool)
+                .fetch_one(&mut *conn)
                 .await?;
             row.try_into()
         })
@@ -405,11 +421,11 @@ impl Store {
 
     /// The direct room of a pair, by its key.
     pub async fn find_direct_room(&self, direct_key: &str) -> StoreResult<Option<RoomRecord>> {
-        timed("find_direct_room", async move {
+        self.timed("find_direct_room", async move |conn| {
             let sql = format!("SELECT {ROOM_COLUMNS} FROM rooms WHERE direct_key = $1");
             let row: Option<RoomRow> = sqlx::query_as(&sql)
                 .bind(direct_key)
-                .fetch_optional(&self.pool)
+                .fetch_optional(&mut *conn)
                 .await?;
             row.map(TryInto::try_into).transpose()
         })
@@ -418,27 +434,29 @@ impl Store {
 
     /// Changes the fields of `update` that are set.
     pub async fn update_room(&self, id: &RoomId, update: RoomUpdate) -> StoreResult<RoomRecord> {
-        let result = timed("update_room", async move {
-            let current = self.get_room(id).await?;
-            sqlx::query(
-                "UPDATE rooms SET title = $1, topic = $2, retention_seconds = $3 WHERE id = $4",
-            )
-            .bind(update.title.unwrap_or(current.title))
-            .bind(update.topic.unwrap_or(current.topic))
-            .bind(
-                update
-                    .retention_seconds
-                    .unwrap_or(current.retention_seconds)
-                    .min(i64::MAX as u64) as i64,
-            )
-            .bind(id.as_str())
-            .execute(&self.pool)
-            .await?;
-            self.get_room(id).await
-        })
-        .await;
+        let current = self.get_room(id).await?;
+        let result = self
+            .timed("update_room", async move |conn| {
+                sqlx::query(
+                    "UPDATE rooms SET title = $1, topic = $2, retention_seconds = $3 WHERE id = $4",
+                )
+                .bind(update.title.unwrap_or(current.title))
+                .bind(update.topic.unwrap_or(current.topic))
+                .bind(
+                    update
+                        .retention_seconds
+                        .unwrap_or(current.retention_seconds)
+                        .min(i64::MAX as u64) as i64,
+                )
+                .bind(id.as_str())
+                .execute(&mut *conn)
+                .await?;
+                Ok(())
+            })
+            .await;
         self.invalidate_access(&AccessChange::Room { room: id.clone() });
-        result
+        result?;
+        self.get_room(id).await
     }
 
     /// The rooms `user` is a member of, with the membership, ordered by room id
@@ -449,7 +467,7 @@ impl Store {
         after_id: &str,
         limit: u32,
     ) -> StoreResult<Vec<(RoomRecord, MemberRecord)>> {
-        timed("list_user_rooms", async move {
+        self.timed("list_user_rooms", async move |conn| {
         // One query: the page of rooms with the caller's membership joined in.
         let rows: Vec<UserRoomRow> = sqlx::query_as(
             "SELECT r.id, r.kind, r.title, r.topic, r.created_by, r.created_at, r.last_seq, r.retention_seconds, \
@@ -461,7 +479,7 @@ impl Store {
         .bind(user.as_str())
         .bind(after_id)
         .bind(i64::from(limit))
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *conn)
         .await?;
         rows.into_iter()
             .map(|row| {
@@ -486,14 +504,14 @@ impl Store {
         after_id: &str,
         limit: u32,
     ) -> StoreResult<Vec<RoomRecord>> {
-        timed("list_public_rooms", async move {
+        self.timed("list_public_rooms", async move |conn| {
         let sql = format!(
             "SELECT {ROOM_COLUMNS} FROM rooms WHERE kind IN ('public', 'broadcast') AND id > $1 ORDER BY id LIMIT $2"
         );
         let rows: Vec<RoomRow> = sqlx::query_as(&sql)
             .bind(after_id)
             .bind(i64::from(limit))
-            .fetch_all(&self.pool)
+            .fetch_all(&mut *conn)
             .await?;
         rows.into_iter().map(TryInto::try_into).collect()
         })
@@ -502,11 +520,11 @@ impl Store {
 
     /// How many members a room has.
     pub async fn member_count(&self, room: &RoomId) -> StoreResult<u64> {
-        timed("member_count", async move {
+        self.timed("member_count", async move |conn| {
             let (n,): (i64,) =
                 sqlx::query_as("SELECT COUNT(*) FROM memberships WHERE room_id = $1")
                     .bind(room.as_str())
-                    .fetch_one(&self.pool)
+                    .fetch_one(&mut *conn)
                     .await?;
             Ok(n as u64)
         })
@@ -515,7 +533,7 @@ impl Store {
 
     /// Member counts of several rooms; rooms without members are absent.
     pub async fn member_counts(&self, rooms: &[RoomId]) -> StoreResult<HashMap<RoomId, u64>> {
-        timed("member_counts", async move {
+        self.timed("member_counts", async move |conn| {
             if rooms.is_empty() {
                 return Ok(HashMap::new());
             }
@@ -527,7 +545,7 @@ impl Store {
             for room in rooms {
                 query = query.bind(room.as_str());
             }
-            let rows = query.fetch_all(&self.pool).await?;
+            let rows = query.fetch_all(&mut *conn).await?;
             Ok(rows
                 .into_iter()
                 .map(|(room, n)| (RoomId(room), n as u64))
@@ -542,7 +560,7 @@ impl Store {
         user: &UserId,
         rooms: &[RoomId],
     ) -> StoreResult<Vec<MemberRecord>> {
-        timed("memberships_in", async move {
+        self.timed("memberships_in", async move |conn| {
             if rooms.is_empty() {
                 return Ok(Vec::new());
             }
@@ -555,7 +573,7 @@ impl Store {
                 query = query.bind(room.as_str());
             }
             query
-                .fetch_all(&self.pool)
+                .fetch_all(&mut *conn)
                 .await?
                 .into_iter()
                 .map(TryInto::try_into)
@@ -570,20 +588,21 @@ impl Store {
         room: &RoomId,
         user: &UserId,
     ) -> StoreResult<MembershipChange> {
-        let result = timed("remove_member_keeping_owner", async move {
-            let mut tx = self.pool.begin().await?;
-            if let Some(refused) = owner_guard(&mut tx, room, user, None).await? {
-                return Ok(refused);
-            }
-            sqlx::query("DELETE FROM memberships WHERE room_id = $1 AND user_id = $2")
-                .bind(room.as_str())
-                .bind(user.as_str())
-                .execute(&mut *tx)
-                .await?;
-            tx.commit().await?;
-            Ok(MembershipChange::Done)
-        })
-        .await;
+        let result = self
+            .timed("remove_member_keeping_owner", async move |conn| {
+                let mut tx = conn.begin().await?;
+                if let Some(refused) = owner_guard(&mut tx, room, user, None).await? {
+                    return Ok(refused);
+                }
+                sqlx::query("DELETE FROM memberships WHERE room_id = $1 AND user_id = $2")
+                    .bind(room.as_str())
+                    .bind(user.as_str())
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                Ok(MembershipChange::Done)
+            })
+            .await;
         self.invalidate_access(&AccessChange::Member {
             room: room.clone(),
             user: user.clone(),
@@ -598,21 +617,22 @@ impl Store {
         user: &UserId,
         role: MemberRole,
     ) -> StoreResult<MembershipChange> {
-        let result = timed("set_member_role_keeping_owner", async move {
-            let mut tx = self.pool.begin().await?;
-            if let Some(refused) = owner_guard(&mut tx, room, user, Some(role)).await? {
-                return Ok(refused);
-            }
-            sqlx::query("UPDATE memberships SET role = $1 WHERE room_id = $2 AND user_id = $3")
-                .bind(role.as_str())
-                .bind(room.as_str())
-                .bind(user.as_str())
-                .execute(&mut *tx)
-                .await?;
-            tx.commit().await?;
-            Ok(MembershipChange::Done)
-        })
-        .await;
+        let result = self
+            .timed("set_member_role_keeping_owner", async move |conn| {
+                let mut tx = conn.begin().await?;
+                if let Some(refused) = owner_guard(&mut tx, room, user, Some(role)).await? {
+                    return Ok(refused);
+                }
+                sqlx::query("UPDATE memberships SET role = $1 WHERE room_id = $2 AND user_id = $3")
+                    .bind(role.as_str())
+                    .bind(room.as_str())
+                    .bind(user.as_str())
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                Ok(MembershipChange::Done)
+            })
+            .await;
         self.invalidate_access(&AccessChange::Member {
             room: room.clone(),
             user: user.clone(),
@@ -630,8 +650,8 @@ impl Store {
         reason: &str,
         expires_at: Option<i64>,
     ) -> StoreResult<MembershipChange> {
-        let result = timed("ban_keeping_owner", async move {
-        let mut tx = self.pool.begin().await?;
+        let result = self.timed("ban_keeping_owner", async move |conn| {
+        let mut tx = conn.begin().await?;
         match owner_guard(&mut tx, room, user, None).await? {
             None | Some(MembershipChange::NotMember) => {}
             Some(refused) => return Ok(refused),
@@ -675,14 +695,14 @@ impl Store {
         room: &RoomId,
         user: &UserId,
     ) -> StoreResult<Option<MemberRecord>> {
-        timed("get_member", async move {
+        self.timed("get_member", async move |conn| {
             let sql = format!(
                 "SELECT {MEMBER_COLUMNS} FROM memberships WHERE room_id = $1 AND user_id = $2"
             );
             let row: Option<MemberRow> = sqlx::query_as(&sql)
                 .bind(room.as_str())
                 .bind(user.as_str())
-                .fetch_optional(&self.pool)
+                .fetch_optional(&mut *conn)
                 .await?;
             row.map(TryInto::try_into).transpose()
         })
@@ -696,7 +716,7 @@ impl Store {
         after_user: &str,
         limit: u32,
     ) -> StoreResult<Vec<MemberRecord>> {
-        timed("list_members", async move {
+        self.timed("list_members", async move |conn| {
         let sql = format!(
             "SELECT {MEMBER_COLUMNS} FROM memberships WHERE room_id = $1 AND user_id > $2 ORDER BY user_id LIMIT $3"
         );
@@ -704,7 +724,7 @@ impl Store {
             .bind(room.as_str())
             .bind(after_user)
             .bind(i64::from(limit))
-            .fetch_all(&self.pool)
+            .fetch_all(&mut *conn)
             .await?;
         rows.into_iter().map(TryInto::try_into).collect()
         })
@@ -718,8 +738,8 @@ impl Store {
         user: &UserId,
         role: MemberRole,
     ) -> StoreResult<MemberRecord> {
-        let result = timed("add_member", async move {
-        let mut tx = self.pool.begin().await?;
+        let result = self.timed("add_member", async move |conn| {
+        let mut tx = conn.begin().await?;
         sqlx::query(
             "INSERT INTO memberships (room_id, user_id, role, joined_at, last_read_seq) VALUES ($1, $2, $3, $4, 0)",
         )
@@ -735,29 +755,32 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
-        self.get_member(room, user)
-            .await?
-            .ok_or(StoreError::NotFound)
+        Ok(())
         })
         .await;
         self.invalidate_access(&AccessChange::Member {
             room: room.clone(),
             user: user.clone(),
         });
-        result
+        result?;
+        self.get_member(room, user)
+            .await?
+            .ok_or(StoreError::NotFound)
     }
 
     /// Removes a membership; `NotFound` when there was none.
     pub async fn remove_member(&self, room: &RoomId, user: &UserId) -> StoreResult<()> {
-        let result = timed("remove_member", async move {
-            let done = sqlx::query("DELETE FROM memberships WHERE room_id = $1 AND user_id = $2")
-                .bind(room.as_str())
-                .bind(user.as_str())
-                .execute(&self.pool)
-                .await?;
-            found(done)
-        })
-        .await;
+        let result = self
+            .timed("remove_member", async move |conn| {
+                let done =
+                    sqlx::query("DELETE FROM memberships WHERE room_id = $1 AND user_id = $2")
+                        .bind(room.as_str())
+                        .bind(user.as_str())
+                        .execute(&mut *conn)
+                        .await?;
+                found(done)
+            })
+            .await;
         self.invalidate_access(&AccessChange::Member {
             room: room.clone(),
             user: user.clone(),
@@ -772,18 +795,19 @@ impl Store {
         user: &UserId,
         until: Option<i64>,
     ) -> StoreResult<()> {
-        let result = timed("set_member_mute", async move {
-            let done = sqlx::query(
-                "UPDATE memberships SET muted_until = $1 WHERE room_id = $2 AND user_id = $3",
-            )
-            .bind(until)
-            .bind(room.as_str())
-            .bind(user.as_str())
-            .execute(&self.pool)
-            .await?;
-            found(done)
-        })
-        .await;
+        let result = self
+            .timed("set_member_mute", async move |conn| {
+                let done = sqlx::query(
+                    "UPDATE memberships SET muted_until = $1 WHERE room_id = $2 AND user_id = $3",
+                )
+                .bind(until)
+                .bind(room.as_str())
+                .bind(user.as_str())
+                .execute(&mut *conn)
+                .await?;
+                found(done)
+            })
+            .await;
         self.invalidate_access(&AccessChange::Member {
             room: room.clone(),
             user: user.clone(),
@@ -794,27 +818,28 @@ impl Store {
     /// Moves the read cursor forward (never back, never past the room's last
     /// sequence); returns the cursor afterwards.
     pub async fn mark_read(&self, room: &RoomId, user: &UserId, seq: u64) -> StoreResult<u64> {
-        timed("mark_read", async move {
+        self.timed("mark_read", async move |conn| {
         sqlx::query(
             "UPDATE memberships SET last_read_seq = $1 WHERE room_id = $2 AND user_id = $3 AND last_read_seq < $1",
         )
         .bind(seq.min(i64::MAX as u64) as i64)
         .bind(room.as_str())
         .bind(user.as_str())
-        .execute(&self.pool)
+        .execute(&mut *conn)
+        .await?;
+        Ok(())
+        })
         .await?;
         let member = self
             .get_member(room, user)
             .await?
             .ok_or(StoreError::NotFound)?;
         Ok(member.last_read_seq)
-        })
-        .await
     }
 
     /// Records an invitation (idempotent).
     pub async fn invite(&self, room: &RoomId, user: &UserId, by: &UserId) -> StoreResult<()> {
-        let result = timed("invite", async move {
+        let result = self.timed("invite", async move |conn| {
         sqlx::query(
             "INSERT INTO invites (room_id, user_id, invited_by, created_at) VALUES ($1, $2, $3, $4) \
              ON CONFLICT (room_id, user_id) DO NOTHING",
@@ -823,7 +848,7 @@ impl Store {
         .bind(user.as_str())
         .bind(by.as_str())
         .bind(now_ms())
-        .execute(&self.pool)
+        .execute(&mut *conn)
         .await?;
         Ok(())
         })
@@ -837,12 +862,12 @@ impl Store {
 
     /// Whether `user` has a pending invitation to `room`.
     pub async fn has_invite(&self, room: &RoomId, user: &UserId) -> StoreResult<bool> {
-        timed("has_invite", async move {
+        self.timed("has_invite", async move |conn| {
             let row: Option<(String,)> =
                 sqlx::query_as("SELECT user_id FROM invites WHERE room_id = $1 AND user_id = $2")
                     .bind(room.as_str())
                     .bind(user.as_str())
-                    .fetch_optional(&self.pool)
+                    .fetch_optional(&mut *conn)
                     .await?;
             Ok(row.is_some())
         })
@@ -851,15 +876,16 @@ impl Store {
 
     /// Lifts a ban; `NotFound` when there was none.
     pub async fn unban(&self, room: &RoomId, user: &UserId) -> StoreResult<()> {
-        let result = timed("unban", async move {
-            let done = sqlx::query("DELETE FROM bans WHERE room_id = $1 AND user_id = $2")
-                .bind(room.as_str())
-                .bind(user.as_str())
-                .execute(&self.pool)
-                .await?;
-            found(done)
-        })
-        .await;
+        let result = self
+            .timed("unban", async move |conn| {
+                let done = sqlx::query("DELETE FROM bans WHERE room_id = $1 AND user_id = $2")
+                    .bind(room.as_str())
+                    .bind(user.as_str())
+                    .execute(&mut *conn)
+                    .await?;
+                found(done)
+            })
+            .await;
         self.invalidate_access(&AccessChange::Member {
             room: room.clone(),
             user: user.clone(),
@@ -874,13 +900,13 @@ impl Store {
         user: &UserId,
         now: i64,
     ) -> StoreResult<Option<BanRecord>> {
-        timed("active_ban", async move {
+        self.timed("active_ban", async move |conn| {
         let ban: Option<BanRecord> = sqlx::query_as(
             "SELECT banned_by, reason, created_at, expires_at FROM bans WHERE room_id = $1 AND user_id = $2",
         )
         .bind(room.as_str())
         .bind(user.as_str())
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *conn)
         .await?;
         Ok(ban.filter(|b| b.expires_at.is_none_or(|t| t > now)))
         })
@@ -957,11 +983,11 @@ impl Store {
     }
 
     async fn user_room_ids_uncached(&self, user: &UserId) -> StoreResult<Vec<RoomId>> {
-        timed("user_room_ids", async move {
+        self.timed("user_room_ids", async move |conn| {
             let rows: Vec<(String,)> =
                 sqlx::query_as("SELECT room_id FROM memberships WHERE user_id = $1")
                     .bind(user.as_str())
-                    .fetch_all(&self.pool)
+                    .fetch_all(&mut *conn)
                     .await?;
             Ok(rows.into_iter().map(|(id,)| RoomId(id)).collect())
         })
@@ -1019,7 +1045,7 @@ impl Store {
         room: &RoomId,
         user: &UserId,
     ) -> StoreResult<(Option<MemberRecord>, Option<BanRecord>)> {
-        timed("member_and_ban", async move {
+        self.timed("member_and_ban", async move |conn| {
             let row: MemberAndBanRow = sqlx::query_as(
                 "SELECT m.role, m.joined_at, m.last_read_seq, m.muted_until, \
                  b.banned_by, b.reason, b.created_at AS banned_at, b.expires_at \
@@ -1029,7 +1055,7 @@ impl Store {
             )
             .bind(room.as_str())
             .bind(user.as_str())
-            .fetch_one(&self.pool)
+            .fetch_one(&mut *conn)
             .await?;
             let member = match (row.role, row.joined_at, row.last_read_seq) {
                 (Some(role), Some(joined_at), Some(last_read_seq)) => Some(MemberRecord {

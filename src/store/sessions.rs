@@ -2,11 +2,11 @@
 //! refresh consumes the current refresh token and issues the next one. Presenting a
 //! consumed token again means it leaked, so the whole session is revoked.
 
-use sqlx::FromRow;
+use sqlx::{AnyConnection, FromRow};
 
 use std::sync::Arc;
 
-use super::{timed, AccessChange, SessionFacts, Store, StoreError, StoreResult};
+use super::{AccessChange, SessionFacts, Store, StoreError, StoreResult};
 use crate::ids::{hash_secret, now_ms, SessionId, UserId};
 
 /// A stored session.
@@ -49,9 +49,10 @@ impl Store {
         refresh_token: &str,
         ttl_ms: i64,
     ) -> StoreResult<SessionRecord> {
-        timed("create_session", async move {
-            self.retry_busy("create session", || {
-                self.create_session_once(user, refresh_token, ttl_ms)
+        self.timed("create_session", async move |conn| {
+            self.retry_busy("create session", async || {
+                self.create_session_once(conn, user, refresh_token, ttl_ms)
+                    .await
             })
             .await
         })
@@ -60,13 +61,14 @@ impl Store {
 
     async fn create_session_once(
         &self,
+        conn: &mut AnyConnection,
         user: &UserId,
         refresh_token: &str,
         ttl_ms: i64,
     ) -> StoreResult<SessionRecord> {
         let id = SessionId::generate();
         let now = now_ms();
-        let mut tx = self.begin_write().await?;
+        let mut tx = self.begin_write(conn).await?;
         sqlx::query(
             "INSERT INTO sessions (id, user_id, created_at, expires_at) VALUES ($1, $2, $3, $4)",
         )
@@ -97,12 +99,12 @@ impl Store {
 
     /// The session with this id.
     pub async fn get_session(&self, id: &SessionId) -> StoreResult<SessionRecord> {
-        timed("get_session", async move {
+        self.timed("get_session", async move |conn| {
             Ok(sqlx::query_as(
             "SELECT id, user_id, created_at, expires_at, revoked_at FROM sessions WHERE id = $1",
         )
         .bind(id.as_str())
-        .fetch_one(&self.pool)
+        .fetch_one(&mut *conn)
         .await?)
         })
         .await
@@ -130,11 +132,12 @@ impl Store {
         ttl_ms: i64,
         grace_ms: i64,
     ) -> StoreResult<RefreshOutcome> {
-        timed("rotate_refresh_token", async move {
+        self.timed("rotate_refresh_token", async move |conn| {
             let hash = hash_secret(presented);
             let next_hash = hash_secret(next);
-            self.retry_busy("rotate refresh token", || {
-                self.rotate_once(&hash, &next_hash, ttl_ms, grace_ms)
+            self.retry_busy("rotate refresh token", async || {
+                self.rotate_once(conn, &hash, &next_hash, ttl_ms, grace_ms)
+                    .await
             })
             .await
         })
@@ -143,12 +146,13 @@ impl Store {
 
     async fn rotate_once(
         &self,
+        conn: &mut AnyConnection,
         hash: &str,
         next_hash: &str,
         ttl_ms: i64,
         grace_ms: i64,
     ) -> StoreResult<RefreshOutcome> {
-        let mut tx = self.begin_write().await?;
+        let mut tx = self.begin_write(conn).await?;
         let now = now_ms();
         let sql = format!(
             "SELECT session_id, expires_at, used_at FROM refresh_tokens WHERE token_hash = $1{}",
@@ -246,7 +250,7 @@ impl Store {
     /// A consumed token came back: revoke its session.
     async fn revoke_reused(
         &self,
-        mut tx: sqlx::Transaction<'static, sqlx::Any>,
+        mut tx: sqlx::Transaction<'_, sqlx::Any>,
         session: SessionRecord,
         now: i64,
     ) -> StoreResult<RefreshOutcome> {
@@ -267,14 +271,14 @@ impl Store {
 
     /// Revokes one session; returns how many were active.
     pub async fn revoke_session(&self, id: &SessionId) -> StoreResult<u64> {
-        let result = timed("revoke_session", async move {
-        self.retry_busy("revoke session", || async {
+        let result = self.timed("revoke_session", async move |conn| {
+        self.retry_busy("revoke session", async || {
             let done = sqlx::query(
                 "UPDATE sessions SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL AND expires_at > $1",
             )
             .bind(now_ms())
             .bind(id.as_str())
-            .execute(&self.pool)
+            .execute(&mut *conn)
             .await?;
             Ok(done.rows_affected())
         })
@@ -289,14 +293,14 @@ impl Store {
 
     /// Revokes every session of a user; returns how many were active.
     pub async fn revoke_user_sessions(&self, user: &UserId) -> StoreResult<u64> {
-        let result = timed("revoke_user_sessions", async move {
-        self.retry_busy("revoke user sessions", || async {
+        let result = self.timed("revoke_user_sessions", async move |conn| {
+        self.retry_busy("revoke user sessions", async || {
             let done = sqlx::query(
                 "UPDATE sessions SET revoked_at = $1 WHERE user_id = $2 AND revoked_at IS NULL AND expires_at > $1",
             )
             .bind(now_ms())
             .bind(user.as_str())
-            .execute(&self.pool)
+            .execute(&mut *conn)
             .await?;
             Ok(done.rows_affected())
         })

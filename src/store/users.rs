@@ -2,9 +2,9 @@
 //! is stored with its confusable skeleton ([`username_skeleton`]), unique like
 //! the username itself.
 
-use sqlx::FromRow;
+use sqlx::{AnyConnection, FromRow};
 
-use super::{found, parse_enum, timed, AccessChange, Store, StoreError, StoreResult};
+use super::{found, parse_enum, AccessChange, Store, StoreError, StoreResult};
 use crate::{
     ids::{now_ms, UserId},
     model::Role,
@@ -90,10 +90,10 @@ impl Store {
     /// Creates an account; `Conflict` when the username, or one that looks like it
     /// (the same [`username_skeleton`]), is taken.
     pub async fn create_user(&self, new: NewUser) -> StoreResult<UserRecord> {
-        timed("create_user", async move {
         let id = UserId::generate();
+        self.timed("create_user", async |conn| {
         let now = now_ms();
-        self.retry_busy("create user", || async {
+        self.retry_busy("create user", async || {
             sqlx::query(
                 "INSERT INTO users (id, username, username_skeleton, display_name, display_name_lc, role, password_hash, created_at, updated_at) \
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8)",
@@ -106,23 +106,23 @@ impl Store {
             .bind(new.role.as_str())
             .bind(&new.password_hash)
             .bind(now)
-            .execute(&self.pool)
+            .execute(&mut *conn)
             .await?;
             Ok(())
         })
+        .await
+        })
         .await?;
         self.get_user(&id).await
-        })
-        .await
     }
 
     /// The account whose username looks like `username` (has its skeleton).
     pub async fn get_user_by_lookalike(&self, username: &str) -> StoreResult<UserRecord> {
-        timed("get_user_by_lookalike", async move {
+        self.timed("get_user_by_lookalike", async move |conn| {
             let sql = format!("SELECT {USER_COLUMNS} FROM users WHERE username_skeleton = $1");
             let row: UserRow = sqlx::query_as(&sql)
                 .bind(username_skeleton(username))
-                .fetch_one(&self.pool)
+                .fetch_one(&mut *conn)
                 .await?;
             row.try_into()
         })
@@ -134,19 +134,19 @@ impl Store {
     /// sign in; its name is only not protected) and is logged. Answers how many
     /// were filled in.
     pub(crate) async fn backfill_username_skeletons(&self) -> StoreResult<u64> {
-        timed("backfill_username_skeletons", async move {
+        self.timed("backfill_username_skeletons", async move |conn| {
             let missing: Vec<(String, String)> = sqlx::query_as(
                 "SELECT id, username FROM users \
              WHERE username IS NOT NULL AND username_skeleton IS NULL ORDER BY created_at, id",
             )
-            .fetch_all(&self.pool)
+            .fetch_all(&mut *conn)
             .await?;
             let mut filled = 0;
             for (id, username) in missing {
                 let done = sqlx::query("UPDATE users SET username_skeleton = $1 WHERE id = $2")
                     .bind(username_skeleton(&username))
                     .bind(&id)
-                    .execute(&self.pool)
+                    .execute(&mut *conn)
                     .await;
                 match done {
                     Ok(_) => filled += 1,
@@ -167,24 +167,17 @@ impl Store {
 
     /// The user with this id.
     pub async fn get_user(&self, id: &UserId) -> StoreResult<UserRecord> {
-        timed("get_user", async move {
-            let sql = format!("SELECT {USER_COLUMNS} FROM users WHERE id = $1");
-            let row: UserRow = sqlx::query_as(&sql)
-                .bind(id.as_str())
-                .fetch_one(&self.pool)
-                .await?;
-            row.try_into()
-        })
-        .await
+        self.timed("get_user", async move |conn| user_by_id(conn, id).await)
+            .await
     }
 
     /// The account with this (lower-case) username.
     pub async fn get_user_by_username(&self, username: &str) -> StoreResult<UserRecord> {
-        timed("get_user_by_username", async move {
+        self.timed("get_user_by_username", async move |conn| {
             let sql = format!("SELECT {USER_COLUMNS} FROM users WHERE username = $1");
             let row: UserRow = sqlx::query_as(&sql)
                 .bind(username)
-                .fetch_one(&self.pool)
+                .fetch_one(&mut *conn)
                 .await?;
             row.try_into()
         })
@@ -193,7 +186,7 @@ impl Store {
 
     /// The users with these ids, in no particular order; unknown ids are skipped.
     pub async fn get_users(&self, ids: &[UserId]) -> StoreResult<Vec<UserRecord>> {
-        timed("get_users", async move {
+        self.timed("get_users", async move |conn| {
             if ids.is_empty() {
                 return Ok(Vec::new());
             }
@@ -207,7 +200,7 @@ impl Store {
                 query = query.bind(id.as_str());
             }
             query
-                .fetch_all(&self.pool)
+                .fetch_all(&mut *conn)
                 .await?
                 .into_iter()
                 .map(TryInto::try_into)
@@ -224,7 +217,7 @@ impl Store {
         display_name: &str,
         role: Role,
     ) -> StoreResult<UserRecord> {
-        timed("upsert_external_user", async move {
+        self.timed("upsert_external_user", async move |conn| {
         let now = now_ms();
         let id = UserId::generate();
         sqlx::query(
@@ -239,12 +232,12 @@ impl Store {
         .bind(role.as_str())
         .bind(subject)
         .bind(now)
-        .execute(&self.pool)
+        .execute(&mut *conn)
         .await?;
         let sql = format!("SELECT {USER_COLUMNS} FROM users WHERE external_subject = $1");
         let row: UserRow = sqlx::query_as(&sql)
             .bind(subject)
-            .fetch_one(&self.pool)
+            .fetch_one(&mut *conn)
             .await?;
         let user: UserRecord = row.try_into()?;
         // The display name and role follow the token.
@@ -260,51 +253,36 @@ impl Store {
         id: &UserId,
         update: ProfileUpdate,
     ) -> StoreResult<UserRecord> {
-        let result = timed("update_profile", async move {
-            self.retry_busy("update profile", || self.update_profile_once(id, &update))
-                .await?;
-            self.get_user(id).await
-        })
-        .await;
+        let result = self
+            .timed("update_profile", async move |conn| {
+                self.retry_busy("update profile", async || {
+                    update_profile_once(conn, id, &update).await
+                })
+                .await
+            })
+            .await;
         self.invalidate_access(&AccessChange::User { user: id.clone() });
-        result
-    }
-
-    async fn update_profile_once(&self, id: &UserId, update: &ProfileUpdate) -> StoreResult<()> {
-        let current = self.get_user(id).await?;
-        let display_name = update.display_name.clone().unwrap_or(current.display_name);
-        let avatar_url = update.avatar_url.clone().unwrap_or(current.avatar_url);
-        let bio = update.bio.clone().unwrap_or(current.bio);
-        sqlx::query(
-            "UPDATE users SET display_name = $1, display_name_lc = $2, avatar_url = $3, bio = $4, updated_at = $5 \
-             WHERE id = $6",
-        )
-        .bind(&display_name)
-        .bind(display_name.to_lowercase())
-        .bind(&avatar_url)
-        .bind(&bio)
-        .bind(now_ms())
-        .bind(id.as_str())
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        result?;
+        self.get_user(id).await
     }
 
     /// Changes a user's server-wide role.
     pub async fn set_user_role(&self, id: &UserId, role: Role) -> StoreResult<()> {
-        let result = timed("set_user_role", async move {
-            self.retry_busy("set user role", || async {
-                let done = sqlx::query("UPDATE users SET role = $1, updated_at = $2 WHERE id = $3")
-                    .bind(role.as_str())
-                    .bind(now_ms())
-                    .bind(id.as_str())
-                    .execute(&self.pool)
-                    .await?;
-                found(done)
+        let result = self
+            .timed("set_user_role", async move |conn| {
+                self.retry_busy("set user role", async || {
+                    let done =
+                        sqlx::query("UPDATE users SET role = $1, updated_at = $2 WHERE id = $3")
+                            .bind(role.as_str())
+                            .bind(now_ms())
+                            .bind(id.as_str())
+                            .execute(&mut *conn)
+                            .await?;
+                    found(done)
+                })
+                .await
             })
-            .await
-        })
-        .await;
+            .await;
         self.invalidate_access(&AccessChange::User { user: id.clone() });
         result
     }
@@ -317,7 +295,7 @@ impl Store {
         after_id: &str,
         limit: u32,
     ) -> StoreResult<Vec<UserRecord>> {
-        timed("search_users", async move {
+        self.timed("search_users", async move |conn| {
         let escaped = prefix
             .replace('\\', "\\\\")
             .replace('%', "\\%")
@@ -332,10 +310,46 @@ impl Store {
             .bind(pattern)
             .bind(after_id)
             .bind(i64::from(limit))
-            .fetch_all(&self.pool)
+            .fetch_all(&mut *conn)
             .await?;
         rows.into_iter().map(TryInto::try_into).collect()
         })
         .await
     }
+}
+
+/// The user with this id, on `conn`.
+async fn user_by_id(conn: &mut AnyConnection, id: &UserId) -> StoreResult<UserRecord> {
+    let sql = format!("SELECT {USER_COLUMNS} FROM users WHERE id = $1");
+    let row: UserRow = sqlx::query_as(&sql)
+        .bind(id.as_str())
+        .fetch_one(&mut *conn)
+        .await?;
+    row.try_into()
+}
+
+/// One attempt of [`Store::update_profile`]: reads the profile and writes it back
+/// with `update`'s fields.
+async fn update_profile_once(
+    conn: &mut AnyConnection,
+    id: &UserId,
+    update: &ProfileUpdate,
+) -> StoreResult<()> {
+    let current = user_by_id(conn, id).await?;
+    let display_name = update.display_name.clone().unwrap_or(current.display_name);
+    let avatar_url = update.avatar_url.clone().unwrap_or(current.avatar_url);
+    let bio = update.bio.clone().unwrap_or(current.bio);
+    sqlx::query(
+        "UPDATE users SET display_name = $1, display_name_lc = $2, avatar_url = $3, bio = $4, updated_at = $5 \
+         WHERE id = $6",
+    )
+    .bind(&display_name)
+    .bind(display_name.to_lowercase())
+    .bind(&avatar_url)
+    .bind(&bio)
+    .bind(now_ms())
+    .bind(id.as_str())
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
 }
