@@ -461,6 +461,7 @@ if [[ -z $only || ",$only," == *",cluster-live,"* ]]; then
     if ((pin)); then
         echo "bench.sh: cluster-live runs unpinned (three nodes and the bench share the cores); --pin ignored for it" >&2
     fi
+    cluster_store_name=$store_name
     cluster_server_cmd=("${server_cmd[@]}")
     cluster_bench_cmd=("${bench_cmd[@]}")
     server_cmd=(target/release/roomcast)
@@ -477,6 +478,7 @@ if [[ -z $only || ",$only," == *",cluster-live,"* ]]; then
     fi
     start_redis
     redis_started=1
+    store_name="PostgreSQL (${cluster_store%%@*}@...), Redis $ROOMCAST_TEST_REDIS_URL"
     ((cluster_viewers + 200 <= ${fd_limit/unlimited/10000000})) || {
         echo "bench.sh: the open-files limit is $fd_limit, too low for $cluster_viewers viewers" >&2
         exit 1
@@ -486,6 +488,7 @@ if [[ -z $only || ",$only," == *",cluster-live,"* ]]; then
     run_cluster cluster-live-1local 1 local
     stop_redis || true
     redis_started=0
+    store_name=$cluster_store_name
     server_cmd=("${cluster_server_cmd[@]}")
     bench_cmd=("${cluster_bench_cmd[@]}")
 fi
