@@ -19,6 +19,15 @@
 #     rooms            ROOMS_SUBSCRIBERS subscribers over ROOMS rooms (1,000 × 10)
 #     idle             IDLE idle authenticated connections, one account each
 #     storm            STORM connections authenticated and subscribed, one account each
+#     cluster-live     issue 8: CLUSTER_VIEWERS anonymous viewers of one live room
+#                      (+batch) spread round robin over 3 nodes linked by Redis
+#                      (cluster.broker = "redis", one PostgreSQL), CLUSTER_PUBLISHERS
+#                      publishers (round robin too) at CLUSTER_RATE msgs/s; then the
+#                      same load on 1 node with the Redis broker and on 1 node with
+#                      the in-process broker, for the cost of the Redis hop. Needs
+#                      PostgreSQL (--postgres URL, else a throwaway one) and starts a
+#                      throwaway Redis (scripts/test-services.sh). Labels
+#                      cluster-live-3, cluster-live-1redis, cluster-live-1local.
 #
 # Steps: `cargo build --release -p roomcast -p roomcast-bench`; then for each
 # scenario a fresh server: start target/release/roomcast on a free 127.0.0.1 port
@@ -50,6 +59,8 @@
 #     BENCH_ROOMS=1000 BENCH_ROOMS_SUBSCRIBERS=10000 BENCH_ROOMS_RATE=1000     rooms
 #     BENCH_LIVE_VIEWERS=10000 BENCH_LIVE_RATE=20 BENCH_LIVE_DURATION=30       live
 #     BENCH_IDLE=10000 BENCH_STORM=10000                       idle, storm
+#     BENCH_CLUSTER_VIEWERS=3000 BENCH_CLUSTER_PUBLISHERS=3 BENCH_CLUSTER_RATE=20
+#     BENCH_CLUSTER_DURATION=20                                cluster-live
 #     BENCH_CODEC=proto                                        proto or json
 # Results: the bench's summaries on stdout, and the JSON lines (one per run, with
 # "label" and "run" added) again at the end and in $BENCH_OUT (default
@@ -115,6 +126,10 @@ live_duration=${BENCH_LIVE_DURATION:-30}
 idle=${BENCH_IDLE:-10000}
 storm=${BENCH_STORM:-10000}
 codec=${BENCH_CODEC:-proto}
+cluster_viewers=${BENCH_CLUSTER_VIEWERS:-3000}
+cluster_publishers=${BENCH_CLUSTER_PUBLISHERS:-3}
+cluster_rate=${BENCH_CLUSTER_RATE:-20}
+cluster_duration=${BENCH_CLUSTER_DURATION:-20}
 
 if ((pin)); then
     command -v taskset >/dev/null || {
@@ -135,30 +150,65 @@ fi
 say() { printf '\n==> %s\n' "$*" >&2; }
 
 server_pid=""
+# The nodes of a cluster-live run (PIDs and addresses), started by this script.
+node_pids=()
+node_addrs=()
 work_dir=""
 pg_started=0
+redis_started=0
+services_sourced=0
+
+# Stops server process $1 (one this script started), if it runs.
+stop_pid() {
+    local pid=$1
+    if [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null; then
+        kill -TERM "$pid" 2>/dev/null || true
+        for _ in $(seq 1 100); do
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.1
+        done
+        if kill -0 "$pid" 2>/dev/null; then
+            echo "the server did not stop within 10 s; killing pid $pid" >&2
+            kill -KILL "$pid" 2>/dev/null || true
+        fi
+        wait "$pid" 2>/dev/null || true
+    fi
+}
 
 # Stops the server this script started (by its PID), if it runs.
 stop_server() {
-    if [[ -n $server_pid ]] && kill -0 "$server_pid" 2>/dev/null; then
-        kill -TERM "$server_pid" 2>/dev/null || true
-        for _ in $(seq 1 100); do
-            kill -0 "$server_pid" 2>/dev/null || break
-            sleep 0.1
-        done
-        if kill -0 "$server_pid" 2>/dev/null; then
-            echo "the server did not stop within 10 s; killing pid $server_pid" >&2
-            kill -KILL "$server_pid" 2>/dev/null || true
-        fi
-        wait "$server_pid" 2>/dev/null || true
-    fi
+    stop_pid "$server_pid"
     server_pid=""
+}
+
+# Stops every node of a cluster-live run (by their PIDs).
+stop_nodes() {
+    local pid
+    for pid in "${node_pids[@]}"; do
+        stop_pid "$pid"
+    done
+    node_pids=()
+    node_addrs=()
+}
+
+# Loads scripts/test-services.sh (start/stop of throwaway PostgreSQL and Redis) once.
+source_services() {
+    if ((!services_sourced)); then
+        # shellcheck source=scripts/test-services.sh
+        source "$repo_root/scripts/test-services.sh"
+        ensure_packages
+        services_sourced=1
+    fi
 }
 
 # shellcheck disable=SC2317  # invoked from the EXIT trap
 cleanup() {
     local rc=$?
     stop_server
+    stop_nodes
+    if ((redis_started)); then
+        stop_redis || true
+    fi
     if ((pg_started)); then
         stop_postgres || true
     fi
@@ -180,9 +230,7 @@ case $postgres in
     store_name="SQLite (temp dir, synchronous=full)"
     ;;
 auto)
-    # shellcheck source=scripts/test-services.sh
-    source "$repo_root/scripts/test-services.sh"
-    ensure_packages
+    source_services
     pg_started=1
     start_postgres
     store_name="PostgreSQL (throwaway, scripts/test-services.sh)"
@@ -211,9 +259,11 @@ mkdir -p "$(dirname "$out")"
 # Each server's log is kept next to the results: <results>.<scenario>.server.log.
 log_prefix=${out%.jsonl}
 
-# Starts a fresh server for run $1; sets server_pid and addr.
+# Starts a fresh server for run $1 (further arguments: VAR=VALUE settings that
+# override the defaults below); sets server_pid and addr.
 start_server() {
     local name=$1 store_url port ready=0
+    shift
     case $postgres in
     "") store_url="sqlite://$work_dir/$name.db" ;;
     auto) store_url=$ROOMCAST_TEST_POSTGRES_URL ;;
@@ -224,7 +274,7 @@ s = socket.socket()
 s.bind(("127.0.0.1", 0))
 print(s.getsockname()[1])')
     addr="127.0.0.1:$port"
-    ROOMCAST_SERVER__LISTEN="$addr" \
+    env ROOMCAST_SERVER__LISTEN="$addr" \
         ROOMCAST_STORE__URL="$store_url" \
         ROOMCAST_LOG__LEVEL=warn \
         ROOMCAST_REALTIME__SEND_RATE_PER_SEC=1000000 \
@@ -237,6 +287,7 @@ print(s.getsockname()[1])')
         ROOMCAST_REALTIME__MAX_UNAUTHENTICATED=0 \
         ROOMCAST_AUTH__ARGON2_MEMORY_KIB=64 \
         ROOMCAST_AUTH__ARGON2_ITERATIONS=1 \
+        "$@" \
         "${server_cmd[@]}" serve >"$log_prefix.$name.server.log" 2>&1 &
     server_pid=$!
     for _ in $(seq 1 300); do
@@ -352,6 +403,95 @@ run_scenario rooms fanout --rooms "$rooms" --subscribers "$rooms_subscribers" \
 run_scenario idle idle --connections "$idle" --concurrency 64 --timeout 900
 run_scenario storm idle --connections "$storm" --subscribe --concurrency 256 \
     --hold 1 --timeout 900
+
+# run_cluster LABEL NODES BROKER: the cluster-live load on NODES fresh servers
+# sharing one PostgreSQL, linked by the throwaway Redis when BROKER is redis; the
+# bench spreads viewers and publishers over them round robin.
+run_cluster() {
+    local label=$1 nodes=$2 broker=$3 n i rc
+    for n in $(seq 1 "$repeat"); do
+        local name=$label.$n servers="" pids=""
+        for ((i = 0; i < nodes; i++)); do
+            local settings=(ROOMCAST_STORE__URL="$cluster_store")
+            if [[ $broker == redis ]]; then
+                settings+=(
+                    ROOMCAST_CLUSTER__BROKER=redis
+                    ROOMCAST_CLUSTER__REDIS_URL="$ROOMCAST_TEST_REDIS_URL"
+                    ROOMCAST_CLUSTER__CHANNEL_PREFIX="bench-$name:"
+                    ROOMCAST_CLUSTER__NODE_ID="node$i"
+                )
+            fi
+            start_server "$name.node$i" "${settings[@]}"
+            node_pids+=("$server_pid")
+            node_addrs+=("$addr")
+            server_pid=""
+        done
+        servers=$(IFS=,; echo "${node_addrs[*]}")
+        pids=$(IFS=,; echo "${node_pids[*]}")
+        local busy_before
+        busy_before=$(pgrep -x rustc 2>/dev/null | wc -l || true)
+        say "[$label run $n/$repeat] $nodes node(s), broker $broker: roomcast-bench fanout on $servers (load average: $(cut -d' ' -f1-3 /proc/loadavg); rustc processes: $busy_before)"
+        rc=0
+        "${bench_cmd[@]}" --server "$servers" --server-pid "$pids" --codec "$codec" \
+            fanout --live --anonymous --batch --subscribers "$cluster_viewers" \
+            --publishers "$cluster_publishers" --rate "$cluster_rate" \
+            --duration "$cluster_duration" --timeout 600 | tee "$work_dir/$name.out" || rc=$?
+        grep '^{' "$work_dir/$name.out" |
+            sed "s/^{/{\"label\":\"$label\",\"run\":$n,\"nodes\":$nodes,\"broker\":\"$broker\",\"pinned\":false,/" >>"$out" || true
+        if ((rc != 0)); then
+            echo "bench.sh: scenario $label exited with $rc" >&2
+            status=1
+        fi
+        for ((i = 0; i < nodes; i++)); do
+            if ! kill -0 "${node_pids[$i]}" 2>/dev/null; then
+                echo "bench.sh: node $i died during $label:" >&2
+                tail -50 "$log_prefix.$name.node$i.server.log" >&2
+                status=1
+            elif grep -q 'panicked' "$log_prefix.$name.node$i.server.log"; then
+                echo "bench.sh: node $i panicked during $label:" >&2
+                grep -m3 -A2 'panicked' "$log_prefix.$name.node$i.server.log" >&2
+                status=1
+            fi
+        done
+        stop_nodes
+    done
+}
+
+if [[ -z $only || ",$only," == *",cluster-live,"* ]]; then
+    if ((pin)); then
+        echo "bench.sh: cluster-live runs unpinned (three nodes and the bench share the cores); --pin ignored for it" >&2
+    fi
+    cluster_store_name=$store_name
+    cluster_server_cmd=("${server_cmd[@]}")
+    cluster_bench_cmd=("${bench_cmd[@]}")
+    server_cmd=(target/release/roomcast)
+    bench_cmd=(target/release/roomcast-bench)
+    source_services
+    if [[ -z $postgres ]]; then
+        start_postgres
+        pg_started=1
+        cluster_store=$ROOMCAST_TEST_POSTGRES_URL
+    elif [[ $postgres == auto ]]; then
+        cluster_store=$ROOMCAST_TEST_POSTGRES_URL
+    else
+        cluster_store=$postgres
+    fi
+    start_redis
+    redis_started=1
+    store_name="PostgreSQL (${cluster_store%%@*}@...), Redis $ROOMCAST_TEST_REDIS_URL"
+    ((cluster_viewers + 200 <= ${fd_limit/unlimited/10000000})) || {
+        echo "bench.sh: the open-files limit is $fd_limit, too low for $cluster_viewers viewers" >&2
+        exit 1
+    }
+    run_cluster cluster-live-3 3 redis
+    run_cluster cluster-live-1redis 1 redis
+    run_cluster cluster-live-1local 1 local
+    stop_redis || true
+    redis_started=0
+    store_name=$cluster_store_name
+    server_cmd=("${cluster_server_cmd[@]}")
+    bench_cmd=("${cluster_bench_cmd[@]}")
+fi
 
 say "results ($store_name, $codec codec$( ((pin)) && echo ", server on CPU 0, bench on CPU 1")) in $out"
 cat "$out"

@@ -197,7 +197,7 @@ async fn a_chat_room_written_on_every_node_is_one_gapless_order_everywhere() {
     };
     let nodes = servers(&cluster);
     let owner = nodes[0].sign_up("owner").await;
-    let room = create_room(&nodes[0], &owner, pb::RoomKind::Public).await;
+    let room = create_room(nodes[0], &owner, pb::RoomKind::Public).await;
 
     // Subscribers on every node, in both codecs.
     let mut watchers = Vec::new();
@@ -307,14 +307,14 @@ async fn resuming_on_another_node_from_a_sequence_it_has_not_seen_yet_is_not_out
     };
     let nodes = servers(&cluster);
     let owner = nodes[0].sign_up("owner").await;
-    let room = create_room(&nodes[0], &owner, pb::RoomKind::Public).await;
-    let reader = member(&nodes[1], "reader", &room).await;
+    let room = create_room(nodes[0], &owner, pb::RoomKind::Public).await;
+    let reader = member(nodes[1], "reader", &room).await;
     // The room is loaded on node 1 (a subscriber holds it there).
     let mut holder =
-        Watcher::subscribe(&nodes[1], &reader, &room, WsCodec::Json, "holder".into()).await;
+        Watcher::subscribe(nodes[1], &reader, &room, WsCodec::Json, "holder".into()).await;
     for k in 1..=20u64 {
         let id = format!("m{k}");
-        let sent = send_http(&nodes[0], &owner, &room, &id, &id).await;
+        let sent = send_http(nodes[0], &owner, &room, &id, &id).await;
         assert_eq!(sent.message.as_ref().expect("the stored message").seq, k);
         // At once, on the other node, from the sequence just acknowledged: it may
         // not have arrived there yet, but it exists.
@@ -431,7 +431,7 @@ async fn redis_killed_and_restarted_mid_stream_loses_nothing() {
     };
     let nodes = servers(&cluster);
     let owner = nodes[0].sign_up("owner").await;
-    let room = create_room(&nodes[0], &owner, pb::RoomKind::Public).await;
+    let room = create_room(nodes[0], &owner, pb::RoomKind::Public).await;
     let mut watchers = Vec::new();
     for (i, node) in nodes.iter().enumerate() {
         for codec in [WsCodec::Json, WsCodec::Proto] {
@@ -443,8 +443,8 @@ async fn redis_killed_and_restarted_mid_stream_loses_nothing() {
         }
     }
     let senders = [
-        member(&nodes[0], "sender0", &room).await,
-        member(&nodes[1], "sender1", &room).await,
+        member(nodes[0], "sender0", &room).await,
+        member(nodes[1], "sender1", &room).await,
     ];
     let mut acked = BTreeMap::new();
     let send_round = |round: &'static str| {
@@ -456,7 +456,7 @@ async fn redis_killed_and_restarted_mid_stream_loses_nothing() {
             for k in 0..10 {
                 for (i, sender) in senders.iter().enumerate() {
                     let id = format!("{round}-{i}-{k}");
-                    let sent = send_http(&nodes[i], sender, &room, &id, &id).await;
+                    let sent = send_http(nodes[i], sender, &room, &id, &id).await;
                     got.push((sent.message.as_ref().expect("the stored message").seq, id));
                 }
             }
@@ -573,7 +573,7 @@ async fn a_live_room_written_on_every_node_has_one_order_with_exact_gaps() {
     };
     let nodes = servers(&cluster);
     let owner = nodes[0].sign_up("owner").await;
-    let room = create_live_room(&nodes[0], &owner).await;
+    let room = create_live_room(nodes[0], &owner).await;
 
     let mut viewers = Vec::new();
     for (i, node) in nodes.iter().enumerate() {
@@ -943,13 +943,13 @@ async fn a_room_notice_published_on_one_node_reaches_the_room_on_every_node() {
     };
     let nodes = servers(&cluster);
     let owner = nodes[0].sign_up("owner").await;
-    let room = create_room(&nodes[0], &owner, pb::RoomKind::Public).await;
-    let guest = member(&nodes[1], "guest", &room).await;
-    let mut far = Watcher::subscribe(&nodes[1], &guest, &room, WsCodec::Proto, "far".into()).await;
-    let mut near = Watcher::subscribe(&nodes[0], &guest, &room, WsCodec::Json, "near".into()).await;
+    let room = create_room(nodes[0], &owner, pb::RoomKind::Public).await;
+    let guest = member(nodes[1], "guest", &room).await;
+    let mut far = Watcher::subscribe(nodes[1], &guest, &room, WsCodec::Proto, "far".into()).await;
+    let mut near = Watcher::subscribe(nodes[0], &guest, &room, WsCodec::Json, "near".into()).await;
     // Node 1's room may still be subscribing in Redis: an event from node 0 that
     // reaches it shows the link is up.
-    send_http(&nodes[0], &owner, &room, "hello", "hello").await;
+    send_http(nodes[0], &owner, &room, "hello", "hello").await;
     far.read_until(&room, 1).await;
     near.read_until(&room, 1).await;
 

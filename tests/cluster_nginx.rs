@@ -144,8 +144,8 @@ struct Client {
 }
 
 enum Transport {
-    Ws(WsClient),
-    Sse(Sse),
+    Ws(Box<WsClient>),
+    Sse(Box<Sse>),
 }
 
 /// Creates a room as `owner` on node 0: a chat room, or a live one.
@@ -399,7 +399,7 @@ async fn every_transport_through_nginx_sees_one_order_per_room_across_three_node
                 .expect("watch the live room through nginx");
             clients.push(Client {
                 name: format!("WebSocket {codec:?} #{k}"),
-                transport: Transport::Ws(ws),
+                transport: Transport::Ws(Box::new(ws)),
                 live_start,
                 feed: Feed::default(),
             });
@@ -437,7 +437,7 @@ async fn every_transport_through_nginx_sees_one_order_per_room_across_three_node
         }
         clients.push(Client {
             name: format!("SSE #{k}"),
-            transport: Transport::Sse(sse),
+            transport: Transport::Sse(Box::new(sse)),
             live_start: live_start.expect("the live start"),
             feed: Feed::default(),
         });

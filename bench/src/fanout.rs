@@ -33,6 +33,8 @@ pub(crate) struct FanoutReport {
     pub(crate) scenario: &'static str,
     pub(crate) codec: Codec,
     pub(crate) transport: Transport,
+    /// Servers (nodes) the subscribers and publishers were spread over.
+    pub(crate) servers: usize,
     pub(crate) live: bool,
     pub(crate) batch: bool,
     pub(crate) anonymous: bool,
@@ -194,21 +196,23 @@ async fn open_subscriber(
     room: &str,
 ) -> Result<(Source, u64)> {
     let token = account.map(|a| a.token.as_str());
+    // Round robin over the servers (the nodes of a cluster).
+    let addr = ctx.addrs[n % ctx.addrs.len()];
     match args.transport {
         Transport::Ws => {
-            let mut conn = Conn::open_as(ctx.addr, ctx.codec, args.batch, token).await?;
+            let mut conn = Conn::open_as(addr, ctx.codec, args.batch, token).await?;
             let base = conn.subscribe_live(room).await?;
             Ok((Source::Ws(Box::new(conn.ws)), base))
         }
         Transport::Sse => {
             let token = token.ok_or_else(|| anyhow!("SSE needs an account"))?;
-            let (sse, base) = SseStream::open(http, ctx.addr, token, room, args.batch).await?;
+            let (sse, base) = SseStream::open(http, addr, token, room, args.batch).await?;
             Ok((Source::Sse(Box::new(sse)), base))
         }
         Transport::Poll => {
             let token = token.ok_or_else(|| anyhow!("long-polling needs an account"))?;
             let (poller, base) =
-                Poller::open(http, ctx.addr, token, room, format!("bench-{n}")).await?;
+                Poller::open(http, addr, token, room, format!("bench-{n}")).await?;
             Ok((Source::Poll(Box::new(poller)), base))
         }
     }
@@ -307,8 +311,9 @@ pub(crate) async fn run(ctx: &Ctx, args: &FanoutArgs) -> Result<FanoutReport> {
         subs.push((room_index, source, base));
     }
     let mut pub_conns = Vec::with_capacity(publishers.len());
-    for publisher in &publishers {
-        pub_conns.push(Conn::open(ctx.addr, ctx.codec, &publisher.token).await?);
+    for (n, publisher) in publishers.iter().enumerate() {
+        let addr = ctx.addrs[n % ctx.addrs.len()];
+        pub_conns.push(Conn::open(addr, ctx.codec, &publisher.token).await?);
     }
 
     // Subscribers read until they have their room's last acknowledged sequence (sent
@@ -365,7 +370,7 @@ pub(crate) async fn run(ctx: &Ctx, args: &FanoutArgs) -> Result<FanoutReport> {
         "fanout: {} publishers at {} msgs/s for {} s ({per_publisher} messages each)",
         args.publishers, args.rate, args.duration
     );
-    let cpu = CpuMeter::start(ctx.server_pid);
+    let cpu = CpuMeter::start(&ctx.server_pids);
     let start = Instant::now() + Duration::from_millis(100);
     let start_ns = now_ns() + 100_000_000;
     let period = Duration::from_secs_f64(args.publishers as f64 / args.rate);
@@ -439,6 +444,7 @@ pub(crate) async fn run(ctx: &Ctx, args: &FanoutArgs) -> Result<FanoutReport> {
         scenario: "fanout",
         codec,
         transport: args.transport,
+        servers: ctx.addrs.len(),
         live: args.live,
         batch: args.batch,
         anonymous: args.anonymous,
@@ -590,6 +596,12 @@ impl FanoutReport {
                 ""
             }
         );
+        if self.servers > 1 {
+            println!(
+                "  spread round robin over {} servers (subscribers and publishers)",
+                self.servers
+            );
+        }
         println!(
             "  {} rooms, {} subscribers ({} accounts), {} publishers at {} msgs/s for {} s, {} B texts",
             self.rooms,

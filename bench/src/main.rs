@@ -15,7 +15,9 @@
 //!   total of R messages per second for D seconds. Each message's text starts with
 //!   its send time (ns since this process's clock origin), so every subscriber
 //!   measures publish-to-delivery latency and checks it got every sequence once, in
-//!   order.
+//!   order. With several comma-separated `--server` addresses (the nodes of a
+//!   cluster linked by Redis) subscribers and publishers are spread over them round
+//!   robin, and `--server-pid` takes every node's PID (their CPU time is added up).
 //! - [`idle`](run_idle): C authenticated (optionally subscribed) idle connections;
 //!   the server's resident memory (`VmRSS` from `/proc/<pid>/status`) before and
 //!   after gives KiB per connection. Opening them measures a connection storm.
@@ -81,12 +83,15 @@ pub(crate) const MAX_PLANNED_DELIVERIES: u64 = 200_000_000;
 #[command(name = "roomcast-bench", version)]
 struct Cli {
     /// The server: 127.0.0.1:PORT (any 127.0.0.0/8 address), [::1]:PORT or
-    /// localhost:PORT. Other addresses are refused.
+    /// localhost:PORT. Other addresses are refused. `fanout` takes several,
+    /// comma-separated (the nodes of a cluster): its subscribers and publishers are
+    /// spread over them round robin.
     #[arg(long, global = true, default_value = "127.0.0.1:8080")]
     server: String,
-    /// PID of the server process, to read its memory (VmRSS) and CPU time from /proc.
-    #[arg(long, global = true)]
-    server_pid: Option<u32>,
+    /// PID of the server process, to read its memory (VmRSS) and CPU time from /proc;
+    /// comma-separated for several nodes (their CPU time is added up).
+    #[arg(long, global = true, value_delimiter = ',')]
+    server_pid: Vec<u32>,
     /// Hard limit for the whole scenario, set-up included (seconds).
     #[arg(long, global = true, default_value_t = 300)]
     timeout: u64,
@@ -255,10 +260,16 @@ impl Codec {
 
 /// What every scenario needs.
 pub(crate) struct Ctx {
+    /// The (first) server: set-up RPCs go there.
     pub(crate) addr: SocketAddr,
+    /// Every server given (one, or the nodes of a cluster).
+    pub(crate) addrs: Vec<SocketAddr>,
     pub(crate) api: Api,
     pub(crate) codec: Codec,
+    /// The (first) server's PID, for its memory.
     pub(crate) server_pid: Option<u32>,
+    /// Every server PID given, for their CPU time.
+    pub(crate) server_pids: Vec<u32>,
     /// The scenario's hard deadline.
     pub(crate) deadline: Instant,
     pub(crate) fd_limit: u64,
@@ -268,9 +279,18 @@ pub(crate) struct Ctx {
 }
 
 async fn run(cli: Cli) -> Result<bool> {
-    let addr = resolve_loopback(&cli.server).await?;
+    let mut addrs = Vec::new();
+    for server in cli.server.split(',').map(str::trim) {
+        addrs.push(resolve_loopback(server).await?);
+    }
+    let addr = addrs[0];
+    ensure!(
+        (addrs.len() == 1 && cli.server_pid.len() <= 1)
+            || matches!(cli.scenario, Scenario::Fanout(_)),
+        "only `fanout` takes several --server addresses or --server-pid values"
+    );
     let fd_limit = raise_fd_limit();
-    if let Some(pid) = cli.server_pid {
+    for pid in &cli.server_pid {
         ensure!(
             std::path::Path::new(&format!("/proc/{pid}")).exists(),
             "no process {pid} (--server-pid)"
@@ -279,9 +299,11 @@ async fn run(cli: Cli) -> Result<bool> {
     let hard = Duration::from_secs(cli.timeout);
     let ctx = Ctx {
         addr,
+        addrs,
         api: Api::new(addr)?,
         codec: cli.codec,
-        server_pid: cli.server_pid,
+        server_pid: cli.server_pid.first().copied(),
+        server_pids: cli.server_pid.clone(),
         deadline: Instant::now() + hard,
         fd_limit,
         bench_cores: bench_cores(cli.threads),

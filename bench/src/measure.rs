@@ -147,26 +147,36 @@ pub(crate) fn raise_fd_limit() -> u64 {
     limit.rlim_cur
 }
 
-/// CPU seconds the server (when its PID is known) and this process used between
-/// two readings: on one machine they compete for the same cores.
+/// CPU seconds the server (when its PID is known; all of them added up for the
+/// nodes of a cluster) and this process used between two readings: on one machine
+/// they compete for the same cores.
 pub(crate) struct CpuMeter {
-    pub(crate) server_pid: Option<u32>,
+    pub(crate) server_pids: Vec<u32>,
     pub(crate) server_start: Option<f64>,
     pub(crate) bench_start: Option<f64>,
 }
 
+/// The CPU seconds of every process in `pids` together (`None` when there is none
+/// or one cannot be read).
+fn total_cpu_seconds(pids: &[u32]) -> Option<f64> {
+    if pids.is_empty() {
+        return None;
+    }
+    pids.iter().map(|p| cpu_seconds(*p).ok()).sum()
+}
+
 impl CpuMeter {
-    pub(crate) fn start(server_pid: Option<u32>) -> Self {
+    pub(crate) fn start(server_pids: &[u32]) -> Self {
         Self {
-            server_pid,
-            server_start: server_pid.and_then(|p| cpu_seconds(p).ok()),
+            server_pids: server_pids.to_vec(),
+            server_start: total_cpu_seconds(server_pids),
             bench_start: cpu_seconds(std::process::id()).ok(),
         }
     }
 
-    /// The server's CPU seconds since [`CpuMeter::start`].
+    /// The server's (servers') CPU seconds since [`CpuMeter::start`].
     pub(crate) fn server(&self) -> Option<f64> {
-        let now = cpu_seconds(self.server_pid?).ok()?;
+        let now = total_cpu_seconds(&self.server_pids)?;
         Some(now - self.server_start?)
     }
 

@@ -91,7 +91,7 @@ pub(crate) async fn run(ctx: &Ctx, args: &SendsArgs) -> Result<SendsReport> {
         "sends: {} senders × {} messages, {} in flight each, over {} rooms",
         args.senders, args.messages, args.in_flight, args.rooms
     );
-    let cpu = CpuMeter::start(ctx.server_pid);
+    let cpu = CpuMeter::start(&ctx.server_pids);
     let start = Instant::now();
     let stop_at = start + Duration::from_secs(args.duration);
     let rooms = std::sync::Arc::new(rooms);
