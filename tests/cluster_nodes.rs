@@ -359,8 +359,7 @@ async fn a_dead_nodes_last_commits_reach_the_other_nodes_without_another_send() 
             }
         }
     }
-    // Delivered once each, in order: the watcher's view has no hole below the
-    // newest acknowledged message.
+    // The watcher's view has no hole below the newest acknowledged message.
     let newest = *acked.iter().next_back().expect("acked");
     assert!(
         (1..=newest).all(|s| seen.contains(&s)),

@@ -496,6 +496,9 @@ pub struct RoomActor {
     /// finished, for resumes from a sequence this node has not received yet (a
     /// deferred subscription waits for the read numbered by its ticket).
     counter_reads: (u64, u64),
+    /// The newest counter read that failed: a subscription waiting on it is
+    /// answered `unavailable` (the client retries), never `out_of_range`.
+    counter_failed: u64,
     #[cfg(feature = "fault-injection")]
     faults: Faults,
 }
@@ -541,6 +544,7 @@ impl RoomActor {
             interest: None,
             order: RoomOrder::new(0, false, Duration::ZERO),
             counter_reads: (0, 0),
+            counter_failed: 0,
             #[cfg(feature = "fault-injection")]
             faults: Faults::default(),
         }
@@ -1840,6 +1844,11 @@ impl RoomActor {
                             }
                             // Not known here: ask the store's counter once.
                             match ticket {
+                                Some(t) if act.counter_failed >= t => {
+                                    return Err(ApiError::unavailable(
+                                        "cannot read the live room's sequence counter; retry",
+                                    ))
+                                }
                                 Some(t) if act.counter_reads.1 >= t => {
                                     return Err(ApiError::new(
                                         Code::OutOfRange,
@@ -1980,6 +1989,7 @@ impl RoomActor {
                             act.apply_step(step, ctx);
                         }
                         Err(e) => {
+                            act.counter_failed = act.counter_failed.max(ticket);
                             tracing::warn!(room = %act.id, error = %e, "cannot read the live room's counter");
                         }
                     }
