@@ -268,6 +268,12 @@ pub struct CreatedApiKey {
 
 /// Handles to the running authenticators. Cheap to clone; requests are spread
 /// round-robin over the actors that are still alive.
+///
+/// The checks on the hot paths (a connection's authentication, an RPC's
+/// authorization, a room access check) go to [`AuthPool::send_local`] instead: an
+/// authenticator of the same pool on the caller's own arbiter (an HTTP worker),
+/// started there on first use and supervised like the others, so they cost no
+/// round trip to another thread.
 #[derive(Clone)]
 pub struct AuthPool {
     actors: Arc<[Addr<Authenticator>]>,
@@ -275,6 +281,20 @@ pub struct AuthPool {
     next: Arc<AtomicUsize>,
     hasher: HasherQueue,
     rules: AccessRules,
+    /// What an authenticator this pool starts on a caller's arbiter shares.
+    shared: Shared,
+    /// Tells this pool's per-arbiter authenticators from another server's in the
+    /// same process (tests, several nodes).
+    id: usize,
+}
+
+/// Numbers the pools of this process (see [`AuthPool::send_local`]).
+static NEXT_POOL_ID: AtomicUsize = AtomicUsize::new(0);
+
+thread_local! {
+    /// The authenticators started on this thread's arbiter, by pool id.
+    static LOCAL_AUTHENTICATORS: std::cell::RefCell<Vec<(usize, Addr<Authenticator>)>> =
+        const { std::cell::RefCell::new(Vec::new()) };
 }
 
 impl AuthPool {
@@ -341,6 +361,40 @@ impl AuthPool {
             next: Arc::new(AtomicUsize::new(0)),
             hasher: shared.hasher.clone(),
             rules,
+            shared,
+            id: NEXT_POOL_ID.fetch_add(1, Ordering::Relaxed),
+        })
+    }
+
+    /// Sends `msg` to this pool's authenticator on the caller's own arbiter (started
+    /// there under a supervisor on first use), so the answer needs no other thread;
+    /// outside an actix arbiter, to the pool as [`AuthPool::send`].
+    pub async fn send_local<M, T>(&self, msg: M) -> Result<T, ApiError>
+    where
+        M: Message<Result = Result<T, ApiError>> + Send + 'static,
+        T: Send + 'static,
+        Authenticator: Handler<M>,
+    {
+        match self.local() {
+            Some(addr) => addr.send(msg).await?,
+            None => self.send(msg).await,
+        }
+    }
+
+    fn local(&self) -> Option<Addr<Authenticator>> {
+        // Only inside an arbiter can an actor be started here.
+        actix::Arbiter::try_current()?;
+        LOCAL_AUTHENTICATORS.with(|local| {
+            let mut local = local.borrow_mut();
+            // A stopped pool's actors (a server of this process that shut down).
+            local.retain(|(_, addr)| addr.connected());
+            if let Some((_, addr)) = local.iter().find(|(id, _)| *id == self.id) {
+                return Some(addr.clone());
+            }
+            let shared = self.shared.clone();
+            let addr = Supervisor::start(move |_ctx| Authenticator::new(shared));
+            local.push((self.id, addr.clone()));
+            Some(addr)
         })
     }
 

@@ -337,7 +337,7 @@ impl Connection {
     fn authenticate(&mut self, ctx: &mut Ctx, request_id: Option<u64>, token: String) {
         let auth = self.state.auth.clone();
         ctx.wait(
-            async move { auth.send(Authenticate { bearer: token }).await }
+            async move { auth.send_local(Authenticate { bearer: token }).await }
                 .into_actor(self)
                 .map(move |result, act, ctx| match result {
                     Ok(principal) => {

@@ -847,10 +847,11 @@ impl RoomActor {
                 return;
             }
         };
+        // Each stored record is copied once, into the event its subscribers share.
         let mut events = Vec::new();
         for ((_, reply), outcome) in batch.into_iter().zip(results) {
             match &outcome {
-                Appended::Stored(record) => events.push(record.clone()),
+                Appended::Stored(record) => events.push(Arc::new(RoomEvent::new(record))),
                 Appended::Duplicate(_) => {}
                 Appended::Rejected(rejection) => {
                     let _ = reply.send(Err(rejection_error(*rejection)));
@@ -860,7 +861,7 @@ impl RoomActor {
             let _ = reply.send(Ok(outcome));
         }
         crate::metrics::metrics().committed(events.len());
-        self.broadcast(&events, ctx);
+        self.broadcast_events(events, ctx);
     }
 
     /// Live rooms: gives each pending append the next sequence number (while the
@@ -1214,6 +1215,14 @@ impl RoomActor {
             .iter()
             .map(|r| Arc::new(RoomEvent::new(r)))
             .collect();
+        self.broadcast_events(events, ctx);
+    }
+
+    /// [`RoomActor::broadcast`] of events already made.
+    fn broadcast_events(&mut self, events: Vec<Arc<RoomEvent>>, ctx: &mut Context<Self>) {
+        if events.is_empty() {
+            return;
+        }
         let envelope = self.bus.publish(
             Topic::Room(self.id.clone()),
             Body::RoomEvents {

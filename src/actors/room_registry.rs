@@ -5,15 +5,22 @@
 //! A room decides on its own that it retires and raises a flag it shares with the
 //! registry, so a lookup never waits for a round trip to a room: the registry hands
 //! out a fresh actor instead of a retired (or dead) one.
+//!
+//! Each thread remembers the rooms it looked up ([`lookup`]) with the same flag, so
+//! a send or a subscription does not cross to the registry's thread for a room the
+//! thread already knows: a remembered room is used only while it is exactly what
+//! the registry would answer (not retired and its actor alive); otherwise the
+//! registry is asked, as before.
 
 use std::{
+    cell::RefCell,
     collections::HashMap,
     sync::{atomic::Ordering, Arc},
 };
 
 use actix::{
-    Actor, Addr, Arbiter, ArbiterHandle, AsyncContext as _, Context, Handler, Message, Supervised,
-    Supervisor,
+    Actor, Addr, Arbiter, ArbiterHandle, AsyncContext as _, Context, Handler, MailboxError,
+    Message, Supervised, Supervisor, WeakAddr,
 };
 
 use super::{
@@ -28,6 +35,104 @@ use crate::{cluster::Bus, ids::RoomId, settings::Settings, store::Store};
 #[rtype(result = "Option<Addr<RoomActor>>")]
 pub struct GetRoom {
     pub room_id: RoomId,
+}
+
+/// [`GetRoom`] with the room's retired flag, for the per-thread memory of
+/// [`lookup`].
+#[derive(Message)]
+#[rtype(result = "Option<(Addr<RoomActor>, RetiredFlag)>")]
+pub struct GetRoomEntry {
+    pub room_id: RoomId,
+}
+
+/// Rooms each thread remembers for [`lookup`]; past this the entries of retired
+/// rooms are dropped, and if that is not enough, all of them (they are looked up
+/// again on their next use).
+pub const LOCAL_ROOMS_MAX: usize = 4096;
+
+/// What one thread remembers of the rooms of one registry.
+#[derive(Default)]
+struct LocalRooms {
+    /// Whose rooms these are: a process may run several servers (tests, nodes).
+    registry: Option<WeakAddr<RoomRegistry>>,
+    /// Weak: remembering a room must not keep its actor (or its restarts) alive.
+    rooms: HashMap<RoomId, (WeakAddr<RoomActor>, RetiredFlag)>,
+}
+
+thread_local! {
+    static LOCAL_ROOMS: RefCell<LocalRooms> = RefCell::new(LocalRooms::default());
+}
+
+/// The running actor of a room, started if needed, as [`GetRoom`] answers it, but
+/// without the round trip to the registry's thread when this thread looked the
+/// room up before and that actor still takes work (see the module docs). `None`
+/// only when the registry failed while answering.
+pub async fn lookup(
+    registry: &Addr<RoomRegistry>,
+    room_id: &RoomId,
+) -> Result<Option<Addr<RoomActor>>, MailboxError> {
+    if let Some(addr) = remembered(registry, room_id) {
+        return Ok(Some(addr));
+    }
+    let entry = registry
+        .send(GetRoomEntry {
+            room_id: room_id.clone(),
+        })
+        .await?;
+    Ok(entry.map(|(addr, retired)| {
+        remember(registry, room_id, &addr, retired);
+        addr
+    }))
+}
+
+/// The remembered actor of `room_id`, if it is still the one the registry would
+/// hand out: the same test as [`RoomEntry::usable`].
+fn remembered(registry: &Addr<RoomRegistry>, room_id: &RoomId) -> Option<Addr<RoomActor>> {
+    LOCAL_ROOMS.with(|local| {
+        let local = local.borrow();
+        let ours = local
+            .registry
+            .as_ref()
+            .and_then(WeakAddr::upgrade)
+            .is_some_and(|r| &r == registry);
+        if !ours {
+            return None;
+        }
+        let (addr, retired) = local.rooms.get(room_id)?;
+        let addr = addr.upgrade()?;
+        (!retired.load(Ordering::Acquire) && addr.connected()).then_some(addr)
+    })
+}
+
+fn remember(
+    registry: &Addr<RoomRegistry>,
+    room_id: &RoomId,
+    addr: &Addr<RoomActor>,
+    retired: RetiredFlag,
+) {
+    LOCAL_ROOMS.with(|local| {
+        let mut local = local.borrow_mut();
+        let ours = local
+            .registry
+            .as_ref()
+            .and_then(WeakAddr::upgrade)
+            .is_some_and(|r| &r == registry);
+        if !ours {
+            local.registry = Some(registry.downgrade());
+            local.rooms.clear();
+        }
+        if local.rooms.len() >= LOCAL_ROOMS_MAX {
+            local.rooms.retain(|_, (addr, retired)| {
+                !retired.load(Ordering::Acquire) && addr.upgrade().is_some_and(|a| a.connected())
+            });
+            if local.rooms.len() >= LOCAL_ROOMS_MAX {
+                local.rooms.clear();
+            }
+        }
+        local
+            .rooms
+            .insert(room_id.clone(), (addr.downgrade(), retired));
+    })
 }
 
 /// The running actor of a room, if there is one (for tests and operations).
@@ -105,8 +210,16 @@ impl RoomRegistry {
     }
 
     fn room(&mut self, room_id: RoomId, ctx: &mut Context<Self>) -> Addr<RoomActor> {
+        self.room_entry(room_id, ctx).0
+    }
+
+    fn room_entry(
+        &mut self,
+        room_id: RoomId,
+        ctx: &mut Context<Self>,
+    ) -> (Addr<RoomActor>, RetiredFlag) {
         if let Some(entry) = self.rooms.get(&room_id).filter(|e| e.usable()) {
-            return entry.addr.clone();
+            return (entry.addr.clone(), entry.retired.clone());
         }
         let arbiter = &self.arbiters[self.next_arbiter % self.arbiters.len()];
         self.next_arbiter = self.next_arbiter.wrapping_add(1);
@@ -124,13 +237,13 @@ impl RoomRegistry {
             room_id,
             RoomEntry {
                 addr: addr.clone(),
-                retired,
+                retired: retired.clone(),
             },
         );
         crate::metrics::metrics()
             .rooms_loaded
             .set(self.rooms.len() as i64);
-        addr
+        (addr, retired)
     }
 }
 
@@ -156,6 +269,19 @@ impl Handler<GetRoom> for RoomRegistry {
             ctx,
             || None,
             move |act, ctx| Some(act.room(msg.room_id, ctx)),
+        )
+    }
+}
+
+impl Handler<GetRoomEntry> for RoomRegistry {
+    type Result = Option<(Addr<RoomActor>, RetiredFlag)>;
+
+    fn handle(&mut self, msg: GetRoomEntry, ctx: &mut Self::Context) -> Self::Result {
+        guarded(
+            self,
+            ctx,
+            || None,
+            move |act, ctx| Some(act.room_entry(msg.room_id, ctx)),
         )
     }
 }

@@ -114,9 +114,10 @@ async fn authorize(
     room_id: &str,
     cached: bool,
 ) -> Result<RoomAccess, ApiError> {
+    // On the caller's own arbiter: no round trip to another thread per check.
     state
         .auth
-        .send(AuthorizeRoom {
+        .send_local(AuthorizeRoom {
             principal: principal.clone(),
             room_id: room_id.to_owned(),
             cached,

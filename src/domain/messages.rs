@@ -14,7 +14,7 @@ use super::{
 use crate::{
     actors::{
         room::{is_retired, Append, RoomActor},
-        room_registry::GetRoom,
+        room_registry,
     },
     error::ApiError,
     ids::RoomId,
@@ -34,13 +34,11 @@ pub const METADATA_VALUE_MAX_BYTES: usize = 1024;
 /// History page size when the request gives none.
 pub const DEFAULT_HISTORY_PAGE: u32 = 50;
 
-/// The room's actor, started if needed.
+/// The room's actor, started if needed (from this thread's memory of the room
+/// when it is still current: no round trip to the registry, see
+/// [`room_registry::lookup`]).
 pub async fn room_actor(state: &AppState, room_id: &RoomId) -> Result<Addr<RoomActor>, ApiError> {
-    state
-        .rooms
-        .send(GetRoom {
-            room_id: room_id.clone(),
-        })
+    room_registry::lookup(&state.rooms, room_id)
         .await?
         .ok_or_else(|| ApiError::unavailable("the room registry is restarting; retry"))
 }

@@ -121,7 +121,10 @@ impl RpcContext {
             ));
         };
         let rpc = self.rpc.clone();
-        self.state.auth.send(AuthorizeCall { bearer, rpc }).await
+        self.state
+            .auth
+            .send_local(AuthorizeCall { bearer, rpc })
+            .await
     }
 }
 
