@@ -569,3 +569,96 @@ async fn a_live_resume_from_a_sequence_this_node_has_not_received_is_accepted() 
         assert_eq!(seqs, vec![5], "{name}");
     }
 }
+
+/// A long-poll on a node with a live-room cursor another node numbered and this
+/// node has not received yet (a round robin in front of the nodes sends it
+/// anywhere) waits for what follows it, as a resume does; a cursor beyond the
+/// shared counter is still `out_of_range`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_poll_from_a_sequence_this_node_has_not_received_waits_for_what_follows() {
+    let Some(cluster) = linked(2, |s| s.cluster.live_holdback_ms = 100).await else {
+        return;
+    };
+    let owner = cluster.sign_up(0, &common::unique_name("host")).await;
+    let viewer = cluster.sign_up(0, &common::unique_name("viewer")).await;
+    let room = live_room(&cluster, &owner, pb::LiveControls::default()).await;
+    rooms::join(cluster.server(0).expect("in-process"), &viewer, &room).await;
+    // Node 1 loads the room (a poll of nothing yet), then receives seq 1.
+    let rpc = cluster.rpc_as(1, &viewer.access_token);
+    let empty: pb::PollResponse = rpc
+        .call(
+            Codec::Proto,
+            "PushService/Poll",
+            &poll::request(&[(&room, Some(0))], 0),
+        )
+        .await
+        .expect("poll node 1");
+    assert!(poll::errors(&empty).is_empty(), "{empty:?}");
+    let sent = send_on(&cluster, 0, &owner, &room, "hello", "p1")
+        .await
+        .expect("send");
+    assert_eq!(sent.seq, 1);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let first: pb::PollResponse = rpc
+            .call(
+                Codec::Proto,
+                "PushService/Poll",
+                &poll::request(&[(&room, Some(0))], 0),
+            )
+            .await
+            .expect("poll node 1");
+        assert!(poll::errors(&first).is_empty(), "{first:?}");
+        if poll::seqs(&first, &room) == vec![1] {
+            break;
+        }
+        assert!(Instant::now() < deadline, "node 1 never had seq 1");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // A node numbers 3 comments and dies before publishing them: the shared
+    // counter moves to 4, no node receives them.
+    let store = &cluster.server(0).expect("in-process").state().store;
+    let counter = store
+        .take_live_seqs(&roomcast::ids::RoomId(room.clone()), 3)
+        .await
+        .expect("take numbers");
+    assert_eq!(counter, 4);
+
+    // A client that saw 4 polls node 1: the poll waits for the next comment.
+    let waiting = {
+        let rpc = cluster.rpc_as(1, &viewer.access_token);
+        let request = poll::request(&[(&room, Some(4))], LONG_WAIT_MS);
+        tokio::spawn(async move {
+            rpc.call::<_, pb::PollResponse>(Codec::Proto, "PushService/Poll", &request)
+                .await
+                .expect("the poll answers")
+        })
+    };
+    until_waiting(&cluster, 1, 1).await;
+    let next = send_on(&cluster, 0, &owner, &room, "again", "p2")
+        .await
+        .expect("send");
+    assert_eq!(next.seq, 5);
+    let answered = tokio::time::timeout(WAIT, waiting)
+        .await
+        .expect("the poll answers with the next comment")
+        .expect("the poll task");
+    assert!(poll::errors(&answered).is_empty(), "{answered:?}");
+    assert_eq!(poll::seqs(&answered, &room), vec![5], "{answered:?}");
+    assert_eq!(poll::cursor(&answered, &room), Some(5));
+
+    // Beyond the shared counter is still out of range.
+    let beyond: pb::PollResponse = cluster
+        .rpc_as(1, &viewer.access_token)
+        .call(
+            Codec::Proto,
+            "PushService/Poll",
+            &poll::request(&[(&room, Some(50))], 0),
+        )
+        .await
+        .expect("poll beyond the end");
+    let errors = poll::errors(&beyond);
+    assert_eq!(errors.len(), 1, "{beyond:?}");
+    assert_eq!(errors[0].code, "out_of_range", "{beyond:?}");
+}

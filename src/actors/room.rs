@@ -48,7 +48,8 @@ use std::{
 
 use actix::{
     fut::WrapFuture as _, Actor, ActorContext as _, ActorFutureExt as _, Addr, AsyncContext as _,
-    Context, Handler, Message, Recipient, ResponseFuture, SpawnHandle, Supervised,
+    Context, Handler, Message, Recipient, ResponseActFuture, ResponseFuture, SpawnHandle,
+    Supervised,
 };
 use tokio::sync::oneshot;
 
@@ -2279,7 +2280,10 @@ impl Handler<GetLiveSnapshot> for RoomActor {
 /// ring (it has no other history), with a `gap` for what the ring no longer holds.
 /// A chat room answers from its ring when the ring holds everything after
 /// `after`, and with `None` otherwise (the store has it, or this node has not
-/// published it yet): the poll then reads the store.
+/// published it yet): the poll then reads the store. A live room across nodes
+/// answers an empty page for a cursor another node numbered and this node has
+/// not received yet (the poll waits for what follows), and `out_of_range` only
+/// past the store's counter.
 #[derive(Message)]
 #[rtype(result = "Result<Option<RingPage>, ApiError>")]
 pub struct ReadRing {
@@ -2304,29 +2308,68 @@ pub struct RingPage {
 }
 
 impl Handler<ReadRing> for RoomActor {
-    type Result = Result<Option<RingPage>, ApiError>;
+    type Result = ResponseActFuture<Self, Result<Option<RingPage>, ApiError>>;
 
     fn handle(&mut self, msg: ReadRing, _ctx: &mut Self::Context) -> Self::Result {
         if let Some(error) = self.unavailable() {
-            return Err(error);
+            return Box::pin(actix::fut::ready(Err(error)));
         }
         let live = self.live.is_some();
+        let after = msg.after.unwrap_or(self.last_seq);
+        if live && after > self.last_seq && self.bus.is_shared() {
+            // Another node numbered it (the live counter is shared) and it has not
+            // arrived here yet: an empty page, the poll waits for what follows.
+            // Only a cursor beyond the store's counter is out of range.
+            if after <= self.order.newest_known() {
+                return Box::pin(actix::fut::ready(Ok(Some(self.empty_page(live)))));
+            }
+            let store = self.store.clone();
+            let id = self.id.clone();
+            return Box::pin(
+                async move { store.get_room(&id).await }
+                    .into_actor(self)
+                    .map(move |room, act, _ctx| {
+                        let counter = room.map_err(ApiError::from)?.last_seq;
+                        if after <= counter {
+                            Ok(Some(act.empty_page(live)))
+                        } else {
+                            Err(beyond_last(after, counter))
+                        }
+                    }),
+            );
+        }
+        Box::pin(actix::fut::ready(self.read_ring(live, after, msg.limit)))
+    }
+}
+
+/// The `out_of_range` answer to a poll cursor past the room's last sequence.
+fn beyond_last(after: u64, last_seq: u64) -> ApiError {
+    ApiError::new(
+        Code::OutOfRange,
+        format!("after_seq {after} is beyond the room's last sequence {last_seq}"),
+    )
+}
+
+impl RoomActor {
+    /// [`ReadRing`] when this node has everything up to the cursor.
+    fn read_ring(
+        &self,
+        live: bool,
+        after: u64,
+        limit: usize,
+    ) -> Result<Option<RingPage>, ApiError> {
         let last_seq = self.last_seq;
-        let after = msg.after.unwrap_or(last_seq);
         let first_in_ring = self.ring.front().map_or(last_seq + 1, |e| e.seq);
         if !live && (after > last_seq || first_in_ring > after + 1) {
             return Ok(None);
         }
         if after > last_seq {
-            return Err(ApiError::new(
-                Code::OutOfRange,
-                format!("after_seq {after} is beyond the room's last sequence {last_seq}"),
-            ));
+            return Err(beyond_last(after, last_seq));
         }
         let gap = (after < last_seq && first_in_ring > after + 1)
             .then(|| (after + 1, (first_in_ring - 1).min(last_seq)));
         let mut events = self.ring.iter().filter(|e| e.seq > after);
-        let page: Vec<Arc<RoomEvent>> = events.by_ref().take(msg.limit).cloned().collect();
+        let page: Vec<Arc<RoomEvent>> = events.by_ref().take(limit).cloned().collect();
         let more = events.next().is_some();
         Ok(Some(RingPage {
             live,
@@ -2335,6 +2378,17 @@ impl Handler<ReadRing> for RoomActor {
             events: page,
             more,
         }))
+    }
+
+    /// A page with nothing in it: the cursor is ahead of what this node has.
+    fn empty_page(&self, live: bool) -> RingPage {
+        RingPage {
+            live,
+            last_seq: self.last_seq,
+            gap: None,
+            events: Vec::new(),
+            more: false,
+        }
     }
 }
 
