@@ -52,12 +52,89 @@ pub enum Verdict {
 
 /// The Redis half of the send limit (see the module docs).
 pub struct ClusterRateLimit {
-    client: redis::Client,
+    redis: GuardedRedis,
     prefix: String,
     interval_us: u64,
     tolerance_us: u64,
+}
+
+/// A Redis link for checks that must never wait long: one multiplexed
+/// connection opened on first use, every call bounded by [`LIMIT_TIMEOUT`], and
+/// after a failure no call for [`RETRY_AFTER_FAILURE`] (the caller's local rules
+/// decide meanwhile). Shared by the send limit and the live rooms' guards.
+pub(crate) struct GuardedRedis {
+    client: redis::Client,
     connection: tokio::sync::Mutex<Option<MultiplexedConnection>>,
     failed_at: Mutex<Option<Instant>>,
+    /// Logged once per failure spell: what falls back to per-node rules.
+    fallback: &'static str,
+}
+
+impl GuardedRedis {
+    /// A link to the Redis at `url`; `fallback` says in the log what each node
+    /// does on its own while Redis does not answer.
+    pub(crate) fn new(url: &str, fallback: &'static str) -> Result<Self, redis::RedisError> {
+        Ok(Self {
+            client: redis::Client::open(url)?,
+            connection: tokio::sync::Mutex::new(None),
+            failed_at: Mutex::new(None),
+            fallback,
+        })
+    }
+
+    /// Runs `cmd` within [`LIMIT_TIMEOUT`]; `None` when Redis did not answer (or
+    /// failed less than [`RETRY_AFTER_FAILURE`] ago).
+    pub(crate) async fn run<T: redis::FromRedisValue>(&self, cmd: redis::Cmd) -> Option<T> {
+        if self.recently_failed() {
+            return None;
+        }
+        let call = async {
+            let mut connection = self.connection().await?;
+            cmd.query_async::<T>(&mut connection).await
+        };
+        match tokio::time::timeout(LIMIT_TIMEOUT, call).await {
+            Ok(Ok(value)) => {
+                *self.failed_at.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                Some(value)
+            }
+            Ok(Err(e)) => {
+                self.connection.lock().await.take();
+                self.failed(&e.to_string());
+                None
+            }
+            Err(_) => {
+                self.failed("timed out");
+                None
+            }
+        }
+    }
+
+    async fn connection(&self) -> Result<MultiplexedConnection, redis::RedisError> {
+        let mut slot = self.connection.lock().await;
+        if let Some(connection) = slot.as_ref() {
+            return Ok(connection.clone());
+        }
+        let connection = self.client.get_multiplexed_async_connection().await?;
+        *slot = Some(connection.clone());
+        Ok(connection)
+    }
+
+    fn recently_failed(&self) -> bool {
+        let slot = self.failed_at.lock().unwrap_or_else(|p| p.into_inner());
+        slot.is_some_and(|at| at.elapsed() < RETRY_AFTER_FAILURE)
+    }
+
+    fn failed(&self, error: &str) {
+        let mut slot = self.failed_at.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none_or(|at| at.elapsed() >= RETRY_AFTER_FAILURE) {
+            tracing::warn!(
+                error,
+                fallback = self.fallback,
+                "cluster: Redis did not answer; each node applies these rules on its own until it does"
+            );
+        }
+        *slot = Some(Instant::now());
+    }
 }
 
 impl ClusterRateLimit {
@@ -72,72 +149,25 @@ impl ClusterRateLimit {
         let interval_us = 1_000_000 / u64::from(per_second.max(1));
         let interval_us = interval_us.max(1);
         Ok(Self {
-            client: redis::Client::open(url)?,
+            redis: GuardedRedis::new(url, "the send limit")?,
             prefix: prefix.to_owned(),
             interval_us,
             tolerance_us: interval_us * u64::from(burst.max(1) - 1),
-            connection: tokio::sync::Mutex::new(None),
-            failed_at: Mutex::new(None),
         })
-    }
-
-    fn recently_failed(&self) -> bool {
-        let slot = self.failed_at.lock().unwrap_or_else(|p| p.into_inner());
-        slot.is_some_and(|at| at.elapsed() < RETRY_AFTER_FAILURE)
-    }
-
-    fn failed(&self, error: &str) {
-        let mut slot = self.failed_at.lock().unwrap_or_else(|p| p.into_inner());
-        if slot.is_none_or(|at| at.elapsed() >= RETRY_AFTER_FAILURE) {
-            tracing::warn!(
-                error,
-                "cluster send limit: Redis did not answer; each node limits sends on its own until it does"
-            );
-        }
-        *slot = Some(Instant::now());
     }
 
     /// Takes one token of `user`'s cluster-wide bucket.
     pub async fn check(&self, user: &UserId) -> Verdict {
-        if self.recently_failed() {
-            return Verdict::Unknown;
-        }
-        match tokio::time::timeout(LIMIT_TIMEOUT, self.call(user)).await {
-            Ok(Ok(0)) => {
-                *self.failed_at.lock().unwrap_or_else(|p| p.into_inner()) = None;
-                Verdict::Allowed
-            }
-            Ok(Ok(wait_us)) => Verdict::Wait(Duration::from_micros(wait_us)),
-            Ok(Err(e)) => {
-                self.connection.lock().await.take();
-                self.failed(&e.to_string());
-                Verdict::Unknown
-            }
-            Err(_) => {
-                self.failed("timed out");
-                Verdict::Unknown
-            }
-        }
-    }
-
-    async fn call(&self, user: &UserId) -> Result<u64, redis::RedisError> {
-        let mut slot = self.connection.lock().await;
-        let mut connection = match slot.as_ref() {
-            Some(connection) => connection.clone(),
-            None => {
-                let connection = self.client.get_multiplexed_async_connection().await?;
-                *slot = Some(connection.clone());
-                connection
-            }
-        };
-        drop(slot);
-        redis::cmd("EVAL")
-            .arg(GCRA)
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(GCRA)
             .arg(1)
             .arg(format!("{}limit:send:{}", self.prefix, user.0))
             .arg(self.interval_us)
-            .arg(self.tolerance_us)
-            .query_async(&mut connection)
-            .await
+            .arg(self.tolerance_us);
+        match self.redis.run::<u64>(cmd).await {
+            None => Verdict::Unknown,
+            Some(0) => Verdict::Allowed,
+            Some(wait_us) => Verdict::Wait(Duration::from_micros(wait_us)),
+        }
     }
 }

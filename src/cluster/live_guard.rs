@@ -24,15 +24,11 @@
 //! may then send up to the limits on each node) and the guard tries Redis again
 //! after [`super::limits::RETRY_AFTER_FAILURE`]; the rules are never off.
 
-use std::{
-    sync::Mutex,
-    time::{Duration, Instant},
-};
+use std::time::Duration;
 
 use prost::Message as _;
-use redis::aio::MultiplexedConnection;
 
-use super::limits::{Verdict, GCRA, LIMIT_TIMEOUT, RETRY_AFTER_FAILURE};
+use super::limits::{GuardedRedis, Verdict, GCRA};
 use crate::{
     ids::{RoomId, UserId},
     proto::node::v1 as node,
@@ -71,11 +67,9 @@ pub enum Claim {
 
 /// See the module docs.
 pub struct LiveGuard {
-    client: redis::Client,
+    redis: GuardedRedis,
     prefix: String,
     retry_window: Duration,
-    connection: tokio::sync::Mutex<Option<MultiplexedConnection>>,
-    failed_at: Mutex<Option<Instant>>,
 }
 
 impl std::fmt::Debug for LiveGuard {
@@ -91,11 +85,9 @@ impl LiveGuard {
     /// for `retry_window`. Connects on first use.
     pub fn new(url: &str, prefix: &str, retry_window: Duration) -> Result<Self, redis::RedisError> {
         Ok(Self {
-            client: redis::Client::open(url)?,
+            redis: GuardedRedis::new(url, "live rooms' retries, slow mode and rate limit")?,
             prefix: prefix.to_owned(),
             retry_window,
-            connection: tokio::sync::Mutex::new(None),
-            failed_at: Mutex::new(None),
         })
     }
 
@@ -109,58 +101,6 @@ impl LiveGuard {
         )
     }
 
-    fn recently_failed(&self) -> bool {
-        let slot = self.failed_at.lock().unwrap_or_else(|p| p.into_inner());
-        slot.is_some_and(|at| at.elapsed() < RETRY_AFTER_FAILURE)
-    }
-
-    fn failed(&self, error: &str) {
-        let mut slot = self.failed_at.lock().unwrap_or_else(|p| p.into_inner());
-        if slot.is_none_or(|at| at.elapsed() >= RETRY_AFTER_FAILURE) {
-            tracing::warn!(
-                error,
-                "live rooms: Redis did not answer; each node applies retries, slow mode and the rate limit on its own until it does"
-            );
-        }
-        *slot = Some(Instant::now());
-    }
-
-    async fn connection(&self) -> Result<MultiplexedConnection, redis::RedisError> {
-        let mut slot = self.connection.lock().await;
-        if let Some(connection) = slot.as_ref() {
-            return Ok(connection.clone());
-        }
-        let connection = self.client.get_multiplexed_async_connection().await?;
-        *slot = Some(connection.clone());
-        Ok(connection)
-    }
-
-    /// Runs `cmd` within [`LIMIT_TIMEOUT`]; `None` when Redis did not answer.
-    async fn run<T: redis::FromRedisValue>(&self, cmd: redis::Cmd) -> Option<T> {
-        if self.recently_failed() {
-            return None;
-        }
-        let call = async {
-            let mut connection = self.connection().await?;
-            cmd.query_async::<T>(&mut connection).await
-        };
-        match tokio::time::timeout(LIMIT_TIMEOUT, call).await {
-            Ok(Ok(value)) => {
-                *self.failed_at.lock().unwrap_or_else(|p| p.into_inner()) = None;
-                Some(value)
-            }
-            Ok(Err(e)) => {
-                self.connection.lock().await.take();
-                self.failed(&e.to_string());
-                None
-            }
-            Err(_) => {
-                self.failed("timed out");
-                None
-            }
-        }
-    }
-
     /// Claims `client_message_id` of `user` in `room` for this attempt, or says
     /// who has it.
     pub async fn claim(&self, room: &RoomId, user: &UserId, client_message_id: &str) -> Claim {
@@ -169,7 +109,7 @@ impl LiveGuard {
             .arg(1)
             .arg(self.sent_key(room, user, client_message_id))
             .arg(self.retry_window.as_millis().max(1) as u64);
-        match self.run::<Option<Vec<u8>>>(cmd).await {
+        match self.redis.run::<Option<Vec<u8>>>(cmd).await {
             None => Claim::Unknown,
             Some(None) => Claim::First,
             Some(Some(bytes)) if bytes.is_empty() => Claim::InFlight,
@@ -217,7 +157,7 @@ impl LiveGuard {
         };
         // Not answered: the key expires by itself (a retry meanwhile is told to
         // retry later, or is checked by the room's own record).
-        let _ = self.run::<redis::Value>(cmd).await;
+        let _ = self.redis.run::<redis::Value>(cmd).await;
     }
 
     /// Slow mode of `every` for `user` in `room`: allowed (the user's next send
@@ -233,7 +173,7 @@ impl LiveGuard {
                 user.0
             ))
             .arg(every.as_millis().max(1) as u64);
-        match self.run::<u64>(cmd).await {
+        match self.redis.run::<u64>(cmd).await {
             None => Verdict::Unknown,
             Some(0) => Verdict::Allowed,
             Some(left_ms) => Verdict::Wait(Duration::from_millis(left_ms)),
@@ -256,7 +196,7 @@ impl LiveGuard {
             ))
             .arg(interval_us)
             .arg(interval_us * (per_minute - 1));
-        match self.run::<u64>(cmd).await {
+        match self.redis.run::<u64>(cmd).await {
             None => Verdict::Unknown,
             Some(0) => Verdict::Allowed,
             Some(wait_us) => Verdict::Wait(Duration::from_micros(wait_us)),
