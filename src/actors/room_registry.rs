@@ -59,6 +59,16 @@ struct LocalRooms {
     rooms: HashMap<RoomId, (WeakAddr<RoomActor>, RetiredFlag)>,
 }
 
+impl LocalRooms {
+    /// Whether these are `registry`'s rooms.
+    fn belong_to(&self, registry: &Addr<RoomRegistry>) -> bool {
+        self.registry
+            .as_ref()
+            .and_then(WeakAddr::upgrade)
+            .is_some_and(|r| &r == registry)
+    }
+}
+
 thread_local! {
     static LOCAL_ROOMS: RefCell<LocalRooms> = RefCell::new(LocalRooms::default());
 }
@@ -90,12 +100,7 @@ pub async fn lookup(
 fn remembered(registry: &Addr<RoomRegistry>, room_id: &RoomId) -> Option<Addr<RoomActor>> {
     LOCAL_ROOMS.with(|local| {
         let local = local.borrow();
-        let ours = local
-            .registry
-            .as_ref()
-            .and_then(WeakAddr::upgrade)
-            .is_some_and(|r| &r == registry);
-        if !ours {
+        if !local.belong_to(registry) {
             return None;
         }
         let (addr, retired) = local.rooms.get(room_id)?;
@@ -112,12 +117,7 @@ fn remember(
 ) {
     LOCAL_ROOMS.with(|local| {
         let mut local = local.borrow_mut();
-        let ours = local
-            .registry
-            .as_ref()
-            .and_then(WeakAddr::upgrade)
-            .is_some_and(|r| &r == registry);
-        if !ours {
+        if !local.belong_to(registry) {
             local.registry = Some(registry.downgrade());
             local.rooms.clear();
         }
