@@ -62,6 +62,9 @@
 #     BENCH_CLUSTER_VIEWERS=3000 BENCH_CLUSTER_PUBLISHERS=3 BENCH_CLUSTER_RATE=20
 #     BENCH_CLUSTER_DURATION=20                                cluster-live
 #     BENCH_CODEC=proto                                        proto or json
+#     BENCH_SERVER_BIN=path                                    another server build
+#         (say, one built from an older commit in a worktree) measured by this tree's
+#         bench: A/B comparisons with the same load generator
 # Results: the bench's summaries on stdout, and the JSON lines (one per run, with
 # "label" and "run" added) again at the end and in $BENCH_OUT (default
 # target/bench/results-<time>.jsonl); each run's server log (level warn) beside it as
@@ -74,6 +77,7 @@ cd "$repo_root"
 postgres=""
 only=""
 pin=0
+server_bin=${BENCH_SERVER_BIN:-target/release/roomcast}
 repeat=1
 while (($# > 0)); do
     case $1 in
@@ -140,10 +144,10 @@ if ((pin)); then
         echo "bench.sh: --pin needs 2 CPUs" >&2
         exit 1
     }
-    server_cmd=(taskset -c 0 target/release/roomcast)
+    server_cmd=(taskset -c 0 "$server_bin")
     bench_cmd=(taskset -c 1 target/release/roomcast-bench --threads 1)
 else
-    server_cmd=(target/release/roomcast)
+    server_cmd=("$server_bin")
     bench_cmd=(target/release/roomcast-bench)
 fi
 
@@ -464,7 +468,7 @@ if [[ -z $only || ",$only," == *",cluster-live,"* ]]; then
     cluster_store_name=$store_name
     cluster_server_cmd=("${server_cmd[@]}")
     cluster_bench_cmd=("${bench_cmd[@]}")
-    server_cmd=(target/release/roomcast)
+    server_cmd=("$server_bin")
     bench_cmd=(target/release/roomcast-bench)
     source_services
     if [[ -z $postgres ]]; then

@@ -79,3 +79,113 @@ both_backends!(
         }
     }
 );
+
+// Replies, edits and deletions land in the same shared transactions as plain
+// messages of other rooms: each sees every earlier event of its own room, its
+// rejection (a reply to nothing, an edit of a deleted message) stays its own, and
+// every room's sequence stays gapless.
+both_backends!(
+    replies_edits_and_deletions_mixed_across_rooms_commit_in_order,
+    |backend| async move {
+        let server = Arc::new(
+            TestServer::spawn_with(backend, |s| {
+                s.realtime.send_rate_per_sec = 100_000;
+                s.realtime.send_burst = 100_000;
+            })
+            .await,
+        );
+        let owner = server.sign_up(&common::unique_name("owner")).await;
+        let mut rooms = Vec::new();
+        for _ in 0..ROOMS {
+            let room = create_room(&server, &owner, pb::RoomKind::Public).await;
+            // seq 1 (to be edited) and seq 2 (to be deleted, then edited: refused).
+            send_http(&server, &owner, &room, "first", "first").await;
+            send_http(&server, &owner, &room, "second", "second").await;
+            rooms.push(room);
+        }
+        let rpc = Arc::new(server.rpc_as(&owner.access_token));
+        let mut tasks = Vec::new();
+        for room in &rooms {
+            for i in 0..SENDS_PER_ROOM {
+                let (rpc, room) = (rpc.clone(), room.clone());
+                tasks.push(tokio::spawn(async move {
+                    let request = pb::SendMessageRequest {
+                        room_id: room.clone(),
+                        text: format!("text {i}"),
+                        client_message_id: format!("m{i}"),
+                        // Every other one replies to seq 1; one replies to nothing.
+                        reply_to_seq: match i {
+                            3 => 999_999,
+                            i if i % 2 == 0 => 1,
+                            _ => 0,
+                        },
+                        ..Default::default()
+                    };
+                    let reply = rpc
+                        .call_proto::<_, pb::SendMessageResponse>(
+                            "RoomService/SendMessage",
+                            &request,
+                        )
+                        .await;
+                    ("send", i, reply.map(|r| r.message.expect("a message").seq))
+                }));
+            }
+            let (rpc_edit, room_edit) = (rpc.clone(), room.clone());
+            tasks.push(tokio::spawn(async move {
+                let reply = rpc_edit
+                    .call_proto::<_, pb::EditMessageResponse>(
+                        "RoomService/EditMessage",
+                        &pb::EditMessageRequest {
+                            room_id: room_edit,
+                            seq: 1,
+                            text: "first, edited".into(),
+                        },
+                    )
+                    .await;
+                ("edit", 0, reply.map(|r| r.message.expect("a message").seq))
+            }));
+            let (rpc_delete, room_delete) = (rpc.clone(), room.clone());
+            tasks.push(tokio::spawn(async move {
+                let reply = rpc_delete
+                    .call_proto::<_, pb::DeleteMessageResponse>(
+                        "RoomService/DeleteMessage",
+                        &pb::DeleteMessageRequest {
+                            room_id: room_delete,
+                            seq: 2,
+                        },
+                    )
+                    .await;
+                ("delete", 0, reply.map(|_| 0))
+            }));
+        }
+        for task in tasks {
+            let (what, i, outcome) = task.await.expect("a task");
+            match (what, i) {
+                ("send", 3) => {
+                    let error = outcome.expect_err("a reply to a message that does not exist");
+                    assert_eq!(error.code, "not_found", "{error:?}");
+                }
+                _ => {
+                    outcome.unwrap_or_else(|e| panic!("{what} {i}: {e:?}"));
+                }
+            }
+        }
+        for room in &rooms {
+            let stored = history(&server, &owner, room).await;
+            let seqs: Vec<u64> = stored.iter().map(|m| m.seq).collect();
+            // 2 first messages, the sends but the refused reply, one edit, one delete.
+            let want: Vec<u64> = (1..=(2 + SENDS_PER_ROOM as u64 - 1 + 2)).collect();
+            assert_eq!(
+                seqs, want,
+                "{room}: gapless, nothing refused took a sequence"
+            );
+            assert_eq!(stored[0].text, "first, edited", "{room}: the edit applied");
+            assert!(stored[1].deleted, "{room}: the deletion applied");
+            let replies = stored
+                .iter()
+                .filter(|m| m.kind == pb::MessageKind::Text as i32 && m.reply_to_seq == 1)
+                .count();
+            assert_eq!(replies, SENDS_PER_ROOM / 2, "{room}: every reply stored");
+        }
+    }
+);

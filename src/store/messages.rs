@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use sqlx::{Connection as _, FromRow};
+use sqlx::FromRow;
 
 use super::{parse_enum, Store, StoreError, StoreResult};
 use crate::{
@@ -121,10 +121,10 @@ impl Store {
         batch: &[NewMessage],
     ) -> StoreResult<Vec<Appended>> {
         self.timed("append_messages", async move |conn| {
-            let mut tx = conn.begin().await?;
-            let results = append_in(&mut tx, room, batch).await?;
+            let mut tx = self.begin_write(conn).await?;
+            let mut results = append_in(&mut tx, self.for_update(), &[(room, batch)]).await?;
             tx.commit().await?;
-            Ok(results)
+            Ok(results.pop().unwrap_or_default())
         })
         .await
     }
@@ -137,12 +137,13 @@ impl Store {
         &self,
         batches: &[(RoomId, Vec<NewMessage>)],
     ) -> StoreResult<Vec<Vec<Appended>>> {
+        let batches: Vec<(&RoomId, &[NewMessage])> = batches
+            .iter()
+            .map(|(room, batch)| (room, batch.as_slice()))
+            .collect();
         self.timed("append_many", async move |conn| {
-            let mut tx = conn.begin().await?;
-            let mut results = Vec::with_capacity(batches.len());
-            for (room, batch) in batches {
-                results.push(append_in(&mut tx, room, batch).await?);
-            }
+            let mut tx = self.begin_write(conn).await?;
+            let results = append_in(&mut tx, self.for_update(), &batches).await?;
             tx.commit().await?;
             Ok(results)
         })
@@ -249,6 +250,10 @@ const ROWS_PER_INSERT: usize = 500;
 const SQLITE_CLIENT_IDS_PER_QUERY: usize = 16;
 const SQLITE_ROWS_PER_INSERT: usize = 16;
 
+/// Most rooms whose sequences one statement reads or writes (a parameter or two
+/// each).
+const ROOMS_PER_STATEMENT: usize = 256;
+
 /// (rows per insert, client id pairs per lookup) for the transaction's database.
 fn chunk_sizes(tx: &Tx<'_>) -> (usize, usize) {
     if tx.backend_name().eq_ignore_ascii_case("sqlite") {
@@ -258,103 +263,209 @@ fn chunk_sizes(tx: &Tx<'_>) -> (usize, usize) {
     }
 }
 
-/// Appends `batch` to `room` inside `tx`: the room's sequence continues from its
-/// row, which the first statement locks (PostgreSQL's row lock, SQLite's write
-/// lock), so concurrent appenders to the room queue there and the sequence stays
-/// gapless and in commit order.
+/// Appends each room's batch inside `tx`. Every room's sequence continues from
+/// its row, read by the first statement (under [`Store::begin_write`]'s write lock
+/// on SQLite, with `FOR UPDATE` row locks in id order on PostgreSQL), so concurrent
+/// appenders to a room queue there and the sequence stays gapless and in commit
+/// order.
 ///
-/// Retries are found with one query for the whole batch; plain messages are
-/// inserted several rows per statement. Events that look at another message
-/// (replies, edits, deletions) first insert what is pending, so they see every
-/// earlier event of the batch.
+/// The statements do not grow with the number of rooms: one read of every room's
+/// sequence, one lookup of retries (a chunk of pairs per statement), plain
+/// messages inserted several rows per statement whatever their room, and one
+/// update of every sequence that moved. On SQLite each statement is a round trip
+/// to sqlx's worker thread, two thread switches: per-room statements made a group
+/// commit over a hundred rooms cost four hundred of them. Events that look at
+/// another message (replies, edits, deletions) first insert what is pending, so
+/// they see every earlier event of the batch. Results per room, in `batches`
+/// order; a room appears at most once.
 async fn append_in(
     tx: &mut Tx<'_>,
-    room: &RoomId,
-    batch: &[NewMessage],
-) -> StoreResult<Vec<Appended>> {
-    let (mut last_seq,): (i64,) =
-        sqlx::query_as("UPDATE rooms SET last_seq = last_seq WHERE id = $1 RETURNING last_seq")
-            .bind(room.as_str())
-            .fetch_one(&mut **tx)
-            .await?;
+    for_update: &str,
+    batches: &[(&RoomId, &[NewMessage])],
+) -> StoreResult<Vec<Vec<Appended>>> {
+    let mut last_seqs = room_sequences(tx, for_update, batches).await?;
+    let mut known = find_by_client_ids(tx, batches).await?;
     let now = now_ms();
-    let mut known = find_by_client_ids(tx, room, batch).await?;
-    let mut results: Vec<Appended> = Vec::with_capacity(batch.len());
-    // Indexes into `results` of stored events not inserted yet.
-    let mut pending: Vec<usize> = Vec::new();
-    for new in batch {
-        if let Some(cmid) = &new.client_message_id {
-            if let Some(original) = known.get(&(new.sender_id.0.clone(), cmid.clone())) {
-                results.push(Appended::Duplicate(original.clone()));
-                continue;
+    let mut results: Vec<Vec<Appended>> = batches
+        .iter()
+        .map(|(_, batch)| Vec::with_capacity(batch.len()))
+        .collect();
+    // (room, index into its results) of stored events not inserted yet.
+    let mut pending: Vec<(usize, usize)> = Vec::new();
+    // (room, sender, client message id) stored earlier in this transaction, with
+    // where: a second copy later in the batch is a retry of the first.
+    let mut stored_here: HashMap<(usize, &str, &str), usize> = HashMap::new();
+    for (r, (room, batch)) in batches.iter().enumerate() {
+        for new in *batch {
+            if let Some(cmid) = new.client_message_id.as_deref() {
+                let key = (r, new.sender_id.as_str(), cmid);
+                let earlier = stored_here.get(&key).and_then(|&at| match &results[r][at] {
+                    Appended::Stored(original) | Appended::Duplicate(original) => {
+                        Some(original.clone())
+                    }
+                    Appended::Rejected(_) => None,
+                });
+                if let Some(original) = earlier {
+                    results[r].push(Appended::Duplicate(original));
+                    continue;
+                }
+                if !known.is_empty() {
+                    let stored_key = (r, new.sender_id.0.clone(), cmid.to_owned());
+                    if let Some(original) = known.remove(&stored_key) {
+                        results[r].push(Appended::Duplicate(original));
+                        // Later copies in the batch find it among these results.
+                        stored_here.insert(key, results[r].len() - 1);
+                        continue;
+                    }
+                }
             }
-        }
-        let looks_elsewhere = new.kind != MessageKind::Text || new.reply_to_seq > 0;
-        if looks_elsewhere {
-            insert_pending(tx, &results, &mut pending).await?;
-            if let Some(rejection) = check_target(tx, room, new).await? {
-                results.push(Appended::Rejected(rejection));
-                continue;
+            let looks_elsewhere = new.kind != MessageKind::Text || new.reply_to_seq > 0;
+            if looks_elsewhere {
+                insert_pending(tx, &results, &mut pending).await?;
+                if let Some(rejection) = check_target(tx, room, new).await? {
+                    results[r].push(Appended::Rejected(rejection));
+                    continue;
+                }
             }
+            last_seqs[r].1 += 1;
+            let record = MessageRecord {
+                room_id: (*room).clone(),
+                seq: last_seqs[r].1 as u64,
+                id: MessageId::generate().0,
+                kind: new.kind,
+                sender_id: new.sender_id.clone(),
+                text: new.text.clone(),
+                metadata: new.metadata.clone(),
+                reply_to_seq: new.reply_to_seq,
+                target_seq: new.target_seq,
+                client_message_id: new.client_message_id.clone(),
+                created_at: now,
+                edited_at: None,
+                deleted: false,
+            };
+            if new.kind == MessageKind::Text {
+                pending.push((r, results[r].len()));
+            } else {
+                insert_rows(tx, &[&record]).await?;
+                apply_to_target(tx, room, &record).await?;
+            }
+            if let Some(cmid) = new.client_message_id.as_deref() {
+                stored_here.insert((r, new.sender_id.as_str(), cmid), results[r].len());
+            }
+            results[r].push(Appended::Stored(record));
         }
-        last_seq += 1;
-        let record = MessageRecord {
-            room_id: room.clone(),
-            seq: last_seq as u64,
-            id: MessageId::generate().0,
-            kind: new.kind,
-            sender_id: new.sender_id.clone(),
-            text: new.text.clone(),
-            metadata: new.metadata.clone(),
-            reply_to_seq: new.reply_to_seq,
-            target_seq: new.target_seq,
-            client_message_id: new.client_message_id.clone(),
-            created_at: now,
-            edited_at: None,
-            deleted: false,
-        };
-        if let Some(cmid) = &record.client_message_id {
-            // A second copy later in the same batch is a retry of this one.
-            known.insert((record.sender_id.0.clone(), cmid.clone()), record.clone());
-        }
-        if new.kind == MessageKind::Text {
-            pending.push(results.len());
-        } else {
-            insert_rows(tx, &[&record]).await?;
-            apply_to_target(tx, room, &record).await?;
-        }
-        results.push(Appended::Stored(record));
     }
     insert_pending(tx, &results, &mut pending).await?;
-    sqlx::query("UPDATE rooms SET last_seq = $1 WHERE id = $2")
-        .bind(last_seq)
-        .bind(room.as_str())
-        .execute(&mut **tx)
-        .await?;
+    store_sequences(tx, batches, &last_seqs).await?;
     Ok(results)
 }
 
-/// The stored events of `batch`'s (sender, client message id) pairs, by pair.
+/// Each room's `last_seq` as it was, in `batches` order, with the rows locked for
+/// the transaction (see [`append_in`]). A missing room is [`StoreError::NotFound`].
+async fn room_sequences(
+    tx: &mut Tx<'_>,
+    for_update: &str,
+    batches: &[(&RoomId, &[NewMessage])],
+) -> StoreResult<Vec<(i64, i64)>> {
+    let mut found: HashMap<String, i64> = HashMap::with_capacity(batches.len());
+    for chunk in batches.chunks(ROOMS_PER_STATEMENT) {
+        let params: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
+        // Rows in id order: two transactions locking rooms on PostgreSQL never
+        // wait for each other crosswise.
+        let sql = format!(
+            "SELECT id, last_seq FROM rooms WHERE id IN ({}) ORDER BY id{for_update}",
+            params.join(", ")
+        );
+        let mut query = sqlx::query_as::<_, (String, i64)>(&sql);
+        for (room, _) in chunk {
+            query = query.bind(room.as_str());
+        }
+        found.extend(query.fetch_all(&mut **tx).await?);
+    }
+    batches
+        .iter()
+        .map(|(room, _)| {
+            let seq = found
+                .get(room.as_str())
+                .copied()
+                .ok_or(StoreError::NotFound)?;
+            Ok((seq, seq))
+        })
+        .collect()
+}
+
+/// Writes back every room's `last_seq` that moved (`(before, after)` per room, in
+/// `batches` order), one statement per [`ROOMS_PER_STATEMENT`] rooms.
+async fn store_sequences(
+    tx: &mut Tx<'_>,
+    batches: &[(&RoomId, &[NewMessage])],
+    last_seqs: &[(i64, i64)],
+) -> StoreResult<()> {
+    let moved: Vec<(&RoomId, i64)> = batches
+        .iter()
+        .zip(last_seqs)
+        .filter(|(_, (before, after))| after != before)
+        .map(|((room, _), (_, after))| (*room, *after))
+        .collect();
+    for chunk in moved.chunks(ROOMS_PER_STATEMENT) {
+        let cases: Vec<String> = (0..chunk.len())
+            .map(|i| format!("WHEN ${} THEN ${}", 2 * i + 1, 2 * i + 2))
+            .collect();
+        let ids: Vec<String> = (0..chunk.len())
+            .map(|i| format!("${}", 2 * i + 1))
+            .collect();
+        let sql = format!(
+            "UPDATE rooms SET last_seq = CASE id {} END WHERE id IN ({})",
+            cases.join(" "),
+            ids.join(", ")
+        );
+        let mut query = sqlx::query(&sql);
+        for (room, seq) in chunk {
+            query = query.bind(room.as_str()).bind(*seq);
+        }
+        query.execute(&mut **tx).await?;
+    }
+    Ok(())
+}
+
+/// The stored events with the (room, sender, client message id) of an event of
+/// `batches`, by (room index in `batches`, sender, client message id).
 async fn find_by_client_ids(
     tx: &mut Tx<'_>,
-    room: &RoomId,
-    batch: &[NewMessage],
-) -> StoreResult<HashMap<(String, String), MessageRecord>> {
-    let pairs: Vec<(&str, &str)> = batch
+    batches: &[(&RoomId, &[NewMessage])],
+) -> StoreResult<HashMap<(usize, String, String), MessageRecord>> {
+    let triples: Vec<(&str, &str, &str)> = batches
         .iter()
-        .filter_map(|m| Some((m.sender_id.as_str(), m.client_message_id.as_deref()?)))
+        .flat_map(|(room, batch)| {
+            batch.iter().filter_map(|m| {
+                Some((
+                    room.as_str(),
+                    m.sender_id.as_str(),
+                    m.client_message_id.as_deref()?,
+                ))
+            })
+        })
         .collect();
     let mut found = HashMap::new();
+    if triples.is_empty() {
+        return Ok(found);
+    }
+    let index: HashMap<&str, usize> = batches
+        .iter()
+        .enumerate()
+        .map(|(i, (room, _))| (room.as_str(), i))
+        .collect();
     let (_, per_query) = chunk_sizes(tx);
-    for chunk in pairs.chunks(per_query) {
+    for chunk in triples.chunks(per_query) {
         // Each branch names the whole unique key (room, sender, client id), so
         // both databases answer it from the unique index, branch by branch.
         let branches: Vec<String> = (0..chunk.len())
             .map(|i| {
                 format!(
-                    "(room_id = $1 AND sender_id = ${} AND client_message_id = ${})",
-                    2 * i + 2,
-                    2 * i + 3
+                    "(room_id = ${} AND sender_id = ${} AND client_message_id = ${})",
+                    3 * i + 1,
+                    3 * i + 2,
+                    3 * i + 3
                 )
             })
             .collect();
@@ -362,29 +473,34 @@ async fn find_by_client_ids(
             "SELECT {MESSAGE_COLUMNS} FROM messages WHERE {}",
             branches.join(" OR ")
         );
-        let mut query = sqlx::query_as::<_, MessageRow>(&sql).bind(room.as_str());
-        for (sender, cmid) in chunk {
-            query = query.bind(*sender).bind(*cmid);
+        let mut query = sqlx::query_as::<_, MessageRow>(&sql);
+        for (room, sender, cmid) in chunk {
+            query = query.bind(*room).bind(*sender).bind(*cmid);
         }
         for row in query.fetch_all(&mut **tx).await? {
             let record = MessageRecord::try_from(row)?;
-            if let Some(cmid) = record.client_message_id.clone() {
-                found.insert((record.sender_id.0.clone(), cmid), record);
-            }
+            let (Some(&r), Some(cmid)) = (
+                index.get(record.room_id.as_str()),
+                record.client_message_id.clone(),
+            ) else {
+                continue;
+            };
+            found.insert((r, record.sender_id.0.clone(), cmid), record);
         }
     }
     Ok(found)
 }
 
-/// Inserts the stored events `pending` points at, and empties it.
+/// Inserts the stored events `pending` points at (room, index into its
+/// results), whatever their rooms, and empties it.
 async fn insert_pending(
     tx: &mut Tx<'_>,
-    results: &[Appended],
-    pending: &mut Vec<usize>,
+    results: &[Vec<Appended>],
+    pending: &mut Vec<(usize, usize)>,
 ) -> StoreResult<()> {
     let records: Vec<&MessageRecord> = pending
         .drain(..)
-        .filter_map(|i| match &results[i] {
+        .filter_map(|(r, i)| match &results[r][i] {
             Appended::Stored(record) => Some(record),
             _ => None,
         })
