@@ -849,7 +849,7 @@ impl RoomActor {
             }
         };
         // Each stored record is copied once, into the event its subscribers share.
-        let mut events = Vec::new();
+        let mut events = Vec::with_capacity(results.len());
         for ((_, reply), outcome) in batch.into_iter().zip(results) {
             match &outcome {
                 Appended::Stored(record) => events.push(Arc::new(RoomEvent::new(record))),

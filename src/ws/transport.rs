@@ -221,28 +221,31 @@ impl Shared {
             // The writer is gone; so is the peer. Nothing will be written.
             return Ok(());
         }
-        let frame = Outbound::new(opcode, payload, close);
+        let mut frame = Outbound::new(opcode, payload, close);
+        if write_now && self.queue.borrow().is_empty() {
+            // Nothing else is on its way: write from here, sparing the writer a
+            // wake-up, and the queue an allocation (an idle connection keeps
+            // none, so queueing first would allocate and free one per frame).
+            // What the socket does not take now is queued for the writer.
+            let slices = [
+                IoSlice::new(frame.unsent_header()),
+                IoSlice::new(&frame.payload),
+            ];
+            if let Ok(n) = self.io.try_write_vectored(&slices) {
+                frame.advance(n);
+                if frame.len() == 0 {
+                    return Ok(());
+                }
+            }
+        }
+        // Charged as a whole even when partly written: released as a whole.
         let n = frame.charged;
         let queued = self.queued.get() + n;
         self.queued.set(queued);
         if let Some(gauge) = self.gauge.get() {
             gauge.charge(n);
         }
-        let was_idle = {
-            let mut queue = self.queue.borrow_mut();
-            queue.push_back(frame);
-            queue.len() == 1
-        };
-        if write_now && was_idle {
-            // Nothing else is on its way: write from here, sparing the writer a
-            // wake-up. What the socket does not take now stays for the writer.
-            match self.write_some(|slices| self.io.try_write_vectored(slices)) {
-                Ok(Flushed::Empty) => return Ok(()),
-                Ok(Flushed::Progress) | Err(_) => {}
-                // A close frame is never written now (`write_now` is false for it).
-                Ok(Flushed::Closed) => {}
-            }
-        }
+        self.queue.borrow_mut().push_back(frame);
         self.wake_writer();
         if queued > self.max_queued && !close {
             crate::metrics::metrics().outbound_overflows.inc();
