@@ -241,14 +241,14 @@ const CLIENT_IDS_PER_QUERY: usize = 200;
 /// Most rows inserted by one statement on PostgreSQL (11 parameters each: well
 /// under its 65,535 parameters), where each statement is a round trip.
 const ROWS_PER_INSERT: usize = 500;
-/// The same two on SQLite. Binding a statement's n parameters costs O(n²) there:
-/// sqlx asks `sqlite3_bind_parameter_name` for each, which walks the statement's
-/// list of names. A 256-message group commit bound as one 2,816-parameter insert
-/// spent a third of the server's CPU in that walk (perf, `sends-pipelined`). Small
-/// statements, prepared once and reused from the connection's statement cache,
-/// cost nothing like it, and SQLite has no round trips to save.
-const SQLITE_CLIENT_IDS_PER_QUERY: usize = 16;
-const SQLITE_ROWS_PER_INSERT: usize = 16;
+/// The same two on SQLite, where each statement is a round trip too, to sqlx's
+/// worker thread (two thread switches). Its parameters are anonymous there (`?`,
+/// see [`Params`]): with numbered ones (`$n`) sqlx asks
+/// `sqlite3_bind_parameter_name` for each, which walks the statement's list of
+/// names, O(n²) per statement (a 2,816-parameter insert once spent a third of the
+/// server's CPU in that walk).
+const SQLITE_CLIENT_IDS_PER_QUERY: usize = 64;
+const SQLITE_ROWS_PER_INSERT: usize = 128;
 
 /// Most rooms whose sequences one statement reads or writes (a parameter or two
 /// each).
@@ -256,10 +256,72 @@ const ROOMS_PER_STATEMENT: usize = 256;
 
 /// (rows per insert, client id pairs per lookup) for the transaction's database.
 fn chunk_sizes(tx: &Tx<'_>) -> (usize, usize) {
-    if tx.backend_name().eq_ignore_ascii_case("sqlite") {
+    if is_sqlite(tx) {
         (SQLITE_ROWS_PER_INSERT, SQLITE_CLIENT_IDS_PER_QUERY)
     } else {
         (ROWS_PER_INSERT, CLIENT_IDS_PER_QUERY)
+    }
+}
+
+fn is_sqlite(tx: &Tx<'_>) -> bool {
+    tx.backend_name().eq_ignore_ascii_case("sqlite")
+}
+
+/// Splits `items` into chunks of at most `most` whose lengths are powers of two,
+/// largest first: a statement's text depends on its chunk's length, and each text
+/// is prepared once per connection and kept in its statement cache, so a handful
+/// of lengths stay prepared where every length up to `most` would churn the cache.
+fn pow2_chunks<T>(mut items: &[T], most: usize) -> impl Iterator<Item = &[T]> {
+    std::iter::from_fn(move || {
+        if items.is_empty() {
+            return None;
+        }
+        let len = items.len().min(most);
+        // The largest power of two not above `len` (at least 1).
+        let take = 1 << (usize::BITS - 1 - len.leading_zeros());
+        let (chunk, rest) = items.split_at(take);
+        items = rest;
+        Some(chunk)
+    })
+}
+
+/// A statement's parameters in the order they appear in its text, each bound in
+/// that order: `?` on SQLite (anonymous, bound by position, see
+/// [`SQLITE_ROWS_PER_INSERT`]), `$1, $2, ...` on PostgreSQL.
+struct Params {
+    sqlite: bool,
+    count: usize,
+}
+
+impl Params {
+    fn new(tx: &Tx<'_>) -> Self {
+        Self {
+            sqlite: is_sqlite(tx),
+            count: 0,
+        }
+    }
+
+    /// Appends the next parameter's placeholder to `sql`.
+    fn push(&mut self, sql: &mut String) {
+        self.count += 1;
+        if self.sqlite {
+            sql.push('?');
+        } else {
+            use std::fmt::Write as _;
+            let _ = write!(sql, "${}", self.count);
+        }
+    }
+
+    /// Appends `(p, p, ...)` with `n` placeholders to `sql`.
+    fn push_tuple(&mut self, sql: &mut String, n: usize) {
+        sql.push('(');
+        for i in 0..n {
+            if i > 0 {
+                sql.push_str(", ");
+            }
+            self.push(sql);
+        }
+        sql.push(')');
     }
 }
 
@@ -368,14 +430,14 @@ async fn room_sequences(
     batches: &[(&RoomId, &[NewMessage])],
 ) -> StoreResult<Vec<(i64, i64)>> {
     let mut found: HashMap<String, i64> = HashMap::with_capacity(batches.len());
-    for chunk in batches.chunks(ROOMS_PER_STATEMENT) {
-        let params: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
+    for chunk in pow2_chunks(batches, ROOMS_PER_STATEMENT) {
+        let mut params = Params::new(tx);
+        let mut sql = String::from("SELECT id, last_seq FROM rooms WHERE id IN ");
+        params.push_tuple(&mut sql, chunk.len());
         // Rows in id order: two transactions locking rooms on PostgreSQL never
         // wait for each other crosswise.
-        let sql = format!(
-            "SELECT id, last_seq FROM rooms WHERE id IN ({}) ORDER BY id{for_update}",
-            params.join(", ")
-        );
+        sql.push_str(" ORDER BY id");
+        sql.push_str(for_update);
         let mut query = sqlx::query_as::<_, (String, i64)>(&sql);
         for (room, _) in chunk {
             query = query.bind(room.as_str());
@@ -407,21 +469,23 @@ async fn store_sequences(
         .filter(|(_, (before, after))| after != before)
         .map(|((room, _), (_, after))| (*room, *after))
         .collect();
-    for chunk in moved.chunks(ROOMS_PER_STATEMENT) {
-        let cases: Vec<String> = (0..chunk.len())
-            .map(|i| format!("WHEN ${} THEN ${}", 2 * i + 1, 2 * i + 2))
-            .collect();
-        let ids: Vec<String> = (0..chunk.len())
-            .map(|i| format!("${}", 2 * i + 1))
-            .collect();
-        let sql = format!(
-            "UPDATE rooms SET last_seq = CASE id {} END WHERE id IN ({})",
-            cases.join(" "),
-            ids.join(", ")
-        );
+    for chunk in pow2_chunks(&moved, ROOMS_PER_STATEMENT) {
+        let mut params = Params::new(tx);
+        let mut sql = String::from("UPDATE rooms SET last_seq = CASE id");
+        for _ in chunk {
+            sql.push_str(" WHEN ");
+            params.push(&mut sql);
+            sql.push_str(" THEN ");
+            params.push(&mut sql);
+        }
+        sql.push_str(" END WHERE id IN ");
+        params.push_tuple(&mut sql, chunk.len());
         let mut query = sqlx::query(&sql);
         for (room, seq) in chunk {
             query = query.bind(room.as_str()).bind(*seq);
+        }
+        for (room, _) in chunk {
+            query = query.bind(room.as_str());
         }
         query.execute(&mut **tx).await?;
     }
@@ -456,23 +520,23 @@ async fn find_by_client_ids(
         .map(|(i, (room, _))| (room.as_str(), i))
         .collect();
     let (_, per_query) = chunk_sizes(tx);
-    for chunk in triples.chunks(per_query) {
+    for chunk in pow2_chunks(&triples, per_query) {
         // Each branch names the whole unique key (room, sender, client id), so
         // both databases answer it from the unique index, branch by branch.
-        let branches: Vec<String> = (0..chunk.len())
-            .map(|i| {
-                format!(
-                    "(room_id = ${} AND sender_id = ${} AND client_message_id = ${})",
-                    3 * i + 1,
-                    3 * i + 2,
-                    3 * i + 3
-                )
-            })
-            .collect();
-        let sql = format!(
-            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE {}",
-            branches.join(" OR ")
-        );
+        let mut params = Params::new(tx);
+        let mut sql = format!("SELECT {MESSAGE_COLUMNS} FROM messages WHERE ");
+        for i in 0..chunk.len() {
+            if i > 0 {
+                sql.push_str(" OR ");
+            }
+            sql.push_str("(room_id = ");
+            params.push(&mut sql);
+            sql.push_str(" AND sender_id = ");
+            params.push(&mut sql);
+            sql.push_str(" AND client_message_id = ");
+            params.push(&mut sql);
+            sql.push(')');
+        }
         let mut query = sqlx::query_as::<_, MessageRow>(&sql);
         for (room, sender, cmid) in chunk {
             query = query.bind(*room).bind(*sender).bind(*cmid);
@@ -506,7 +570,7 @@ async fn insert_pending(
         })
         .collect();
     let (per_insert, _) = chunk_sizes(tx);
-    for chunk in records.chunks(per_insert) {
+    for chunk in pow2_chunks(&records, per_insert) {
         insert_rows(tx, chunk).await?;
     }
     Ok(())
@@ -518,19 +582,17 @@ async fn insert_rows(tx: &mut Tx<'_>, records: &[&MessageRecord]) -> StoreResult
         return Ok(());
     }
     const COLUMNS: usize = 11;
-    let rows: Vec<String> = (0..records.len())
-        .map(|r| {
-            let params: Vec<String> = (1..=COLUMNS)
-                .map(|c| format!("${}", r * COLUMNS + c))
-                .collect();
-            format!("({})", params.join(", "))
-        })
-        .collect();
-    let sql = format!(
+    let mut params = Params::new(tx);
+    let mut sql = String::from(
         "INSERT INTO messages (room_id, seq, id, kind, sender_id, text, metadata, reply_to_seq, \
-         target_seq, client_message_id, created_at) VALUES {}",
-        rows.join(", ")
+         target_seq, client_message_id, created_at) VALUES ",
     );
+    for r in 0..records.len() {
+        if r > 0 {
+            sql.push_str(", ");
+        }
+        params.push_tuple(&mut sql, COLUMNS);
+    }
     let mut query = sqlx::query(&sql);
     for m in records {
         let metadata =
@@ -611,4 +673,23 @@ async fn apply_to_target(tx: &mut Tx<'_>, room: &RoomId, event: &MessageRecord) 
             .await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pow2_chunks;
+
+    #[test]
+    fn chunks_are_powers_of_two_largest_first_and_cover_everything_in_order() {
+        let items: Vec<u32> = (0..247).collect();
+        let chunks: Vec<&[u32]> = pow2_chunks(&items, 128).collect();
+        let lengths: Vec<usize> = chunks.iter().map(|c| c.len()).collect();
+        assert_eq!(lengths, [128, 64, 32, 16, 4, 2, 1]);
+        assert_eq!(chunks.concat(), items);
+        // `most` that is not a power of two: chunks stay powers of two below it.
+        let lengths: Vec<usize> = pow2_chunks(&items[..200], 100).map(<[u32]>::len).collect();
+        assert_eq!(lengths, [64, 64, 64, 8]);
+        assert_eq!(pow2_chunks(&items[..1], 128).count(), 1);
+        assert_eq!(pow2_chunks(&items[..0], 128).count(), 0);
+    }
 }
