@@ -2,6 +2,8 @@
 //! WebSocket frame that touches a room asks here first; the decision itself is made
 //! by the auth actors ([`AuthorizeRoom`]), with the rules below.
 
+use std::sync::Arc;
+
 use super::{AppState, Principal};
 use crate::{
     actors::authenticator::AuthorizeRoom,
@@ -14,7 +16,8 @@ use crate::{
 /// A room and the caller's membership in it.
 #[derive(Debug, Clone)]
 pub struct RoomAccess {
-    pub room: RoomRecord,
+    /// Shared with the store's access cache: a check copies no room record.
+    pub room: Arc<RoomRecord>,
     pub member: Option<MemberRecord>,
     pub user_id: UserId,
     pub server_admin: bool,
@@ -143,9 +146,9 @@ pub async fn load_room_access(
     let (room, facts) = if cached {
         let room = store.room_for_access(&room_id).await.map_err(not_found)?;
         let facts = store.member_facts(&room, &user_id).await?;
-        (room.as_ref().clone(), facts.as_ref().clone())
+        (room, facts.as_ref().clone())
     } else {
-        let room = store.get_room(&room_id).await.map_err(not_found)?;
+        let room = Arc::new(store.get_room(&room_id).await.map_err(not_found)?);
         let member = store.get_member(&room_id, &user_id).await?;
         let mut facts = MemberFacts {
             member,
@@ -168,7 +171,7 @@ pub async fn load_room_access(
 fn decide(
     principal: &Principal,
     user_id: UserId,
-    room: RoomRecord,
+    room: Arc<RoomRecord>,
     facts: MemberFacts,
 ) -> Result<RoomAccess, ApiError> {
     if facts.member.is_none() {
