@@ -17,16 +17,21 @@ use roomcast::proto::v1 as pb;
 const ROOMS: usize = 12;
 const SENDS_PER_ROOM: usize = 16;
 
+/// A server whose per-user send limit lets one account send everything at once.
+async fn unlimited_server(backend: common::Backend) -> Arc<TestServer> {
+    Arc::new(
+        TestServer::spawn_with(backend, |s| {
+            s.realtime.send_rate_per_sec = 100_000;
+            s.realtime.send_burst = 100_000;
+        })
+        .await,
+    )
+}
+
 both_backends!(
     many_rooms_sending_at_once_commit_everything_once,
     |backend| async move {
-        let server = Arc::new(
-            TestServer::spawn_with(backend, |s| {
-                s.realtime.send_rate_per_sec = 100_000;
-                s.realtime.send_burst = 100_000;
-            })
-            .await,
-        );
+        let server = unlimited_server(backend).await;
         let owner = server.sign_up(&common::unique_name("owner")).await;
         let mut rooms = Vec::new();
         for _ in 0..ROOMS {
@@ -87,13 +92,7 @@ both_backends!(
 both_backends!(
     replies_edits_and_deletions_mixed_across_rooms_commit_in_order,
     |backend| async move {
-        let server = Arc::new(
-            TestServer::spawn_with(backend, |s| {
-                s.realtime.send_rate_per_sec = 100_000;
-                s.realtime.send_burst = 100_000;
-            })
-            .await,
-        );
+        let server = unlimited_server(backend).await;
         let owner = server.sign_up(&common::unique_name("owner")).await;
         let mut rooms = Vec::new();
         for _ in 0..ROOMS {

@@ -68,7 +68,7 @@ use crate::{
         Body, Bus, Delivered, Envelope, Interest, RoomOrder, Topic,
     },
     error::{ApiError, Code},
-    ids::{now_ms, MessageId, RoomId, UserId},
+    ids::{now_ms, RoomId, UserId},
     model::{MessageKind, RoomKind},
     proto::node::v1 as node,
     proto::v1 as pb,
@@ -1149,21 +1149,7 @@ impl RoomActor {
                 }
             }
         }
-        Ok(MessageRecord {
-            room_id: self.id.clone(),
-            seq,
-            id: MessageId::generate().0,
-            kind: new.kind,
-            sender_id: new.sender_id.clone(),
-            text: new.text.clone(),
-            metadata: new.metadata.clone(),
-            reply_to_seq: new.reply_to_seq,
-            target_seq: new.target_seq,
-            client_message_id: new.client_message_id.clone(),
-            created_at: now_ms(),
-            edited_at: None,
-            deleted: false,
-        })
+        Ok(new.record(self.id.clone(), seq, now_ms()))
     }
 
     /// Empties the ring (and the retry ids of what it held).

@@ -28,6 +28,28 @@ pub struct NewMessage {
     pub moderator: bool,
 }
 
+impl NewMessage {
+    /// The event as stored in `room_id` with `seq`: a new id, never edited or
+    /// deleted.
+    pub fn record(&self, room_id: RoomId, seq: u64, created_at: i64) -> MessageRecord {
+        MessageRecord {
+            room_id,
+            seq,
+            id: MessageId::generate().0,
+            kind: self.kind,
+            sender_id: self.sender_id.clone(),
+            text: self.text.clone(),
+            metadata: self.metadata.clone(),
+            reply_to_seq: self.reply_to_seq,
+            target_seq: self.target_seq,
+            client_message_id: self.client_message_id.clone(),
+            created_at,
+            edited_at: None,
+            deleted: false,
+        }
+    }
+}
+
 /// A stored event.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MessageRecord {
@@ -390,21 +412,7 @@ async fn append_in(
                 }
             }
             last_seqs[r].1 += 1;
-            let record = MessageRecord {
-                room_id: (*room).clone(),
-                seq: last_seqs[r].1 as u64,
-                id: MessageId::generate().0,
-                kind: new.kind,
-                sender_id: new.sender_id.clone(),
-                text: new.text.clone(),
-                metadata: new.metadata.clone(),
-                reply_to_seq: new.reply_to_seq,
-                target_seq: new.target_seq,
-                client_message_id: new.client_message_id.clone(),
-                created_at: now,
-                edited_at: None,
-                deleted: false,
-            };
+            let record = new.record((*room).clone(), last_seqs[r].1 as u64, now);
             if new.kind == MessageKind::Text {
                 pending.push((r, results[r].len()));
             } else {
