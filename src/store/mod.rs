@@ -299,11 +299,11 @@ impl Store {
         metrics
             .store_pool_wait
             .observe(waiting.elapsed().as_secs_f64());
-        let mut conn = acquired.inspect_err(|_| {
+        let mut conn = Checkout(Some(acquired.inspect_err(|_| {
             metrics.store_pool_acquire_failures.inc();
-        })?;
+        })?));
         let started = std::time::Instant::now();
-        let result = op(&mut conn).await;
+        let result = op(conn.connection()).await;
         metrics
             .store_query_duration
             .get_or_create(&crate::metrics::QueryLabels { query })
@@ -557,4 +557,28 @@ fn found(done: sqlx::any::AnyQueryResult) -> StoreResult<()> {
 /// Reads a text enum column, reporting unknown values as corruption.
 fn parse_enum<T>(value: &str, parse: fn(&str) -> Option<T>) -> StoreResult<T> {
     parse(value).ok_or_else(|| StoreError::Corrupt(format!("unknown value `{value}`")))
+}
+
+/// A pooled connection held by [`Store::timed`]. sqlx returns a dropped connection
+/// to its pool from a task it spawns on the current Tokio runtime, and panics when
+/// there is none: an operation cancelled while the server's runtime shuts down
+/// (its actors' futures dropped with it) would abort the process. Without a
+/// runtime the connection is detached instead and closes as it drops; its pool
+/// is going away with the runtime.
+struct Checkout(Option<sqlx::pool::PoolConnection<sqlx::Any>>);
+
+impl Checkout {
+    fn connection(&mut self) -> &mut AnyConnection {
+        self.0.as_mut().expect("held until dropped")
+    }
+}
+
+impl Drop for Checkout {
+    fn drop(&mut self) {
+        if let Some(conn) = self.0.take() {
+            if tokio::runtime::Handle::try_current().is_err() {
+                drop(conn.detach());
+            }
+        }
+    }
 }
