@@ -11,7 +11,7 @@ use tokio::{
     time::{timeout_at, Instant},
 };
 use tokio_tungstenite::{
-    tungstenite::{self, client::IntoClientRequest as _, Message},
+    tungstenite::{self, client::IntoClientRequest as _, protocol::WebSocketConfig, Message},
     WebSocketStream,
 };
 
@@ -63,7 +63,9 @@ impl Conn {
         if let Some(token) = token {
             headers.insert("authorization", format!("Bearer {token}").parse()?);
         }
-        let (ws, response) = timeout_at(deadline, tokio_tungstenite::client_async(request, socket))
+        let upgrade =
+            tokio_tungstenite::client_async_with_config(request, socket, Some(client_config()));
+        let (ws, response) = timeout_at(deadline, upgrade)
             .await
             .map_err(|_| anyhow!("WebSocket upgrade timed out"))?
             .context("WebSocket upgrade")?;
@@ -156,6 +158,18 @@ impl Conn {
             other => bail!("unexpected reply to subscribe: {other:?}"),
         }
     }
+}
+
+/// The generator's read buffer per connection. tungstenite's default, 128 KiB, is
+/// zero-filled up to its capacity before every socket read (`FrameCodec::read_in`):
+/// about 100 KiB of memset per read, which made the generator, not the server, the
+/// bottleneck past ~100k frames/s and cost it a page-faulted 128 KiB per connection
+/// in the storm. Server frames here are small (a live batch of a window is a few
+/// KiB); a larger frame still arrives whole, the buffer grows for it.
+const READ_BUFFER_BYTES: usize = 8 * 1024;
+
+fn client_config() -> WebSocketConfig {
+    WebSocketConfig::default().read_buffer_size(READ_BUFFER_BYTES)
 }
 
 pub(crate) fn encode_frame(codec: Codec, frame: &pb::ClientFrame) -> Message {
