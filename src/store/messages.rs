@@ -35,7 +35,7 @@ impl NewMessage {
         MessageRecord {
             room_id,
             seq,
-            id: MessageId::generate().0,
+            id: crate::ids::sortable_id(MessageId::PREFIX, created_at),
             kind: self.kind,
             sender_id: self.sender_id.clone(),
             text: self.text.clone(),
