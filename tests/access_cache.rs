@@ -279,3 +279,71 @@ both_backends!(
         }
     }
 );
+
+both_backends!(
+    users_subscribing_at_once_each_get_their_own_membership_and_ban,
+    |backend| async move {
+        // Lookups of one room's memberships that arrive together are read from
+        // the store together (src/store/member_lookups.rs); each user must still
+        // get exactly their own facts: members and strangers may watch the
+        // public room, banned users are refused naming the ban, and only members
+        // may send.
+        const EACH: usize = 8;
+        let server = TestServer::spawn(backend).await;
+        let owner = server.sign_up(&unique_name("owner")).await;
+        let room = create_room(&server, &owner, Kind::Public).await;
+        let mut users = Vec::new();
+        for n in 0..3 * EACH {
+            let account = server.sign_up(&unique_name("crowd")).await;
+            let kind = n % 3;
+            if kind != 2 {
+                join(&server, &account, &room).await;
+            }
+            if kind == 1 {
+                let _: pb::BanMemberResponse = moderate(
+                    &server,
+                    &owner,
+                    "BanMember",
+                    pb::BanMemberRequest {
+                        room_id: room.clone(),
+                        user_id: account.user_id.clone(),
+                        ..Default::default()
+                    },
+                )
+                .await;
+            }
+            users.push((kind, account));
+        }
+        let url = server.ws_url("/ws");
+        let outcomes = futures_util::future::join_all(users.iter().map(|(kind, account)| {
+            let (url, room) = (url.clone(), room.clone());
+            async move {
+                let mut ws =
+                    WsClient::connect_authenticated(&url, WsCodec::Proto, &account.access_token)
+                        .await;
+                let subscribed = ws.subscribe(&room, None).await;
+                let sent = ws_send(&mut ws, &room, "hello").await;
+                ws.close().await;
+                (*kind, subscribed, sent)
+            }
+        }))
+        .await;
+        for (kind, subscribed, sent) in outcomes {
+            match kind {
+                0 => {
+                    subscribed.expect("a member may watch");
+                    assert_eq!(sent, None, "a member may send");
+                }
+                1 => {
+                    let error = subscribed.expect_err("a banned user may not watch");
+                    assert!(error.message.contains("banned"), "{}", error.message);
+                    refused(sent, "banned");
+                }
+                _ => {
+                    subscribed.expect("a stranger may watch a public room");
+                    refused(sent, "not a member");
+                }
+            }
+        }
+    }
+);

@@ -293,7 +293,7 @@ fn is_sqlite(tx: &Tx<'_>) -> bool {
 /// largest first: a statement's text depends on its chunk's length, and each text
 /// is prepared once per connection and kept in its statement cache, so a handful
 /// of lengths stay prepared where every length up to `most` would churn the cache.
-fn pow2_chunks<T>(mut items: &[T], most: usize) -> impl Iterator<Item = &[T]> {
+pub(super) fn pow2_chunks<T>(mut items: &[T], most: usize) -> impl Iterator<Item = &[T]> {
     std::iter::from_fn(move || {
         if items.is_empty() {
             return None;

@@ -7,6 +7,7 @@
 mod admin;
 mod api_keys;
 mod cache;
+mod member_lookups;
 mod messages;
 mod notifications;
 mod rooms;
@@ -139,6 +140,8 @@ pub struct Store {
     cache: Arc<cache::AccessCache>,
     /// Where this node's access changes go besides its own cache (the cluster).
     forward_access: Arc<OnceLock<ForwardAccess>>,
+    /// Membership lookups waiting to be read together (see [`member_lookups`]).
+    member_lookups: Arc<member_lookups::MemberLookups>,
 }
 
 /// Takes one room's group-commit batch and answers its results.
@@ -227,6 +230,7 @@ impl Store {
             grouped: Arc::default(),
             cache: Arc::new(cache::AccessCache::new(settings.access_cache_max_entries)),
             forward_access: Arc::default(),
+            member_lookups: Arc::default(),
         })
     }
 

@@ -110,9 +110,14 @@ impl TryFrom<MemberRow> for MemberRecord {
 
 const MEMBER_COLUMNS: &str = "room_id, user_id, role, joined_at, last_read_seq, muted_until";
 
+/// A user's membership in a room and their ban there (in force or not), either or
+/// both absent.
+pub(super) type MemberAndBan = (Option<MemberRecord>, Option<BanRecord>);
+
 /// A membership and a ban of one user in one room, either or both absent.
 #[derive(FromRow)]
 struct MemberAndBanRow {
+    user_id: String,
     role: Option<String>,
     joined_at: Option<i64>,
     last_read_seq: Option<i64>,
@@ -1037,26 +1042,52 @@ impl Store {
             .fill_member(ticket, room.id.clone(), user.clone(), facts.clone());
         Ok(Arc::new(facts))
     }
+}
 
-    /// The membership of `user` in `room` and their ban there (in force or not),
-    /// with one query.
-    async fn member_and_ban(
-        &self,
-        room: &RoomId,
-        user: &UserId,
-    ) -> StoreResult<(Option<MemberRecord>, Option<BanRecord>)> {
-        self.timed("member_and_ban", async move |conn| {
-            let row: MemberAndBanRow = sqlx::query_as(
-                "SELECT m.role, m.joined_at, m.last_read_seq, m.muted_until, \
-                 b.banned_by, b.reason, b.created_at AS banned_at, b.expires_at \
-                 FROM (SELECT 1 AS one) AS k \
-                 LEFT JOIN memberships m ON m.room_id = $1 AND m.user_id = $2 \
-                 LEFT JOIN bans b ON b.room_id = $1 AND b.user_id = $2",
-            )
-            .bind(room.as_str())
-            .bind(user.as_str())
-            .fetch_one(&mut *conn)
-            .await?;
+/// The memberships and bans of `users` (at most a few dozen: one statement) in
+/// `room`; users with neither are absent. See [`super::member_lookups`].
+pub(super) async fn members_and_bans_in(
+    conn: &mut AnyConnection,
+    room: &RoomId,
+    users: &[UserId],
+) -> StoreResult<Vec<(UserId, MemberAndBan)>> {
+    // SQLite binds `?` by position; numbered parameters would make sqlx look each
+    // one up by name (see `Params` in messages.rs).
+    let sqlite = conn.backend_name().eq_ignore_ascii_case("sqlite");
+    let placeholder = |n: usize| {
+        if sqlite {
+            "?".to_owned()
+        } else {
+            format!("${n}")
+        }
+    };
+    let values = (1..=users.len())
+        .map(|n| format!("({})", placeholder(n)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let sql = format!(
+        "WITH u (user_id) AS (VALUES {values}) \
+         SELECT u.user_id, m.role, m.joined_at, m.last_read_seq, m.muted_until, \
+         b.banned_by, b.reason, b.created_at AS banned_at, b.expires_at \
+         FROM u \
+         LEFT JOIN memberships m ON m.room_id = {} AND m.user_id = u.user_id \
+         LEFT JOIN bans b ON b.room_id = {} AND b.user_id = u.user_id \
+         WHERE m.user_id IS NOT NULL OR b.user_id IS NOT NULL",
+        placeholder(users.len() + 1),
+        placeholder(users.len() + 2),
+    );
+    let mut query = sqlx::query_as::<_, MemberAndBanRow>(&sql);
+    for user in users {
+        query = query.bind(user.as_str());
+    }
+    let rows = query
+        .bind(room.as_str())
+        .bind(room.as_str())
+        .fetch_all(&mut *conn)
+        .await?;
+    rows.into_iter()
+        .map(|row| {
+            let user = UserId(row.user_id);
             let member = match (row.role, row.joined_at, row.last_read_seq) {
                 (Some(role), Some(joined_at), Some(last_read_seq)) => Some(MemberRecord {
                     room_id: room.clone(),
@@ -1077,8 +1108,7 @@ impl Store {
                 }),
                 _ => None,
             };
-            Ok((member, ban))
+            Ok((user, (member, ban)))
         })
-        .await
-    }
+        .collect()
 }
