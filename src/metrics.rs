@@ -172,6 +172,9 @@ pub struct Metrics {
     /// Batches rooms sent to fan-out shards (one per shard with subscribers of
     /// the room).
     pub fanout_shard_batches: Counter,
+    /// Batches a fan-out shard merged into the batch after them (same room,
+    /// events following on) because they queued while it was writing.
+    pub fanout_shard_merged_batches: Counter,
     /// The cluster broker (see [`ClusterMetrics`]).
     pub cluster: ClusterMetrics,
 }
@@ -213,6 +216,7 @@ impl Metrics {
             fanout_shard_queued_batches: Gauge::default(),
             fanout_shard_queued_events: Gauge::default(),
             fanout_shard_batches: Counter::default(),
+            fanout_shard_merged_batches: Counter::default(),
             cluster: ClusterMetrics::default(),
         };
         m.register()
@@ -383,6 +387,11 @@ impl Metrics {
             "roomcast_fanout_shard_batches",
             "Batches rooms sent to fan-out shards",
             self.fanout_shard_batches.clone(),
+        );
+        r.register(
+            "roomcast_fanout_shard_merged_batches",
+            "Batches a fan-out shard merged into the next one of the same room",
+            self.fanout_shard_merged_batches.clone(),
         );
         self.cluster.register(&mut self.registry);
         self.registry.register_collector(Box::new(UsersOnline));

@@ -29,7 +29,10 @@ use std::{
     sync::Arc,
 };
 
-use actix::{Actor, Addr, Context, Handler, Message, Recipient, Supervised, Supervisor};
+use actix::{
+    Actor, ActorFutureExt as _, Addr, AsyncContext as _, Context, Handler, Message, Recipient,
+    Supervised, Supervisor, WrapFuture as _,
+};
 
 use super::{
     room::{ConnectionId, EventBatch, RoomPush, Subscriber},
@@ -215,11 +218,16 @@ impl DirectSub {
         }
         let written = if batch.sends_as_batch(as_batch) {
             pusher.write(batch.batch_wire(self.codec))
+        } else if let [event] = &batch.events[..] {
+            pusher.write(event.frame.wire(self.codec))
         } else {
-            batch
-                .events
-                .iter()
-                .try_for_each(|event| pusher.write(event.frame.wire(self.codec)))
+            // Several events as single frames: one system call for all of them.
+            pusher.write_all(
+                batch
+                    .events
+                    .iter()
+                    .map(|event| event.frame.wire(self.codec)),
+            )
         };
         self.delivered.set(last);
         if let Err(full) = written {
@@ -236,6 +244,17 @@ impl DirectSub {
     }
 }
 
+/// Whether `next` continues `prev`: the same room, its first event right after
+/// `prev`'s last, and the same kind of room.
+fn follows_on(prev: &DeliverBatch, next: &DeliverBatch) -> bool {
+    let (Some(last), Some(first)) = (prev.batch.events.last(), next.batch.events.first()) else {
+        return false;
+    };
+    prev.batch.room_id == next.batch.room_id
+        && prev.live == next.live
+        && last.seq.checked_add(1) == Some(first.seq)
+}
+
 /// A subscriber as the shard holds it.
 struct Entry {
     subscriber: Subscriber,
@@ -247,6 +266,11 @@ struct Entry {
 #[derive(Default)]
 pub struct FanoutShard {
     rooms: HashMap<RoomId, HashMap<ConnectionId, Entry>>,
+    /// Batches received and not yet written, in arrival order (see
+    /// [`FanoutShard::drain`]).
+    pending: Vec<DeliverBatch>,
+    /// A drain is scheduled.
+    draining: bool,
 }
 
 thread_local! {
@@ -270,6 +294,45 @@ pub fn local_shard() -> Addr<FanoutShard> {
 }
 
 impl FanoutShard {
+    /// Writes every pending batch, merging each run of batches of one room whose
+    /// events follow on into one batch. The drain runs after the shard's mailbox
+    /// was emptied (and before any subscriber is added or removed, so each batch
+    /// still reaches exactly the subscribers the room sent it to), so a shard that fell behind its rooms (it was writing a big
+    /// batch while they committed more) catches up with one write per
+    /// subscriber for all that queued meanwhile instead of one per batch: its
+    /// cost per event falls as its load rises, and a quiet room's batch, alone in
+    /// the mailbox, goes out as before.
+    fn drain(&mut self) {
+        self.draining = false;
+        let mut pending = std::mem::take(&mut self.pending).into_iter().peekable();
+        while let Some(first) = pending.next() {
+            let mut run = vec![first];
+            while let Some(next) = pending.next_if(|next| follows_on(&run[run.len() - 1], next)) {
+                run.push(next);
+            }
+            if run.len() == 1 {
+                self.deliver(run.remove(0));
+                continue;
+            }
+            let events = run
+                .iter()
+                .flat_map(|msg| msg.batch.events.iter().cloned())
+                .collect();
+            let last = run.remove(run.len() - 1);
+            let merged = EventBatch::new(last.batch.room_id.clone(), events);
+            crate::metrics::metrics()
+                .fanout_shard_merged_batches
+                .inc_by(run.len() as u64);
+            // The earlier batches' queue gauges are released once written.
+            let _earlier: Vec<QueuedBatch> = run.into_iter().map(|msg| msg.queued).collect();
+            self.deliver(DeliverBatch {
+                batch: Arc::new(merged),
+                ..last
+            });
+        }
+        // The vector's allocation goes with the batches: an idle shard keeps none.
+    }
+
     fn deliver(&mut self, msg: DeliverBatch) {
         let batch = msg.batch;
         let Some(subscribers) = self.rooms.get_mut(&batch.room_id) else {
@@ -357,6 +420,8 @@ impl Handler<AddSubscriber> for FanoutShard {
             ctx,
             || (),
             move |act, _ctx| {
+                // Batches the room sent before this subscriber are not for it.
+                act.drain();
                 let conn_id = msg.subscriber.conn_id;
                 let direct = DIRECT.with(|direct| {
                     direct
@@ -386,6 +451,8 @@ impl Handler<RemoveSubscriber> for FanoutShard {
             ctx,
             || (),
             move |act, _ctx| {
+                // Batches the room sent before the removal are still for it.
+                act.drain();
                 if let Some(subscribers) = act.rooms.get_mut(&msg.room_id) {
                     subscribers.remove(&msg.conn_id);
                     if subscribers.is_empty() {
@@ -401,6 +468,7 @@ impl Handler<DropRoom> for FanoutShard {
     type Result = ();
 
     fn handle(&mut self, msg: DropRoom, _ctx: &mut Self::Context) {
+        self.drain();
         self.rooms.remove(&msg.room_id);
     }
 }
@@ -409,6 +477,15 @@ impl Handler<DeliverBatch> for FanoutShard {
     type Result = ();
 
     fn handle(&mut self, msg: DeliverBatch, ctx: &mut Self::Context) {
-        guarded(self, ctx, || (), move |act, _ctx| act.deliver(msg))
+        self.pending.push(msg);
+        if !self.draining {
+            self.draining = true;
+            // After the mailbox: the batches queued behind this one join it.
+            ctx.spawn(
+                tokio::task::yield_now()
+                    .into_actor(self)
+                    .map(|(), act, ctx| guarded(act, ctx, || (), |act, _ctx| act.drain())),
+            );
+        }
     }
 }

@@ -238,7 +238,62 @@ impl Shared {
                 }
             }
         }
-        // Charged as a whole even when partly written: released as a whole.
+        // A close frame goes out whatever the queue holds.
+        let result = self.enqueue(frame, !close);
+        self.wake_writer();
+        result
+    }
+
+    /// Several data frames in order, written from here with one system call when
+    /// nothing else is queued (a shard's merged batches to a connection that takes
+    /// single frames); what the socket does not take is queued for the writer.
+    fn push_all(&self, mut frames: Vec<Outbound>) -> Result<(), QueueFull> {
+        if self.closing.get() || self.writer_done.get() || frames.is_empty() {
+            return Ok(());
+        }
+        if self.queue.borrow().is_empty() {
+            let wrote = {
+                let mut slices = [IoSlice::new(&[]); 2 * COALESCE_FRAMES];
+                let mut count = 0;
+                for frame in frames.iter().take(COALESCE_FRAMES) {
+                    for part in [frame.unsent_header(), &frame.payload[..]] {
+                        if !part.is_empty() {
+                            slices[count] = IoSlice::new(part);
+                            count += 1;
+                        }
+                    }
+                }
+                self.io.try_write_vectored(&slices[..count])
+            };
+            if let Ok(mut n) = wrote {
+                let mut done = 0;
+                for frame in frames.iter_mut() {
+                    n -= frame.advance(n);
+                    if frame.len() > 0 {
+                        break;
+                    }
+                    done += 1;
+                }
+                frames.drain(..done);
+                if frames.is_empty() {
+                    return Ok(());
+                }
+            }
+        }
+        let mut result = Ok(());
+        for frame in frames {
+            if let Err(full) = self.enqueue(frame, true) {
+                result = Err(full);
+            }
+        }
+        self.wake_writer();
+        result
+    }
+
+    /// Puts `frame` at the end of the queue, charged as a whole even when partly
+    /// written (it is released as a whole); `Err` when `budgeted` and the queue is
+    /// now over its budget.
+    fn enqueue(&self, frame: Outbound, budgeted: bool) -> Result<(), QueueFull> {
         let n = frame.charged;
         let queued = self.queued.get() + n;
         self.queued.set(queued);
@@ -246,8 +301,7 @@ impl Shared {
             gauge.charge(n);
         }
         self.queue.borrow_mut().push_back(frame);
-        self.wake_writer();
-        if queued > self.max_queued && !close {
+        if budgeted && queued > self.max_queued {
             crate::metrics::metrics().outbound_overflows.inc();
             return Err(QueueFull {
                 queued,
@@ -603,6 +657,21 @@ impl Pusher {
             WireFrame::Text(text) => shared.push(OpCode::Text, text.into_bytes(), false, true),
             WireFrame::Binary(bytes) => shared.push(OpCode::Binary, bytes, false, true),
         }
+    }
+
+    /// Writes (or queues) several messages in order, with one system call when
+    /// nothing else is queued; otherwise as [`Self::write`] for each.
+    pub fn write_all(&self, frames: impl Iterator<Item = WireFrame>) -> Result<(), QueueFull> {
+        let Some(shared) = self.shared.upgrade() else {
+            return Ok(());
+        };
+        let frames = frames
+            .map(|frame| match frame {
+                WireFrame::Text(text) => Outbound::new(OpCode::Text, text.into_bytes(), false),
+                WireFrame::Binary(bytes) => Outbound::new(OpCode::Binary, bytes, false),
+            })
+            .collect();
+        shared.push_all(frames)
     }
 
     /// Queues the close frame, as [`Transport::close`].
