@@ -19,7 +19,7 @@ use tokio::{
 
 use crate::{
     api::{run_id, Account},
-    measure::{micros, open_files_limit, round2, rss_kib, Latency},
+    measure::{micros, open_files_limit, round2, rss_kib, CpuMeter, Latency},
     ws::{open_many, read_frame, Conn, Incoming},
     Codec, Ctx, IdleArgs,
 };
@@ -38,6 +38,13 @@ pub(crate) struct IdleReport {
     pub(crate) open_s: f64,
     pub(crate) connections_per_s: f64,
     pub(crate) connect_latency: Latency,
+    /// The server's CPU while the connections were opened (the storm itself).
+    pub(crate) server_cpu_s: Option<f64>,
+    /// The bench's own CPU meanwhile, and the cores that kept busy: near the cores
+    /// it may use, the generator (not the server) set `open_s`.
+    pub(crate) bench_cpu_s: Option<f64>,
+    pub(crate) bench_cores_busy: Option<f64>,
+    pub(crate) generator_bound: bool,
     /// What warming the store's page cache added to the server's RSS (not part of
     /// `kib_per_connection`).
     pub(crate) server_rss_store_warm_kib: Option<u64>,
@@ -152,6 +159,7 @@ pub(crate) async fn run(ctx: &Ctx, args: &IdleArgs) -> Result<IdleReport> {
         "idle: opening {} connections, {} at a time",
         args.connections, args.concurrency
     );
+    let cpu = CpuMeter::start(&ctx.server_pids);
     let started = Instant::now();
     // Offset the accounts so warm-up connections do not all share the first ones.
     let rotated: Vec<Account> = accounts
@@ -171,6 +179,8 @@ pub(crate) async fn run(ctx: &Ctx, args: &IdleArgs) -> Result<IdleReport> {
     )
     .await;
     let open_s = started.elapsed().as_secs_f64();
+    let (server_cpu_s, bench_cpu_s) = (cpu.server(), cpu.bench());
+    let bench_cores_busy = bench_cpu_s.map(|cpu| round2(cpu / open_s.max(1e-9)));
     let mut connect_us = Vec::new();
     let mut failed = 0;
     let mut first_failure = None;
@@ -214,6 +224,10 @@ pub(crate) async fn run(ctx: &Ctx, args: &IdleArgs) -> Result<IdleReport> {
         open_s: round2(open_s),
         connections_per_s: round2(opened as f64 / open_s.max(1e-9)),
         connect_latency: Latency::from_us(&mut connect_us),
+        server_cpu_s: server_cpu_s.map(round2),
+        bench_cpu_s: bench_cpu_s.map(round2),
+        bench_cores_busy,
+        generator_bound: bench_cores_busy.is_some_and(|busy| busy >= 0.9 * ctx.bench_cores),
         server_rss_store_warm_kib: store_warm_kib,
         server_rss_before_kib: before,
         server_rss_after_kib: after,
@@ -271,6 +285,18 @@ impl IdleReport {
             self.connections_per_s
         );
         println!("  connect + authenticate latency: {}", self.connect_latency);
+        if let Some(cpu) = self.server_cpu_s {
+            println!(
+                "  server CPU while opening: {cpu:.2} s ({:.0} µs per connection)",
+                cpu * 1e6 / self.opened.max(1) as f64
+            );
+        }
+        if let (Some(cpu), Some(busy)) = (self.bench_cpu_s, self.bench_cores_busy) {
+            println!("  bench (client) CPU while opening: {cpu:.2} s ({busy:.2} cores busy)");
+        }
+        if self.generator_bound {
+            println!("  WARNING: the load generator used nearly all its CPU: it is the bottleneck");
+        }
         match (
             self.server_rss_before_kib,
             self.server_rss_after_kib,
