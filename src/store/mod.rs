@@ -586,3 +586,55 @@ impl Drop for Checkout {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A store operation that holds a pooled connection and is dropped after its
+    /// runtime is gone (an actor's future dropped while the server shuts down)
+    /// must not panic. sqlx returns a dropped pooled connection from a task it
+    /// spawns, which panics without a runtime ("this functionality requires a
+    /// Tokio context"); a test server aborted that way once, with a room-list read
+    /// in flight. `Checkout` detaches the connection instead.
+    #[test]
+    fn an_operation_dropped_after_its_runtime_ends_does_not_panic() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let mut settings = crate::settings::Settings::default().store;
+        settings.url = format!("sqlite://{}/held.db", dir.path().display());
+        let outcome = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime");
+            let store = runtime
+                .block_on(Store::connect(&settings))
+                .expect("the store opens");
+            let (holding, held_now) = tokio::sync::oneshot::channel();
+            let mut held = Box::pin(async move {
+                store
+                    .timed("held", async move |_conn| {
+                        let _ = holding.send(());
+                        std::future::pending::<()>().await;
+                        Ok(())
+                    })
+                    .await
+            });
+            // Run the operation until it holds its connection and waits.
+            runtime.block_on(async {
+                tokio::select! {
+                    _ = &mut held => panic!("the operation cannot finish"),
+                    _ = held_now => {}
+                }
+            });
+            drop(runtime);
+            // No runtime now, as in a shutdown's thread-local destructors.
+            drop(held);
+        })
+        .join();
+        assert!(
+            outcome.is_ok(),
+            "dropping an operation that holds a connection after its runtime ended panicked"
+        );
+    }
+}
