@@ -52,6 +52,21 @@ async fn moderate<Req: prost::Message, Resp: prost::Message + Default>(
         .unwrap_or_else(|e| panic!("{method}: {e:?}"))
 }
 
+/// Bans `user` from `room` as `owner` (its owner or a moderator).
+async fn ban(server: &TestServer, owner: &Account, room: &str, user: &str) {
+    let _: pb::BanMemberResponse = moderate(
+        server,
+        owner,
+        "BanMember",
+        pb::BanMemberRequest {
+            room_id: room.into(),
+            user_id: user.into(),
+            ..Default::default()
+        },
+    )
+    .await;
+}
+
 /// Sends over the WebSocket; answers the error message, or `None` when stored.
 async fn ws_send(ws: &mut WsClient, room: &str, text: &str) -> Option<String> {
     ws.send_message(room, text, "")
@@ -136,17 +151,7 @@ both_backends!(
         assert_eq!(ws_send(&mut ws, &room, "unmuted").await, None);
 
         // Ban: the next send and a subscription are refused, naming the ban.
-        let _: pb::BanMemberResponse = moderate(
-            &server,
-            &owner,
-            "BanMember",
-            pb::BanMemberRequest {
-                room_id: room.clone(),
-                user_id: member.user_id.clone(),
-                ..Default::default()
-            },
-        )
-        .await;
+        ban(&server, &owner, &room, &member.user_id).await;
         refused(ws_send(&mut ws, &room, "banned").await, "banned");
         let error = ws
             .subscribe(&room, None)
@@ -300,17 +305,7 @@ both_backends!(
                 join(&server, &account, &room).await;
             }
             if kind == 1 {
-                let _: pb::BanMemberResponse = moderate(
-                    &server,
-                    &owner,
-                    "BanMember",
-                    pb::BanMemberRequest {
-                        room_id: room.clone(),
-                        user_id: account.user_id.clone(),
-                        ..Default::default()
-                    },
-                )
-                .await;
+                ban(&server, &owner, &room, &account.user_id).await;
             }
             users.push((kind, account));
         }

@@ -297,11 +297,11 @@ impl FanoutShard {
     /// Writes every pending batch, merging each run of batches of one room whose
     /// events follow on into one batch. The drain runs after the shard's mailbox
     /// was emptied (and before any subscriber is added or removed, so each batch
-    /// still reaches exactly the subscribers the room sent it to), so a shard that fell behind its rooms (it was writing a big
-    /// batch while they committed more) catches up with one write per
-    /// subscriber for all that queued meanwhile instead of one per batch: its
-    /// cost per event falls as its load rises, and a quiet room's batch, alone in
-    /// the mailbox, goes out as before.
+    /// still reaches exactly the subscribers the room sent it to). A shard that
+    /// fell behind its rooms (it was writing a big batch while they committed
+    /// more) so catches up with one write per subscriber for all that queued
+    /// meanwhile instead of one per batch: its cost per event falls as its load
+    /// rises, and a quiet room's batch, alone in the mailbox, goes out as before.
     fn drain(&mut self) {
         self.draining = false;
         let mut pending = std::mem::take(&mut self.pending).into_iter().peekable();
@@ -310,15 +310,18 @@ impl FanoutShard {
             while let Some(next) = pending.next_if(|next| follows_on(&run[run.len() - 1], next)) {
                 run.push(next);
             }
-            if run.len() == 1 {
-                self.deliver(run.remove(0));
+            let Some(last) = run.pop() else {
+                continue;
+            };
+            if run.is_empty() {
+                self.deliver(last);
                 continue;
             }
             let events = run
                 .iter()
+                .chain([&last])
                 .flat_map(|msg| msg.batch.events.iter().cloned())
                 .collect();
-            let last = run.remove(run.len() - 1);
             let merged = EventBatch::new(last.batch.room_id.clone(), events);
             crate::metrics::metrics()
                 .fanout_shard_merged_batches

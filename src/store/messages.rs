@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use sqlx::FromRow;
+use sqlx::{AnyConnection, FromRow};
 
 use super::{parse_enum, Store, StoreError, StoreResult};
 use crate::{
@@ -285,8 +285,8 @@ fn chunk_sizes(tx: &Tx<'_>) -> (usize, usize) {
     }
 }
 
-fn is_sqlite(tx: &Tx<'_>) -> bool {
-    tx.backend_name().eq_ignore_ascii_case("sqlite")
+fn is_sqlite(conn: &AnyConnection) -> bool {
+    conn.backend_name().eq_ignore_ascii_case("sqlite")
 }
 
 /// Splits `items` into chunks of at most `most` whose lengths are powers of two,
@@ -310,21 +310,21 @@ pub(super) fn pow2_chunks<T>(mut items: &[T], most: usize) -> impl Iterator<Item
 /// A statement's parameters in the order they appear in its text, each bound in
 /// that order: `?` on SQLite (anonymous, bound by position, see
 /// [`SQLITE_ROWS_PER_INSERT`]), `$1, $2, ...` on PostgreSQL.
-struct Params {
+pub(super) struct Params {
     sqlite: bool,
     count: usize,
 }
 
 impl Params {
-    fn new(tx: &Tx<'_>) -> Self {
+    pub(super) fn new(conn: &AnyConnection) -> Self {
         Self {
-            sqlite: is_sqlite(tx),
+            sqlite: is_sqlite(conn),
             count: 0,
         }
     }
 
     /// Appends the next parameter's placeholder to `sql`.
-    fn push(&mut self, sql: &mut String) {
+    pub(super) fn push(&mut self, sql: &mut String) {
         self.count += 1;
         if self.sqlite {
             sql.push('?');
@@ -335,7 +335,7 @@ impl Params {
     }
 
     /// Appends `(p, p, ...)` with `n` placeholders to `sql`.
-    fn push_tuple(&mut self, sql: &mut String, n: usize) {
+    pub(super) fn push_tuple(&mut self, sql: &mut String, n: usize) {
         sql.push('(');
         for i in 0..n {
             if i > 0 {

@@ -1051,31 +1051,25 @@ pub(super) async fn members_and_bans_in(
     room: &RoomId,
     users: &[UserId],
 ) -> StoreResult<Vec<(UserId, MemberAndBan)>> {
-    // SQLite binds `?` by position; numbered parameters would make sqlx look each
-    // one up by name (see `Params` in messages.rs).
-    let sqlite = conn.backend_name().eq_ignore_ascii_case("sqlite");
-    let placeholder = |n: usize| {
-        if sqlite {
-            "?".to_owned()
-        } else {
-            format!("${n}")
+    // Anonymous `?` on SQLite, `$n` on PostgreSQL (see `Params`): users first,
+    // then the room twice.
+    let mut params = super::messages::Params::new(conn);
+    let mut sql = String::from("WITH u (user_id) AS (VALUES ");
+    for n in 0..users.len() {
+        if n > 0 {
+            sql.push_str(", ");
         }
-    };
-    let values = (1..=users.len())
-        .map(|n| format!("({})", placeholder(n)))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let sql = format!(
-        "WITH u (user_id) AS (VALUES {values}) \
-         SELECT u.user_id, m.role, m.joined_at, m.last_read_seq, m.muted_until, \
+        params.push_tuple(&mut sql, 1);
+    }
+    sql.push_str(
+        ") SELECT u.user_id, m.role, m.joined_at, m.last_read_seq, m.muted_until, \
          b.banned_by, b.reason, b.created_at AS banned_at, b.expires_at \
-         FROM u \
-         LEFT JOIN memberships m ON m.room_id = {} AND m.user_id = u.user_id \
-         LEFT JOIN bans b ON b.room_id = {} AND b.user_id = u.user_id \
-         WHERE m.user_id IS NOT NULL OR b.user_id IS NOT NULL",
-        placeholder(users.len() + 1),
-        placeholder(users.len() + 2),
+         FROM u LEFT JOIN memberships m ON m.room_id = ",
     );
+    params.push(&mut sql);
+    sql.push_str(" AND m.user_id = u.user_id LEFT JOIN bans b ON b.room_id = ");
+    params.push(&mut sql);
+    sql.push_str(" AND b.user_id = u.user_id WHERE m.user_id IS NOT NULL OR b.user_id IS NOT NULL");
     let mut query = sqlx::query_as::<_, MemberAndBanRow>(&sql);
     for user in users {
         query = query.bind(user.as_str());

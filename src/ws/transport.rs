@@ -154,6 +154,33 @@ impl Outbound {
     }
 }
 
+/// Puts the unsent parts of the first `frames` (up to [`COALESCE_FRAMES`] frames
+/// and [`COALESCE_BYTES`], stopping after a close frame) into `slices` for one
+/// `writev`; answers how many slices it filled.
+fn gather<'a>(
+    frames: impl Iterator<Item = &'a Outbound>,
+    slices: &mut [IoSlice<'a>; 2 * COALESCE_FRAMES],
+) -> usize {
+    let mut count = 0;
+    let mut bytes = 0;
+    for frame in frames.take(COALESCE_FRAMES) {
+        if bytes >= COALESCE_BYTES {
+            break;
+        }
+        for part in [frame.unsent_header(), &frame.payload[..]] {
+            if !part.is_empty() {
+                slices[count] = IoSlice::new(part);
+                count += 1;
+            }
+        }
+        bytes += frame.len();
+        if frame.close {
+            break;
+        }
+    }
+    count
+}
+
 /// What one step of writing the queue came to.
 enum Flushed {
     /// Everything queued was written (and, for TLS, flushed).
@@ -254,15 +281,7 @@ impl Shared {
         if self.queue.borrow().is_empty() {
             let wrote = {
                 let mut slices = [IoSlice::new(&[]); 2 * COALESCE_FRAMES];
-                let mut count = 0;
-                for frame in frames.iter().take(COALESCE_FRAMES) {
-                    for part in [frame.unsent_header(), &frame.payload[..]] {
-                        if !part.is_empty() {
-                            slices[count] = IoSlice::new(part);
-                            count += 1;
-                        }
-                    }
-                }
+                let count = gather(frames.iter(), &mut slices);
                 self.io.try_write_vectored(&slices[..count])
             };
             if let Ok(mut n) = wrote {
@@ -325,23 +344,7 @@ impl Shared {
             return Ok(Flushed::Empty);
         }
         let mut slices = [IoSlice::new(&[]); 2 * COALESCE_FRAMES];
-        let mut count = 0;
-        let mut bytes = 0;
-        for frame in queue.iter().take(COALESCE_FRAMES) {
-            if bytes >= COALESCE_BYTES {
-                break;
-            }
-            for part in [frame.unsent_header(), &frame.payload[..]] {
-                if !part.is_empty() {
-                    slices[count] = IoSlice::new(part);
-                    count += 1;
-                }
-            }
-            bytes += frame.len();
-            if frame.close {
-                break;
-            }
-        }
+        let count = gather(queue.iter(), &mut slices);
         let mut n = match write(&slices[..count]) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(n) => n,
@@ -625,6 +628,14 @@ impl Transport {
     }
 }
 
+/// The opcode and payload of a text or binary message.
+fn data_frame(frame: WireFrame) -> (OpCode, Bytes) {
+    match frame {
+        WireFrame::Text(text) => (OpCode::Text, text.into_bytes()),
+        WireFrame::Binary(bytes) => (OpCode::Binary, bytes),
+    }
+}
+
 fn close(shared: &Shared, code: Option<u16>, reason: &str) {
     if !shared.closing.get() {
         // 1005: "no status code", the code a close without one is reported as.
@@ -653,10 +664,8 @@ impl Pusher {
         let Some(shared) = self.shared.upgrade() else {
             return Ok(());
         };
-        match frame {
-            WireFrame::Text(text) => shared.push(OpCode::Text, text.into_bytes(), false, true),
-            WireFrame::Binary(bytes) => shared.push(OpCode::Binary, bytes, false, true),
-        }
+        let (opcode, payload) = data_frame(frame);
+        shared.push(opcode, payload, false, true)
     }
 
     /// Writes (or queues) several messages in order, with one system call when
@@ -666,9 +675,9 @@ impl Pusher {
             return Ok(());
         };
         let frames = frames
-            .map(|frame| match frame {
-                WireFrame::Text(text) => Outbound::new(OpCode::Text, text.into_bytes(), false),
-                WireFrame::Binary(bytes) => Outbound::new(OpCode::Binary, bytes, false),
+            .map(|frame| {
+                let (opcode, payload) = data_frame(frame);
+                Outbound::new(opcode, payload, false)
             })
             .collect();
         shared.push_all(frames)
