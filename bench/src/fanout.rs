@@ -20,6 +20,7 @@ use tokio::{
 
 use crate::{
     api::{run_id, Account},
+    lean::LeanWs,
     measure::{micros_ns, now_ns, payload, payload_sent_ns, round2, CpuMeter, Latency},
     poll::Poller,
     sse::{stream_client, SseStream},
@@ -108,16 +109,16 @@ pub(crate) struct SubscriberResult {
 
 /// A subscriber's connection: a WebSocket or an SSE stream.
 enum Source {
-    Ws(Box<Ws>),
+    Ws(Box<LeanWs>),
     Sse(Box<SseStream>),
     Poll(Box<Poller>),
 }
 
 impl Source {
-    /// Cancel-safe (see [`read_frame`] and [`SseStream::read`]).
-    async fn read(&mut self, codec: Codec) -> Result<Incoming> {
+    /// Cancel-safe (see [`LeanWs::read`] and [`SseStream::read`]).
+    async fn read(&mut self) -> Result<Incoming> {
         match self {
-            Source::Ws(ws) => read_frame(ws.as_mut(), codec).await,
+            Source::Ws(ws) => ws.read().await,
             Source::Sse(sse) => sse.read().await,
             Source::Poll(poller) => poller.read().await,
         }
@@ -125,10 +126,7 @@ impl Source {
 
     async fn close(self) {
         match self {
-            Source::Ws(mut ws) => {
-                let close = Ws::close(&mut ws, None);
-                let _ = tokio::time::timeout(Duration::from_secs(2), close).await;
-            }
+            Source::Ws(ws) => ws.close().await,
             // Dropping the response (or the pending poll) closes its HTTP request.
             Source::Sse(_) | Source::Poll(_) => {}
         }
@@ -185,6 +183,36 @@ impl Reader {
     }
 }
 
+/// Reads `source` into `reader` until it has its room's last sequence (known once
+/// `final_rx` holds it), the connection ends, or the caller stops polling. One
+/// future for the whole run, not a timer and a `select!` per frame: the
+/// generator's CPU per delivered event bounds what a run can measure. Cancel-safe
+/// ([`Source::read`] is).
+async fn read_until_final(
+    source: &mut Source,
+    reader: &mut Reader,
+    final_rx: &watch::Receiver<Option<Arc<Vec<u64>>>>,
+    room_index: usize,
+) {
+    loop {
+        let target = final_rx.borrow().as_ref().map(|t| t[room_index]);
+        if target.is_some_and(|target| reader.last >= target) {
+            return;
+        }
+        match source.read().await {
+            Err(e) => {
+                reader.out.closed = Some(format!("read error: {e:#}"));
+                return;
+            }
+            Ok(Incoming::Closed(code, reason)) => {
+                reader.out.closed = Some(format!("closed {code} {reason}"));
+                return;
+            }
+            Ok(Incoming::Frame(frame)) => reader.frame(*frame),
+        }
+    }
+}
+
 /// Opens subscriber `n` on `room` as `account` (`None`: an anonymous viewer);
 /// answers its source and the room's sequence at subscription.
 async fn open_subscriber(
@@ -200,9 +228,9 @@ async fn open_subscriber(
     let addr = ctx.addrs[n % ctx.addrs.len()];
     match args.transport {
         Transport::Ws => {
-            let mut conn = Conn::open_as(addr, ctx.codec, args.batch, token).await?;
-            let base = conn.subscribe_live(room).await?;
-            Ok((Source::Ws(Box::new(conn.ws)), base))
+            let mut ws = LeanWs::open(addr, ctx.codec, args.batch, token).await?;
+            let base = ws.subscribe_live(room).await?;
+            Ok((Source::Ws(Box::new(ws)), base))
         }
         Transport::Sse => {
             let token = token.ok_or_else(|| anyhow!("SSE needs an account"))?;
@@ -324,39 +352,25 @@ pub(crate) async fn run(ctx: &Ctx, args: &FanoutArgs) -> Result<FanoutReport> {
     let codec = ctx.codec;
     let mut sub_tasks = Vec::with_capacity(subs.len());
     for (room_index, mut source, base) in subs {
-        let mut final_rx = final_rx.clone();
+        let final_rx = final_rx.clone();
         let mut reader = Reader {
             room: rooms[room_index].clone(),
             last: base,
             out: SubscriberResult::default(),
         };
         sub_tasks.push(tokio::spawn(async move {
-            let mut deadline = hard_deadline;
-            loop {
-                let target = final_rx.borrow().as_ref().map(|t| t[room_index]);
-                if target.is_some_and(|target| reader.last >= target) {
-                    break;
-                }
-                tokio::select! {
-                    changed = final_rx.changed() => {
-                        if changed.is_err() {
-                            break;
-                        }
-                        deadline = deadline.min(Instant::now() + drain);
-                    }
-                    read = timeout_at(deadline, source.read(codec)) => match read {
-                        Err(_) => break,
-                        Ok(Err(e)) => {
-                            reader.out.closed = Some(format!("read error: {e:#}"));
-                            break;
-                        }
-                        Ok(Ok(Incoming::Closed(code, reason))) => {
-                            reader.out.closed = Some(format!("closed {code} {reason}"));
-                            break;
-                        }
-                        Ok(Ok(Incoming::Frame(frame))) => reader.frame(*frame),
-                    },
-                }
+            // Reads until the subscriber has its room's last sequence: while the
+            // publishers run (bounded by the hard deadline), then at most `drain`
+            // more for the last deliveries.
+            let mut final_watch = final_rx.clone();
+            let finished = tokio::select! {
+                () = read_until_final(&mut source, &mut reader, &final_rx, room_index) => true,
+                changed = timeout_at(hard_deadline, final_watch.changed()) => changed.is_err(),
+            };
+            if !finished {
+                let deadline = hard_deadline.min(Instant::now() + drain);
+                let reading = read_until_final(&mut source, &mut reader, &final_rx, room_index);
+                let _ = timeout_at(deadline, reading).await;
             }
             if let Some(targets) = final_rx.borrow().as_ref() {
                 reader.out.missing = targets[room_index].saturating_sub(reader.last);

@@ -19,8 +19,9 @@ use tokio::{
 
 use crate::{
     api::{run_id, Account},
+    lean::{open_many, LeanWs},
     measure::{micros, open_files_limit, round2, rss_kib, CpuMeter, Latency},
-    ws::{open_many, read_frame, Conn, Incoming},
+    ws::Incoming,
     Codec, Ctx, IdleArgs,
 };
 
@@ -92,18 +93,16 @@ pub(crate) async fn run(ctx: &Ctx, args: &IdleArgs) -> Result<IdleReport> {
     let closed = Arc::new(AtomicUsize::new(0));
     let first_close: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
     let mut holders = Vec::new();
-    let mut hold = |conn: Conn| {
+    let mut hold = |mut ws: LeanWs| {
         let mut stop_rx = stop_rx.clone();
         let closed = closed.clone();
         let first_close = first_close.clone();
         let deadline = ctx.deadline;
         holders.push(tokio::spawn(async move {
-            let codec = conn.codec;
-            let mut ws = conn.ws;
             loop {
                 tokio::select! {
                     _ = stop_rx.changed() => break,
-                    read = timeout_at(deadline, read_frame(&mut ws, codec)) => match read {
+                    read = timeout_at(deadline, ws.read()) => match read {
                         Err(_) => break,
                         Ok(Ok(Incoming::Frame(_))) => continue,
                         Ok(Ok(Incoming::Closed(code, reason))) => {
@@ -123,7 +122,7 @@ pub(crate) async fn run(ctx: &Ctx, args: &IdleArgs) -> Result<IdleReport> {
                     },
                 }
             }
-            let _ = tokio::time::timeout(Duration::from_secs(2), ws.close(None)).await;
+            ws.close().await;
         }));
     };
 

@@ -38,6 +38,7 @@
 mod api;
 mod fanout;
 mod idle;
+mod lean;
 mod measure;
 mod poll;
 mod sends;
@@ -354,8 +355,14 @@ fn bench_cores(threads: usize) -> f64 {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let _ = now_ns();
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if cli.threads > 0 {
+    // One thread: the current-thread scheduler (no cross-thread wake-ups, no
+    // atomics per task poll); the generator's CPU is part of what a run measures.
+    let mut builder = if cli.threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    if cli.threads > 1 {
         builder.worker_threads(cli.threads);
     }
     let runtime = match builder.enable_all().build() {

@@ -1,9 +1,11 @@
-//! The WebSocket client: one connection in the bench's codec, frames in and out.
+//! The WebSocket client of senders and publishers (tokio-tungstenite): one
+//! connection in the bench's codec, frames in and out. Subscribers, the thousands of
+//! connections that mostly read, use the leaner [`crate::lean`] client.
 
-use std::{net::SocketAddr, time::Duration};
+use std::net::SocketAddr;
 
 use anyhow::{anyhow, bail, ensure, Context as _, Result};
-use futures_util::{stream, SinkExt as _, Stream, StreamExt as _};
+use futures_util::{Stream, StreamExt as _};
 use prost::Message as _;
 use roomcast::proto::v1 as pb;
 use tokio::{
@@ -15,8 +17,8 @@ use tokio_tungstenite::{
     WebSocketStream,
 };
 
-use crate::{api::Account, Codec, REPLY_TIMEOUT};
-use pb::{client_frame::Kind as In, server_frame::Kind as Out};
+use crate::{Codec, REPLY_TIMEOUT};
+use pb::server_frame::Kind as Out;
 
 pub(crate) type Ws = WebSocketStream<TcpStream>;
 
@@ -31,38 +33,23 @@ pub(crate) enum Incoming {
 pub(crate) struct Conn {
     pub(crate) ws: Ws,
     pub(crate) codec: Codec,
-    pub(crate) next_id: u64,
 }
 
 impl Conn {
     /// Connects to `addr` with `token` in the upgrade request and waits for
     /// `authenticated`.
     pub(crate) async fn open(addr: SocketAddr, codec: Codec, token: &str) -> Result<Self> {
-        Self::open_as(addr, codec, false, Some(token)).await
-    }
-
-    /// Connects with the `+batch` subprotocol when `batch`; with `token` in the
-    /// upgrade request, or as an anonymous viewer (`authenticate_anonymous`) without
-    /// one. Waits for `authenticated`.
-    pub(crate) async fn open_as(
-        addr: SocketAddr,
-        codec: Codec,
-        batch: bool,
-        token: Option<&str>,
-    ) -> Result<Self> {
         let deadline = Instant::now() + REPLY_TIMEOUT;
         let socket = timeout_at(deadline, TcpStream::connect(addr))
             .await
             .map_err(|_| anyhow!("TCP connect to {addr} timed out"))?
             .with_context(|| format!("TCP connect to {addr}"))?;
         socket.set_nodelay(true)?;
-        let subprotocol = codec.subprotocol_with(batch);
+        let subprotocol = codec.subprotocol();
         let mut request = format!("ws://{addr}/ws").into_client_request()?;
         let headers = request.headers_mut();
         headers.insert("sec-websocket-protocol", subprotocol.parse()?);
-        if let Some(token) = token {
-            headers.insert("authorization", format!("Bearer {token}").parse()?);
-        }
+        headers.insert("authorization", format!("Bearer {token}").parse()?);
         let upgrade =
             tokio_tungstenite::client_async_with_config(request, socket, Some(client_config()));
         let (ws, response) = timeout_at(deadline, upgrade)
@@ -77,25 +64,7 @@ impl Conn {
             chosen == Some(subprotocol),
             "the server chose subprotocol {chosen:?}, not {subprotocol}"
         );
-        let mut conn = Self {
-            ws,
-            codec,
-            next_id: 1,
-        };
-        if token.is_none() {
-            let id = conn.next_id;
-            conn.next_id += 1;
-            conn.ws
-                .send(encode_frame(
-                    codec,
-                    &pb::ClientFrame {
-                        id,
-                        kind: Some(In::AuthenticateAnonymous(pb::AuthenticateAnonymous {})),
-                    },
-                ))
-                .await
-                .context("send authenticate_anonymous")?;
-        }
+        let mut conn = Self { ws, codec };
         loop {
             match conn.next(deadline).await? {
                 Incoming::Frame(frame) => match frame.kind {
@@ -116,47 +85,6 @@ impl Conn {
         timeout_at(deadline, read_frame(&mut self.ws, self.codec))
             .await
             .map_err(|_| anyhow!("no frame from the server in time"))?
-    }
-
-    /// Sends a request and waits for the frame answering it (pushes are skipped).
-    pub(crate) async fn request(&mut self, kind: In) -> Result<pb::ServerFrame> {
-        let id = self.next_id;
-        self.next_id += 1;
-        self.ws
-            .send(encode_frame(
-                self.codec,
-                &pb::ClientFrame {
-                    id,
-                    kind: Some(kind),
-                },
-            ))
-            .await
-            .context("send a frame")?;
-        let deadline = Instant::now() + REPLY_TIMEOUT;
-        loop {
-            match self.next(deadline).await? {
-                Incoming::Frame(frame) if frame.id == id => return Ok(*frame),
-                Incoming::Frame(_) => continue,
-                Incoming::Closed(code, reason) => {
-                    bail!("closed while waiting for reply {id}: {code} {reason}")
-                }
-            }
-        }
-    }
-
-    /// Subscribes live; answers the room's sequence at that moment.
-    pub(crate) async fn subscribe_live(&mut self, room_id: &str) -> Result<u64> {
-        let reply = self
-            .request(In::Subscribe(pb::Subscribe {
-                room_id: room_id.into(),
-                since_seq: None,
-            }))
-            .await?;
-        match reply.kind {
-            Some(Out::Subscribed(s)) => Ok(s.last_seq),
-            Some(Out::Error(e)) => bail!("subscribe: {}: {}", e.code, e.message),
-            other => bail!("unexpected reply to subscribe: {other:?}"),
-        }
     }
 }
 
@@ -211,36 +139,6 @@ where
             None => return Ok(Incoming::Closed(1006, "stream ended".into())),
         }
     }
-}
-
-/// Opens `count` connections, `concurrency` at a time, for `accounts[n % len]`;
-/// each one subscribed live to `room` when given. Answers, per connection in
-/// completion order, the connection (with its subscription's start sequence) and how
-/// long opening took, or the error.
-pub(crate) async fn open_many(
-    addr: SocketAddr,
-    codec: Codec,
-    accounts: &[Account],
-    count: usize,
-    concurrency: usize,
-    room: Option<&str>,
-) -> Vec<Result<(Conn, u64, Duration)>> {
-    stream::iter(0..count)
-        .map(|n| {
-            let token = accounts[n % accounts.len()].token.clone();
-            async move {
-                let started = Instant::now();
-                let mut conn = Conn::open(addr, codec, &token).await?;
-                let base = match room {
-                    Some(room) => conn.subscribe_live(room).await?,
-                    None => 0,
-                };
-                Ok((conn, base, started.elapsed()))
-            }
-        })
-        .buffer_unordered(concurrency.max(1))
-        .collect()
-        .await
 }
 
 // ---------------------------------------------------------------------------
