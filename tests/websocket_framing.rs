@@ -176,6 +176,101 @@ async fn handshakes_that_cannot_be_served_get_http_errors() {
     assert_eq!(response.status().as_u16(), 426);
 }
 
+/// Reads until `bytes` holds a whole head and a first frame after it; answers the
+/// number of reads that took (the head and the frame in one segment: one read).
+async fn read_answer_and_first_frame(
+    stream: &mut tokio::net::TcpStream,
+    bytes: &mut Vec<u8>,
+) -> usize {
+    let mut reads = 0;
+    for _ in 0..64 {
+        let mut chunk = [0u8; 4096];
+        let n = tokio::time::timeout(WAIT, stream.read(&mut chunk))
+            .await
+            .expect("the server answers in time")
+            .expect("read the answer");
+        assert!(
+            n > 0,
+            "the connection ended: {:?}",
+            String::from_utf8_lossy(bytes)
+        );
+        bytes.extend_from_slice(&chunk[..n]);
+        reads += 1;
+        if let Some(end) = bytes.windows(4).position(|w| w == b"\r\n\r\n") {
+            let rest = &bytes[end + 4..];
+            if rest.len() >= 2 && rest.len() >= 2 + usize::from(rest[1] & 0x7F).min(125) {
+                return reads;
+            }
+        }
+    }
+    panic!(
+        "no head and frame in 64 reads: {:?}",
+        String::from_utf8_lossy(bytes)
+    );
+}
+
+#[tokio::test]
+async fn a_token_in_the_upgrade_request_gets_the_answer_and_its_outcome_in_one_segment() {
+    let server = server_with(|_| {}).await;
+    let account = server.sign_up("segment").await;
+    let request = |token: &str| {
+        format!(
+            "GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+             Sec-WebSocket-Protocol: roomcast.v1.json\r\nAuthorization: Bearer {token}\r\n\r\n"
+        )
+    };
+    // A valid token: `101 Switching Protocols` and `authenticated` come together,
+    // in one write, so one read takes both. (An in-process server authenticates
+    // so fast that the two writes of before often arrived before the first read
+    // too; the read count is what a client sees, not proof of one write.)
+    let mut stream = tokio::net::TcpStream::connect(server.addr)
+        .await
+        .expect("connect");
+    stream
+        .write_all(request(&account.access_token).as_bytes())
+        .await
+        .expect("write the handshake");
+    let mut bytes = Vec::new();
+    let reads = read_answer_and_first_frame(&mut stream, &mut bytes).await;
+    let text = String::from_utf8_lossy(&bytes).into_owned();
+    assert!(text.starts_with("HTTP/1.1 101"), "{text}");
+    assert!(text.contains("authenticated"), "the first frame: {text}");
+    assert_eq!(reads, 1, "answer and first frame in one segment: {text}");
+    // The connection works on: a ping is answered.
+    stream
+        .write_all(&frame(true, 0x9, b"after", true))
+        .await
+        .expect("write a ping");
+    let pong = read_frame(&mut stream, WAIT).await.expect("a pong");
+    assert_eq!((pong.opcode, &pong.payload[..]), (0xA, &b"after"[..]));
+
+    // A bad token: the answer, the error and the close (4500) arrive, in order.
+    let mut stream = tokio::net::TcpStream::connect(server.addr)
+        .await
+        .expect("connect");
+    stream
+        .write_all(request("not-a-token").as_bytes())
+        .await
+        .expect("write the handshake");
+    let mut bytes = Vec::new();
+    read_answer_and_first_frame(&mut stream, &mut bytes).await;
+    let text = String::from_utf8_lossy(&bytes).into_owned();
+    assert!(text.starts_with("HTTP/1.1 101"), "{text}");
+    assert!(text.contains("unauthenticated"), "the error frame: {text}");
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(WAIT, stream.read_to_end(&mut rest)).await;
+    bytes.extend_from_slice(&rest);
+    let close = bytes
+        .windows(4)
+        .any(|w| w[0] == 0x88 && u16::from_be_bytes([w[2], w[3]]) == 4500);
+    assert!(
+        close,
+        "close 4500 after the error: {:?}",
+        String::from_utf8_lossy(&bytes)
+    );
+}
+
 #[tokio::test]
 async fn the_echo_endpoint_echoes_over_the_same_framing() {
     let server = server_with(|s| {

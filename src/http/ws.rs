@@ -19,6 +19,7 @@
 use std::{net::IpAddr, sync::Arc, time::Duration};
 
 use actix::{Actor as _, AsyncContext as _};
+use actix_codec::Encoder as _;
 use actix_codec::Framed;
 use actix_http::{
     body::BodySize,
@@ -27,7 +28,7 @@ use actix_http::{
     HttpMessage as _, Request, Response, StatusCode,
 };
 use actix_web::HttpResponse;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures_util::SinkExt as _;
 
 use super::{
@@ -165,13 +166,9 @@ async fn upgrade(
         write_stall: Duration::from_millis(settings.realtime.write_stall_timeout_ms),
     };
     if is_echo {
-        if let Err(e) = answer(
-            &mut framed,
-            handshake::switching_protocols(accept, None),
-            Bytes::new(),
-        )
-        .await
-        {
+        let head =
+            h1::Message::Item((handshake::switching_protocols(accept, None), BodySize::None));
+        if let Err(e) = answer_head(&mut framed, head).await {
             tracing::debug!(error = %e, "echo handshake not written");
             return;
         }
@@ -217,7 +214,17 @@ async fn upgrade(
         .contains_key(header::SEC_WEBSOCKET_PROTOCOL)
         .then_some(protocol::subprotocol(codec, batch));
     let response = handshake::switching_protocols(accept, protocol);
-    if let Err(e) = answer(&mut framed, response, Bytes::new()).await {
+    // With a token in the request the answer waits for the connection's first frame
+    // (`authenticated`, or the error and the close) and goes out with it in one
+    // write; without one the client speaks next, so it goes out now.
+    let mut held_answer = BytesMut::new();
+    let head = h1::Message::Item((response, BodySize::None));
+    let answered = if token.is_some() {
+        framed.codec_mut().encode(head, &mut held_answer)
+    } else {
+        answer_head(&mut framed, head).await
+    };
+    if let Err(e) = answered {
         tracing::debug!(error = %e, "WebSocket handshake not written");
         return;
     }
@@ -228,6 +235,9 @@ async fn upgrade(
     let handover = parts.io.handover();
     let (reader, transport, writer) =
         transport::split(parts.io.into_inner(), parts.read_buf, limits);
+    if !held_answer.is_empty() {
+        transport.answer_with_first_frame(held_answer.freeze());
+    }
     transport.hold_ticket(ticket);
     let open = crate::metrics::ConnectionGauge::open(
         "websocket",
@@ -269,24 +279,38 @@ async fn refuse(framed: &mut Framed<WatchedStream, Codec>, error: &ApiError, sta
     }
 }
 
-/// Writes an HTTP/1.1 response head and body through the dispatcher's codec.
+/// Writes an HTTP/1.1 response with a body through the dispatcher's codec.
 async fn answer(
     framed: &mut Framed<WatchedStream, Codec>,
     response: Response<()>,
     body: Bytes,
 ) -> std::io::Result<()> {
+    let size = BodySize::Sized(body.len() as u64);
+    let mut parts = vec![h1::Message::Item((response, size))];
+    if !body.is_empty() {
+        parts.push(h1::Message::Chunk(Some(body)));
+    }
+    parts.push(h1::Message::Chunk(None));
+    write_parts(framed, parts).await
+}
+
+/// Writes a response head without a body (`101 Switching Protocols`).
+async fn answer_head(
+    framed: &mut Framed<WatchedStream, Codec>,
+    head: h1::Message<(Response<()>, BodySize)>,
+) -> std::io::Result<()> {
+    write_parts(framed, vec![head]).await
+}
+
+/// Feeds `parts` to the dispatcher's codec and flushes them, within
+/// [`ANSWER_TIMEOUT`].
+async fn write_parts(
+    framed: &mut Framed<WatchedStream, Codec>,
+    parts: Vec<h1::Message<(Response<()>, BodySize)>>,
+) -> std::io::Result<()> {
     let write = async {
-        let size = if response.status() == StatusCode::SWITCHING_PROTOCOLS {
-            BodySize::None
-        } else {
-            BodySize::Sized(body.len() as u64)
-        };
-        framed.feed(h1::Message::Item((response, size))).await?;
-        if !body.is_empty() {
-            framed.feed(h1::Message::Chunk(Some(body))).await?;
-        }
-        if size != BodySize::None {
-            framed.feed(h1::Message::Chunk(None)).await?;
+        for part in parts {
+            framed.feed(part).await?;
         }
         framed.flush().await
     };

@@ -144,6 +144,18 @@ impl Outbound {
         &self.header[usize::from(self.header_sent)..usize::from(self.header_len)]
     }
 
+    /// Bytes that are not a frame (the handshake's answer), uncharged.
+    fn raw(bytes: Bytes) -> Self {
+        Self {
+            header: [0u8; MAX_SERVER_HEADER],
+            header_len: 0,
+            header_sent: 0,
+            close: false,
+            charged: 0,
+            payload: bytes,
+        }
+    }
+
     /// Marks up to `n` bytes as written; answers how many of them this frame took.
     fn advance(&mut self, n: usize) -> usize {
         let from_header = n.min(usize::from(self.header_len - self.header_sent));
@@ -206,6 +218,9 @@ struct Shared {
     transport_gone: Cell<bool>,
     /// The writer ended (the reader then ends too).
     writer_done: Cell<bool>,
+    /// The queue starts with the handshake's answer, held back until the first
+    /// frame joins it (see [`Transport::answer_with_first_frame`]).
+    held: Cell<bool>,
     /// The writer, waiting for frames.
     writer_waker: Cell<Option<Waker>>,
     /// The reader, waiting for bytes (woken when the writer ends).
@@ -248,6 +263,8 @@ impl Shared {
             // The writer is gone; so is the peer. Nothing will be written.
             return Ok(());
         }
+        // A held handshake answer goes out with this frame (it is queued ahead).
+        self.held.set(false);
         let mut frame = Outbound::new(opcode, payload, close);
         if write_now && self.queue.borrow().is_empty() {
             // Nothing else is on its way: write from here, sparing the writer a
@@ -278,6 +295,7 @@ impl Shared {
         if self.closing.get() || self.writer_done.get() || frames.is_empty() {
             return Ok(());
         }
+        self.held.set(false);
         if self.queue.borrow().is_empty() {
             let wrote = {
                 let mut slices = [IoSlice::new(&[]); 2 * COALESCE_FRAMES];
@@ -424,6 +442,7 @@ pub fn split(io: Socket, read_buf: BytesMut, limits: Limits) -> (Reader, Transpo
         closing: Cell::new(false),
         transport_gone: Cell::new(false),
         writer_done: Cell::new(false),
+        held: Cell::new(false),
         writer_waker: Cell::new(None),
         reader_waker: Cell::new(None),
         gauge: OnceCell::new(),
@@ -555,6 +574,19 @@ impl Transport {
             Some(ticket) => ticket.authenticated(user),
             None => Ok(()),
         }
+    }
+
+    /// Queues `answer` (the handshake's `101 Switching Protocols`, already
+    /// encoded) and holds it back until the first frame is queued, so both go out
+    /// in one write: a client that authenticates in its upgrade request gets the
+    /// answer and its `authenticated` (or the error and the close) together, one
+    /// segment and one wake-up instead of two. The answer always goes first; it is
+    /// held only while nothing else is queued. Dropping the transport releases it.
+    pub fn answer_with_first_frame(&self, answer: Bytes) {
+        let shared = &*self.shared;
+        let mut queue = shared.queue.borrow_mut();
+        shared.held.set(queue.is_empty());
+        queue.push_front(Outbound::raw(answer));
     }
 
     /// The connection became an anonymous viewer (see [`crate::admission`]).
@@ -749,7 +781,8 @@ impl Writer {
         loop {
             // Wait for frames, or for the owner to go.
             let more = poll_fn(|cx| {
-                if !shared.queue.borrow().is_empty() {
+                let held = shared.held.get() && !shared.transport_gone.get();
+                if !held && !shared.queue.borrow().is_empty() {
                     Poll::Ready(true)
                 } else if shared.transport_gone.get() {
                     Poll::Ready(false)
