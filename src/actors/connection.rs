@@ -56,7 +56,9 @@ use super::{
         is_retired, ConnectionId, OutboundGauge, RoomActor, RoomPush, Subscribe, SubscribeReply,
         Subscriber, Unsubscribe,
     },
-    session_registry::{ConnectionClosed, ConnectionOpened, ConnectionReauthenticated},
+    session_registry::{
+        report, ConnectionChange, ConnectionClosed, ConnectionOpened, ConnectionReauthenticated,
+    },
     sweep::{self, SweepSignal},
     user_session::{ConnectionDetails, SessionSignal},
 };
@@ -381,12 +383,13 @@ impl Connection {
                 Credential::Session(id) => Some(id.clone()),
                 _ => None,
             };
-            self.state.sessions.do_send(ConnectionOpened {
+            let opened = ConnectionOpened {
                 user_id: principal.user_id.clone(),
                 conn_id: self.id,
                 session_id,
                 addr: ctx.address().downgrade().recipient(),
-            });
+            };
+            report(&self.state.sessions, ConnectionChange::Opened(opened));
             tracing::debug!(conn = self.id, user = %principal.user_id, "connection authenticated");
         } else {
             // The connection now lives on this token: signing out its session (not
@@ -395,12 +398,16 @@ impl Connection {
                 Credential::Session(id) => Some(id.clone()),
                 _ => None,
             };
-            self.state.sessions.do_send(ConnectionReauthenticated {
+            let again = ConnectionReauthenticated {
                 user_id: principal.user_id.clone(),
                 conn_id: self.id,
                 session_id,
                 addr: ctx.address().downgrade().recipient(),
-            });
+            };
+            report(
+                &self.state.sessions,
+                ConnectionChange::Reauthenticated(again),
+            );
         }
         let rt = &self.state.settings.realtime;
         let user = match &principal.credential {
@@ -1206,10 +1213,11 @@ impl Actor for Connection {
             sub.room.do_send(Unsubscribe { conn_id: self.id });
         }
         if let Some(principal) = &self.principal {
-            self.state.sessions.do_send(ConnectionClosed {
+            let closed = ConnectionClosed {
                 user_id: principal.user_id.clone(),
                 conn_id: self.id,
-            });
+            };
+            report(&self.state.sessions, ConnectionChange::Closed(closed));
         }
     }
 }

@@ -10,6 +10,7 @@
 //! "online" of a reconnect.
 
 use std::{
+    cell::RefCell,
     collections::{HashMap, HashSet},
     sync::{
         atomic::{AtomicU64, Ordering},
@@ -45,8 +46,6 @@ fn next_presence_version() -> u64 {
 }
 
 /// A connection authenticated as `user_id`.
-#[derive(Message)]
-#[rtype(result = "()")]
 pub struct ConnectionOpened {
     pub user_id: UserId,
     pub conn_id: ConnectionId,
@@ -56,8 +55,6 @@ pub struct ConnectionOpened {
 
 /// An open connection authenticated again, possibly with another session's token:
 /// sign-outs of that session now end it.
-#[derive(Message)]
-#[rtype(result = "()")]
 pub struct ConnectionReauthenticated {
     pub user_id: UserId,
     pub conn_id: ConnectionId,
@@ -66,11 +63,86 @@ pub struct ConnectionReauthenticated {
 }
 
 /// A connection of `user_id` closed.
-#[derive(Message)]
-#[rtype(result = "()")]
 pub struct ConnectionClosed {
     pub user_id: UserId,
     pub conn_id: ConnectionId,
+}
+
+/// What happened to one connection, as [`report`] tells the registry.
+pub enum ConnectionChange {
+    Opened(ConnectionOpened),
+    Reauthenticated(ConnectionReauthenticated),
+    Closed(ConnectionClosed),
+}
+
+/// Changes of connections, in the order one arbiter reported them (see [`report`]).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ConnectionChanges(pub Vec<ConnectionChange>);
+
+/// Changes reported on this thread and not yet sent, each with its registry (a
+/// process may run several servers: tests, nodes). Sent when the thread ends, too.
+#[derive(Default)]
+struct Outbox(Vec<(Addr<SessionRegistry>, ConnectionChange)>);
+
+impl Drop for Outbox {
+    fn drop(&mut self) {
+        send_all(std::mem::take(&mut self.0));
+    }
+}
+
+thread_local! {
+    static OUTBOX: RefCell<Outbox> = RefCell::new(Outbox::default());
+}
+
+/// Tells `registry` what happened to a connection. On an arbiter (where every
+/// connection runs) the change waits for the end of the arbiter's turn and goes
+/// with the others of that turn in one message, in the order they were reported:
+/// a storm of connections wakes the registry's thread once per turn instead of
+/// once per connection. Elsewhere it is sent at once.
+pub fn report(registry: &Addr<SessionRegistry>, change: ConnectionChange) {
+    if actix::Arbiter::try_current().is_none() {
+        registry.do_send(ConnectionChanges(vec![change]));
+        return;
+    }
+    // `try_with`: a connection dropped while its thread ends finds the outbox gone,
+    // and sends at once.
+    let mut change = Some(change);
+    let first = OUTBOX.try_with(|outbox| {
+        let mut outbox = outbox.borrow_mut();
+        outbox
+            .0
+            .extend(change.take().map(|c| (registry.clone(), c)));
+        outbox.0.len() == 1
+    });
+    if let Some(change) = change {
+        registry.do_send(ConnectionChanges(vec![change]));
+    } else if first == Ok(true) {
+        actix::spawn(async {
+            // After the other tasks of this turn, whose changes join these.
+            tokio::task::yield_now().await;
+            let changes = OUTBOX
+                .try_with(|outbox| std::mem::take(&mut outbox.borrow_mut().0))
+                .unwrap_or_default();
+            send_all(changes);
+        });
+    }
+}
+
+/// Sends `changes` in order: one message per run of changes to the same registry.
+fn send_all(changes: Vec<(Addr<SessionRegistry>, ConnectionChange)>) {
+    let mut run = Vec::new();
+    let mut to: Option<Addr<SessionRegistry>> = None;
+    for (registry, change) in changes {
+        if let Some(current) = to.take_if(|current| *current != registry) {
+            current.do_send(ConnectionChanges(std::mem::take(&mut run)));
+        }
+        to = Some(registry);
+        run.push(change);
+    }
+    if let Some(registry) = to {
+        registry.do_send(ConnectionChanges(run));
+    }
 }
 
 /// Closes a user's connections of one session, or of all sessions.
@@ -259,84 +331,74 @@ impl Actor for SessionRegistry {
 
 impl Supervised for SessionRegistry {}
 
-impl Handler<ConnectionOpened> for SessionRegistry {
-    type Result = ();
+impl SessionRegistry {
+    fn opened(&mut self, msg: ConnectionOpened) {
+        let online = self
+            .sessions
+            .entry(msg.user_id.clone())
+            .or_insert_with(|| Online {
+                session: UserSession::new(
+                    msg.user_id.clone(),
+                    self.store.clone(),
+                    self.rooms.clone(),
+                    next_presence_version(),
+                )
+                .start(),
+                connections: ConnIds::None,
+            });
+        online.connections.insert(msg.conn_id);
+        online.session.do_send(Attach {
+            conn_id: msg.conn_id,
+            session_id: msg.session_id,
+            addr: msg.addr,
+        });
+    }
 
-    fn handle(&mut self, msg: ConnectionOpened, ctx: &mut Self::Context) {
-        guarded(
-            self,
-            ctx,
-            || (),
-            move |act, _ctx| {
-                let online = act
-                    .sessions
-                    .entry(msg.user_id.clone())
-                    .or_insert_with(|| Online {
-                        session: UserSession::new(
-                            msg.user_id.clone(),
-                            act.store.clone(),
-                            act.rooms.clone(),
-                            next_presence_version(),
-                        )
-                        .start(),
-                        connections: ConnIds::None,
-                    });
-                online.connections.insert(msg.conn_id);
+    fn reauthenticated(&mut self, msg: ConnectionReauthenticated) {
+        if let Some(online) = self.sessions.get(&msg.user_id) {
+            if online.connections.contains(msg.conn_id) {
                 online.session.do_send(Attach {
                     conn_id: msg.conn_id,
                     session_id: msg.session_id,
                     addr: msg.addr,
                 });
-            },
-        )
+            }
+        }
+    }
+
+    fn closed(&mut self, msg: ConnectionClosed) {
+        let Some(online) = self.sessions.get_mut(&msg.user_id) else {
+            return;
+        };
+        if !online.connections.remove(msg.conn_id) {
+            return;
+        }
+        let last = online.connections.is_empty();
+        online.session.do_send(Detach {
+            conn_id: msg.conn_id,
+            offline_version: last.then(next_presence_version),
+        });
+        if last {
+            self.sessions.remove(&msg.user_id);
+        }
     }
 }
 
-impl Handler<ConnectionReauthenticated> for SessionRegistry {
+impl Handler<ConnectionChanges> for SessionRegistry {
     type Result = ();
 
-    fn handle(&mut self, msg: ConnectionReauthenticated, ctx: &mut Self::Context) {
+    fn handle(&mut self, msg: ConnectionChanges, ctx: &mut Self::Context) {
         guarded(
             self,
             ctx,
             || (),
             move |act, _ctx| {
-                if let Some(online) = act.sessions.get(&msg.user_id) {
-                    if online.connections.contains(msg.conn_id) {
-                        online.session.do_send(Attach {
-                            conn_id: msg.conn_id,
-                            session_id: msg.session_id,
-                            addr: msg.addr,
-                        });
+                for change in msg.0 {
+                    match change {
+                        ConnectionChange::Opened(m) => act.opened(m),
+                        ConnectionChange::Reauthenticated(m) => act.reauthenticated(m),
+                        ConnectionChange::Closed(m) => act.closed(m),
                     }
-                }
-            },
-        )
-    }
-}
-
-impl Handler<ConnectionClosed> for SessionRegistry {
-    type Result = ();
-
-    fn handle(&mut self, msg: ConnectionClosed, ctx: &mut Self::Context) {
-        guarded(
-            self,
-            ctx,
-            || (),
-            move |act, _ctx| {
-                let Some(online) = act.sessions.get_mut(&msg.user_id) else {
-                    return;
-                };
-                if !online.connections.remove(msg.conn_id) {
-                    return;
-                }
-                let last = online.connections.is_empty();
-                online.session.do_send(Detach {
-                    conn_id: msg.conn_id,
-                    offline_version: last.then(next_presence_version),
-                });
-                if last {
-                    act.sessions.remove(&msg.user_id);
                 }
             },
         )
