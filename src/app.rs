@@ -16,7 +16,7 @@ use crate::{
         password_hasher::PasswordHasher,
         poll_hub::PollHub,
         retention::RetentionSweeper,
-        room_registry::RoomRegistry,
+        room_registry::{AddWorkerArbiter, RoomRegistry},
         session_registry::SessionRegistry,
         user_session,
     },
@@ -195,6 +195,11 @@ pub async fn start(settings: Settings, listener: TcpListener) -> Result<Running,
         .disable_signals()
         .listen("roomcast", listener, move || {
             let app_state = app_state.clone();
+            // This runs on each HTTP worker as it starts: rooms start on the
+            // workers' arbiters, next to their connections.
+            app_state
+                .rooms
+                .do_send(AddWorkerArbiter(actix::Arbiter::current()));
             let upgrade = http::ws::upgrade_service(http::ws::UpgradeContext {
                 state: app_state.clone(),
                 admission: admission.clone(),

@@ -1,6 +1,7 @@
 //! [`RoomRegistry`]: room id → running [`RoomActor`], under `actix::Supervisor`.
-//! Rooms start on demand, each supervised on one of a fixed set of arbiters (one per
-//! core) so that rooms run in parallel, and retire when idle.
+//! Rooms start on demand, each supervised on one of the HTTP workers' arbiters
+//! (one per core) so that rooms run in parallel next to their connections (see
+//! [`RoomRegistry`]), and retire when idle.
 //!
 //! A room decides on its own that it retires and raises a flag it shares with the
 //! registry, so a lookup never waits for a round trip to a room: the registry hands
@@ -151,15 +152,38 @@ pub struct NotifyRoom {
     pub notice: RoomNotice,
 }
 
+/// An HTTP worker's arbiter, announced by the worker as it starts: rooms start on
+/// the workers' arbiters from then on (see [`RoomRegistry`]).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct AddWorkerArbiter(pub ArbiterHandle);
+
+impl Handler<AddWorkerArbiter> for RoomRegistry {
+    type Result = ();
+
+    fn handle(&mut self, msg: AddWorkerArbiter, _ctx: &mut Self::Context) {
+        self.workers.push(msg.0);
+    }
+}
+
 /// How many rooms are running.
 #[derive(Message)]
 #[rtype(result = "usize")]
 pub struct CountRooms;
 
-/// Owns the room actors.
+/// Owns the room actors. Rooms start round robin on the HTTP workers' arbiters
+/// (one per core), the threads their connections run on: a subscription or a send
+/// then reaches its room without waking another thread when the room is on the
+/// connection's own worker, always on a one-core server. Until a worker has
+/// announced itself ([`AddWorkerArbiter`]), and when every announced one has
+/// stopped (a worker that died, a server that is stopping), rooms start on the
+/// registry's own arbiters instead.
 pub struct RoomRegistry {
     store: Store,
     settings: Arc<Settings>,
+    /// The HTTP workers' arbiters, in the order they announced themselves.
+    workers: Vec<ArbiterHandle>,
+    /// The registry's own arbiters (see above).
     arbiters: Vec<ArbiterHandle>,
     /// Keeps the arbiters' threads alive for the registry's lifetime.
     _owned: Vec<Arbiter>,
@@ -193,6 +217,7 @@ impl RoomRegistry {
             arbiters,
             _owned: owned,
             next_arbiter: 0,
+            workers: Vec::new(),
             rooms: HashMap::new(),
             bus: Bus::local(),
         }
@@ -209,6 +234,21 @@ impl RoomRegistry {
         Supervisor::start(|_| self)
     }
 
+    /// The arbiter for the next room: the next running HTTP worker's (a stopped
+    /// one is forgotten), else the next of the registry's own.
+    fn next_arbiter(&mut self) -> ArbiterHandle {
+        self.next_arbiter = self.next_arbiter.wrapping_add(1);
+        while !self.workers.is_empty() {
+            let at = self.next_arbiter % self.workers.len();
+            // `spawn_fn` answers false once the arbiter has stopped.
+            if self.workers[at].spawn_fn(|| ()) {
+                return self.workers[at].clone();
+            }
+            self.workers.remove(at);
+        }
+        self.arbiters[self.next_arbiter % self.arbiters.len()].clone()
+    }
+
     fn room(&mut self, room_id: RoomId, ctx: &mut Context<Self>) -> Addr<RoomActor> {
         self.room_entry(room_id, ctx).0
     }
@@ -221,8 +261,7 @@ impl RoomRegistry {
         if let Some(entry) = self.rooms.get(&room_id).filter(|e| e.usable()) {
             return (entry.addr.clone(), entry.retired.clone());
         }
-        let arbiter = &self.arbiters[self.next_arbiter % self.arbiters.len()];
-        self.next_arbiter = self.next_arbiter.wrapping_add(1);
+        let arbiter = self.next_arbiter();
         let store = self.store.clone();
         let settings = self.settings.clone();
         let bus = self.bus.clone();
@@ -230,7 +269,7 @@ impl RoomRegistry {
         let id = room_id.clone();
         let retired = RetiredFlag::default();
         let flag = retired.clone();
-        let addr = Supervisor::start_in_arbiter(arbiter, move |_| {
+        let addr = Supervisor::start_in_arbiter(&arbiter, move |_| {
             RoomActor::new(id, store, settings, Some(registry), flag).with_bus(bus)
         });
         self.rooms.insert(
