@@ -371,7 +371,7 @@ impl Connection {
                 .then(|| Duration::from_millis(remaining.max(0) as u64));
             sweep::set_deadline(slot, expires_in);
         }
-        if first {
+        let reported = if first {
             // The per-user connection cap (crate::admission).
             if let Err(refusal) = self.transport.admit_user(&principal.user_id.0) {
                 let error = ApiError::exhausted(refusal.to_string());
@@ -389,8 +389,8 @@ impl Connection {
                 session_id,
                 addr: ctx.address().downgrade().recipient(),
             };
-            report(&self.state.sessions, ConnectionChange::Opened(opened));
             tracing::debug!(conn = self.id, user = %principal.user_id, "connection authenticated");
+            report(&self.state.sessions, ConnectionChange::Opened(opened))
         } else {
             // The connection now lives on this token: signing out its session (not
             // the first one's) must end the connection.
@@ -407,8 +407,8 @@ impl Connection {
             report(
                 &self.state.sessions,
                 ConnectionChange::Reauthenticated(again),
-            );
-        }
+            )
+        };
         let rt = &self.state.settings.realtime;
         let user = match &principal.credential {
             Credential::ApiKey(_) => None,
@@ -428,10 +428,14 @@ impl Connection {
         };
         self.principal = Some(principal);
         self.anonymous = false;
-        self.reply(ctx, request_id.unwrap_or(0), Out::Authenticated(reply));
-        for frame in std::mem::take(&mut self.initial_frames) {
-            self.on_frame(ctx, frame);
-        }
+        // The client hears it once the session registry has the change (see
+        // `report`); nothing else of this connection runs meanwhile.
+        ctx.wait(reported.into_actor(self).map(move |(), act, ctx| {
+            act.reply(ctx, request_id.unwrap_or(0), Out::Authenticated(reply));
+            for frame in std::mem::take(&mut act.initial_frames) {
+                act.on_frame(ctx, frame);
+            }
+        }));
     }
 
     // --- client frames ---------------------------------------------------------
@@ -1217,7 +1221,11 @@ impl Actor for Connection {
                 user_id: principal.user_id.clone(),
                 conn_id: self.id,
             };
-            report(&self.state.sessions, ConnectionChange::Closed(closed));
+            // Nothing waits for a close to reach the registry.
+            drop(report(
+                &self.state.sessions,
+                ConnectionChange::Closed(closed),
+            ));
         }
     }
 }

@@ -12,6 +12,7 @@
 use std::{
     cell::RefCell,
     collections::{HashMap, HashSet},
+    future::Future,
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc,
@@ -22,6 +23,8 @@ use std::{
 use actix::{
     Actor, Addr, AsyncContext as _, Context, Handler, Message, Recipient, Supervised, WeakRecipient,
 };
+
+use tokio::sync::oneshot;
 
 use super::{
     poll_hub::{EndUserPolls, PollEnd},
@@ -80,10 +83,14 @@ pub enum ConnectionChange {
 #[rtype(result = "()")]
 pub struct ConnectionChanges(pub Vec<ConnectionChange>);
 
-/// Changes reported on this thread and not yet sent, each with its registry (a
-/// process may run several servers: tests, nodes). Sent when the thread ends, too.
+/// A change reported on this thread and not yet sent: its registry (a process may
+/// run several servers: tests, nodes), and who waits for it to be sent.
+type Queued = (Addr<SessionRegistry>, ConnectionChange, oneshot::Sender<()>);
+
+/// Changes reported on this thread and not yet sent; sent when the thread ends,
+/// too.
 #[derive(Default)]
-struct Outbox(Vec<(Addr<SessionRegistry>, ConnectionChange)>);
+struct Outbox(Vec<Queued>);
 
 impl Drop for Outbox {
     fn drop(&mut self) {
@@ -99,49 +106,61 @@ thread_local! {
 /// connection runs) the change waits for the end of the arbiter's turn and goes
 /// with the others of that turn in one message, in the order they were reported:
 /// a storm of connections wakes the registry's thread once per turn instead of
-/// once per connection. Elsewhere it is sent at once.
-pub fn report(registry: &Addr<SessionRegistry>, change: ConnectionChange) {
-    if actix::Arbiter::try_current().is_none() {
-        registry.do_send(ConnectionChanges(vec![change]));
-        return;
-    }
-    // `try_with`: a connection dropped while its thread ends finds the outbox gone,
-    // and sends at once.
-    let mut change = Some(change);
-    let first = OUTBOX.try_with(|outbox| {
-        let mut outbox = outbox.borrow_mut();
-        outbox
-            .0
-            .extend(change.take().map(|c| (registry.clone(), c)));
-        outbox.0.len() == 1
-    });
-    if let Some(change) = change {
-        registry.do_send(ConnectionChanges(vec![change]));
-    } else if first == Ok(true) {
-        actix::spawn(async {
-            // After the other tasks of this turn, whose changes join these.
-            tokio::task::yield_now().await;
-            let changes = OUTBOX
-                .try_with(|outbox| std::mem::take(&mut outbox.borrow_mut().0))
-                .unwrap_or_default();
-            send_all(changes);
+/// once per connection. Elsewhere it is sent at once. The answer completes once
+/// the change is in the registry's mailbox: a connection tells its client it is
+/// authenticated only then, so whatever the client asks the registry next (the
+/// admin API's connections, who is online) sees it.
+pub fn report(
+    registry: &Addr<SessionRegistry>,
+    change: ConnectionChange,
+) -> impl Future<Output = ()> + 'static {
+    let (sent, reported) = oneshot::channel();
+    let mut queued = Some((registry.clone(), change, sent));
+    if actix::Arbiter::try_current().is_some() {
+        // `try_with`: a connection dropped while its thread ends finds the outbox
+        // gone, and sends at once.
+        let first = OUTBOX.try_with(|outbox| {
+            let mut outbox = outbox.borrow_mut();
+            outbox.0.extend(queued.take());
+            outbox.0.len() == 1
         });
+        if first == Ok(true) {
+            actix::spawn(async {
+                // After the other tasks of this turn, whose changes join these.
+                tokio::task::yield_now().await;
+                let changes = OUTBOX
+                    .try_with(|outbox| std::mem::take(&mut outbox.borrow_mut().0))
+                    .unwrap_or_default();
+                send_all(changes);
+            });
+        }
+    }
+    send_all(queued.into_iter().collect());
+    async move {
+        // An error: the outbox went with its thread; nothing is left to wait for.
+        let _ = reported.await;
     }
 }
 
-/// Sends `changes` in order: one message per run of changes to the same registry.
-fn send_all(changes: Vec<(Addr<SessionRegistry>, ConnectionChange)>) {
+/// Sends `changes` in order, one message per run of changes to the same registry,
+/// and tells each reporter once its change is in the registry's mailbox.
+fn send_all(changes: Vec<Queued>) {
     let mut run = Vec::new();
+    let mut waiting = Vec::new();
     let mut to: Option<Addr<SessionRegistry>> = None;
-    for (registry, change) in changes {
+    for (registry, change, sent) in changes {
         if let Some(current) = to.take_if(|current| *current != registry) {
             current.do_send(ConnectionChanges(std::mem::take(&mut run)));
         }
         to = Some(registry);
         run.push(change);
+        waiting.push(sent);
     }
     if let Some(registry) = to {
         registry.do_send(ConnectionChanges(run));
+    }
+    for sent in waiting {
+        let _ = sent.send(());
     }
 }
 
