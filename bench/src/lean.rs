@@ -26,7 +26,11 @@ use tokio::{
 };
 use tokio_tungstenite::tungstenite::handshake::{client::generate_key, derive_accept_key};
 
-use crate::{api::Account, ws::Incoming, Codec, REPLY_TIMEOUT};
+use crate::{
+    api::Account,
+    ws::{authenticated, connect, Incoming},
+    Codec, REPLY_TIMEOUT,
+};
 use pb::{client_frame::Kind as In, server_frame::Kind as Out};
 
 /// Spare room kept in the read buffer before each read: a live batch of one window
@@ -70,11 +74,7 @@ impl LeanWs {
         token: Option<&str>,
     ) -> Result<Self> {
         let deadline = Instant::now() + REPLY_TIMEOUT;
-        let stream = timeout_at(deadline, TcpStream::connect(addr))
-            .await
-            .map_err(|_| anyhow!("TCP connect to {addr} timed out"))?
-            .with_context(|| format!("TCP connect to {addr}"))?;
-        stream.set_nodelay(true)?;
+        let stream = connect(addr, deadline).await?;
         let mut ws = Self {
             stream,
             buf: BytesMut::new(),
@@ -96,20 +96,8 @@ impl LeanWs {
                 .await
                 .context("send authenticate_anonymous")?;
         }
-        loop {
-            match ws.next(deadline).await? {
-                Incoming::Frame(frame) => match frame.kind {
-                    Some(Out::Authenticated(_)) => return Ok(ws),
-                    Some(Out::Error(e)) => {
-                        bail!("authentication failed: {}: {}", e.code, e.message)
-                    }
-                    _ => continue,
-                },
-                Incoming::Closed(code, reason) => {
-                    bail!("closed before authenticating: {code} {reason}")
-                }
-            }
-        }
+        while !authenticated(ws.next(deadline).await?)? {}
+        Ok(ws)
     }
 
     async fn handshake(

@@ -40,11 +40,7 @@ impl Conn {
     /// `authenticated`.
     pub(crate) async fn open(addr: SocketAddr, codec: Codec, token: &str) -> Result<Self> {
         let deadline = Instant::now() + REPLY_TIMEOUT;
-        let socket = timeout_at(deadline, TcpStream::connect(addr))
-            .await
-            .map_err(|_| anyhow!("TCP connect to {addr} timed out"))?
-            .with_context(|| format!("TCP connect to {addr}"))?;
-        socket.set_nodelay(true)?;
+        let socket = connect(addr, deadline).await?;
         let subprotocol = codec.subprotocol();
         let mut request = format!("ws://{addr}/ws").into_client_request()?;
         let headers = request.headers_mut();
@@ -65,26 +61,37 @@ impl Conn {
             "the server chose subprotocol {chosen:?}, not {subprotocol}"
         );
         let mut conn = Self { ws, codec };
-        loop {
-            match conn.next(deadline).await? {
-                Incoming::Frame(frame) => match frame.kind {
-                    Some(Out::Authenticated(_)) => return Ok(conn),
-                    Some(Out::Error(e)) => {
-                        bail!("authentication failed: {}: {}", e.code, e.message)
-                    }
-                    _ => continue,
-                },
-                Incoming::Closed(code, reason) => {
-                    bail!("closed before authenticating: {code} {reason}")
-                }
-            }
-        }
+        while !authenticated(conn.next(deadline).await?)? {}
+        Ok(conn)
     }
 
     pub(crate) async fn next(&mut self, deadline: Instant) -> Result<Incoming> {
         timeout_at(deadline, read_frame(&mut self.ws, self.codec))
             .await
             .map_err(|_| anyhow!("no frame from the server in time"))?
+    }
+}
+
+/// A TCP connection to `addr` by `deadline`, with Nagle's algorithm off.
+pub(crate) async fn connect(addr: SocketAddr, deadline: Instant) -> Result<TcpStream> {
+    let socket = timeout_at(deadline, TcpStream::connect(addr))
+        .await
+        .map_err(|_| anyhow!("TCP connect to {addr} timed out"))?
+        .with_context(|| format!("TCP connect to {addr}"))?;
+    socket.set_nodelay(true)?;
+    Ok(socket)
+}
+
+/// What a frame read while waiting for `authenticated` says: `true` once it came,
+/// `false` to read on, an error when the server refused or closed.
+pub(crate) fn authenticated(incoming: Incoming) -> Result<bool> {
+    match incoming {
+        Incoming::Frame(frame) => match frame.kind {
+            Some(Out::Authenticated(_)) => Ok(true),
+            Some(Out::Error(e)) => bail!("authentication failed: {}: {}", e.code, e.message),
+            _ => Ok(false),
+        },
+        Incoming::Closed(code, reason) => bail!("closed before authenticating: {code} {reason}"),
     }
 }
 
