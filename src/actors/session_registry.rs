@@ -125,13 +125,11 @@ pub fn report(
             outbox.0.len() == 1
         });
         if first == Ok(true) {
-            actix::spawn(async {
+            let flush = Flush;
+            actix::spawn(async move {
                 // After the other tasks of this turn, whose changes join these.
                 tokio::task::yield_now().await;
-                let changes = OUTBOX
-                    .try_with(|outbox| std::mem::take(&mut outbox.borrow_mut().0))
-                    .unwrap_or_default();
-                send_all(changes);
+                drop(flush);
             });
         }
     }
@@ -139,6 +137,20 @@ pub fn report(
     async move {
         // An error: the outbox went with its thread; nothing is left to wait for.
         let _ = reported.await;
+    }
+}
+
+/// Sends this thread's outbox when dropped: at the end of the turn its task was
+/// spawned for, or when that task is dropped before it ran (its arbiter stopped),
+/// so no change is left waiting for a send that would never come.
+struct Flush;
+
+impl Drop for Flush {
+    fn drop(&mut self) {
+        let changes = OUTBOX
+            .try_with(|outbox| std::mem::take(&mut outbox.borrow_mut().0))
+            .unwrap_or_default();
+        send_all(changes);
     }
 }
 
