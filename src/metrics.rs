@@ -175,6 +175,9 @@ pub struct Metrics {
     /// Batches a fan-out shard merged into the batch after them (same room,
     /// events following on) because they queued while it was writing.
     pub fanout_shard_merged_batches: Counter,
+    /// Group turns fan-out shards wrote for busy live rooms whose subscribers take
+    /// turns (`rooms.live.coalesce_groups`).
+    pub fanout_shard_turns: Counter,
     /// The cluster broker (see [`ClusterMetrics`]).
     pub cluster: ClusterMetrics,
 }
@@ -217,6 +220,7 @@ impl Metrics {
             fanout_shard_queued_events: Gauge::default(),
             fanout_shard_batches: Counter::default(),
             fanout_shard_merged_batches: Counter::default(),
+            fanout_shard_turns: Counter::default(),
             cluster: ClusterMetrics::default(),
         };
         m.register()
@@ -392,6 +396,11 @@ impl Metrics {
             "roomcast_fanout_shard_merged_batches",
             "Batches a fan-out shard merged into the next one of the same room",
             self.fanout_shard_merged_batches.clone(),
+        );
+        r.register(
+            "roomcast_fanout_shard_turns",
+            "Group turns fan-out shards wrote for live rooms whose subscribers take turns",
+            self.fanout_shard_turns.clone(),
         );
         self.cluster.register(&mut self.registry);
         self.registry.register_collector(Box::new(UsersOnline));

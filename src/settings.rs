@@ -447,6 +447,8 @@ pub const LIVE_COALESCE_MIN_MS: u64 = 5;
 /// Default of `rooms.live.coalesce_writes_per_sec`: about half of one core's
 /// frame writes on loopback (~10 µs each with the per-subscriber bookkeeping).
 pub const LIVE_COALESCE_WRITES_PER_SEC: u64 = 50_000;
+/// Default of `rooms.live.coalesce_groups`.
+pub const LIVE_COALESCE_GROUPS: usize = 4;
 /// Default of `rooms.live.viewer_count_interval_ms`.
 pub const LIVE_VIEWER_COUNT_INTERVAL_MS: u64 = 2000;
 /// Default of `rooms.live.seq_reservation`.
@@ -470,6 +472,12 @@ pub struct LiveRoomSettings {
     /// Frame writes a second a live room may cause (event rate × subscribers)
     /// before its window grows (to subscribers ÷ this, at most `coalesce_ms`).
     pub coalesce_writes_per_sec: u64,
+    /// Groups a busy live room's subscribers take turns in (1 to 64; 1: off). A
+    /// room whose window is at least this many times `coalesce_min_ms` delivers
+    /// every window ÷ this to one group in turn, so each subscriber still gets one
+    /// write per window while the room's writes spread over the window instead of
+    /// leaving in one burst (which would add its length to the latency).
+    pub coalesce_groups: usize,
     /// How often subscribers of a live room get its viewer count, in ms.
     pub viewer_count_interval_ms: u64,
     /// Whether join, leave and presence events are pushed in live rooms.
@@ -490,6 +498,7 @@ impl Default for LiveRoomSettings {
             coalesce_ms: LIVE_COALESCE_MS,
             coalesce_min_ms: LIVE_COALESCE_MIN_MS,
             coalesce_writes_per_sec: LIVE_COALESCE_WRITES_PER_SEC,
+            coalesce_groups: LIVE_COALESCE_GROUPS,
             viewer_count_interval_ms: LIVE_VIEWER_COUNT_INTERVAL_MS,
             member_events: false,
             seq_reservation: LIVE_SEQ_RESERVATION,
@@ -1036,6 +1045,9 @@ impl Settings {
         }
         if self.rooms.live.ring_size == 0 {
             return bad("rooms.live.ring_size", "must be positive");
+        }
+        if !(1..=64).contains(&self.rooms.live.coalesce_groups) {
+            return bad("rooms.live.coalesce_groups", "must be between 1 and 64");
         }
         if self.rooms.live.seq_reservation == 0 {
             return bad("rooms.live.seq_reservation", "must be positive");

@@ -166,6 +166,21 @@ const SUBSCRIBERS: usize = 12;
 const RING: usize = 40;
 
 async fn gapless_or_explicit_gaps(backend: Backend, codec: WsCodec) {
+    concurrent_senders_and_joins(backend, codec, false).await;
+}
+
+ws_matrix!(concurrent_live, gapless_or_explicit_gaps);
+
+/// The same with the subscribers taking turns (`rooms.live.coalesce_groups`): the
+/// room's 40 ms window always counts as busy, so it ticks every 10 ms, one group
+/// of subscribers each tick, and each group gets what came since its last turn.
+async fn gapless_when_subscribers_take_turns(backend: Backend, codec: WsCodec) {
+    concurrent_senders_and_joins(backend, codec, true).await;
+}
+
+ws_matrix!(concurrent_live_turns, gapless_when_subscribers_take_turns);
+
+async fn concurrent_senders_and_joins(backend: Backend, codec: WsCodec, turns: bool) {
     let server = Arc::new(
         TestServer::spawn_with(backend, |s| {
             fast_sends(s);
@@ -173,9 +188,17 @@ async fn gapless_or_explicit_gaps(backend: Backend, codec: WsCodec) {
             s.rooms.live.coalesce_ms = 10;
             // Small blocks: the room reserves numbers in the store many times.
             s.rooms.live.seq_reservation = 16;
+            if turns {
+                s.rooms.live.coalesce_ms = 40;
+                s.rooms.live.coalesce_min_ms = 1;
+                s.rooms.live.coalesce_writes_per_sec = 1;
+                s.rooms.live.coalesce_groups = 4;
+            }
         })
         .await,
     );
+    const TURNS: &str = "roomcast_fanout_shard_turns_total";
+    let turns_before = server.metric(TURNS, &[]).await;
     let owner = server.sign_up(&common::unique_name("owner")).await;
     let room = create_live_room(&server, &owner, pb::LiveControls::default())
         .await
@@ -306,9 +329,13 @@ async fn gapless_or_explicit_gaps(backend: Backend, codec: WsCodec) {
         replies.windows(2).all(|w| w[0].message == w[1].message),
         "{replies:?}"
     );
+    if turns {
+        assert!(
+            server.metric(TURNS, &[]).await > turns_before,
+            "the room's subscribers took turns"
+        );
+    }
 }
-
-ws_matrix!(concurrent_live, gapless_or_explicit_gaps);
 
 // ---------------------------------------------------------------------------
 // Batches: the same events in the same order, in one frame.

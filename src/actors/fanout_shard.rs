@@ -24,7 +24,7 @@
 
 use std::{
     cell::{Cell, RefCell},
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     rc::Rc,
     sync::Arc,
 };
@@ -50,6 +50,9 @@ use crate::{
 pub struct AddSubscriber {
     pub room_id: RoomId,
     pub subscriber: Subscriber,
+    /// Groups the room's subscribers take turns in (`rooms.live.coalesce_groups`
+    /// for a live room, 1 for a chat room).
+    pub groups: usize,
 }
 
 /// Removes a subscriber of `room_id`.
@@ -75,6 +78,9 @@ pub struct DeliverBatch {
     pub batch: Arc<EventBatch>,
     /// A live room: a lagging subscriber moves to the tail (see `RoomPush::Lagged`).
     pub live: bool,
+    /// Whose turn it is in a room whose subscribers take turns (see [`RoomShare`]):
+    /// `Some(g)`: group `g`'s; `None`: everyone's.
+    pub turn: Option<usize>,
     /// Where to report the subscribers the shard dropped.
     pub room: Recipient<ShardLagged>,
     /// Counts the batch as queued to a shard until it is dropped: `QueuedBatch::new(&batch)`.
@@ -260,12 +266,177 @@ struct Entry {
     subscriber: Subscriber,
     /// Its position, when the connection shares it (a WebSocket).
     direct: Option<Rc<DirectSub>>,
+    /// The last sequence this shard handed to it (rooms whose subscribers take
+    /// turns).
+    sent: u64,
+}
+
+impl Entry {
+    /// The last sequence the subscriber has: the connection's own position while
+    /// the shard writes to it directly, else what the shard handed it.
+    fn position(&self) -> u64 {
+        match &self.direct {
+            Some(direct) if direct.live.get() => direct.delivered(),
+            _ => self.sent,
+        }
+    }
+}
+
+/// One room's subscribers on this shard.
+///
+/// A busy live room's subscribers take turns (`rooms.live.coalesce_groups`): the
+/// room ticks every window ÷ groups and each tick is one group's turn, so a
+/// subscriber still gets one write per window, and a room of 2,000 sends 500
+/// writes every quarter window instead of 2,000 at once. What a group has not
+/// been written yet waits in `recent`; its turn writes each of its subscribers
+/// everything after its position, as one batch shared by all at the same
+/// position. A chat room has one group and every batch is everyone's turn.
+struct RoomShare {
+    groups: Vec<HashMap<ConnectionId, Entry>>,
+    /// The group of the next subscriber (round robin).
+    next_group: usize,
+    /// The room's latest batches (turn-taking rooms), oldest first, their events
+    /// consecutive; twice the groups, so every group's last turn is covered.
+    recent: VecDeque<Arc<EventBatch>>,
+}
+
+impl RoomShare {
+    fn new(groups: usize) -> Self {
+        Self {
+            groups: (0..groups.max(1)).map(|_| HashMap::new()).collect(),
+            next_group: 0,
+            recent: VecDeque::new(),
+        }
+    }
+
+    fn takes_turns(&self) -> bool {
+        self.groups.len() > 1
+    }
+
+    fn is_empty(&self) -> bool {
+        self.groups.iter().all(HashMap::is_empty)
+    }
+
+    fn last_seq(&self) -> u64 {
+        self.recent
+            .back()
+            .and_then(|batch| batch.events.last())
+            .map_or(0, |event| event.seq)
+    }
+
+    fn insert(
+        &mut self,
+        conn_id: ConnectionId,
+        subscriber: Subscriber,
+        direct: Option<Rc<DirectSub>>,
+    ) {
+        self.remove(conn_id);
+        // Batches the room sent before this subscriber are not for it.
+        let entry = Entry {
+            subscriber,
+            direct,
+            sent: self.last_seq(),
+        };
+        let group = self.next_group % self.groups.len();
+        self.next_group = self.next_group.wrapping_add(1);
+        self.groups[group].insert(conn_id, entry);
+    }
+
+    fn remove(&mut self, conn_id: ConnectionId) -> Option<Entry> {
+        self.groups
+            .iter_mut()
+            .find_map(|group| group.remove(&conn_id))
+    }
+
+    /// Keeps a batch of a turn-taking room until every group had its turn.
+    fn record(&mut self, batch: &Arc<EventBatch>) {
+        let Some(first) = batch.events.first() else {
+            return;
+        };
+        if self.last_seq().checked_add(1) != Some(first.seq) {
+            // Not consecutive (the first batch, or events no node delivered): a
+            // subscriber behind it is told by the gap it sees.
+            self.recent.clear();
+        }
+        self.recent.push_back(batch.clone());
+        while self.recent.len() > 2 * self.groups.len() {
+            self.recent.pop_front();
+        }
+    }
+}
+
+/// Everything `recent` holds after `position`, as one batch; `None`: nothing. A
+/// position before what `recent` holds gets all of it (the connection sees the
+/// gap and catches up).
+fn events_after(
+    recent: &VecDeque<Arc<EventBatch>>,
+    room_id: &RoomId,
+    position: u64,
+) -> Option<Arc<EventBatch>> {
+    let last = recent.back()?;
+    if last.events.last()?.seq <= position {
+        return None;
+    }
+    if last
+        .events
+        .first()
+        .is_some_and(|e| e.seq == position.wrapping_add(1))
+    {
+        // The newest batch only: shared as it is, with its encodings.
+        return Some(last.clone());
+    }
+    let events = recent
+        .iter()
+        .flat_map(|batch| batch.events.iter())
+        .filter(|event| event.seq > position)
+        .cloned()
+        .collect();
+    Some(Arc::new(EventBatch::new(room_id.clone(), events)))
+}
+
+/// A batch's bytes per codec, as single frames and as one batch frame (filled on
+/// first use).
+type WireSizes = [[Option<usize>; 2]; 2];
+
+/// Why a subscriber was not handed a batch: its queue is full.
+struct Full;
+
+/// Hands `batch` to one subscriber: straight into its socket when the shard may
+/// write there, else as a message to its connection. Returns the events written
+/// directly and those handed over as a message.
+fn hand(entry: &Entry, batch: &Arc<EventBatch>, sizes: &mut WireSizes) -> Result<(u64, u64), Full> {
+    let sub = &entry.subscriber;
+    let events = batch.events.len() as u64;
+    let bytes = *sizes[sub.codec as usize][usize::from(sub.batch)]
+        .get_or_insert_with(|| batch.wire_len(sub.codec, sub.batch));
+    if !sub.gauge.try_reserve(bytes) {
+        return Err(Full);
+    }
+    if let Some(direct) = &entry.direct {
+        // The transport charges the gauge itself as it queues.
+        sub.gauge.release(bytes);
+        if direct.write(batch, sub.batch) {
+            return Ok((events, 0));
+        }
+        if !sub.gauge.try_reserve(bytes) {
+            return Err(Full);
+        }
+    }
+    let push = RoomPush::Events {
+        batch: batch.clone(),
+        bytes,
+    };
+    if sub.addr.try_send(push).is_err() {
+        sub.gauge.release(bytes);
+        return Err(Full);
+    }
+    Ok((0, events))
 }
 
 /// One arbiter's share of every room's subscribers.
 #[derive(Default)]
 pub struct FanoutShard {
-    rooms: HashMap<RoomId, HashMap<ConnectionId, Entry>>,
+    rooms: HashMap<RoomId, RoomShare>,
     /// Batches received and not yet written, in arrival order (see
     /// [`FanoutShard::drain`]).
     pending: Vec<DeliverBatch>,
@@ -302,10 +473,25 @@ impl FanoutShard {
     /// more) so catches up with one write per subscriber for all that queued
     /// meanwhile instead of one per batch: its cost per event falls as its load
     /// rises, and a quiet room's batch, alone in the mailbox, goes out as before.
+    /// A room whose subscribers take turns writes once for the run, to every
+    /// group whose turn came in it.
     fn drain(&mut self) {
         self.draining = false;
         let mut pending = std::mem::take(&mut self.pending).into_iter().peekable();
         while let Some(first) = pending.next() {
+            if self
+                .rooms
+                .get(&first.batch.room_id)
+                .is_some_and(RoomShare::takes_turns)
+            {
+                let room_id = first.batch.room_id.clone();
+                let mut run = vec![first];
+                while let Some(next) = pending.next_if(|next| next.batch.room_id == room_id) {
+                    run.push(next);
+                }
+                self.take_turns(run);
+                continue;
+            }
             let mut run = vec![first];
             while let Some(next) = pending.next_if(|next| follows_on(&run[run.len() - 1], next)) {
                 run.push(next);
@@ -336,71 +522,118 @@ impl FanoutShard {
         // The vector's allocation goes with the batches: an idle shard keeps none.
     }
 
+    /// Delivers a batch to every subscriber of its room (one group).
     fn deliver(&mut self, msg: DeliverBatch) {
         let batch = msg.batch;
-        let Some(subscribers) = self.rooms.get_mut(&batch.room_id) else {
+        let Some(share) = self.rooms.get_mut(&batch.room_id) else {
             return;
         };
-        // Bytes per codec, as single frames and as one batch frame.
         let mut sizes = [[None, None], [None, None]];
         let mut lagged = Vec::new();
-        let mut delivered = 0u64;
-        let mut direct_writes = 0u64;
-        for (conn_id, entry) in subscribers.iter() {
-            let sub = &entry.subscriber;
-            let bytes = *sizes[sub.codec as usize][usize::from(sub.batch)]
-                .get_or_insert_with(|| batch.wire_len(sub.codec, sub.batch));
-            if !sub.gauge.try_reserve(bytes) {
-                lagged.push(*conn_id);
-                continue;
-            }
-            if let Some(direct) = &entry.direct {
-                // The transport charges the gauge itself as it queues.
-                sub.gauge.release(bytes);
-                if direct.write(&batch, sub.batch) {
-                    direct_writes += batch.events.len() as u64;
-                    continue;
-                }
-                if !sub.gauge.try_reserve(bytes) {
-                    lagged.push(*conn_id);
-                    continue;
+        let (mut direct, mut handed) = (0, 0);
+        for group in &share.groups {
+            for (conn_id, entry) in group {
+                match hand(entry, &batch, &mut sizes) {
+                    Ok((d, h)) => {
+                        direct += d;
+                        handed += h;
+                    }
+                    Err(Full) => lagged.push(*conn_id),
                 }
             }
-            let push = RoomPush::Events {
-                batch: batch.clone(),
-                bytes,
-            };
-            if sub.addr.try_send(push).is_err() {
-                sub.gauge.release(bytes);
-                lagged.push(*conn_id);
-                continue;
-            }
-            delivered += batch.events.len() as u64;
         }
-        let metrics = crate::metrics::metrics();
-        metrics.messages_delivered.inc_by(delivered + direct_writes);
-        metrics.messages_delivered_direct.inc_by(direct_writes);
+        count_delivered(direct, handed);
+        self.drop_lagged(&batch.room_id, lagged, msg.live, &msg.room);
+    }
+
+    /// A run of batches of a room whose subscribers take turns: keeps them, then
+    /// writes to each group whose turn came in the run everything after its
+    /// subscribers' positions (one batch per position: normally one per group).
+    fn take_turns(&mut self, run: Vec<DeliverBatch>) {
+        let Some(last) = run.last() else {
+            return;
+        };
+        let (room_id, live, room) = (last.batch.room_id.clone(), last.live, last.room.clone());
+        let Some(share) = self.rooms.get_mut(&room_id) else {
+            return;
+        };
+        let mut due = 0u64;
+        for msg in &run {
+            share.record(&msg.batch);
+            due |= msg.turn.map_or(u64::MAX, |group| 1u64 << (group % 64));
+        }
+        let mut slices: HashMap<u64, Option<(Arc<EventBatch>, WireSizes)>> = HashMap::new();
+        let mut lagged = Vec::new();
+        let (mut direct, mut handed, mut turns) = (0, 0, 0);
+        let RoomShare { groups, recent, .. } = share;
+        for (index, group) in groups.iter_mut().enumerate() {
+            if due & (1u64 << (index % 64)) == 0 {
+                continue;
+            }
+            turns += 1;
+            for (conn_id, entry) in group.iter_mut() {
+                let position = entry.position();
+                let slice = slices.entry(position).or_insert_with(|| {
+                    events_after(recent, &room_id, position)
+                        .map(|batch| (batch, [[None, None], [None, None]]))
+                });
+                let Some((batch, sizes)) = slice else {
+                    continue;
+                };
+                match hand(entry, batch, sizes) {
+                    Ok((d, h)) => {
+                        direct += d;
+                        handed += h;
+                        entry.sent = batch.events.last().map_or(entry.sent, |e| e.seq);
+                    }
+                    Err(Full) => lagged.push(*conn_id),
+                }
+            }
+        }
+        count_delivered(direct, handed);
+        crate::metrics::metrics().fanout_shard_turns.inc_by(turns);
+        self.drop_lagged(&room_id, lagged, live, &room);
+    }
+
+    /// Drops the subscribers whose queues were full, tells them they lagged and
+    /// tells the room.
+    fn drop_lagged(
+        &mut self,
+        room_id: &RoomId,
+        lagged: Vec<ConnectionId>,
+        live: bool,
+        room: &Recipient<ShardLagged>,
+    ) {
+        let Some(share) = self.rooms.get_mut(room_id) else {
+            return;
+        };
         for conn_id in lagged {
             if let Some(Entry {
                 subscriber: sub, ..
-            }) = subscribers.remove(&conn_id)
+            }) = share.remove(conn_id)
             {
-                tracing::debug!(room = %batch.room_id, conn = conn_id, "subscriber lagged (shard)");
+                tracing::debug!(room = %room_id, conn = conn_id, "subscriber lagged (shard)");
                 crate::metrics::metrics().subscribers_lagged.inc();
                 sub.addr.do_send(RoomPush::Lagged {
-                    room_id: batch.room_id.clone(),
-                    tail: msg.live,
+                    room_id: room_id.clone(),
+                    tail: live,
                 });
-                msg.room.do_send(ShardLagged {
+                room.do_send(ShardLagged {
                     conn_id,
                     registration: sub.registration,
                 });
             }
         }
-        if subscribers.is_empty() {
-            self.rooms.remove(&batch.room_id);
+        if share.is_empty() {
+            self.rooms.remove(room_id);
         }
     }
+}
+
+fn count_delivered(direct: u64, handed: u64) {
+    let metrics = crate::metrics::metrics();
+    metrics.messages_delivered.inc_by(direct + handed);
+    metrics.messages_delivered_direct.inc_by(direct);
 }
 
 impl Actor for FanoutShard {
@@ -432,14 +665,10 @@ impl Handler<AddSubscriber> for FanoutShard {
                         .get(&(conn_id, msg.room_id.clone()))
                         .cloned()
                 });
-                let entry = Entry {
-                    subscriber: msg.subscriber,
-                    direct,
-                };
                 act.rooms
                     .entry(msg.room_id)
-                    .or_default()
-                    .insert(conn_id, entry);
+                    .or_insert_with(|| RoomShare::new(msg.groups))
+                    .insert(conn_id, msg.subscriber, direct);
             },
         )
     }
@@ -456,9 +685,9 @@ impl Handler<RemoveSubscriber> for FanoutShard {
             move |act, _ctx| {
                 // Batches the room sent before the removal are still for it.
                 act.drain();
-                if let Some(subscribers) = act.rooms.get_mut(&msg.room_id) {
-                    subscribers.remove(&msg.conn_id);
-                    if subscribers.is_empty() {
+                if let Some(share) = act.rooms.get_mut(&msg.room_id) {
+                    share.remove(msg.conn_id);
+                    if share.is_empty() {
                         act.rooms.remove(&msg.room_id);
                     }
                 }

@@ -473,6 +473,11 @@ pub struct RoomActor {
     last_flush: Instant,
     /// Set while a delayed outbox delivery is scheduled.
     flush_timer: Option<SpawnHandle>,
+    /// The next turn of a live room whose subscribers take turns (see
+    /// [`RoomActor::flush_turn`]).
+    turn: usize,
+    /// Turns still to come before every group had its turn since the last events.
+    owed_turns: usize,
     /// Set for a live room.
     live: Option<LiveState>,
     /// The viewer count push of a live room.
@@ -536,6 +541,8 @@ impl RoomActor {
             outbox: Vec::new(),
             last_flush: Instant::now(),
             flush_timer: None,
+            turn: 0,
+            owed_turns: 0,
             live: None,
             viewer_timer: None,
             shards: HashMap::new(),
@@ -569,6 +576,7 @@ impl RoomActor {
             shard.do_send(AddSubscriber {
                 room_id: self.id.clone(),
                 subscriber: sub.clone(),
+                groups: self.configured_groups(),
             });
         }
         self.subscribers.insert(sub.conn_id, sub);
@@ -1254,8 +1262,9 @@ impl RoomActor {
                 from_seq,
                 to_seq,
             }));
-            // The events before the gap may still wait in the coalescing outbox.
-            self.flush_outbox(ctx);
+            // The events before the gap may still wait in the coalescing outbox
+            // (or for their group's turn): everyone gets them before the gap.
+            self.flush_outbox(ctx, None);
             self.notice(frame, None);
             if to_seq > self.last_seq {
                 // Nothing after the gap yet (expected events that never came): the
@@ -1365,11 +1374,65 @@ impl RoomActor {
         let window = self.coalesce_window();
         let since = self.last_flush.elapsed();
         if since >= window {
-            self.flush_outbox(ctx);
+            self.flush_outbox(ctx, None);
+            return;
+        }
+        // A busy live room with turns ticks every window ÷ groups, one group's
+        // turn per tick (see `flush_turn`).
+        let groups = self.groups_for(window);
+        let tick = window / groups as u32;
+        self.flush_timer = Some(ctx.run_later(tick.saturating_sub(since), move |act, ctx| {
+            act.flush_timer = None;
+            act.flush_turn(groups, ctx);
+        }));
+    }
+
+    /// Groups a live room's subscribers take turns in (`rooms.live.coalesce_groups`);
+    /// 1 in a chat room.
+    fn configured_groups(&self) -> usize {
+        if self.live.is_some() {
+            self.settings.rooms.live.coalesce_groups.clamp(1, 64)
         } else {
-            self.flush_timer = Some(ctx.run_later(window - since, |act, ctx| {
+            1
+        }
+    }
+
+    /// Groups that take turns in a `window`: all of them once each tick
+    /// (window ÷ groups) is at least `rooms.live.coalesce_min_ms`, else 1 (a room
+    /// near its shortest window gains nothing from turns).
+    fn groups_for(&self, window: Duration) -> usize {
+        let groups = self.configured_groups();
+        let min = Duration::from_millis(self.settings.rooms.live.coalesce_min_ms.max(1));
+        if groups > 1 && window >= min * groups as u32 {
+            groups
+        } else {
+            1
+        }
+    }
+
+    /// One tick of a busy room: delivers the outbox to one group of subscribers
+    /// (every subscriber without turns), and keeps ticking, with nothing new if
+    /// need be, until every group had its turn since the last events. So each
+    /// subscriber gets one write per window while the room's writes spread over
+    /// it, and nothing waits longer than a window.
+    fn flush_turn(&mut self, groups: usize, ctx: &mut Context<Self>) {
+        if groups <= 1 {
+            self.flush_outbox(ctx, None);
+            return;
+        }
+        let turn = self.turn % groups;
+        self.turn = self.turn.wrapping_add(1);
+        self.owed_turns = if self.outbox.is_empty() {
+            self.owed_turns.saturating_sub(1)
+        } else {
+            groups - 1
+        };
+        self.flush_outbox(ctx, Some(turn));
+        if self.owed_turns > 0 {
+            let tick = self.coalesce_window() / groups as u32;
+            self.flush_timer = Some(ctx.run_later(tick, move |act, ctx| {
                 act.flush_timer = None;
-                act.flush_outbox(ctx);
+                act.flush_turn(groups, ctx);
             }));
         }
     }
@@ -1424,9 +1487,25 @@ impl RoomActor {
     }
 
     /// Delivers the events waiting in the outbox to every subscriber, as one batch.
-    fn flush_outbox(&mut self, ctx: &mut Context<Self>) {
+    /// `turn`: whose turn it is in a room whose subscribers take turns (`None`:
+    /// everyone's); such a turn is handed to the shards even with nothing new,
+    /// for what the group has not been written yet.
+    fn flush_outbox(&mut self, ctx: &mut Context<Self>, turn: Option<usize>) {
         self.last_flush = Instant::now();
         if self.outbox.is_empty() {
+            if turn.is_some() && !self.shards.is_empty() {
+                let batch = Arc::new(EventBatch::new(self.id.clone(), Vec::new()));
+                let room: Recipient<ShardLagged> = ctx.address().recipient();
+                for shard in self.shards.keys() {
+                    shard.do_send(DeliverBatch {
+                        batch: batch.clone(),
+                        live: self.live.is_some(),
+                        turn,
+                        room: room.clone(),
+                        queued: QueuedBatch::new(&batch),
+                    });
+                }
+            }
             return;
         }
         crate::metrics::metrics()
@@ -1448,6 +1527,7 @@ impl RoomActor {
                 shard.do_send(DeliverBatch {
                     batch: batch.clone(),
                     live,
+                    turn,
                     room: room.clone(),
                     queued: QueuedBatch::new(&batch),
                 });
@@ -1586,6 +1666,7 @@ impl Supervised for RoomActor {
         // from the store.
         self.outbox.clear();
         self.flush_timer = None;
+        self.owed_turns = 0;
     }
 }
 
