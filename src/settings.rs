@@ -448,7 +448,7 @@ pub const LIVE_COALESCE_MIN_MS: u64 = 5;
 /// frame writes on loopback (~10 µs each with the per-subscriber bookkeeping).
 pub const LIVE_COALESCE_WRITES_PER_SEC: u64 = 50_000;
 /// Default of `rooms.live.coalesce_groups`.
-pub const LIVE_COALESCE_GROUPS: usize = 4;
+pub const LIVE_COALESCE_GROUPS: usize = 8;
 /// Default of `rooms.live.viewer_count_interval_ms`.
 pub const LIVE_VIEWER_COUNT_INTERVAL_MS: u64 = 2000;
 /// Default of `rooms.live.seq_reservation`.

@@ -172,8 +172,9 @@ async fn gapless_or_explicit_gaps(backend: Backend, codec: WsCodec) {
 ws_matrix!(concurrent_live, gapless_or_explicit_gaps);
 
 /// The same with the subscribers taking turns (`rooms.live.coalesce_groups`): the
-/// room's 40 ms window always counts as busy, so it ticks every 10 ms, one group
-/// of subscribers each tick, and each group gets what came since its last turn.
+/// room's 40 ms window always counts as busy, so it ticks every 10 ms (the
+/// shortest tick), each tick the turn of two of the shards' 8 groups, and each
+/// group gets what came since its last turn.
 async fn gapless_when_subscribers_take_turns(backend: Backend, codec: WsCodec) {
     concurrent_senders_and_joins(backend, codec, true).await;
 }
@@ -190,9 +191,9 @@ async fn concurrent_senders_and_joins(backend: Backend, codec: WsCodec, turns: b
             s.rooms.live.seq_reservation = 16;
             if turns {
                 s.rooms.live.coalesce_ms = 40;
-                s.rooms.live.coalesce_min_ms = 1;
+                s.rooms.live.coalesce_min_ms = 10;
                 s.rooms.live.coalesce_writes_per_sec = 1;
-                s.rooms.live.coalesce_groups = 4;
+                s.rooms.live.coalesce_groups = 8;
             }
         })
         .await,

@@ -78,13 +78,29 @@ pub struct DeliverBatch {
     pub batch: Arc<EventBatch>,
     /// A live room: a lagging subscriber moves to the tail (see `RoomPush::Lagged`).
     pub live: bool,
-    /// Whose turn it is in a room whose subscribers take turns (see [`RoomShare`]):
-    /// `Some(g)`: group `g`'s; `None`: everyone's.
-    pub turn: Option<usize>,
+    /// Whose turn it is in a room whose subscribers take turns (see [`RoomShare`]);
+    /// `None`: everyone's.
+    pub turn: Option<Turn>,
     /// Where to report the subscribers the shard dropped.
     pub room: Recipient<ShardLagged>,
     /// Counts the batch as queued to a shard until it is dropped: `QueuedBatch::new(&batch)`.
     pub queued: QueuedBatch,
+}
+
+/// One tick of a room whose subscribers take turns: the shard's groups `g` with
+/// `g % of == index` are due. The room may tick with fewer groups than the shard
+/// keeps (its window is too short for all of them), so each of its turns takes
+/// several of the shard's groups.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Turn {
+    pub index: usize,
+    pub of: usize,
+}
+
+impl Turn {
+    fn takes(self, group: usize) -> bool {
+        group % self.of.max(1) == self.index
+    }
 }
 
 /// A [`DeliverBatch`] on its way to a shard, counted in
@@ -557,17 +573,19 @@ impl FanoutShard {
         let Some(share) = self.rooms.get_mut(&room_id) else {
             return;
         };
-        let mut due = 0u64;
         for msg in &run {
             share.record(&msg.batch);
-            due |= msg.turn.map_or(u64::MAX, |group| 1u64 << (group % 64));
         }
+        let ticks: Vec<Option<Turn>> = run.iter().map(|msg| msg.turn).collect();
         let mut slices: HashMap<u64, Option<(Arc<EventBatch>, WireSizes)>> = HashMap::new();
         let mut lagged = Vec::new();
         let (mut direct, mut handed, mut turns) = (0, 0, 0);
         let RoomShare { groups, recent, .. } = share;
         for (index, group) in groups.iter_mut().enumerate() {
-            if due & (1u64 << (index % 64)) == 0 {
+            if !ticks
+                .iter()
+                .any(|tick| tick.is_none_or(|turn| turn.takes(index)))
+            {
                 continue;
             }
             turns += 1;

@@ -56,7 +56,7 @@ use tokio::sync::oneshot;
 use super::{
     fanout_shard::{
         AddSubscriber, DeliverBatch, DropRoom, FanoutShard, QueuedBatch, RemoveSubscriber,
-        ShardLagged,
+        ShardLagged, Turn,
     },
     live_state::LiveState,
     poll_hub::HUB_SUBSCRIBER,
@@ -1397,17 +1397,13 @@ impl RoomActor {
         }
     }
 
-    /// Groups that take turns in a `window`: all of them once each tick
-    /// (window ÷ groups) is at least `rooms.live.coalesce_min_ms`, else 1 (a room
-    /// near its shortest window gains nothing from turns).
+    /// Groups that take turns in a `window`: as many as keep each tick (window ÷
+    /// groups) at least `rooms.live.coalesce_min_ms`, at most the configured ones
+    /// (a room at its shortest window takes no turns).
     fn groups_for(&self, window: Duration) -> usize {
-        let groups = self.configured_groups();
         let min = Duration::from_millis(self.settings.rooms.live.coalesce_min_ms.max(1));
-        if groups > 1 && window >= min * groups as u32 {
-            groups
-        } else {
-            1
-        }
+        let fit = usize::try_from(window.as_nanos() / min.as_nanos()).unwrap_or(usize::MAX);
+        self.configured_groups().min(fit).max(1)
     }
 
     /// One tick of a busy room: delivers the outbox to one group of subscribers
@@ -1427,7 +1423,13 @@ impl RoomActor {
         } else {
             groups - 1
         };
-        self.flush_outbox(ctx, Some(turn));
+        self.flush_outbox(
+            ctx,
+            Some(Turn {
+                index: turn,
+                of: groups,
+            }),
+        );
         if self.owed_turns > 0 {
             let tick = self.coalesce_window() / groups as u32;
             self.flush_timer = Some(ctx.run_later(tick, move |act, ctx| {
@@ -1490,7 +1492,7 @@ impl RoomActor {
     /// `turn`: whose turn it is in a room whose subscribers take turns (`None`:
     /// everyone's); such a turn is handed to the shards even with nothing new,
     /// for what the group has not been written yet.
-    fn flush_outbox(&mut self, ctx: &mut Context<Self>, turn: Option<usize>) {
+    fn flush_outbox(&mut self, ctx: &mut Context<Self>, turn: Option<Turn>) {
         self.last_flush = Instant::now();
         if self.outbox.is_empty() {
             if turn.is_some() && !self.shards.is_empty() {
