@@ -454,6 +454,18 @@ pub const LIVE_VIEWER_COUNT_INTERVAL_MS: u64 = 2000;
 /// Default of `rooms.live.seq_reservation`.
 pub const LIVE_SEQ_RESERVATION: u64 = 1024;
 
+/// How a room kind coalesces its events (see
+/// `crate::actors::live_state::AdaptiveWindow`): the window adapts between
+/// `min_ms` and `max_ms` to keep the room within `writes_per_sec` frame writes a
+/// second, and a busy room's subscribers take turns in up to `groups` groups.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Coalescing {
+    pub min_ms: u64,
+    pub max_ms: u64,
+    pub writes_per_sec: u64,
+    pub groups: usize,
+}
+
 /// Live rooms: messages kept in an in-memory ring instead of the store.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -489,6 +501,17 @@ pub struct LiveRoomSettings {
     /// Words refused in live rooms that enable the word filter (matched as whole
     /// words, case-insensitively).
     pub word_filter: Vec<String>,
+}
+
+impl LiveRoomSettings {
+    pub fn coalescing(&self) -> Coalescing {
+        Coalescing {
+            min_ms: self.coalesce_min_ms,
+            max_ms: self.coalesce_ms,
+            writes_per_sec: self.coalesce_writes_per_sec,
+            groups: self.coalesce_groups,
+        }
+    }
 }
 
 impl Default for LiveRoomSettings {
@@ -543,8 +566,17 @@ pub struct RealtimeSettings {
     pub outbound_queue_bytes: usize,
     /// A room that delivered within this many milliseconds collects new events
     /// until the window ends and delivers them in one push per subscriber (a quiet
-    /// room delivers at once); 0 turns coalescing off.
+    /// room delivers at once); 0 turns coalescing off. The shortest window of a
+    /// chat room: a busy one's grows up to `coalesce_max_ms`.
     pub coalesce_window_ms: u64,
+    /// Longest coalescing window of a chat room whose event rate × subscribers
+    /// exceeds `coalesce_writes_per_sec` (it grows to subscribers ÷ that budget).
+    pub coalesce_max_ms: u64,
+    /// Frame writes a second a chat room may cause before its window grows.
+    pub coalesce_writes_per_sec: u64,
+    /// Groups a busy chat room's subscribers take turns in (1 to 64; 1: off), as
+    /// `rooms.live.coalesce_groups`.
+    pub coalesce_groups: usize,
     /// Catch-ups a lagging connection may need in a row before it is closed.
     pub max_catch_up_rounds: u32,
     /// Sends per second each user may make (token bucket refill rate).
@@ -585,6 +617,24 @@ pub struct RealtimeSettings {
     pub sse_retry_ms: u64,
 }
 
+impl RealtimeSettings {
+    /// A chat room's coalescing: never a shorter window than `coalesce_window_ms`
+    /// (0: none at all).
+    pub fn coalescing(&self) -> Coalescing {
+        let min_ms = self.coalesce_window_ms;
+        Coalescing {
+            min_ms,
+            max_ms: if min_ms == 0 {
+                0
+            } else {
+                self.coalesce_max_ms.max(min_ms)
+            },
+            writes_per_sec: self.coalesce_writes_per_sec,
+            groups: self.coalesce_groups,
+        }
+    }
+}
+
 impl Default for RealtimeSettings {
     fn default() -> Self {
         Self {
@@ -596,6 +646,9 @@ impl Default for RealtimeSettings {
             outbound_queue_frames: 1024,
             outbound_queue_bytes: 4 * 1024 * 1024,
             coalesce_window_ms: 2,
+            coalesce_max_ms: 20,
+            coalesce_writes_per_sec: 50_000,
+            coalesce_groups: 8,
             max_catch_up_rounds: 8,
             send_rate_per_sec: 20,
             send_burst: 40,
@@ -1045,6 +1098,9 @@ impl Settings {
         }
         if self.rooms.live.ring_size == 0 {
             return bad("rooms.live.ring_size", "must be positive");
+        }
+        if !(1..=64).contains(&self.realtime.coalesce_groups) {
+            return bad("realtime.coalesce_groups", "must be between 1 and 64");
         }
         if !(1..=64).contains(&self.rooms.live.coalesce_groups) {
             return bad("rooms.live.coalesce_groups", "must be between 1 and 64");

@@ -21,7 +21,7 @@ use crate::{
     error::{ApiError, Code},
     ids::UserId,
     proto::v1 as pb,
-    settings::LiveRoomSettings,
+    settings::{Coalescing, LiveRoomSettings},
     store::LiveControlsRecord,
 };
 
@@ -49,8 +49,6 @@ pub struct LiveState {
     recent: HashMap<UserId, VecDeque<Instant>>,
     /// (sender, client message id) → sequence, for the messages the ring holds.
     pub sent_ids: HashMap<(UserId, String), u64>,
-    /// The coalescing window, following the room's load.
-    pub window: AdaptiveWindow,
 }
 
 impl LiveState {
@@ -231,12 +229,12 @@ fn filtered_word<'a>(list: &'a [String], text: &str) -> Option<&'a str> {
 mod window_tests {
     use super::*;
 
-    fn settings(min: u64, max: u64, budget: u64) -> LiveRoomSettings {
-        LiveRoomSettings {
-            coalesce_min_ms: min,
-            coalesce_ms: max,
-            coalesce_writes_per_sec: budget,
-            ..LiveRoomSettings::default()
+    fn settings(min: u64, max: u64, budget: u64) -> Coalescing {
+        Coalescing {
+            min_ms: min,
+            max_ms: max,
+            writes_per_sec: budget,
+            groups: 1,
         }
     }
 
@@ -346,13 +344,15 @@ mod tests {
     }
 }
 
-/// A live room's coalescing window, adapted to its load: one write per subscriber
+/// A room's coalescing window, adapted to its load: one write per subscriber
 /// per event costs the server most of its time (the kernel's send path, and the
 /// per-subscriber bookkeeping), so a room whose events would need more than
-/// `rooms.live.coalesce_writes_per_sec` writes a second if delivered one by one
+/// `rooms.live.coalesce_writes_per_sec` (chat rooms:
+/// `realtime.coalesce_writes_per_sec`) writes a second if delivered one by one
 /// (event rate × subscribers) gets a window long enough to stay within that
 /// budget (subscribers ÷ budget), between `rooms.live.coalesce_min_ms` and
-/// `rooms.live.coalesce_ms`; a room within the budget gets the shortest window.
+/// `rooms.live.coalesce_ms` (chat: `realtime.coalesce_window_ms` and
+/// `realtime.coalesce_max_ms`); a room within the budget gets the shortest window.
 /// As the rate or the audience falls, the window shrinks again. (A quiet room
 /// still delivers at once: the window only holds events that come within it of
 /// the last delivery.)
@@ -396,22 +396,17 @@ impl AdaptiveWindow {
     }
 
     /// The window for a room with `subscribers` at `now`.
-    pub fn window(
-        &mut self,
-        settings: &LiveRoomSettings,
-        subscribers: usize,
-        now: Instant,
-    ) -> Duration {
+    pub fn window(&mut self, settings: &Coalescing, subscribers: usize, now: Instant) -> Duration {
         let rate = self.rate(now);
         window_for(settings, rate, subscribers)
     }
 }
 
 /// The window for `rate` events a second and `subscribers` (see [`AdaptiveWindow`]).
-pub fn window_for(settings: &LiveRoomSettings, rate: f64, subscribers: usize) -> Duration {
-    let max = Duration::from_millis(settings.coalesce_ms);
-    let min = Duration::from_millis(settings.coalesce_min_ms).min(max);
-    let budget = settings.coalesce_writes_per_sec.max(1) as f64;
+pub fn window_for(settings: &Coalescing, rate: f64, subscribers: usize) -> Duration {
+    let max = Duration::from_millis(settings.max_ms);
+    let min = Duration::from_millis(settings.min_ms).min(max);
+    let budget = settings.writes_per_sec.max(1) as f64;
     let subscribers = subscribers as f64;
     if rate * subscribers <= budget {
         return min;

@@ -29,13 +29,14 @@
 //! interval instead of presence and join/leave events, and moves a subscriber that
 //! lags to the ring's tail with a `gap` instead of a catch-up from the store.
 //!
-//! Coalescing: a room that delivered within its window (adaptive between
-//! `rooms.live.coalesce_min_ms` and `rooms.live.coalesce_ms` for live rooms, see
-//! [`super::live_state::AdaptiveWindow`]; `realtime.coalesce_window_ms` for chat
-//! rooms) collects events
-//! until the window ends and hands each subscriber one [`EventBatch`]; the batch
-//! is encoded once per codec (as single frames and as one `batch` frame) and the
-//! bytes are shared by every subscriber.
+//! Coalescing: a room that delivered within its window (adaptive, see
+//! [`super::live_state::AdaptiveWindow`]: between `rooms.live.coalesce_min_ms` and
+//! `rooms.live.coalesce_ms` for live rooms, `realtime.coalesce_window_ms` and
+//! `realtime.coalesce_max_ms` for chat rooms) collects events until the window
+//! ends and hands each subscriber one [`EventBatch`]; the batch is encoded once
+//! per codec (as single frames and as one `batch` frame) and the bytes are shared
+//! by every subscriber. A busy room's subscribers take turns (see
+//! [`RoomActor::flush_turn`]), so its writes spread over the window.
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -58,7 +59,7 @@ use super::{
         AddSubscriber, DeliverBatch, DropRoom, FanoutShard, QueuedBatch, RemoveSubscriber,
         ShardLagged, Turn,
     },
-    live_state::LiveState,
+    live_state::{AdaptiveWindow, LiveState},
     poll_hub::HUB_SUBSCRIBER,
     supervision::{catch_panic, guarded},
 };
@@ -73,7 +74,7 @@ use crate::{
     proto::node::v1 as node,
     proto::v1 as pb,
     protocol::{FrameCodec, RoomEvent, SharedFrame, WireFrame},
-    settings::Settings,
+    settings::{Coalescing, Settings},
     store::{
         AppendRejection, Appended, LiveControlsRecord, MessageRecord, NewMessage, Store, StoreError,
     },
@@ -473,6 +474,8 @@ pub struct RoomActor {
     last_flush: Instant,
     /// Set while a delayed outbox delivery is scheduled.
     flush_timer: Option<SpawnHandle>,
+    /// The coalescing window, following the room's load.
+    window: AdaptiveWindow,
     /// The next turn of a live room whose subscribers take turns (see
     /// [`RoomActor::flush_turn`]).
     turn: usize,
@@ -541,6 +544,7 @@ impl RoomActor {
             outbox: Vec::new(),
             last_flush: Instant::now(),
             flush_timer: None,
+            window: AdaptiveWindow::default(),
             turn: 0,
             owed_turns: 0,
             live: None,
@@ -648,13 +652,18 @@ impl RoomActor {
     /// The coalescing window: adapted to the load in live rooms (see
     /// [`super::live_state::AdaptiveWindow`]), fixed in chat rooms.
     fn coalesce_window(&mut self) -> Duration {
-        let subscribers = self.subscribers.len();
-        match self.live.as_mut() {
-            Some(live) => {
-                live.window
-                    .window(&self.settings.rooms.live, subscribers, Instant::now())
-            }
-            None => Duration::from_millis(self.settings.realtime.coalesce_window_ms),
+        let coalescing = self.coalescing();
+        self.window
+            .window(&coalescing, self.subscribers.len(), Instant::now())
+    }
+
+    /// How the room's kind coalesces (`rooms.live.coalesce_*` or
+    /// `realtime.coalesce_*`).
+    fn coalescing(&self) -> Coalescing {
+        if self.live.is_some() {
+            self.settings.rooms.live.coalescing()
+        } else {
+            self.settings.realtime.coalescing()
         }
     }
 
@@ -1351,9 +1360,7 @@ impl RoomActor {
             self.amend_ring(record);
             self.outbox.push(event);
         }
-        if let Some(live) = self.live.as_mut() {
-            live.window.record(count);
-        }
+        self.window.record(count);
         let ring_size = self.ring_size();
         while self.ring.len() > ring_size {
             if let Some(gone) = self.ring.pop_front() {
@@ -1390,18 +1397,14 @@ impl RoomActor {
     /// Groups a live room's subscribers take turns in (`rooms.live.coalesce_groups`);
     /// 1 in a chat room.
     fn configured_groups(&self) -> usize {
-        if self.live.is_some() {
-            self.settings.rooms.live.coalesce_groups.clamp(1, 64)
-        } else {
-            1
-        }
+        self.coalescing().groups.clamp(1, 64)
     }
 
     /// Groups that take turns in a `window`: as many as keep each tick (window ÷
     /// groups) at least `rooms.live.coalesce_min_ms`, at most the configured ones
     /// (a room at its shortest window takes no turns).
     fn groups_for(&self, window: Duration) -> usize {
-        let min = Duration::from_millis(self.settings.rooms.live.coalesce_min_ms.max(1));
+        let min = Duration::from_millis(self.coalescing().min_ms.max(1));
         let fit = usize::try_from(window.as_nanos() / min.as_nanos()).unwrap_or(usize::MAX);
         self.configured_groups().min(fit).max(1)
     }
