@@ -312,7 +312,8 @@ struct RoomShare {
     /// The group of the next subscriber (round robin).
     next_group: usize,
     /// The room's latest batches (turn-taking rooms), oldest first, their events
-    /// consecutive; twice the groups, so every group's last turn is covered.
+    /// consecutive; twice the groups after each run of turns, so every group's
+    /// last turn is covered.
     recent: VecDeque<Arc<EventBatch>>,
 }
 
@@ -375,6 +376,11 @@ impl RoomShare {
             self.recent.clear();
         }
         self.recent.push_back(batch.clone());
+    }
+
+    /// Forgets the batches every group has been written past (a run of several is
+    /// trimmed only after its turns: a shard that fell behind keeps them all).
+    fn trim(&mut self) {
         while self.recent.len() > 2 * self.groups.len() {
             self.recent.pop_front();
         }
@@ -580,7 +586,7 @@ impl FanoutShard {
         let mut slices: HashMap<u64, Option<(Arc<EventBatch>, WireSizes)>> = HashMap::new();
         let mut lagged = Vec::new();
         let (mut direct, mut handed, mut turns) = (0, 0, 0);
-        let RoomShare { groups, recent, .. } = share;
+        let RoomShare { groups, recent, .. } = &mut *share;
         for (index, group) in groups.iter_mut().enumerate() {
             if !ticks
                 .iter()
@@ -608,6 +614,7 @@ impl FanoutShard {
                 }
             }
         }
+        share.trim();
         count_delivered(direct, handed);
         crate::metrics::metrics().fanout_shard_turns.inc_by(turns);
         self.drop_lagged(&room_id, lagged, live, &room);
